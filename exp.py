@@ -1,0 +1,1386 @@
+# SPDX-License-Identifier: Apache-2.0
+"""exp: a single-file experiment manager for machine-learning research.
+
+exp wraps a training command, gives every experiment its own directory with
+metadata, one log per run and one metrics CSV per run, and batches many
+experiments from a TOML file.  It needs only the Python standard library
+(plus ``tomli`` on Python < 3.11, imported only when a TOML file is read).
+
+Python::
+
+    import exp
+    e = exp.Experiment(name="baseline", command="python train.py")
+    e.run()                                   # streams the output, returns the exit code
+
+    # inside train.py
+    e = exp.load_experiment()
+    e.upd_row(step=1, loss=0.25)
+    e.save_row()
+
+Command line::
+
+    python exp.py run config.toml             # a batch of experiments
+    python exp.py ls ./results                # what ran, how it ended
+
+Data flow::
+
+    Experiment(...) --mkdir--> <base>/<name>_<YYYY-MM-DD__HH-MM-SS>/metadata.json
+         |
+         | run(): Popen(shell, new session, stdout+stderr -> log file)
+         v
+    child process --writes--> terminal_logs/run_NNNN.log
+         |                    (foreground: exp follows the file to the console)
+         | import exp; load_experiment(); upd_row(); save_row()
+         v
+    MetricsWriter --append/rewrite under flock--> metrics/run_NNNN.csv
+
+*Experiment* owns one directory.  Its metadata is rewritten atomically (temp
+file + ``os.replace``) on every status change, so a reader never sees half a
+file.  *run()* starts the command in its own process group with its output
+going straight into the run's log file; nothing in the managing process sits
+between the child and its output, so the child never blocks on a pipe.
+*MetricsWriter* appends one line per row while the columns stay the same and
+rewrites the file (atomically) only when a new column appears.
+
+Sections (``grep -n '^# ====' exp.py``): constants, exceptions, utilities,
+metrics CSV, experiment, runner, CLI.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from datetime import datetime
+
+try:  # POSIX only; Windows has no flock and exp does not run commands there
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
+    from typing import Any, Callable, Iterable, Mapping
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Experiment",
+    "RunHandle",
+    "load_experiment",
+    "MetricsWriter",
+    "read_metrics",
+    "main",
+    "ExpError",
+    "ConfigError",
+    "NoExperimentContext",
+    "UnsupportedPlatformError",
+    "STATUSES",
+    "__version__",
+]
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+#: Where experiments go when no base directory is given (the earlier project's default).
+DEFAULT_BASE_DIR = "./results"
+#: Directory suffix; local time, the earlier project's format (``resume`` takes it back).
+TIMESTAMP_FORMAT = "%Y-%m-%d__%H-%M-%S"
+#: Seconds between SIGTERM and SIGKILL when a run is stopped.  Long enough for a
+#: training script to save a checkpoint on SIGTERM, short enough for Ctrl-C.
+DEFAULT_KILL_GRACE = 10.0
+#: Prefix of the lines exp itself writes into a run's log, so they stand out
+#: from the child's output and can be filtered with ``grep -v``.
+LOG_MARK = "[exp]"
+#: How often a foreground run looks for new output in its log.  The child
+#: writes to the file directly; 50 ms feels live and costs nothing measurable.
+FOLLOW_INTERVAL = 0.05
+#: Environment variable that makes ``load_experiment()`` create a standalone
+#: experiment when the script was not launched by exp.
+STANDALONE_ENV = "EXP_STANDALONE"
+
+PENDING, RUNNING, FINISHED, ERROR, KILLED = "pending", "running", "finished", "error", "killed"
+#: Experiment and run statuses, as written to metadata.json.
+STATUSES = {
+    PENDING: "created, not started yet",
+    RUNNING: "the command is running",
+    FINISHED: "the command exited with status 0",
+    ERROR: "the command exited with a non-zero status or could not start",
+    KILLED: "stopped by exp (Ctrl-C, terminate, scheduler shutdown)",
+}
+
+_RUN_ID_RE = re.compile(r"run_(\d+)\Z")
+# Environment variable names whose values never go into metadata or state files.
+_SECRET_KEY_RE = re.compile(r"SECRET|TOKEN|PASSW|PASSWD|CREDENTIAL|API_?KEY|PRIVATE|AUTH", re.I)
+
+# ============================================================================
+# Exceptions
+# ============================================================================
+
+
+class ExpError(Exception):
+    """Base class of every error exp raises on purpose."""
+
+
+class ConfigError(ExpError, ValueError):
+    """A bad argument or configuration value; the message says what to pass instead."""
+
+
+class NoExperimentContext(ExpError, RuntimeError):
+    """``load_experiment()`` was called outside a process launched by exp."""
+
+
+class UnsupportedPlatformError(ExpError, NotImplementedError):
+    """Running commands needs POSIX process groups (Linux, macOS)."""
+
+
+# ============================================================================
+# Utilities (pure helpers first, then small I/O helpers)
+# ============================================================================
+
+
+def format_duration(seconds: float | None) -> str:
+    """Return a short human duration: ``0.4s``, ``12.0s``, ``3m05s``, ``2h03m``."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def run_id_str(run: int | str) -> str:
+    """Normalise ``3``, ``"3"`` or ``"run_0003"`` to ``"run_0003"``."""
+    if isinstance(run, bool):
+        raise ConfigError(f"run id must be an int or 'run_NNNN', got {run!r}")
+    if isinstance(run, int):
+        num = run
+    else:
+        text = str(run).strip()
+        m = _RUN_ID_RE.match(text)
+        if m:
+            num = int(m.group(1))
+        elif text.isdigit():
+            num = int(text)
+        else:
+            raise ConfigError(f"run id must be an int or 'run_NNNN', got {run!r}")
+    if num < 1:
+        raise ConfigError(f"run ids start at 1, got {run!r}")
+    return f"run_{num:04d}"
+
+
+def run_number(run_id: str) -> int:
+    """``"run_0003"`` -> 3."""
+    return int(run_id_str(run_id)[4:])
+
+
+def parse_gpu_ids(value: Any, where: str = "gpu_ids") -> list[int] | None:
+    """Accept ``None``, ``[0, 1]`` or ``"0,1"``; return a list of ints or raise ConfigError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        parts = [p.strip() for p in text.split(",")]
+        if all(p.isdigit() for p in parts):
+            return [int(p) for p in parts]
+    elif isinstance(value, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        return list(value)
+    raise ConfigError(f'{where}: expected a list of integers or "0,1", got {value!r}')
+
+
+def redact_env(env: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Copy ``env`` with the values of secret-looking names replaced by ``"***"``."""
+    if not env:
+        return {}
+    return {k: ("***" if _SECRET_KEY_RE.search(k) and v is not None else v) for k, v in env.items()}
+
+
+def add_conda_no_capture(command: str) -> str:
+    """Give ``conda run`` ``--no-capture-output`` so its output streams live.
+
+    Without it conda buffers everything the child prints until it exits.
+    """
+    if "--no-capture-output" in command or "--live-stream" in command:
+        return command
+    return re.sub(r"(?<![\w./-])(conda\s+run)(?=\s)", r"\1 --no-capture-output", command, count=1)
+
+
+def now_iso() -> str:
+    """The local time as ISO 8601 with its UTC offset, to the second."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _json():
+    # json costs a couple of ms at import; `import exp` in a training script
+    # should not pay for it before it writes any metadata.
+    import json
+
+    return json
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as JSON so that readers see the old file or the new one, never half.
+
+    No fsync: the guarantee wanted is "never torn", not "durable across a power
+    cut", and an fsync per status change would cost milliseconds each.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    data = _json().dumps(obj, indent=2, ensure_ascii=False, default=str)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return _json().load(f)
+
+
+class _FileLock:
+    """An exclusive ``flock`` on a lock file, plus a thread lock (flock is per open file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tlock = threading.Lock()
+
+    def __enter__(self) -> _FileLock:
+        self._tlock.acquire()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.close(self._fd)  # closing releases the flock
+        finally:
+            self._tlock.release()
+
+
+def _find_git_root(start: str) -> str | None:
+    d = os.path.abspath(start)
+    while True:
+        if os.path.exists(os.path.join(d, ".git")):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+# Git information per cwd, kept for a few seconds: a batch of 200 experiments
+# in one repository should not start 200 git processes.
+_GIT_CACHE: dict[str, tuple[float, dict[str, Any] | None]] = {}
+_GIT_CACHE_SECONDS = 5.0
+
+
+def git_info(cwd: str) -> dict[str, Any] | None:
+    """Commit, branch and dirtiness of the git work tree holding ``cwd``, or None.
+
+    Never raises: no git, no repository, or a broken one all give None.
+    """
+    if _find_git_root(cwd) is None:
+        return None
+    hit = _GIT_CACHE.get(cwd)
+    if hit and time.monotonic() - hit[0] < _GIT_CACHE_SECONDS:
+        return hit[1]
+    info = None
+    try:
+        import subprocess
+
+        out = subprocess.run(
+            ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )
+        if out.returncode == 0:
+            info = {"commit": None, "branch": None, "dirty": False}
+            for line in out.stdout.splitlines():
+                if line.startswith("# branch.oid "):
+                    oid = line.split(" ", 2)[2]
+                    info["commit"] = None if oid == "(initial)" else oid
+                elif line.startswith("# branch.head "):
+                    head = line.split(" ", 2)[2]
+                    info["branch"] = None if head == "(detached)" else head
+                elif line and not line.startswith("#"):
+                    info["dirty"] = True
+    except (OSError, ValueError, Exception):  # git missing, timeout, odd output
+        info = None
+    _GIT_CACHE[cwd] = (time.monotonic(), info)
+    return info
+
+
+def _user() -> str | None:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return None
+
+
+def _require_posix() -> None:
+    if os.name == "nt" or fcntl is None:
+        raise UnsupportedPlatformError(
+            "exp runs commands in their own POSIX process group so it can stop them and "
+            "their children; Windows has no equivalent, so running commands is not supported "
+            "there (the earlier project had the same limit). Use WSL, or Linux/macOS"
+        )
+
+
+# ============================================================================
+# Metrics CSV
+# ============================================================================
+#
+# One CSV per run.  Rows usually keep their columns, so the common case must
+# cost one append whatever the file's length; a new column means rewriting the
+# file with the union header, atomically.  Writers in several processes (say,
+# DataLoader workers or torchrun ranks) coordinate with flock on the CSV
+# itself: a writer that rewrites the file holds the lock on the old inode while
+# it replaces it, and a writer that then gets the lock sees ``st_nlink == 0``
+# on its descriptor and reopens the path.
+
+_NEEDS_QUOTE_RE = re.compile(r'[,"\r\n]')
+_INT_RE = re.compile(r"[-+]?\d+\Z")
+_FLOAT_RE = re.compile(r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)\Z")
+
+
+def _csv_cell(text: str) -> str:
+    if _NEEDS_QUOTE_RE.search(text):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def format_metric(key: str, value: Any) -> str:
+    """Turn one metric value into its CSV text (unquoted).
+
+    int, float (``nan``, ``inf``, ``-inf``), bool, str, None (empty) and any
+    object with ``.item()`` (torch/numpy scalars) are accepted; anything else
+    raises TypeError naming the key.
+    """
+    t = type(value)
+    if t is float:
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if t is int or t is str:
+        return str(value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return format_metric(key, float(value))
+    if isinstance(value, str):
+        return str(value)
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            scalar = item()
+        except Exception as e:  # e.g. a tensor with more than one element
+            raise TypeError(
+                f"metric {key!r}: {type(value).__name__}.item() failed ({e}); "
+                "pass a single number, e.g. loss.mean().item()"
+            ) from None
+        if hasattr(scalar, "item") and not isinstance(scalar, (int, float, str, bool)):
+            raise TypeError(f"metric {key!r}: .item() returned {type(scalar).__name__}, not a number")
+        return format_metric(key, scalar)
+    raise TypeError(
+        f"metric {key!r}: cannot store a value of type {type(value).__name__}; "
+        "use int, float, bool, str, None or a scalar with .item()"
+    )
+
+
+def parse_metric(text: str) -> Any:
+    """Inverse of :func:`format_metric`: ``""`` -> None, numbers -> int/float, True/False -> bool."""
+    if text == "":
+        return None
+    if _INT_RE.match(text):
+        return int(text)
+    if _FLOAT_RE.match(text):
+        return float(text)
+    if text == "True":
+        return True
+    if text == "False":
+        return False
+    return text
+
+
+def parse_metrics_csv(text: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Parse a metrics CSV into (header, rows).
+
+    A torn last line (a writer killed mid-row, no trailing newline) is skipped,
+    and so is any row whose field count does not match the header.
+    """
+    import csv
+    import io
+
+    if not text:
+        return [], []
+    complete = text.endswith("\n")
+    records = list(csv.reader(io.StringIO(text, newline="")))
+    if not complete and records:
+        records.pop()
+    if not records:
+        return [], []
+    header = records[0]
+    n = len(header)
+    rows = [
+        {k: parse_metric(v) for k, v in zip(header, rec)}
+        for rec in records[1:]
+        if len(rec) == n
+    ]
+    return header, rows
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a metrics CSV written by exp; a missing file reads as no rows."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return parse_metrics_csv(text)[1]
+
+
+class MetricsWriter:
+    """Append rows to one metrics CSV; thread-safe and process-safe.
+
+    Columns keep first-seen order.  A row whose keys are all in the header is
+    one ``write()`` of one line; a row with a new key rewrites the file with
+    the union header (earlier rows blank in the new column) through a temp
+    file and ``os.replace``.  Every row is on disk (in the OS cache) when
+    :meth:`write_row` returns.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._header: list[str] = []
+        self._columns: set[str] = set()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def header(self) -> list[str]:
+        return list(self._header)
+
+    def write_row(self, row: Mapping[str, str]) -> None:
+        """Write one row of already formatted (see :func:`format_metric`) values."""
+        if not row:
+            return
+        with self._lock:
+            fd = self._acquire()
+            try:
+                cols = self._columns
+                if all(k in cols for k in row):
+                    line = ",".join([_csv_cell(row.get(k, "")) for k in self._header])
+                    os.write(fd, (line or '""').encode("utf-8") + b"\n")
+                else:
+                    self._rewrite_with(row)
+            finally:
+                if self._fd is not None and fcntl is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _acquire(self) -> int:
+        """Open (or reopen) the file, take the flock, and make sure the header is current."""
+        while True:
+            if self._fd is None:
+                os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+                self._header, self._columns = [], set()
+            fd = self._fd
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            if st.st_nlink == 0:  # another writer replaced the file: follow it
+                os.close(fd)
+                self._fd = None
+                continue
+            if not self._header and st.st_size:
+                self._load_header(fd, st.st_size)
+            return fd
+
+    def _load_header(self, fd: int, size: int) -> None:
+        # Runs only when (re)opening: read the header and cut a torn tail left
+        # by a writer that was killed mid-line, so the next row starts clean.
+        if os.pread(fd, 1, size - 1) != b"\n":
+            tail_start = max(0, size - 65536)
+            tail = os.pread(fd, size - tail_start, tail_start)
+            cut = tail.rfind(b"\n")
+            new_size = tail_start + cut + 1 if cut >= 0 else 0
+            if cut < 0 and tail_start:
+                new_size = size  # a single line longer than 64 KiB: leave it
+            os.ftruncate(fd, new_size)
+            size = new_size
+        if not size:
+            return
+        head = os.pread(fd, min(size, 1 << 20), 0).decode("utf-8", "replace")
+        header, _ = parse_metrics_csv(head.split("\n", 1)[0] + "\n")
+        self._header, self._columns = header, set(header)
+
+    def _rewrite_with(self, row: Mapping[str, str]) -> None:
+        import csv
+        import io
+
+        fd = self._fd
+        assert fd is not None
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, size, 0).decode("utf-8", "replace") if size else ""
+        header = list(self._header)
+        records: list[list[str]] = []
+        if data:
+            complete = data.endswith("\n")
+            records = list(csv.reader(io.StringIO(data, newline="")))
+            if not complete and records:
+                records.pop()
+            if records:
+                header, records = records[0], [r for r in records[1:] if len(r) == len(records[0])]
+        header = header + [k for k in row if k not in set(header)]
+        width = len(header)
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(header)
+        for rec in records:
+            w.writerow(rec + [""] * (width - len(rec)))
+        w.writerow([row.get(k, "") for k in header])
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(out.getvalue())
+        os.replace(tmp, self.path)
+        # Keep the lock on the old inode until we leave; switch to the new file.
+        new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        self._fd = new_fd
+        if fcntl is not None:
+            fcntl.flock(new_fd, fcntl.LOCK_EX)  # released by write_row's finally
+        self._header, self._columns = header, set(header)
+
+
+# ============================================================================
+# Experiment
+# ============================================================================
+
+
+def _validate_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"name must be a non-empty string such as 'resnet50_lr3e-4', got {name!r}")
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if any(s in name for s in seps) or name in (".", "..") or "\0" in name:
+        raise ConfigError(
+            f"name {name!r} cannot contain a path separator; it becomes a directory name. "
+            "Use base_dir for the parent directory and e.g. '-' or '_' inside the name"
+        )
+    return name
+
+
+def _validate_command(command: Any) -> str:
+    if isinstance(command, (list, tuple)) and command and all(isinstance(c, str) for c in command):
+        import shlex
+
+        return shlex.join(command)
+    if not isinstance(command, str) or not command.strip():
+        raise ConfigError(
+            f"command must be a non-empty shell command string such as 'python train.py', got {command!r}"
+        )
+    return command
+
+
+def _validate_tags(tags: Any) -> list[str] | None:
+    if tags is None:
+        return None
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple)) or not all(
+        isinstance(t, str) for t in tags
+    ):
+        raise ConfigError(f"tags must be a list of strings such as ['baseline', 'lr-sweep'], got {tags!r}")
+    return list(tags)
+
+
+def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
+    if env is None:
+        return {}
+    if not isinstance(env, dict):
+        raise ConfigError(f"{where} must be a dict of variable names to strings, got {type(env).__name__}")
+    out: dict[str, str | None] = {}
+    for k, v in env.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise ConfigError(f"{where}: {k!r} is not a valid environment variable name")
+        out[k] = None if v is None else str(v)
+    return out
+
+
+class Experiment:
+    """One experiment: a directory, a command, and the runs of that command.
+
+    Args:
+        name: experiment name; the directory is ``<base_dir>/<name>_<timestamp>``.
+        command: shell command (a list of arguments is joined with shlex).
+        base_dir: parent directory of experiment directories, created if missing.
+        tags: list of strings for searching and grouping.
+        gpu_ids: list of ints (or ``"0,1"``); sets ``CUDA_VISIBLE_DEVICES``.
+        cwd: where the command runs; defaults to the current directory at
+            construction time (stored as an absolute path).
+        resume: continue an existing experiment: its timestamp (as in the
+            directory name) or a path to its directory.  The next run gets the
+            next run number; tags, cwd, gpu_ids and description are kept unless
+            given here.
+        description: free text.
+        lark_config: Lark/Feishu settings for ``save_row(lark=True)``; kept in
+            memory only, never written to disk (it holds secrets).
+        env: extra environment variables for the command; ``None`` removes one.
+
+    The directory and ``metadata.json`` (status ``pending``) exist as soon as
+    the constructor returns.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        command: str,
+        base_dir: str | os.PathLike[str] = DEFAULT_BASE_DIR,
+        tags: list[str] | None = None,
+        gpu_ids: list[int] | str | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        resume: str | os.PathLike[str] | None = None,
+        description: str | None = None,
+        lark_config: dict[str, Any] | str | None = None,
+        env: dict[str, str | None] | None = None,
+    ) -> None:
+        self.name = _validate_name(name)
+        self.command = _validate_command(command)
+        tags_v = _validate_tags(tags)
+        gpus_v = parse_gpu_ids(gpu_ids)
+        if description is not None and not isinstance(description, str):
+            raise ConfigError(f"description must be a string, got {type(description).__name__}")
+        if cwd is not None:
+            cwd = os.path.abspath(os.fspath(cwd))
+            if not os.path.isdir(cwd):
+                raise ConfigError(f"cwd {cwd!r} is not an existing directory; pass the directory to run the command in")
+        self.env = _validate_env(env)
+        self.lark_config = lark_config
+        if base_dir is None:
+            base_dir = DEFAULT_BASE_DIR
+        self.base_dir = os.path.abspath(os.fspath(base_dir))
+        self.status = PENDING
+        self.current_run_id: str | None = None
+        self._pending: dict[str, str] = {}
+        self._writer: MetricsWriter | None = None
+        self._writer_run: str | None = None
+        self._meta_lock_obj: _FileLock | None = None
+
+        if resume is not None:
+            work_dir = self._resolve_resume(resume)
+            meta = self._read_metadata_at(work_dir)
+            self.work_dir = work_dir
+            self.timestamp = meta.get("timestamp_dir") or self._timestamp_from_dir(work_dir)
+            self.tags = tags_v if tags_v is not None else list(meta.get("tags") or [])
+            self.gpu_ids = gpus_v if gpus_v is not None else meta.get("gpu_ids")
+            self.cwd = cwd if cwd is not None else (meta.get("cwd") or os.getcwd())
+            self.description = description if description is not None else meta.get("description")
+            self.current_run_id = meta.get("current_run_id")
+            self.created_at = meta.get("created_at") or meta.get("timestamp") or now_iso()
+
+            def update(m: dict[str, Any]) -> None:
+                m.update(self._static_fields())
+                m["status"] = PENDING
+                m["pid"] = None
+
+            self._update_metadata(update)
+            self.status = PENDING
+        else:
+            self.tags = tags_v or []
+            self.gpu_ids = gpus_v
+            self.cwd = cwd if cwd is not None else os.getcwd()
+            self.description = description
+            self.work_dir, self.timestamp = self._make_dir()
+            self.created_at = now_iso()
+            self._write_metadata(self._initial_metadata())
+
+    # ------------------------------------------------------------------ creation
+
+    def _make_dir(self) -> tuple[str, str]:
+        os.makedirs(self.base_dir, exist_ok=True)
+        stamp = datetime.now().strftime(TIMESTAMP_FORMAT)
+        n = 1
+        while True:
+            ts = stamp if n == 1 else f"{stamp}_{n}"
+            path = os.path.join(self.base_dir, f"{self.name}_{ts}")
+            try:
+                # mkdir is the atomic claim: two processes creating the same
+                # name in the same second get _2, _3, ... and never share.
+                os.mkdir(path)
+            except FileExistsError:
+                n += 1
+                continue
+            os.mkdir(os.path.join(path, "terminal_logs"))
+            os.mkdir(os.path.join(path, "metrics"))
+            return path, ts
+
+    def _timestamp_from_dir(self, work_dir: str) -> str:
+        base = os.path.basename(work_dir.rstrip(os.sep))
+        prefix = self.name + "_"
+        return base[len(prefix):] if base.startswith(prefix) else base
+
+    def _resolve_resume(self, resume: Any) -> str:
+        if not isinstance(resume, (str, os.PathLike)) or not os.fspath(resume).strip():
+            raise ConfigError(f"resume must be a timestamp such as '2025-09-27__17-16-19' or a directory path, got {resume!r}")
+        text = os.fspath(resume)
+        candidates = []
+        if os.sep in text or os.path.isdir(text):
+            candidates.append(os.path.abspath(text))
+        candidates.append(os.path.join(self.base_dir, f"{self.name}_{text}"))
+        for c in candidates:
+            if os.path.isfile(os.path.join(c, "metadata.json")):
+                return c
+        try:
+            prefix = self.name + "_"
+            found = sorted(d[len(prefix):] for d in os.listdir(self.base_dir) if d.startswith(prefix))
+        except OSError:
+            found = []
+        hint = f"existing timestamps for {self.name!r}: {', '.join(found[-5:])}" if found else (
+            f"no experiment named {self.name!r} exists under {self.base_dir}"
+        )
+        raise ConfigError(
+            f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
+            f"pass the timestamp part of an existing directory name or its path ({hint})"
+        )
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, work_dir: str | os.PathLike[str]) -> Experiment:
+        """Rebuild an Experiment from its directory (reads ``metadata.json``)."""
+        work_dir = os.path.abspath(os.fspath(work_dir))
+        meta = cls._read_metadata_at(work_dir)
+        self = cls.__new__(cls)
+        self.work_dir = work_dir
+        self.base_dir = os.path.dirname(work_dir)
+        self.name = meta.get("name") or os.path.basename(work_dir)
+        self.command = meta.get("command") or ""
+        self.tags = list(meta.get("tags") or [])
+        try:
+            self.gpu_ids = parse_gpu_ids(meta.get("gpu_ids"))
+        except ConfigError:
+            self.gpu_ids = None
+        self.cwd = meta.get("cwd") or work_dir  # the earlier project ran in work_dir by default
+        self.description = meta.get("description")
+        self.status = meta.get("status") or PENDING
+        self.current_run_id = meta.get("current_run_id")
+        self.timestamp = meta.get("timestamp_dir") or self._timestamp_from_dir(work_dir)
+        self.created_at = meta.get("created_at") or meta.get("timestamp")
+        self.env = {}
+        self.lark_config = None
+        self._pending = {}
+        self._writer = None
+        self._writer_run = None
+        self._meta_lock_obj = None
+        return self
+
+    #: The earlier project's name for :meth:`load`.
+    load_from_dir = load
+
+    @staticmethod
+    def _read_metadata_at(work_dir: str) -> dict[str, Any]:
+        path = os.path.join(work_dir, "metadata.json")
+        try:
+            meta = read_json(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{work_dir} is not an experiment directory: it has no metadata.json") from None
+        except ValueError as e:
+            raise ExpError(f"{path} is not valid JSON ({e}); fix or remove the file") from None
+        if not isinstance(meta, dict):
+            raise ExpError(f"{path} does not hold a JSON object")
+        return meta
+
+    # ------------------------------------------------------------------ metadata
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.work_dir, "metadata.json")
+
+    def read_metadata(self) -> dict[str, Any]:
+        """The current contents of ``metadata.json``."""
+        return self._read_metadata_at(self.work_dir)
+
+    def _static_fields(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "command": self.command,
+            "tags": self.tags,
+            "description": self.description,
+            "gpu_ids": self.gpu_ids,
+            "cwd": self.cwd,
+            "environment": redact_env(self.env),
+        }
+
+    def _initial_metadata(self) -> dict[str, Any]:
+        meta = self._static_fields()
+        meta.update(
+            status=PENDING,
+            exit_code=None,
+            pid=None,
+            hostname=os.uname().nodename if hasattr(os, "uname") else None,
+            user=_user(),
+            timestamp=self.created_at,  # the earlier project's field
+            timestamp_dir=self.timestamp,
+            created_at=self.created_at,
+            started_at=None,
+            ended_at=None,
+            duration=None,
+            current_run_id=None,
+            runs=[],
+            exp_version=__version__,
+            python_version=sys.version.split()[0],
+            python_executable=sys.executable,
+            git=git_info(self.cwd) if os.path.isdir(self.cwd) else None,
+        )
+        return meta
+
+    def _meta_lock(self) -> _FileLock:
+        if self._meta_lock_obj is None:
+            self._meta_lock_obj = _FileLock(os.path.join(self.work_dir, ".metadata.lock"))
+        return self._meta_lock_obj
+
+    def _write_metadata(self, meta: dict[str, Any]) -> None:
+        with self._meta_lock():
+            write_json_atomic(self.metadata_path, meta)
+
+    def _update_metadata(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        # Read-modify-write under a lock file, so a run finishing in one thread
+        # and a run starting in another (or another process) lose nothing.
+        with self._meta_lock():
+            try:
+                meta = read_json(self.metadata_path)
+            except (OSError, ValueError):
+                meta = {}
+            fn(meta)
+            write_json_atomic(self.metadata_path, meta)
+            return meta
+
+    # ------------------------------------------------------------------ paths
+
+    def _existing_run_numbers(self) -> set[int]:
+        nums = set()
+        for sub, ext in (("terminal_logs", ".log"), ("metrics", ".csv")):
+            try:
+                names = os.listdir(os.path.join(self.work_dir, sub))
+            except FileNotFoundError:
+                continue
+            for fn in names:
+                if fn.endswith(ext):
+                    m = _RUN_ID_RE.match(fn[: -len(ext)])
+                    if m:
+                        nums.add(int(m.group(1)))
+        return nums
+
+    def log_path(self, run_id: int | str | None = None) -> str:
+        """Path of a run's log (default: the current run)."""
+        rid = run_id_str(run_id) if run_id is not None else self._require_run()
+        return os.path.join(self.work_dir, "terminal_logs", f"{rid}.log")
+
+    def metrics_file(self, run_id: int | str | None = None) -> str:
+        """Path of a run's metrics CSV (default: the current run)."""
+        rid = run_id_str(run_id) if run_id is not None else self._require_run()
+        return os.path.join(self.work_dir, "metrics", f"{rid}.csv")
+
+    @property
+    def metrics_path(self) -> str:
+        """Path of the current run's metrics CSV."""
+        return self.metrics_file()
+
+    def _require_run(self) -> str:
+        if not self.current_run_id:
+            raise ExpError(
+                f"experiment {self.name!r} has no run yet: call run() first, or inside a "
+                "training script use exp.load_experiment()"
+            )
+        return self.current_run_id
+
+    def runs(self) -> list[str]:
+        """Run ids that have a log or a metrics file, oldest first."""
+        return [f"run_{n:04d}" for n in sorted(self._existing_run_numbers())]
+
+    # Names the earlier project's users call.
+    def get_log_file_path(self, run_id: str | None = None) -> str:
+        return self.log_path(run_id)
+
+    def get_metrics_file_path(self) -> str:
+        return self.metrics_path
+
+    def get_all_runs(self) -> list[str]:
+        return self.runs()
+
+    def read_log(self, run_id: int | str | None = None) -> str:
+        """The whole text of a run's log ('' if it has none yet)."""
+        try:
+            with open(self.log_path(run_id), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def get_log_tail(self, lines: int = 50, run_id: int | str | None = None) -> str:
+        return "".join(self.read_log(run_id).splitlines(keepends=True)[-lines:])
+
+    def append_log(self, message: str, run_id: int | str | None = None) -> None:
+        """Write an exp-marked line into a run's log."""
+        _log_line(self.log_path(run_id), message)
+
+    # ------------------------------------------------------------------ metrics
+
+    def upd_row(self, **metrics: Any) -> None:
+        """Add values to the row being built; a later value for a key replaces the earlier.
+
+        Raises TypeError (naming the key) for a value that cannot go in a CSV.
+        """
+        pending = self._pending
+        for key, value in metrics.items():
+            if "\n" in key or "\r" in key:
+                raise ValueError(f"metric name {key!r} cannot contain a line break")
+            pending[key] = format_metric(key, value)
+
+    def save_row(self, *, lark: bool = False, lark_config: Any = None) -> None:
+        """Append the row built by :meth:`upd_row` to the current run's CSV.
+
+        With nothing pending this does nothing and notes it in the run's log.
+        ``lark=True`` (syncing to a Lark Bitable) is not available yet.
+        """
+        if lark:
+            raise NotImplementedError(
+                "save_row(lark=True): syncing metrics to Lark is not implemented in this version "
+                "of exp; call save_row() without lark to write the CSV"
+            )
+        rid = self._require_run()
+        if not self._pending:
+            try:
+                _log_line(self.log_path(rid), "warning: save_row() called with no values; call upd_row(...) first")
+            except OSError:
+                pass
+            return
+        if self._writer_run != rid or self._writer is None:
+            if self._writer is not None:
+                self._writer.close()
+            self._writer = MetricsWriter(self.metrics_file(rid))
+            self._writer_run = rid
+        row, self._pending = self._pending, {}
+        self._writer.write_row(row)
+
+    def metrics(self, run_id: int | str | None = None) -> list[dict[str, Any]]:
+        """Rows of a run's metrics CSV (default: current run), numbers parsed back."""
+        return read_metrics(self.metrics_file(run_id))
+
+    # ------------------------------------------------------------------ running
+
+    def run(
+        self,
+        background: bool = False,
+        extra_env: dict[str, str | None] | None = None,
+        *,
+        grace: float = DEFAULT_KILL_GRACE,
+    ) -> int | RunHandle:
+        """Start the next run of the command.
+
+        Foreground (default): follow the output to the console and return the
+        exit code.  Ctrl-C stops the command's whole process group (SIGTERM,
+        SIGKILL after ``grace`` seconds), records ``killed`` and re-raises
+        KeyboardInterrupt.  Background: return a :class:`RunHandle` at once.
+        """
+        handle = self._start(extra_env)
+        if background:
+            return handle
+        return handle._follow(grace)
+
+    def _child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpu_ids)
+        env["EXPERIMENT_WORK_DIR"] = self.work_dir
+        env["EXPERIMENT_NAME"] = self.name
+        env["EXPERIMENT_RUN_ID"] = run_id
+        env["PYTHONUNBUFFERED"] = "1"
+        env.pop(STANDALONE_ENV, None)
+        for layer in (self.env, _validate_env(extra_env, "extra_env")):
+            for k, v in layer.items():
+                if v is None:
+                    env.pop(k, None)
+                else:
+                    env[k] = v
+        return env
+
+    def _claim_run(self) -> tuple[str, str, int]:
+        """Create the next run's log file exclusively; return (run_id, path, fd)."""
+        logs = os.path.join(self.work_dir, "terminal_logs")
+        os.makedirs(logs, exist_ok=True)
+        os.makedirs(os.path.join(self.work_dir, "metrics"), exist_ok=True)
+        num = max(self._existing_run_numbers(), default=0) + 1
+        while True:
+            rid = f"run_{num:04d}"
+            path = os.path.join(logs, f"{rid}.log")
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            except FileExistsError:
+                num += 1
+                continue
+            return rid, path, fd
+
+    def _start(self, extra_env: Mapping[str, str | None] | None) -> RunHandle:
+        import subprocess
+
+        _require_posix()
+        env_extra = _validate_env(extra_env, "extra_env")
+        rid, log_path, fd = self._claim_run()
+        command = add_conda_no_capture(self.command)
+        self.current_run_id = rid
+        started = now_iso()
+        t0 = time.time()
+        lines = [
+            f"{started} {rid} of {self.name!r} starting",
+            f"command: {command}",
+            f"cwd: {self.cwd}",
+            f"work_dir: {self.work_dir}",
+        ]
+        if self.gpu_ids:
+            lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
+        start_offset = 0
+        try:
+            os.write(fd, "".join(f"{LOG_MARK} {ln}\n" for ln in lines).encode("utf-8"))
+            start_offset = 0
+            try:
+                proc = subprocess.Popen(
+                    command,
+                    shell=True,
+                    cwd=self.cwd,
+                    env=self._child_env(rid, env_extra),
+                    stdin=subprocess.DEVNULL,
+                    stdout=fd,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as e:
+                # e.g. cwd vanished, or no /bin/sh: the run ends at once as an error
+                os.write(fd, f"{LOG_MARK} could not start: {e}\n".encode("utf-8"))
+                self._record_start(rid, started, None)
+                self._record_end(rid, started, t0, 127, ERROR, log_path)
+                raise ExpError(f"could not start {command!r} in {self.cwd!r}: {e}") from e
+        finally:
+            os.close(fd)
+        self._record_start(rid, started, proc.pid)
+        return RunHandle(self, proc, rid, log_path, started, t0, start_offset)
+
+    def _record_start(self, rid: str, started: str, pid: int | None) -> None:
+        self.status = RUNNING
+
+        def update(m: dict[str, Any]) -> None:
+            m.update(self._static_fields())
+            m.update(status=RUNNING, pid=pid, started_at=started, ended_at=None, exit_code=None,
+                     duration=None, current_run_id=rid)
+            m.setdefault("runs", [])
+            m["runs"].append({"id": rid, "pid": pid, "started_at": started, "ended_at": None,
+                              "exit_code": None, "status": RUNNING})
+            m["exp_version"] = __version__
+            m["git"] = git_info(self.cwd) if os.path.isdir(self.cwd) else None
+
+        self._update_metadata(update)
+
+    def _record_end(self, rid: str, started: str, t0: float, code: int | None, status: str, log_path: str) -> None:
+        ended = now_iso()
+        duration = round(time.time() - t0, 3)
+        if status == KILLED:
+            what = f"killed (exit code {code})"
+        elif code is not None and code < 0:
+            what = f"ended by signal {-code} ({status})"
+        else:
+            what = f"exit code {code} ({status})"
+        try:
+            _log_line(log_path, f"{ended} {rid} ended: {what}, duration {format_duration(duration)}")
+        except OSError:
+            pass
+        self.status = status
+
+        def update(m: dict[str, Any]) -> None:
+            m.update(status=status, exit_code=code, pid=None, ended_at=ended, duration=duration)
+            for r in m.get("runs") or []:
+                if r.get("id") == rid:
+                    r.update(ended_at=ended, exit_code=code, status=status, duration=duration)
+
+        self._update_metadata(update)
+
+    def _start_in_process(self) -> None:
+        """Make the calling process itself this experiment's current run (standalone mode)."""
+        import atexit
+        import shlex
+
+        rid, log_path, fd = self._claim_run()
+        os.close(fd)
+        started = now_iso()
+        t0 = time.time()
+        self.current_run_id = rid
+        _log_line(log_path, f"{started} standalone run {rid}: {shlex.join([sys.executable] + sys.argv)} "
+                  f"(pid {os.getpid()}); its output is not captured here")
+        self._record_start(rid, started, os.getpid())
+        state = {"error": False}
+        prev_hook = sys.excepthook
+
+        def hook(tp: Any, value: Any, tb: Any) -> None:
+            state["error"] = True
+            prev_hook(tp, value, tb)
+
+        sys.excepthook = hook
+
+        def finish() -> None:
+            code, status = (1, ERROR) if state["error"] else (0, FINISHED)
+            try:
+                self._record_end(rid, started, t0, code, status, log_path)
+            except OSError:
+                pass
+
+        atexit.register(finish)
+
+    def __repr__(self) -> str:
+        return f"Experiment(name={self.name!r}, work_dir={self.work_dir!r}, status={self.status!r})"
+
+
+def _log_line(path: str, message: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{LOG_MARK} {message}\n")
+
+
+# ============================================================================
+# Runner: one running command
+# ============================================================================
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed uid; nothing more we may do
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    return _signal_group(pgid, 0)
+
+
+class RunHandle:
+    """A run started with ``Experiment.run(background=True)``.
+
+    A watcher thread waits for the command and records its end (status, exit
+    code, duration) in metadata.json and the log, whether or not anyone calls
+    :meth:`wait`.  If the managing process exits first the command goes on,
+    and metadata keeps status ``running``.
+    """
+
+    def __init__(self, experiment: Experiment, proc: subprocess.Popen[bytes], run_id: str,
+                 log_path: str, started_at: str, t0: float, start_offset: int = 0) -> None:
+        self.experiment = experiment
+        self.run_id = run_id
+        self.log_path = log_path
+        self.pid = proc.pid
+        self.started_at = started_at
+        self.returncode: int | None = None
+        self.status = RUNNING
+        self._proc = proc
+        self._t0 = t0
+        self._start_offset = start_offset
+        self._killed = False
+        self._done = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name=f"exp-watch-{run_id}", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        code = self._proc.wait()
+        status = KILLED if self._killed else (FINISHED if code == 0 else ERROR)
+        try:
+            self.experiment._record_end(self.run_id, self.started_at, self._t0, code, status, self.log_path)
+        finally:
+            self.returncode, self.status = code, status
+            self._done.set()
+
+    def poll(self) -> int | None:
+        """The exit code if the run has ended (and been recorded), else None."""
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the run to end; raise ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            import subprocess
+
+            raise subprocess.TimeoutExpired(self.experiment.command, timeout)  # type: ignore[arg-type]
+        assert self.returncode is not None
+        return self.returncode
+
+    def terminate(self, grace: float = DEFAULT_KILL_GRACE) -> int:
+        """Stop the command and everything it started; return its exit code.
+
+        SIGTERM goes to the whole process group; whatever is still alive after
+        ``grace`` seconds gets SIGKILL.  The run is recorded as ``killed``.
+        """
+        if self._done.is_set():
+            return self.returncode  # type: ignore[return-value]
+        self._killed = True
+        pgid = self.pid  # the child leads its own session and group
+        _signal_group(pgid, 15)
+        deadline = time.monotonic() + max(0.0, grace)
+        while time.monotonic() < deadline:
+            if self._done.is_set() and not _group_alive(pgid):
+                break
+            time.sleep(0.02)
+        _signal_group(pgid, 9)
+        return self.wait()
+
+    def kill(self) -> int:
+        """Stop at once with SIGKILL to the whole process group."""
+        return self.terminate(grace=0)
+
+    def _follow(self, grace: float) -> int:
+        """Copy the log to stdout until the run ends; the foreground half of run()."""
+        out = getattr(sys.stdout, "buffer", None)
+
+        def emit(chunk: bytes) -> None:
+            if out is not None:
+                out.write(chunk)
+            else:
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+
+        with open(self.log_path, "rb") as f:
+            f.seek(self._start_offset)
+            try:
+                while True:
+                    chunk = f.read(1 << 16)
+                    if chunk:
+                        emit(chunk)
+                        continue
+                    if self._done.is_set():
+                        rest = f.read()
+                        if rest:
+                            emit(rest)
+                        break
+                    self._done.wait(FOLLOW_INTERVAL)
+            except KeyboardInterrupt:
+                try:
+                    self.terminate(grace)
+                except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+                    self.kill()
+                rest = f.read()
+                if rest:
+                    emit(rest)
+                raise
+        return self.wait()
+
+    def __repr__(self) -> str:
+        return f"RunHandle(run_id={self.run_id!r}, pid={self.pid}, status={self.status!r})"
+
+
+# ============================================================================
+# Inside a training script
+# ============================================================================
+
+
+def load_experiment(standalone: bool = False) -> Experiment:
+    """Return the Experiment (and run) that launched this process.
+
+    The directory comes from ``EXPERIMENT_WORK_DIR`` and the run from
+    ``EXPERIMENT_RUN_ID``; metadata.json is not trusted for the run, since a
+    later run of the same directory may already have changed it.
+
+    Outside exp this raises :class:`NoExperimentContext`, unless
+    ``standalone=True`` (or ``EXP_STANDALONE=1``): then a fresh experiment
+    named after the script is created under ``./results`` and this process
+    becomes its first run, so ``python train.py`` still works while debugging.
+    """
+    work_dir = os.environ.get("EXPERIMENT_WORK_DIR")
+    if work_dir:
+        if not os.path.isfile(os.path.join(work_dir, "metadata.json")):
+            raise NoExperimentContext(
+                f"EXPERIMENT_WORK_DIR={work_dir!r} has no metadata.json; it was set by hand or the "
+                "directory was moved. Unset it, or launch the script with exp"
+            )
+        e = Experiment.load(work_dir)
+        rid = os.environ.get("EXPERIMENT_RUN_ID")
+        if rid:
+            try:
+                e.current_run_id = run_id_str(rid)
+            except ConfigError:
+                raise NoExperimentContext(f"EXPERIMENT_RUN_ID={rid!r} is not a run id like 'run_0001'") from None
+        if "EXPERIMENT_NAME" in os.environ:
+            e.name = os.environ["EXPERIMENT_NAME"]
+        return e
+    flag = os.environ.get(STANDALONE_ENV, "").strip().lower()
+    if standalone or flag in ("1", "true", "yes", "on"):
+        import shlex
+
+        script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-") else ""
+        name = os.path.splitext(os.path.basename(script))[0] or "interactive"
+        e = Experiment(name=name, command=shlex.join([sys.executable] + sys.argv), base_dir=DEFAULT_BASE_DIR)
+        e._start_in_process()
+        return e
+    raise NoExperimentContext(
+        "load_experiment() found no experiment: EXPERIMENT_WORK_DIR is not set, so this process "
+        "was not launched by exp. Launch it with exp.Experiment(name=..., command=...).run() or "
+        "'python exp.py run config.toml', or call load_experiment(standalone=True) "
+        "(or set EXP_STANDALONE=1) to log into a fresh experiment under ./results"
+    )
+
+
+# ============================================================================
+# CLI
+# ============================================================================
+
+
+def _build_parser():  # type: ignore[no-untyped-def]
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="exp",
+        description="exp: run, batch and inspect machine-learning experiments.",
+        epilog="Python API: import exp; exp.Experiment(name=..., command=...).run()",
+    )
+    p.add_argument("--version", action="version", version=f"exp {__version__}")
+    p.add_subparsers(dest="cmd", metavar="COMMAND")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "cmd", None):
+        parser.print_help()
+        return 2
+    return 0  # pragma: no cover - every command returns from its own branch
+
+
+if __name__ == "__main__":
+    sys.exit(main())
