@@ -43,7 +43,8 @@ between the child and its output, so the child never blocks on a pipe.
 rewrites the file (atomically) only when a new column appears.
 
 Sections (``grep -n '^# ====' exp.py``): constants, exceptions, utilities,
-metrics CSV, experiment, runner, CLI.
+metrics CSV, experiment, runner, inside a training script, config (TOML),
+scheduler model and planning, scheduler execution, listing, CLI.
 """
 from __future__ import annotations
 
@@ -72,6 +73,11 @@ __all__ = [
     "load_experiment",
     "MetricsWriter",
     "read_metrics",
+    "BatchConfig",
+    "load_config",
+    "parse_config",
+    "Scheduler",
+    "list_experiments",
     "main",
     "ExpError",
     "ConfigError",
@@ -1355,6 +1361,838 @@ def load_experiment(standalone: bool = False) -> Experiment:
 
 
 # ============================================================================
+# Config: the batch TOML file (pure parsing and validation)
+# ============================================================================
+#
+# parse_config() takes text and returns a BatchConfig or raises ConfigError
+# listing *every* problem found, so a user fixes a file in one pass.  Nothing
+# is launched unless the whole file is valid.
+
+#: ``[scheduler]`` keys: name -> (expected type description, validator).
+SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "base_experiment_dir": DEFAULT_BASE_DIR,
+    "max_concurrent_experiments": 1,
+    "check_interval": 1.0,
+    "auto_restart_on_error": False,
+    "linger_when_idle": False,
+    "kill_timeout": DEFAULT_KILL_GRACE,
+    "lark_url": None,
+    "lark_config": None,
+}
+#: ``[[experiments]]`` keys and their defaults (name and command are required).
+EXPERIMENT_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "command": None,
+    "priority": 0,
+    "tags": [],
+    "description": None,
+    "gpu_ids": None,
+    "cwd": None,
+    "base_dir": None,
+    "environment": {},
+    "resume": None,
+    "repeats": 1,
+    "max_retries": 0,
+    "delay_seconds": 0.0,
+    "lark_url": None,
+    "lark_config": None,
+}
+
+
+class ExperimentSpec:
+    """One ``[[experiments]]`` table after validation, paths made absolute."""
+
+    __slots__ = tuple(EXPERIMENT_DEFAULTS) + ("index",)
+
+    def __init__(self, index: int, values: dict[str, Any]) -> None:
+        self.index = index
+        for k, v in EXPERIMENT_DEFAULTS.items():
+            setattr(self, k, values.get(k, v))
+
+
+class BatchConfig:
+    """A validated batch file: scheduler settings and the experiments, in file order."""
+
+    def __init__(self, path: str, settings: dict[str, Any], experiments: list[ExperimentSpec]) -> None:
+        self.path = path
+        self.settings = settings
+        self.experiments = experiments
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["settings"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def _type_name(v: Any) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int):
+        return "an integer"
+    if isinstance(v, float):
+        return "a float"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "a table"
+    return type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_value(where: str, key: str, v: Any, errors: list[str]) -> Any:
+    """Validate one key's value; append a message to ``errors`` and return None when bad."""
+    loc = f"{where}.{key}"
+
+    def bad(expected: str) -> None:
+        errors.append(f"{loc}: expected {expected}, got {v!r}")
+
+    if key in ("name", "command"):
+        if not isinstance(v, str) or not v.strip():
+            return bad("a non-empty string")
+        if key == "name":
+            try:
+                _validate_name(v)
+            except ConfigError as e:
+                errors.append(f"{loc}: {e}")
+                return None
+        return v
+    if key in ("description", "cwd", "base_dir", "base_experiment_dir", "lark_url", "resume"):
+        if not isinstance(v, str) or (key != "description" and not v.strip()):
+            return bad("a string" if key == "description" else "a non-empty string")
+        return v
+    if key == "priority":
+        return v if _is_int(v) else bad("an integer")
+    if key in ("repeats", "max_concurrent_experiments"):
+        if not _is_int(v) or v < 1:
+            return bad("an integer >= 1")
+        return v
+    if key == "max_retries":
+        if not _is_int(v) or v < 0:
+            return bad("an integer >= 0")
+        return v
+    if key in ("delay_seconds", "kill_timeout"):
+        if not _is_num(v) or v < 0:
+            return bad("a number of seconds >= 0")
+        return float(v)
+    if key == "check_interval":
+        if not _is_num(v) or v <= 0:
+            return bad("a number of seconds > 0")
+        return float(v)
+    if key in ("auto_restart_on_error", "linger_when_idle"):
+        return v if isinstance(v, bool) else bad("true or false")
+    if key == "tags":
+        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+            return bad('a list of strings such as ["baseline"]')
+        return list(v)
+    if key == "gpu_ids":
+        try:
+            return parse_gpu_ids(v, loc)
+        except ConfigError as e:
+            errors.append(str(e))
+            return None
+    if key == "environment":
+        if not isinstance(v, dict):
+            return bad('a table such as { KEY = "VALUE" }')
+        env = {}
+        for ek, ev in v.items():
+            if isinstance(ev, (dict, list)) or not ek or "=" in ek:
+                errors.append(f"{loc}.{ek}: expected a string, number or boolean value, got {ev!r}")
+                continue
+            env[ek] = ("true" if ev else "false") if isinstance(ev, bool) else str(ev)
+        return env
+    if key == "lark_config":
+        if not isinstance(v, (dict, str)):
+            return bad("a table or a URL string")
+        return v
+    return v  # pragma: no cover - every known key is handled above
+
+
+def _unknown_key(where: str, key: str, known: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(known))})"
+    return f"{where}: unknown key {key!r}{hint}"
+
+
+def _resolve(base: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def parse_config(text: str, source: str = "<config>", root: str | None = None) -> BatchConfig:
+    """Parse and validate a batch TOML file.
+
+    Relative paths (``base_experiment_dir``, ``base_dir``, ``cwd``) resolve
+    against ``root`` (the config file's directory; default the current
+    directory), and ``cwd`` defaults to ``root``.  Raises ConfigError naming
+    every problem.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.9/3.10 in CI
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(
+                "reading TOML on Python < 3.11 needs the 'tomli' package: pip install tomli"
+            ) from None
+    root = os.path.abspath(root or os.getcwd())
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: TOML syntax error: {e}") from None
+
+    errors: list[str] = []
+    for key in data:
+        if key not in ("scheduler", "experiments"):
+            errors.append(_unknown_key("top level", key, ("scheduler", "experiments")))
+
+    raw_sched = data.get("scheduler", {})
+    settings = dict(SCHEDULER_DEFAULTS)
+    if not isinstance(raw_sched, dict):
+        errors.append("scheduler: expected a [scheduler] table")
+        raw_sched = {}
+    for key, v in raw_sched.items():
+        if key not in SCHEDULER_DEFAULTS:
+            errors.append(_unknown_key("scheduler", key, SCHEDULER_DEFAULTS))
+            continue
+        checked = _check_value("scheduler", key, v, errors)
+        if checked is not None:
+            settings[key] = checked
+    settings["base_experiment_dir"] = _resolve(root, settings["base_experiment_dir"])
+
+    raw_exps = data.get("experiments")
+    specs: list[ExperimentSpec] = []
+    if raw_exps is None or raw_exps == []:
+        errors.append(
+            "no experiments: add at least one [[experiments]] table with a name and a command, e.g.\n"
+            '  [[experiments]]\n  name = "baseline"\n  command = "python train.py"'
+        )
+        raw_exps = []
+    elif not isinstance(raw_exps, list) or not all(isinstance(t, dict) for t in raw_exps):
+        errors.append("experiments: expected an array of tables written as [[experiments]]")
+        raw_exps = []
+    for i, table in enumerate(raw_exps):
+        where = f"experiments[{i}]"
+        values: dict[str, Any] = {}
+        for key, v in table.items():
+            if key not in EXPERIMENT_DEFAULTS:
+                errors.append(_unknown_key(where, key, EXPERIMENT_DEFAULTS))
+                continue
+            checked = _check_value(where, key, v, errors)
+            if checked is not None:
+                values[key] = checked
+        for req in ("name", "command"):
+            if req not in table:
+                errors.append(f"{where}: missing required key {req!r}")
+        if values.get("resume") and values.get("repeats", 1) > 1:
+            errors.append(f"{where}: resume cannot be combined with repeats > 1 (every repeat needs its own directory)")
+        values["cwd"] = _resolve(root, values.get("cwd") or ".")
+        values["base_dir"] = _resolve(root, values["base_dir"]) if values.get("base_dir") else settings["base_experiment_dir"]
+        specs.append(ExperimentSpec(i, values))
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
+    return BatchConfig(source, settings, specs)
+
+
+def load_config(path: str | os.PathLike[str]) -> BatchConfig:
+    """Read and validate a batch file; paths in it resolve against its directory."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; pass the .toml file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    return parse_config(text, path, os.path.dirname(path))
+
+
+# ============================================================================
+# Scheduler model and planning (pure)
+# ============================================================================
+
+
+class Job:
+    """One experiment of a batch (a repeat is its own Job); attempts are its runs."""
+
+    def __init__(self, job_id: int, spec: ExperimentSpec, repeat: int, order: int) -> None:
+        self.id = job_id
+        self.spec = spec
+        self.repeat = repeat
+        self.order = order
+        self.attempt = 0
+        self.status = PENDING
+        self.created_at = now_iso()
+        self.started_at: str | None = None
+        self.completed_at: str | None = None
+        self.return_code: int | None = None
+        self.work_dir: str | None = None
+        self.run_id: str | None = None
+        self.not_before = 0.0  # clock time before which it may not start (delay_seconds)
+        self.t_started = 0.0
+        self.duration: float | None = None
+        self.experiment: Experiment | None = None
+        self.handle: RunHandle | None = None
+        self.error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + self.spec.max_retries
+
+    def label(self) -> str:
+        rep = f" #{self.repeat}/{self.spec.repeats}" if self.spec.repeats > 1 else ""
+        return f"{self.spec.name}{rep}"
+
+    def to_state(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "id": self.id, "name": s.name, "command": s.command, "priority": s.priority,
+            "tags": s.tags, "gpu_ids": s.gpu_ids, "cwd": s.cwd, "base_dir": s.base_dir,
+            "environment": redact_env(s.environment), "description": s.description,
+            "repeats": s.repeats, "repeat": self.repeat, "max_retries": s.max_retries,
+            "delay_seconds": s.delay_seconds, "attempt": self.attempt, "status": self.status,
+            "created_at": self.created_at, "started_at": self.started_at,
+            "completed_at": self.completed_at, "return_code": self.return_code,
+            "duration": self.duration, "work_dir": self.work_dir, "run_id": self.run_id,
+            "error": self.error,
+        }
+
+
+def expand_jobs(config: BatchConfig) -> list[Job]:
+    """Jobs in dispatch order: priority high to low, file order among equals, repeats together."""
+    jobs = []
+    for spec in config.experiments:
+        for r in range(1, spec.repeats + 1):
+            jobs.append(Job(0, spec, r, len(jobs)))
+    jobs.sort(key=lambda j: (-j.spec.priority, j.order))
+    for i, j in enumerate(jobs, 1):
+        j.id = i
+    return jobs
+
+
+def plan_next(queue: list[Job], running: int, limit: int, now: float) -> list[Job]:
+    """Which queued jobs to start now: the first ones whose delay is over, up to the free slots.
+
+    ``queue`` is in dispatch order (retries go to its front); a job still in
+    its delay does not hold back the jobs behind it.
+    """
+    free = limit - running
+    if free <= 0:
+        return []
+    picked = []
+    for job in queue:
+        if job.not_before <= now:
+            picked.append(job)
+            if len(picked) == free:
+                break
+    return picked
+
+
+def next_wakeup(queue: list[Job], now: float) -> float | None:
+    """Seconds until the earliest delayed job becomes startable (None if none is waiting)."""
+    waits = [j.not_before - now for j in queue if j.not_before > now]
+    return max(0.0, min(waits)) if waits else None
+
+
+# ============================================================================
+# Scheduler: execution, terminal, state file
+# ============================================================================
+
+_STATE_DIR = ".exp_state"
+_STATE_FILE = "scheduler_state.json"
+
+
+def _short_path(path: str | None) -> str:
+    if not path:
+        return "-"
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if len(rel) < len(path) else path
+
+
+def _tail_lines(path: str, n: int = 10, max_bytes: int = 65536, skip_prefix: str | None = None) -> list[str]:
+    """The last ``n`` lines of a file (without those starting ``skip_prefix``), read from its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+    lines = [ln.rsplit("\r", 1)[-1] for ln in text.split("\n")]  # a tqdm bar: keep its last frame
+    if skip_prefix:
+        lines = [ln for ln in lines if not ln.startswith(skip_prefix)]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines[-n:]
+
+
+class _Terminal:
+    """Event lines plus, on a TTY, one live progress line kept below them."""
+
+    def __init__(self, out: Any, clock: Callable[[], float]) -> None:
+        self.out = out
+        isatty = getattr(out, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.color = self.tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        self._clock = clock
+        self._bar = ""
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
+
+    def event(self, text: str) -> None:
+        stamp = datetime.now().strftime("%H:%M:%S")
+        if self.tty and self._bar:
+            self.out.write("\r\x1b[K")
+        self.out.write(f"[{stamp}] {text}\n")
+        if self.tty and self._bar:
+            self.out.write(self._bar)
+        self.out.flush()
+
+    def progress(self, text: str) -> None:
+        if not self.tty:
+            return
+        try:
+            width = os.get_terminal_size(self.out.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            width = 100
+        self._bar = text[: max(10, width - 1)]
+        self.out.write("\r\x1b[K" + self._bar)
+        self.out.flush()
+
+    def clear_progress(self) -> None:
+        if self.tty and self._bar:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+        self._bar = ""
+
+    def plain(self, text: str = "") -> None:
+        self.clear_progress()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+class Scheduler:
+    """Run a batch: dispatch by priority under a concurrency limit, retry, report.
+
+    Threads of a ``ThreadPoolExecutor`` start the commands and wait for them
+    (the work is in child processes, so threads only wait).  They report to
+    the main thread through a queue, so a finished experiment frees its slot
+    and the next starts at once; only the main thread changes job state and
+    writes the state file.
+
+    Args:
+        config: a validated :class:`BatchConfig`.
+        out: where event lines go (a TTY also gets a live progress line).
+        clock: monotonic clock; injectable for tests.
+    """
+
+    def __init__(self, config: BatchConfig, out: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.limit = int(config.max_concurrent_experiments)
+        self.jobs = expand_jobs(config)
+        self.queue: list[Job] = list(self.jobs)
+        self.running: dict[int, Job] = {}
+        self.done: list[Job] = []
+        self.state_path = os.path.join(config.base_experiment_dir, _STATE_DIR, _STATE_FILE)
+        self.term = _Terminal(out or sys.stdout, clock)
+        self._clock = clock
+        self._events: Any = None
+        self._status_indicator = RUNNING
+        self._stopping = False
+        self._started_at = now_iso()
+        self._t0 = clock()
+        self._state_cache: dict[int, str] = {}
+        now = clock()
+        for job in self.jobs:
+            job.not_before = now + job.spec.delay_seconds
+
+    # ---------------------------------------------------------------- state
+
+    def _job_json(self, job: Job) -> str:
+        # Each job's JSON is rebuilt only when that job changed: the state file
+        # is rewritten on every transition and must stay cheap for big batches.
+        text = self._state_cache.get(job.id)
+        if text is None:
+            text = _json().dumps(job.to_state(), ensure_ascii=False, default=str)
+            self._state_cache[job.id] = text
+        return text
+
+    def _touch(self, job: Job) -> None:
+        self._state_cache.pop(job.id, None)
+
+    def write_state(self) -> None:
+        """Write ``<base>/.exp_state/scheduler_state.json`` atomically."""
+        groups: dict[str, list[Job]] = {"pending": list(self.queue), "running": list(self.running.values()),
+                                        "finished": [], "errors": []}
+        for job in self.done:
+            groups["finished" if job.status == FINISHED else "errors"].append(job)
+        summary = {
+            "total": len(self.jobs), "pending": len(groups["pending"]), "running": len(groups["running"]),
+            "finished": len(groups["finished"]), "errors": len(groups["errors"]),
+            "status_indicator": self._status_indicator, "pid": os.getpid(),
+            "host": os.uname().nodename, "config_path": self.config.path,
+            "max_concurrent_experiments": self.limit,
+            "started_at": self._started_at, "updated_at": now_iso(),
+        }
+        parts = []
+        for key, jobs in groups.items():
+            parts.append(f'"{key}": [' + ", ".join(self._job_json(j) for j in jobs) + "]")
+        parts.append('"summary": ' + _json().dumps(summary))
+        text = "{" + ",\n".join(parts) + "}\n"
+        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+        tmp = f"{self.state_path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self.state_path)
+
+    # ---------------------------------------------------------------- worker side
+
+    def _attempt(self, job: Job) -> tuple[str, Job, Any]:
+        """Run one attempt of ``job`` in a pool thread; never raises."""
+        try:
+            if job.experiment is None:
+                s = job.spec
+                job.experiment = Experiment(
+                    name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
+                    cwd=s.cwd, resume=s.resume, description=s.description,
+                    lark_config=s.lark_config or s.lark_url, env=s.environment,
+                )
+            handle = job.experiment._start(None)
+        except BaseException as e:  # noqa: BLE001 - reported as this job's failure
+            return ("unstartable", job, e)
+        self._events.put(("started", job, handle))
+        return ("ended", job, handle.wait())
+
+    # ---------------------------------------------------------------- main loop
+
+    def run(self) -> int:
+        """Run the whole batch; return the exit status (0 ok, 1 failures, 130 interrupted)."""
+        import queue as queue_mod
+        import signal
+        from concurrent.futures import ThreadPoolExecutor
+
+        _require_posix()
+        self._events = queue_mod.SimpleQueue()
+        on_main = threading.current_thread() is threading.main_thread()
+        old_term = None
+        if on_main:
+            # SIGTERM (from kill, systemd, a cluster) shuts down like Ctrl-C.
+            def on_sigterm(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt
+
+            old_term = signal.signal(signal.SIGTERM, on_sigterm)
+        interrupted = False
+        pool = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="exp-job")
+        try:
+            self.write_state()
+            try:
+                self._loop(pool)
+            except KeyboardInterrupt:
+                interrupted = self._status_indicator != "awaiting_shutdown"
+                self._shutdown()
+        finally:
+            pool.shutdown(wait=False)
+            if on_main and old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+        self._status_indicator = "stopped"
+        self.write_state()
+        self._print_summary(interrupted)
+        if interrupted:
+            return 130
+        return 0 if all(j.status == FINISHED for j in self.jobs) else 1
+
+    def _loop(self, pool: Any) -> None:
+        linger = bool(self.config.linger_when_idle)
+        while True:
+            now = self._clock()
+            for job in plan_next(self.queue, len(self.running), self.limit, now):
+                self.queue.remove(job)
+                self._launch(pool, job)
+            if not self.queue and not self.running:
+                if not linger:
+                    return
+                if self._status_indicator != "awaiting_shutdown":
+                    self._status_indicator = "awaiting_shutdown"
+                    self.write_state()
+                    self.term.clear_progress()
+                    self.term.event("all experiments done; waiting (linger_when_idle); press Ctrl-C to exit")
+            self._progress()
+            timeout = next_wakeup(self.queue, now)
+            cap = 1.0 if self.term.tty else float(self.config.check_interval)
+            timeout = cap if timeout is None else min(timeout, cap)
+            try:
+                ev = self._events.get(timeout=timeout)
+            except Exception:  # queue.Empty: a delay ended or the progress line needs a tick
+                continue
+            self._handle(ev)
+
+    def _launch(self, pool: Any, job: Job) -> None:
+        job.attempt += 1
+        job.status = RUNNING
+        job.started_at = now_iso()
+        job.completed_at = None
+        job.return_code = None
+        job.t_started = self._clock()
+        self.running[job.id] = job
+        self._touch(job)
+        fut = pool.submit(self._attempt, job)
+        fut.add_done_callback(lambda f: self._events.put(f.result()))
+
+    def _handle(self, ev: tuple[str, Job, Any]) -> None:
+        kind, job, value = ev
+        if kind == "started":
+            job.handle = value
+            exp_ = job.experiment
+            assert exp_ is not None
+            job.work_dir, job.run_id = exp_.work_dir, value.run_id
+            self._touch(job)
+            if self._stopping:
+                value._killed = True
+                _signal_group(value.pid, 15)
+                return
+            gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
+            self.term.event(
+                f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
+                f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
+            )
+            self.write_state()
+            return
+        # the attempt is over
+        self.running.pop(job.id, None)
+        job.completed_at = now_iso()
+        job.duration = round(self._clock() - job.t_started, 3)
+        if kind == "unstartable":
+            job.status, job.return_code, job.error = ERROR, None, f"{type(value).__name__}: {value}"
+            if job.experiment is not None:
+                job.work_dir = job.experiment.work_dir
+        else:
+            job.return_code = value
+            job.status = job.handle.status if job.handle is not None else ERROR
+            job.error = None
+        self._touch(job)
+        dur = format_duration(job.duration)
+        if job.status == FINISHED:
+            self.term.event(f"{self.term.paint('finished', '32')} {job.label()} in {dur}")
+        elif job.status == KILLED:
+            self.term.event(f"{self.term.paint('killed  ', '33')} {job.label()} after {dur}")
+        else:
+            why = job.error or f"exit code {job.return_code}"
+            self.term.event(f"{self.term.paint('failed  ', '31')} {job.label()} ({why}) after {dur}")
+            log = job.handle.log_path if (job.handle is not None and kind == "ended") else None
+            if log:
+                for line in _tail_lines(log, 10, skip_prefix=LOG_MARK):
+                    self.term.plain(f"      {line}")
+        retry = (
+            job.status == ERROR and not self._stopping and self.config.auto_restart_on_error
+            and job.attempt < job.max_attempts and kind == "ended"
+        )
+        if retry:
+            job.status = PENDING
+            job.not_before = self._clock() + job.spec.delay_seconds
+            job.handle = None
+            self.queue.insert(0, job)
+            self.term.event(
+                f"{self.term.paint('retrying', '35')} {job.label()} (attempt {job.attempt + 1}/{job.max_attempts})"
+            )
+        else:
+            self.done.append(job)
+        self.write_state()
+
+    def _progress(self) -> None:
+        if not self.term.tty:
+            return
+        done = len(self.done)
+        failed = sum(1 for j in self.done if j.status != FINISHED)
+        names = ", ".join(j.label() for j in self.running.values()) or "-"
+        elapsed = format_duration(self._clock() - self._t0)
+        self.term.progress(f"[{done}/{len(self.jobs)} done] running: {names} | failed: {failed} | {elapsed}")
+
+    def _shutdown(self) -> None:
+        """Stop launching; SIGTERM every running group, SIGKILL after kill_timeout; wait for all."""
+        self._stopping = True
+        self.term.clear_progress()
+        grace = float(self.config.kill_timeout)
+        if self.running:
+            self.term.event(f"interrupted: stopping {len(self.running)} running experiment(s) "
+                            f"(SIGKILL after {format_duration(grace)}; Ctrl-C again to kill now)")
+        for job in self.running.values():
+            if job.handle is not None:
+                job.handle._killed = True
+                _signal_group(job.handle.pid, 15)
+        deadline = self._clock() + grace
+        killed_hard = False
+        while self.running:
+            try:
+                remaining = deadline - self._clock()
+                if remaining <= 0 and not killed_hard:
+                    raise KeyboardInterrupt
+                ev = self._events.get(timeout=max(0.01, min(remaining, 0.2)) if not killed_hard else 0.2)
+            except KeyboardInterrupt:
+                killed_hard = True
+                for job in self.running.values():
+                    if job.handle is not None:
+                        _signal_group(job.handle.pid, 9)
+                continue
+            except Exception:  # queue.Empty
+                continue
+            if ev[0] == "started" and killed_hard:
+                ev[2]._killed = True
+                _signal_group(ev[2].pid, 9)
+            self._handle(ev)
+        # Grandchildren that outlived their group leader still hold the group.
+        for job in self.done:
+            h = job.handle
+            if h is not None and h._killed:
+                if _group_alive(h.pid):
+                    _signal_group(h.pid, 9)
+
+    def _print_summary(self, interrupted: bool) -> None:
+        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1]
+        retried = [j for j in self.jobs if j.status == FINISHED and j.attempt > 1]
+        failed = [j for j in self.jobs if j.status in (ERROR, KILLED)]
+        never = [j for j in self.jobs if j.status == PENDING]
+        t = self.term
+        t.plain()
+        t.plain(f"summary: {len(self.jobs)} experiment(s) in {format_duration(self._clock() - self._t0)}"
+                + (" (interrupted)" if interrupted else ""))
+        t.plain(f"  succeeded first time:    {len(first)}")
+        t.plain(f"  succeeded after retries: {len(retried)}"
+                + (" (" + ", ".join(f"{j.label()} x{j.attempt}" for j in retried) + ")" if retried else ""))
+        t.plain(f"  failed:                  {len(failed)}")
+        for j in failed:
+            why = j.error or ("killed" if j.status == KILLED else f"exit code {j.return_code}")
+            t.plain(f"    {j.label()}: {why}  {_short_path(j.work_dir)}")
+        if never:
+            t.plain(f"  not started:             {len(never)}")
+        t.plain(f"  state: {_short_path(self.state_path)}")
+
+
+def format_plan(config: BatchConfig) -> str:
+    """The dispatch plan of ``--dry-run``, one line per experiment."""
+    rows = [("#", "name", "priority", "command", "cwd", "GPUs", "dir base")]
+    for job in expand_jobs(config):
+        s = job.spec
+        gpus = ",".join(map(str, s.gpu_ids)) if s.gpu_ids else "-"
+        extra = []
+        if s.repeats > 1:
+            extra.append(f"repeat {job.repeat}/{s.repeats}")
+        if s.max_retries and config.auto_restart_on_error:
+            extra.append(f"retries {s.max_retries}")
+        if s.delay_seconds:
+            extra.append(f"delay {s.delay_seconds:g}s")
+        name = s.name + (f" ({', '.join(extra)})" if extra else "")
+        rows.append((str(job.id), name, str(s.priority), s.command, _short_path(s.cwd), gpus, _short_path(s.base_dir)))
+    return _table(rows) + (
+        f"\n{len(rows) - 1} experiment(s), at most {config.max_concurrent_experiments} at a time; "
+        f"state: {_short_path(os.path.join(config.base_experiment_dir, _STATE_DIR, _STATE_FILE))}"
+    )
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+# ============================================================================
+# Listing experiments (exp ls)
+# ============================================================================
+
+
+def last_metrics_row(path: str) -> dict[str, Any]:
+    """The last complete row of a metrics CSV, reading only its header and tail."""
+    try:
+        with open(path, "rb") as f:
+            head = f.readline()
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(len(head), size - 65536))
+            tail = f.read()
+    except OSError:
+        return {}
+    lines = [ln for ln in tail.split(b"\n")[:-1] if ln]  # the part after the last \n may be torn
+    if not head.endswith(b"\n") or not lines:
+        return {}
+    header, rows = parse_metrics_csv((head + lines[-1] + b"\n").decode("utf-8", "replace"))
+    return rows[-1] if rows else {}
+
+
+def list_experiments(base_dir: str) -> list[dict[str, Any]]:
+    """Every experiment directory under ``base_dir``, newest first, with its last metrics."""
+    out = []
+    try:
+        names = os.listdir(base_dir)
+    except FileNotFoundError:
+        return []
+    for d in names:
+        wd = os.path.join(base_dir, d)
+        try:
+            meta = read_json(os.path.join(wd, "metadata.json"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(meta, dict):
+            continue
+        rid = meta.get("current_run_id")
+        last = last_metrics_row(os.path.join(wd, "metrics", f"{rid}.csv")) if rid else {}
+        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        runs = meta.get("runs")
+        out.append({
+            "name": meta.get("name"), "status": meta.get("status"), "tags": meta.get("tags") or [],
+            "created_at": meta.get("created_at") or meta.get("timestamp"),
+            "started_at": meta.get("started_at"), "duration": meta.get("duration"),
+            "runs": len(runs) if isinstance(runs, list) else (1 if rid else 0),
+            "current_run_id": rid, "exit_code": meta.get("exit_code"), "work_dir": wd,
+            "last_metrics": metrics,
+        })
+    out.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", r["work_dir"]), reverse=True)
+    return out
+
+
+def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, tag: str | None = None,
+                       name: str | None = None) -> list[dict[str, Any]]:
+    pattern = re.compile(name) if name else None
+    return [
+        r for r in rows
+        if (status is None or r["status"] == status)
+        and (tag is None or tag in r["tags"])
+        and (pattern is None or pattern.search(r["name"] or ""))
+    ]
+
+
+def format_listing(rows: list[dict[str, Any]]) -> str:
+    table = [("name", "status", "started", "duration", "runs", "last metrics")]
+    for r in rows:
+        started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
+        shown = list(r["last_metrics"].items())[:4]
+        metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
+        table.append((r["name"] or "?", r["status"] or "?", started, format_duration(r["duration"]),
+                      str(r["runs"]), metrics or "-"))
+    return _table(table)
+
+
+# ============================================================================
 # CLI
 # ============================================================================
 
@@ -1368,18 +2206,77 @@ def _build_parser():  # type: ignore[no-untyped-def]
         epilog="Python API: import exp; exp.Experiment(name=..., command=...).run()",
     )
     p.add_argument("--version", action="version", version=f"exp {__version__}")
-    p.add_subparsers(dest="cmd", metavar="COMMAND")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a batch of experiments from a TOML file",
+                       description="Run the [[experiments]] of a TOML file. Relative paths in it "
+                                   "resolve against the file's own directory.")
+    r.add_argument("config", help="the batch file, e.g. config.toml")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and exit without running anything")
+    r.set_defaults(func=_cmd_run)
+
+    ls = sub.add_parser("ls", help="list experiments under a directory, newest first")
+    ls.add_argument("dir", nargs="?", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
+    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ls.add_argument("--status", choices=sorted(STATUSES), help="only experiments with this status")
+    ls.add_argument("--tag", help="only experiments with this tag")
+    ls.add_argument("--name", metavar="REGEX", type=_regex, help="only names matching this regular expression")
+    ls.set_defaults(func=_cmd_ls)
     return p
 
 
+def _regex(text: str) -> str:
+    import argparse
+
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}") from None
+    return text
+
+
+def _cmd_run(args: Any) -> int:
+    config = load_config(args.config)
+    if args.dry_run:
+        print(format_plan(config))
+        return 0
+    return Scheduler(config).run()
+
+
+def _cmd_ls(args: Any) -> int:
+    if not os.path.isdir(args.dir):
+        raise ConfigError(f"{args.dir} is not a directory; pass the base directory of your experiments")
+    rows = filter_experiments(list_experiments(args.dir), args.status, args.tag, args.name)
+    if args.json:
+        print(_json().dumps(rows, indent=2, ensure_ascii=False, default=str))
+    elif rows:
+        print(format_listing(rows))
+    else:
+        print(f"no experiments under {args.dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status.
+
+    Exit statuses: 0 success, 1 an experiment failed or another error,
+    2 bad usage or configuration, 130 interrupted.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "cmd", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
-    return 0  # pragma: no cover - every command returns from its own branch
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"exp: error: {e}", file=sys.stderr)
+        return 2
+    except ExpError as e:
+        print(f"exp: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
