@@ -357,6 +357,7 @@ def _require_posix() -> None:
 # on its descriptor and reopens the path.
 
 _NEEDS_QUOTE_RE = re.compile(r'[,"\r\n]')
+_QUOTE_CHARS_RE = re.compile(r'["\r\n]')
 _INT_RE = re.compile(r"[-+]?\d+\Z")
 _FLOAT_RE = re.compile(r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)\Z")
 
@@ -376,13 +377,11 @@ def format_metric(key: str, value: Any) -> str:
     """
     t = type(value)
     if t is float:
-        if value != value:
-            return "nan"
-        if value in (float("inf"), float("-inf")):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if t is int or t is str:
-        return str(value)
+        return repr(value)  # repr gives 'nan', 'inf', '-inf' too
+    if t is int:
+        return int.__repr__(value)
+    if t is str:
+        return value
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -503,9 +502,13 @@ class MetricsWriter:
         with self._lock:
             fd = self._acquire()
             try:
-                cols = self._columns
-                if all(k in cols for k in row):
-                    line = ",".join([_csv_cell(row.get(k, "")) for k in self._header])
+                if self._columns.issuperset(row):
+                    get = row.get
+                    cells = [get(k, "") for k in self._header]
+                    line = ",".join(cells)
+                    # One scan per line; quote cell by cell only when a cell needs it (rare).
+                    if line.count(",") != len(cells) - 1 or _QUOTE_CHARS_RE.search(line):
+                        line = ",".join([_csv_cell(c) for c in cells])
                     os.write(fd, (line or '""').encode("utf-8") + b"\n")
                 else:
                     self._rewrite_with(row)
@@ -642,6 +645,32 @@ def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
     return out
 
 
+def find_resume_dir(base_dir: str, name: str, resume: Any) -> str:
+    """The directory that ``resume`` (a timestamp or a path) names; ConfigError if none."""
+    if not isinstance(resume, (str, os.PathLike)) or not os.fspath(resume).strip():
+        raise ConfigError(f"resume must be a timestamp such as '2025-09-27__17-16-19' or a directory path, got {resume!r}")
+    text = os.fspath(resume)
+    candidates = []
+    if os.sep in text or os.path.isdir(text):
+        candidates.append(os.path.abspath(text))
+    candidates.append(os.path.join(base_dir, f"{name}_{text}"))
+    for c in candidates:
+        if os.path.isfile(os.path.join(c, "metadata.json")):
+            return c
+    try:
+        prefix = name + "_"
+        found = sorted(d[len(prefix):] for d in os.listdir(base_dir) if d.startswith(prefix))
+    except OSError:
+        found = []
+    hint = f"existing timestamps for {name!r}: {', '.join(found[-5:])}" if found else (
+        f"no experiment named {name!r} exists under {base_dir}"
+    )
+    raise ConfigError(
+        f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
+        f"pass the timestamp part of an existing directory name or its path ({hint})"
+    )
+
+
 class Experiment:
     """One experiment: a directory, a command, and the runs of that command.
 
@@ -697,9 +726,11 @@ class Experiment:
         self.status = PENDING
         self.current_run_id: str | None = None
         self._pending: dict[str, str] = {}
+        self._ok_keys: set[str] = set()
         self._writer: MetricsWriter | None = None
         self._writer_run: str | None = None
         self._meta_lock_obj: _FileLock | None = None
+        self._meta_cache: tuple[Any, dict[str, Any]] | None = None
 
         if resume is not None:
             work_dir = self._resolve_resume(resume)
@@ -755,28 +786,7 @@ class Experiment:
         return base[len(prefix):] if base.startswith(prefix) else base
 
     def _resolve_resume(self, resume: Any) -> str:
-        if not isinstance(resume, (str, os.PathLike)) or not os.fspath(resume).strip():
-            raise ConfigError(f"resume must be a timestamp such as '2025-09-27__17-16-19' or a directory path, got {resume!r}")
-        text = os.fspath(resume)
-        candidates = []
-        if os.sep in text or os.path.isdir(text):
-            candidates.append(os.path.abspath(text))
-        candidates.append(os.path.join(self.base_dir, f"{self.name}_{text}"))
-        for c in candidates:
-            if os.path.isfile(os.path.join(c, "metadata.json")):
-                return c
-        try:
-            prefix = self.name + "_"
-            found = sorted(d[len(prefix):] for d in os.listdir(self.base_dir) if d.startswith(prefix))
-        except OSError:
-            found = []
-        hint = f"existing timestamps for {self.name!r}: {', '.join(found[-5:])}" if found else (
-            f"no experiment named {self.name!r} exists under {self.base_dir}"
-        )
-        raise ConfigError(
-            f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
-            f"pass the timestamp part of an existing directory name or its path ({hint})"
-        )
+        return find_resume_dir(self.base_dir, self.name, resume)
 
     # ------------------------------------------------------------------ loading
 
@@ -804,9 +814,11 @@ class Experiment:
         self.env = {}
         self.lark_config = None
         self._pending = {}
+        self._ok_keys = set()
         self._writer = None
         self._writer_run = None
         self._meta_lock_obj = None
+        self._meta_cache: tuple[Any, dict[str, Any]] | None = None
         return self
 
     #: The earlier project's name for :meth:`load`.
@@ -876,18 +888,29 @@ class Experiment:
 
     def _write_metadata(self, meta: dict[str, Any]) -> None:
         with self._meta_lock():
-            write_json_atomic(self.metadata_path, meta)
+            self._store_metadata(meta)
+
+    def _store_metadata(self, meta: dict[str, Any]) -> None:
+        write_json_atomic(self.metadata_path, meta)
+        st = os.stat(self.metadata_path)
+        self._meta_cache = ((st.st_ino, st.st_mtime_ns, st.st_size), meta)
 
     def _update_metadata(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         # Read-modify-write under a lock file, so a run finishing in one thread
-        # and a run starting in another (or another process) lose nothing.
+        # and a run starting in another (or another process) lose nothing.  The
+        # file is re-read only if someone else wrote it since we last did.
         with self._meta_lock():
             try:
-                meta = read_json(self.metadata_path)
+                st = os.stat(self.metadata_path)
+                cached = self._meta_cache
+                if cached and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
+                    meta = cached[1]
+                else:
+                    meta = read_json(self.metadata_path)
             except (OSError, ValueError):
                 meta = {}
             fn(meta)
-            write_json_atomic(self.metadata_path, meta)
+            self._store_metadata(meta)
             return meta
 
     # ------------------------------------------------------------------ paths
@@ -966,9 +989,12 @@ class Experiment:
         Raises TypeError (naming the key) for a value that cannot go in a CSV.
         """
         pending = self._pending
+        ok = self._ok_keys
         for key, value in metrics.items():
-            if "\n" in key or "\r" in key:
-                raise ValueError(f"metric name {key!r} cannot contain a line break")
+            if key not in ok:
+                if "\n" in key or "\r" in key:
+                    raise ValueError(f"metric name {key!r} cannot contain a line break")
+                ok.add(key)
             pending[key] = format_metric(key, value)
 
     def save_row(self, *, lark: bool = False, lark_config: Any = None) -> None:
@@ -1055,7 +1081,7 @@ class Experiment:
                 continue
             return rid, path, fd
 
-    def _start(self, extra_env: Mapping[str, str | None] | None) -> RunHandle:
+    def _start(self, extra_env: Mapping[str, str | None] | None, watch: bool = True) -> RunHandle:
         import subprocess
 
         _require_posix()
@@ -1098,7 +1124,7 @@ class Experiment:
         finally:
             os.close(fd)
         self._record_start(rid, started, proc.pid)
-        return RunHandle(self, proc, rid, log_path, started, t0, start_offset)
+        return RunHandle(self, proc, rid, log_path, started, t0, start_offset, watch)
 
     def _record_start(self, rid: str, started: str, pid: int | None) -> None:
         self.status = RUNNING
@@ -1208,7 +1234,7 @@ class RunHandle:
     """
 
     def __init__(self, experiment: Experiment, proc: subprocess.Popen[bytes], run_id: str,
-                 log_path: str, started_at: str, t0: float, start_offset: int = 0) -> None:
+                 log_path: str, started_at: str, t0: float, start_offset: int = 0, watch: bool = True) -> None:
         self.experiment = experiment
         self.run_id = run_id
         self.log_path = log_path
@@ -1221,8 +1247,8 @@ class RunHandle:
         self._start_offset = start_offset
         self._killed = False
         self._done = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name=f"exp-watch-{run_id}", daemon=True)
-        self._watcher.start()
+        if watch:  # the scheduler's own worker thread calls _watch() instead
+            threading.Thread(target=self._watch, name=f"exp-watch-{run_id}", daemon=True).start()
 
     def _watch(self) -> None:
         code = self._proc.wait()
@@ -1617,7 +1643,18 @@ def load_config(path: str | os.PathLike[str]) -> BatchConfig:
         raise ConfigError(f"config file {path} is a directory; pass the .toml file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    return parse_config(text, path, os.path.dirname(path))
+    config = parse_config(text, path, os.path.dirname(path))
+    # What parsing alone cannot see: a resume target must exist before anything starts.
+    errors = []
+    for spec in config.experiments:
+        if spec.resume:
+            try:
+                find_resume_dir(spec.base_dir, spec.name, spec.resume)
+            except ConfigError as e:
+                errors.append(f"experiments[{spec.index}].resume: {e}")
+    if errors:
+        raise ConfigError(f"{path}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
+    return config
 
 
 # ============================================================================
@@ -1717,6 +1754,11 @@ def next_wakeup(queue: list[Job], now: float) -> float | None:
 
 _STATE_DIR = ".exp_state"
 _STATE_FILE = "scheduler_state.json"
+#: Least time between two writes of the state file while experiments churn.
+#: Transitions inside the window are coalesced into one write at its end, so
+#: the file is never more than this stale.  Rewriting ~0.5 KB per experiment
+#: on every transition would otherwise dominate batches of short commands.
+STATE_WRITE_INTERVAL = 0.025
 
 
 def _short_path(path: str | None) -> str:
@@ -1825,6 +1867,8 @@ class Scheduler:
         self._started_at = now_iso()
         self._t0 = clock()
         self._state_cache: dict[int, str] = {}
+        self._dirty = True
+        self._next_state_write = 0.0
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
@@ -1862,6 +1906,8 @@ class Scheduler:
             parts.append(f'"{key}": [' + ", ".join(self._job_json(j) for j in jobs) + "]")
         parts.append('"summary": ' + _json().dumps(summary))
         text = "{" + ",\n".join(parts) + "}\n"
+        self._dirty = False
+        self._next_state_write = self._clock() + STATE_WRITE_INTERVAL
         os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = f"{self.state_path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -1873,17 +1919,12 @@ class Scheduler:
     def _attempt(self, job: Job) -> tuple[str, Job, Any]:
         """Run one attempt of ``job`` in a pool thread; never raises."""
         try:
-            if job.experiment is None:
-                s = job.spec
-                job.experiment = Experiment(
-                    name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
-                    cwd=s.cwd, resume=s.resume, description=s.description,
-                    lark_config=s.lark_config or s.lark_url, env=s.environment,
-                )
-            handle = job.experiment._start(None)
+            assert job.experiment is not None
+            handle = job.experiment._start(None, watch=False)
         except BaseException as e:  # noqa: BLE001 - reported as this job's failure
             return ("unstartable", job, e)
         self._events.put(("started", job, handle))
+        handle._watch()
         return ("ended", job, handle.wait())
 
     # ---------------------------------------------------------------- main loop
@@ -1925,6 +1966,8 @@ class Scheduler:
         return 0 if all(j.status == FINISHED for j in self.jobs) else 1
 
     def _loop(self, pool: Any) -> None:
+        import queue as queue_mod
+
         linger = bool(self.config.linger_when_idle)
         while True:
             now = self._clock()
@@ -1936,18 +1979,30 @@ class Scheduler:
                     return
                 if self._status_indicator != "awaiting_shutdown":
                     self._status_indicator = "awaiting_shutdown"
-                    self.write_state()
+                    self._dirty = True
                     self.term.clear_progress()
                     self.term.event("all experiments done; waiting (linger_when_idle); press Ctrl-C to exit")
+            # One write covers every transition handled since the last one,
+            # at most every STATE_WRITE_INTERVAL; a pending write bounds the wait.
+            if self._dirty and self._clock() >= self._next_state_write:
+                self.write_state()
             self._progress()
             timeout = next_wakeup(self.queue, now)
             cap = 1.0 if self.term.tty else float(self.config.check_interval)
             timeout = cap if timeout is None else min(timeout, cap)
+            if self._dirty:
+                timeout = min(timeout, max(0.0, self._next_state_write - self._clock()))
             try:
                 ev = self._events.get(timeout=timeout)
-            except Exception:  # queue.Empty: a delay ended or the progress line needs a tick
+            except queue_mod.Empty:  # a delay ended or the progress line needs a tick
                 continue
             self._handle(ev)
+            while True:
+                try:
+                    ev = self._events.get_nowait()
+                except queue_mod.Empty:
+                    break
+                self._handle(ev)
 
     def _launch(self, pool: Any, job: Job) -> None:
         job.attempt += 1
@@ -1958,6 +2013,26 @@ class Scheduler:
         job.t_started = self._clock()
         self.running[job.id] = job
         self._touch(job)
+        self._dirty = True
+        if job.experiment is None:
+            # Created here, not in the pool, so that the directory is known for
+            # the "started" line and lines come out in dispatch order.
+            s = job.spec
+            try:
+                job.experiment = Experiment(
+                    name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
+                    cwd=s.cwd, resume=s.resume, description=s.description,
+                    lark_config=s.lark_config or s.lark_url, env=s.environment,
+                )
+            except Exception as e:  # e.g. cwd removed since validation, disk full
+                self._handle(("unstartable", job, e))
+                return
+        job.work_dir = job.experiment.work_dir
+        gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
+        self.term.event(
+            f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
+            f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
+        )
         fut = pool.submit(self._attempt, job)
         fut.add_done_callback(lambda f: self._events.put(f.result()))
 
@@ -1969,16 +2044,10 @@ class Scheduler:
             assert exp_ is not None
             job.work_dir, job.run_id = exp_.work_dir, value.run_id
             self._touch(job)
+            self._dirty = True
             if self._stopping:
                 value._killed = True
                 _signal_group(value.pid, 15)
-                return
-            gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
-            self.term.event(
-                f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
-                f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
-            )
-            self.write_state()
             return
         # the attempt is over
         self.running.pop(job.id, None)
@@ -2019,7 +2088,7 @@ class Scheduler:
             )
         else:
             self.done.append(job)
-        self.write_state()
+        self._dirty = True
 
     def _progress(self) -> None:
         if not self.term.tty:
