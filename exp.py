@@ -233,19 +233,48 @@ def _json():
     return json
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+_ENCODER: Any = None
+
+
+def dumps_json(obj: Any) -> str:
+    """JSON for files people read: one top-level key per line, one list item per line.
+
+    Values are encoded by the C encoder (``indent`` would force the much slower
+    pure-Python one; metadata is rewritten on every status change).
+    """
+    global _ENCODER
+    if _ENCODER is None:
+        _ENCODER = _json().JSONEncoder(ensure_ascii=False, default=str)
+    enc = _ENCODER.encode
+    if not isinstance(obj, dict):
+        return enc(obj) + "\n"
+    lines = []
+    for k, v in obj.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            text = "[\n    " + ",\n    ".join(enc(x) for x in v) + "\n  ]"
+        else:
+            text = enc(v)
+        lines.append(f"  {enc(str(k))}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> os.stat_result:
     """Write ``obj`` as JSON so that readers see the old file or the new one, never half.
 
-    No fsync: the guarantee wanted is "never torn", not "durable across a power
-    cut", and an fsync per status change would cost milliseconds each.
+    Returns the new file's stat.  No fsync: the guarantee wanted is "never
+    torn", not "durable across a power cut", and an fsync per status change
+    would cost milliseconds each.
     """
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    data = _json().dumps(obj, indent=2, ensure_ascii=False, default=str)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.write("\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, dumps_json(obj).encode("utf-8"))
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    return st
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -254,24 +283,47 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 class _FileLock:
-    """An exclusive ``flock`` on a lock file, plus a thread lock (flock is per open file)."""
+    """An exclusive ``flock`` on a lock file, plus a thread lock (flock is per open file).
+
+    The file stays open between uses until :meth:`close`, saving an open per use.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._tlock = threading.Lock()
+        self._fd: int | None = None
 
     def __enter__(self) -> _FileLock:
         self._tlock.acquire()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._tlock.release()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            os.close(self._fd)  # closing releases the flock
+            if fcntl is not None and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._tlock.release()
+
+    def close(self) -> None:
+        with self._tlock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
 
 def _find_git_root(start: str) -> str | None:
@@ -296,12 +348,13 @@ def git_info(cwd: str) -> dict[str, Any] | None:
 
     Never raises: no git, no repository, or a broken one all give None.
     """
-    if _find_git_root(cwd) is None:
-        return None
     hit = _GIT_CACHE.get(cwd)
     if hit and time.monotonic() - hit[0] < _GIT_CACHE_SECONDS:
         return hit[1]
     info = None
+    if _find_git_root(cwd) is None:
+        _GIT_CACHE[cwd] = (time.monotonic(), None)
+        return None
     try:
         import subprocess
 
@@ -326,13 +379,28 @@ def git_info(cwd: str) -> dict[str, Any] | None:
     return info
 
 
-def _user() -> str | None:
-    try:
-        import getpass
+_USER: list[str | None] = []
 
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return None
+
+_HOST: list[str] = []
+
+
+def _hostname() -> str:
+    if not _HOST:
+        _HOST.append(os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", ""))
+    return _HOST[0]
+
+
+
+def _user() -> str | None:
+    if not _USER:
+        try:
+            import getpass
+
+            _USER.append(getpass.getuser())
+        except Exception:  # no passwd entry in some containers
+            _USER.append(None)
+    return _USER[0]
 
 
 def _require_posix() -> None:
@@ -763,7 +831,6 @@ class Experiment:
     # ------------------------------------------------------------------ creation
 
     def _make_dir(self) -> tuple[str, str]:
-        os.makedirs(self.base_dir, exist_ok=True)
         stamp = datetime.now().strftime(TIMESTAMP_FORMAT)
         n = 1
         while True:
@@ -775,6 +842,9 @@ class Experiment:
                 os.mkdir(path)
             except FileExistsError:
                 n += 1
+                continue
+            except FileNotFoundError:
+                os.makedirs(self.base_dir, exist_ok=True)
                 continue
             os.mkdir(os.path.join(path, "terminal_logs"))
             os.mkdir(os.path.join(path, "metrics"))
@@ -864,7 +934,7 @@ class Experiment:
             status=PENDING,
             exit_code=None,
             pid=None,
-            hostname=os.uname().nodename if hasattr(os, "uname") else None,
+            hostname=_hostname(),
             user=_user(),
             timestamp=self.created_at,  # the earlier project's field
             timestamp_dir=self.timestamp,
@@ -891,8 +961,7 @@ class Experiment:
             self._store_metadata(meta)
 
     def _store_metadata(self, meta: dict[str, Any]) -> None:
-        write_json_atomic(self.metadata_path, meta)
-        st = os.stat(self.metadata_path)
+        st = write_json_atomic(self.metadata_path, meta)
         self._meta_cache = ((st.st_ino, st.st_mtime_ns, st.st_size), meta)
 
     def _update_metadata(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -1068,8 +1137,6 @@ class Experiment:
     def _claim_run(self) -> tuple[str, str, int]:
         """Create the next run's log file exclusively; return (run_id, path, fd)."""
         logs = os.path.join(self.work_dir, "terminal_logs")
-        os.makedirs(logs, exist_ok=True)
-        os.makedirs(os.path.join(self.work_dir, "metrics"), exist_ok=True)
         num = max(self._existing_run_numbers(), default=0) + 1
         while True:
             rid = f"run_{num:04d}"
@@ -1078,6 +1145,10 @@ class Experiment:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             except FileExistsError:
                 num += 1
+                continue
+            except FileNotFoundError:  # a directory made by hand, or a subdirectory deleted
+                os.makedirs(logs, exist_ok=True)
+                os.makedirs(os.path.join(self.work_dir, "metrics"), exist_ok=True)
                 continue
             return rid, path, fd
 
@@ -1163,6 +1234,7 @@ class Experiment:
                     r.update(ended_at=ended, exit_code=code, status=status, duration=duration)
 
         self._update_metadata(update)
+        self._meta_lock().close()  # no descriptor held between runs
 
     def _start_in_process(self) -> None:
         """Make the calling process itself this experiment's current run (standalone mode)."""
@@ -1200,8 +1272,11 @@ class Experiment:
 
 
 def _log_line(path: str, message: str) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(f"{LOG_MARK} {message}\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{LOG_MARK} {message}\n".encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 # ============================================================================
@@ -1221,7 +1296,28 @@ def _signal_group(pgid: int, sig: int) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
-    return _signal_group(pgid, 0)
+    """Whether any live (non-zombie) process is in the group.
+
+    ``killpg(pgid, 0)`` alone also succeeds for zombies that nobody has reaped
+    yet (in containers PID 1 often never reaps), so on Linux /proc is read.
+    """
+    if not _signal_group(pgid, 0):
+        return False
+    try:
+        pids = os.listdir("/proc")
+    except OSError:  # macOS: no /proc; trust killpg
+        return True
+    for pid in pids:
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 class RunHandle:
@@ -1897,7 +1993,7 @@ class Scheduler:
             "total": len(self.jobs), "pending": len(groups["pending"]), "running": len(groups["running"]),
             "finished": len(groups["finished"]), "errors": len(groups["errors"]),
             "status_indicator": self._status_indicator, "pid": os.getpid(),
-            "host": os.uname().nodename, "config_path": self.config.path,
+            "host": _hostname(), "config_path": self.config.path,
             "max_concurrent_experiments": self.limit,
             "started_at": self._started_at, "updated_at": now_iso(),
         }
@@ -1916,16 +2012,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
 
-    def _attempt(self, job: Job) -> tuple[str, Job, Any]:
-        """Run one attempt of ``job`` in a pool thread; never raises."""
+    @staticmethod
+    def _wait(job: Job, handle: RunHandle) -> tuple[str, Job, Any]:
+        """In a pool thread: wait for the command, record its end; never raises."""
         try:
-            assert job.experiment is not None
-            handle = job.experiment._start(None, watch=False)
-        except BaseException as e:  # noqa: BLE001 - reported as this job's failure
-            return ("unstartable", job, e)
-        self._events.put(("started", job, handle))
-        handle._watch()
-        return ("ended", job, handle.wait())
+            handle._watch()
+        except BaseException as e:  # noqa: BLE001 - e.g. metadata unwritable: still an end
+            return ("ended", job, handle._proc.returncode if handle.returncode is None else handle.returncode)
+        return ("ended", job, handle.returncode)
 
     # ---------------------------------------------------------------- main loop
 
@@ -1938,13 +2032,16 @@ class Scheduler:
         _require_posix()
         self._events = queue_mod.SimpleQueue()
         on_main = threading.current_thread() is threading.main_thread()
-        old_term = None
+        old_handlers: dict[int, Any] = {}
         if on_main:
             # SIGTERM (from kill, systemd, a cluster) shuts down like Ctrl-C.
-            def on_sigterm(signum: int, frame: Any) -> None:
+            # SIGINT too, explicitly: a shell starts background jobs with SIGINT
+            # ignored, and then Python would never raise KeyboardInterrupt.
+            def on_signal(signum: int, frame: Any) -> None:
                 raise KeyboardInterrupt
 
-            old_term = signal.signal(signal.SIGTERM, on_sigterm)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old_handlers[sig] = signal.signal(sig, on_signal)
         interrupted = False
         pool = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="exp-job")
         try:
@@ -1956,8 +2053,8 @@ class Scheduler:
                 self._shutdown()
         finally:
             pool.shutdown(wait=False)
-            if on_main and old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._status_indicator = "stopped"
         self.write_state()
         self._print_summary(interrupted)
@@ -2028,28 +2125,24 @@ class Scheduler:
                 self._handle(("unstartable", job, e))
                 return
         job.work_dir = job.experiment.work_dir
+        # Started here too: the main thread does the short, serial part of a
+        # launch and pool threads only wait, which saves a thread hand-off.
+        try:
+            handle = job.experiment._start(None, watch=False)
+        except Exception as e:
+            self._handle(("unstartable", job, e))
+            return
+        job.handle, job.run_id = handle, handle.run_id
         gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
             f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
         )
-        fut = pool.submit(self._attempt, job)
+        fut = pool.submit(self._wait, job, handle)
         fut.add_done_callback(lambda f: self._events.put(f.result()))
 
     def _handle(self, ev: tuple[str, Job, Any]) -> None:
         kind, job, value = ev
-        if kind == "started":
-            job.handle = value
-            exp_ = job.experiment
-            assert exp_ is not None
-            job.work_dir, job.run_id = exp_.work_dir, value.run_id
-            self._touch(job)
-            self._dirty = True
-            if self._stopping:
-                value._killed = True
-                _signal_group(value.pid, 15)
-            return
-        # the attempt is over
         self.running.pop(job.id, None)
         job.completed_at = now_iso()
         job.duration = round(self._clock() - job.t_started, 3)
@@ -2100,43 +2193,45 @@ class Scheduler:
         self.term.progress(f"[{done}/{len(self.jobs)} done] running: {names} | failed: {failed} | {elapsed}")
 
     def _shutdown(self) -> None:
-        """Stop launching; SIGTERM every running group, SIGKILL after kill_timeout; wait for all."""
+        """Stop launching; SIGTERM every running group, SIGKILL after kill_timeout; wait for all.
+
+        The grace period covers the whole process group, not only its leader:
+        a training script under ``sh -c`` or a launcher may still be saving a
+        checkpoint after the shell itself has gone.
+        """
+        import queue as queue_mod
+
         self._stopping = True
         self.term.clear_progress()
         grace = float(self.config.kill_timeout)
         if self.running:
             self.term.event(f"interrupted: stopping {len(self.running)} running experiment(s) "
                             f"(SIGKILL after {format_duration(grace)}; Ctrl-C again to kill now)")
+        groups = []
         for job in self.running.values():
             if job.handle is not None:
                 job.handle._killed = True
+                groups.append(job.handle.pid)
                 _signal_group(job.handle.pid, 15)
         deadline = self._clock() + grace
-        killed_hard = False
-        while self.running:
+        hard = False
+        while True:
+            groups = [g for g in groups if _group_alive(g)]
+            if not self.running and not groups:
+                break
+            if not hard and self._clock() >= deadline:
+                hard = True
+            if hard:
+                for g in groups:
+                    _signal_group(g, 9)
             try:
-                remaining = deadline - self._clock()
-                if remaining <= 0 and not killed_hard:
-                    raise KeyboardInterrupt
-                ev = self._events.get(timeout=max(0.01, min(remaining, 0.2)) if not killed_hard else 0.2)
-            except KeyboardInterrupt:
-                killed_hard = True
-                for job in self.running.values():
-                    if job.handle is not None:
-                        _signal_group(job.handle.pid, 9)
+                ev = self._events.get(timeout=0.05)
+            except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+                hard = True
                 continue
-            except Exception:  # queue.Empty
+            except queue_mod.Empty:
                 continue
-            if ev[0] == "started" and killed_hard:
-                ev[2]._killed = True
-                _signal_group(ev[2].pid, 9)
             self._handle(ev)
-        # Grandchildren that outlived their group leader still hold the group.
-        for job in self.done:
-            h = job.handle
-            if h is not None and h._killed:
-                if _group_alive(h.pid):
-                    _signal_group(h.pid, 9)
 
     def _print_summary(self, interrupted: bool) -> None:
         first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1]

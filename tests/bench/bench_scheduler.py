@@ -1,0 +1,103 @@
+"""Benchmark: the batch scheduler against xargs on 200 trivial commands.
+
+    python tests/bench/bench_scheduler.py [--quick] [--n 200] [--repeat 3]
+
+200 experiments whose command is `true`, two at a time, through
+`python exp.py run config.toml`, against `xargs -P2 -n1 sh -c` running the
+same 200 commands, measured in the same run (best of --repeat each).
+
+Targets: exp at most 3x xargs in wall time, and at most 15 ms of exp overhead
+per experiment ((exp - xargs) / n).  Also printed: the scheduler measured
+in-process (without Python's start-up and imports), for reference.
+"""
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+import exp  # noqa: E402
+
+
+def write_config(path, n, limit):
+    lines = ["[scheduler]", f"max_concurrent_experiments = {limit}", ""]
+    for i in range(n):
+        lines += ["[[experiments]]", f'name = "e{i:03d}"', 'command = "true"', ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def time_exp_cli(cfg, results):
+    shutil.rmtree(results, ignore_errors=True)
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "exp.py"), "run", cfg],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        sys.exit(f"exp run failed ({r.returncode}): {r.stderr.decode()[-2000:]}")
+    return dt
+
+
+def time_exp_inprocess(cfg, results):
+    shutil.rmtree(results, ignore_errors=True)
+    config = exp.load_config(cfg)
+    t = time.perf_counter()
+    code = exp.Scheduler(config, out=io.StringIO()).run()
+    dt = time.perf_counter() - t
+    assert code == 0
+    return dt
+
+
+def time_xargs(n, limit):
+    cmds = "\n".join("true" for _ in range(n)) + "\n"
+    t = time.perf_counter()
+    subprocess.run(["xargs", f"-P{limit}", "-n1", "sh", "-c"], input=cmds.encode(), check=True)
+    return time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="20 experiments, one repetition")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--limit", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args()
+    if args.quick:
+        args.n, args.repeat = 20, 1
+
+    tmp = tempfile.mkdtemp(prefix="exp-bench-sched-")
+    try:
+        cfg = os.path.join(tmp, "config.toml")
+        results = os.path.join(tmp, "results")
+        write_config(cfg, args.n, args.limit)
+        cli, inproc, xargs = [], [], []
+        for _ in range(args.repeat):  # interleaved, so drift hits all three alike
+            xargs.append(time_xargs(args.n, args.limit))
+            cli.append(time_exp_cli(cfg, results))
+            inproc.append(time_exp_inprocess(cfg, results))
+        made = len([d for d in os.listdir(results) if not d.startswith(".")])
+        assert made == args.n, f"expected {args.n} experiment directories, found {made}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    x, c, i = min(xargs), min(cli), min(inproc)
+    n = args.n
+    ratio = c / x
+    overhead_ms = (c - x) / n * 1000
+    print(f"{n} experiments of `true`, {args.limit} at a time, best of {args.repeat} (Python {sys.version.split()[0]})")
+    print(f"  xargs -P{args.limit} -n1 sh -c:   {x:.3f} s  ({x / n * 1000:.2f} ms per command)")
+    print(f"  python exp.py run:        {c:.3f} s  ({c / n * 1000:.2f} ms per experiment)")
+    print(f"  Scheduler.run in-process: {i:.3f} s  ({i / n * 1000:.2f} ms per experiment)")
+    print(f"  ratio exp / xargs: {ratio:.2f}x; in-process / xargs: {i / x:.2f}x")
+    print(f"target scheduler <= 3.0x xargs: {'PASS' if ratio <= 3.0 else 'FAIL'} ({ratio:.2f}x)")
+    print(f"target overhead <= 15 ms per experiment: {'PASS' if overhead_ms <= 15 else 'FAIL'} ({overhead_ms:.2f} ms)")
+
+
+if __name__ == "__main__":
+    main()
