@@ -217,7 +217,7 @@ def add_conda_no_capture(command: str) -> str:
     """
     if "--no-capture-output" in command or "--live-stream" in command:
         return command
-    return re.sub(r"(?<![\w./-])(conda\s+run)(?=\s)", r"\1 --no-capture-output", command, count=1)
+    return re.sub(r"(?<![\w.-])(conda\s+run)(?=\s)", r"\1 --no-capture-output", command, count=1)
 
 
 def now_iso() -> str:
@@ -599,6 +599,9 @@ class MetricsWriter:
                 os.close(fd)
                 self._fd = None
                 continue
+            if self._header and st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
+                # another writer died mid-row: reload, which cuts the torn tail
+                self._header, self._columns = [], set()
             if not self._header and st.st_size:
                 self._load_header(fd, st.st_size)
             return fd
@@ -1913,7 +1916,7 @@ class _Terminal:
         if not self.tty:
             return
         try:
-            width = os.get_terminal_size(self.out.fileno()).columns
+            width = os.get_terminal_size(self.out.fileno()).columns or 100  # 0: a pty nobody sized
         except (OSError, ValueError, AttributeError):
             width = 100
         self._bar = text[: max(10, width - 1)]

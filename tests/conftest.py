@@ -1,0 +1,184 @@
+"""Shared fixtures for the exp test suite.
+
+Everything here is real: real child processes started with ``sys.executable``,
+real files under ``tmp_path``.  Nothing inside exp is mocked.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[:1] != [ROOT]:
+    sys.path.insert(0, ROOT)
+
+import exp  # noqa: E402  (must come after the sys.path change)
+
+assert os.path.abspath(exp.__file__) == os.path.join(ROOT, "exp.py"), exp.__file__
+
+# Variables that tie a process to an experiment; the suite must not inherit
+# them (say, when pytest itself is launched by exp).
+CONTEXT_VARS = ("EXPERIMENT_WORK_DIR", "EXPERIMENT_NAME", "EXPERIMENT_RUN_ID", "EXP_STANDALONE")
+
+POSIX = os.name == "posix" and exp.fcntl is not None
+posix_only = pytest.mark.skipif(not POSIX, reason="exp runs commands only on POSIX")
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+
+def child_env(**overrides: str | None) -> dict[str, str]:
+    """os.environ without experiment context, with the repo on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in CONTEXT_VARS}
+    env["PYTHONPATH"] = ROOT
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    for k, v in overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def py_cmd(script: str | os.PathLike[str], *args: object) -> str:
+    """A shell command line that runs ``script`` with this test's Python."""
+    return shlex.join([sys.executable, os.fspath(script), *map(str, args)])
+
+
+def write_script(directory, name: str, source: str):
+    """Write a dedented Python script into ``directory`` and return its path."""
+    path = directory / name
+    path.write_text(textwrap.dedent(source).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs: no such process, or a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    # The state follows the ")" that closes the command name.
+    return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+@pytest.fixture(autouse=True)
+def _no_experiment_context(monkeypatch):
+    for var in CONTEXT_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads():
+    """Fail a test that leaves a non-daemon thread running (it would block exit)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+    for t in leaked:
+        t.join(timeout=2)
+    leaked = [t for t in leaked if t.is_alive()]
+    assert not leaked, f"test leaked non-daemon threads: {leaked}"
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """Where the test's experiments go (not created: exp must create it)."""
+    return tmp_path / "results"
+
+
+@pytest.fixture
+def make_exp(base_dir):
+    """Build an Experiment under ``base_dir`` whose children can ``import exp``."""
+
+    def make(name: str = "exp_test", command: str = "exit 0", **kwargs):
+        env = dict(kwargs.pop("env", None) or {})
+        env.setdefault("PYTHONPATH", ROOT)
+        kwargs.setdefault("base_dir", base_dir)
+        return exp.Experiment(name=name, command=command, env=env, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def run_py(tmp_path):
+    """Run a tiny Python script (written into tmp_path) in a child process.
+
+    ``run_py(source, *args, env=None, cwd=None, timeout=60, name="child.py")``
+    returns the CompletedProcess with text stdout/stderr.  ``env`` entries
+    override :func:`child_env` (None removes a variable).
+    """
+
+    def run(source: str, *args: object, env: dict | None = None, cwd=None, timeout: float = 60,
+            name: str = "child.py") -> subprocess.CompletedProcess:
+        script = write_script(tmp_path, name, source)
+        return subprocess.run(
+            [sys.executable, str(script), *map(str, args)],
+            cwd=str(cwd or tmp_path),
+            env=child_env(**(env or {})),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+def call_with_timeout(fn, timeout: float, what: str = "call"):
+    """Run ``fn()`` in a daemon thread; fail the test (instead of hanging) if it takes too long."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
+            result["error"] = err
+
+    t = threading.Thread(target=target, name=f"timeout-{what}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"{what} did not return within {timeout}s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.fixture
+def kill_groups_later():
+    """Collect process-group ids; SIGKILL whatever is left of them after the test.
+
+    Keeps a failing kill test from leaving stubborn processes behind.
+    """
+    groups: list[int] = []
+    yield groups
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,375 @@
+"""Metrics: upd_row/save_row, the CSV format, concurrent writers, value types."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import pathlib
+import threading
+
+import pytest
+
+import exp
+from conftest import posix_only, py_cmd, write_script
+
+
+@pytest.fixture
+def running_exp(make_exp):
+    """An experiment with one finished run, so save_row() has a run to write to."""
+    e = make_exp("metrics", "exit 0")
+    assert e.run(background=True).wait(timeout=30) == 0
+    assert e.current_run_id == "run_0001"
+    return e
+
+
+def text_of(e):
+    with open(e.metrics_path, encoding="utf-8", newline="") as f:  # keep \r as written
+        return f.read()
+
+
+def records_of(text):
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+class Scalar:
+    """Stands in for a numpy/torch scalar: anything with .item()."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def item(self):
+        return self.value
+
+
+class BadTensor:
+    def item(self):
+        raise ValueError("only one element tensors can be converted to Python scalars")
+
+
+# ============================================================================
+# Value formatting
+# ============================================================================
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (1, "1"), (-3, "-3"), (10**20, "100000000000000000000"), (1.5, "1.5"), (0.1, "0.1"),
+        (1e-07, "1e-07"), (-2.5e16, "-2.5e+16"), (float("nan"), "nan"), (float("inf"), "inf"),
+        (float("-inf"), "-inf"), (True, "True"), (False, "False"), ("a,b", "a,b"), ("", ""),
+        (None, ""), (Scalar(2.5), "2.5"), (Scalar(7), "7"), (Scalar(True), "True"),
+        (Scalar(float("nan")), "nan"),
+    ],
+)
+def test_format_metric(value, text):
+    assert exp.format_metric("k", value) == text
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([1], r"metric 'loss': cannot store a value of type list; use int, float, bool, str, None"),
+        (object(), r"metric 'loss': cannot store a value of type object"),
+        ({"a": 1}, r"metric 'loss': cannot store a value of type dict"),
+        (Scalar([1, 2]), r"metric 'loss': cannot store a value of type list"),
+        (BadTensor(), r"metric 'loss': BadTensor\.item\(\) failed \(only one element tensors .*\); "
+                      r"pass a single number, e\.g\. loss\.mean\(\)\.item\(\)"),
+        (Scalar(Scalar(1)), r"metric 'loss': \.item\(\) returned Scalar, not a number"),
+    ],
+)
+def test_format_metric_rejects(value, message):
+    with pytest.raises(TypeError, match=message):
+        exp.format_metric("loss", value)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("", None), ("1", 1), ("-3", -3), ("+4", 4), ("1.5", 1.5), ("-0.25", -0.25), ("1e-07", 1e-07),
+     ("2.5e+16", 2.5e16), (".5", 0.5), ("inf", math.inf), ("-inf", -math.inf), ("True", True),
+     ("False", False), ("abc", "abc"), ("1,5", "1,5"), ("1.2.3", "1.2.3"), ("true", "true")],
+)
+def test_parse_metric(text, value):
+    got = exp.parse_metric(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_parse_metric_nan():
+    assert math.isnan(exp.parse_metric("nan"))
+
+
+@pytest.mark.parametrize("value", [0.1, 1 / 3, -1e-300, 1.7976931348623157e308, 123456789.125, 2.0, -0.0])
+def test_float_round_trip_is_exact(value):
+    back = exp.parse_metric(exp.format_metric("k", value))
+    assert back == value and type(back) is float and math.copysign(1, back) == math.copysign(1, value)
+
+
+# ============================================================================
+# upd_row / save_row and the CSV file
+# ============================================================================
+
+
+def test_columns_keep_first_seen_order(running_exp):
+    e = running_exp
+    e.upd_row(zeta=1, alpha=2)
+    e.save_row()
+    assert text_of(e) == "zeta,alpha\n1,2\n"
+    e.upd_row(alpha=3)
+    e.upd_row(zeta=4)
+    e.save_row()
+    assert text_of(e) == "zeta,alpha\n1,2\n4,3\n"
+    assert e.metrics() == [{"zeta": 1, "alpha": 2}, {"zeta": 4, "alpha": 3}]
+
+
+def test_new_column_rewrites_with_union_header(running_exp):
+    e = running_exp
+    e.upd_row(step=1, loss=0.5)
+    e.save_row()
+    e.upd_row(step=2, loss=0.25)
+    e.save_row()
+    e.upd_row(step=3, acc=0.9, loss=0.125)  # a new column midway
+    e.save_row()
+    assert text_of(e) == "step,loss,acc\n1,0.5,\n2,0.25,\n3,0.125,0.9\n"
+    e.upd_row(step=4, loss=0.0625)  # a row without the new column
+    e.save_row()
+    assert text_of(e) == "step,loss,acc\n1,0.5,\n2,0.25,\n3,0.125,0.9\n4,0.0625,\n"
+    assert e.metrics() == [
+        {"step": 1, "loss": 0.5, "acc": None},
+        {"step": 2, "loss": 0.25, "acc": None},
+        {"step": 3, "loss": 0.125, "acc": 0.9},
+        {"step": 4, "loss": 0.0625, "acc": None},
+    ]
+    assert not [n for n in os.listdir(os.path.dirname(e.metrics_path)) if n.endswith(".tmp")]
+
+
+def test_known_columns_append_and_rows_are_on_disk_at_once(running_exp):
+    e = running_exp
+    e.upd_row(step=0, loss=1.0)
+    e.save_row()
+    inode = os.stat(e.metrics_path).st_ino
+    before = text_of(e)
+    for step in range(1, 60):
+        e.upd_row(loss=1.0 / (step + 1), step=step)
+        e.save_row()
+        after = text_of(e)  # read straight after save_row returns
+        assert after == before + f"{step},{1.0 / (step + 1)!r}\n"
+        before = after
+    assert os.stat(e.metrics_path).st_ino == inode  # appended, never rewritten
+    assert len(e.metrics()) == 60
+
+
+def test_rows_of_each_run_go_to_their_own_file(running_exp):
+    e = running_exp
+    e.upd_row(a=1)
+    e.save_row()
+    assert e.run(background=True).wait(timeout=30) == 0
+    assert e.current_run_id == "run_0002"
+    e.upd_row(b=2)
+    e.save_row()
+    assert e.metrics(1) == [{"a": 1}]
+    assert e.metrics("run_0002") == e.metrics() == [{"b": 2}]
+    assert sorted(os.listdir(os.path.join(e.work_dir, "metrics"))) == ["run_0001.csv", "run_0002.csv"]
+
+
+def test_value_types_round_trip(running_exp):
+    e = running_exp
+    tricky = 'a,b "quoted"\nsecond line\r\nthird'
+    for i in range(2):  # first row: rewrite path (new header); second row: append path
+        e.upd_row(i=7, f=0.25, nan=float("nan"), inf=float("inf"), ninf=float("-inf"), yes=True, no=False,
+                  s=tricky, none=None, item_f=Scalar(2.5), item_i=Scalar(3), word="plain")
+        e.save_row()
+    text = text_of(e)
+    row_text = '7,0.25,nan,inf,-inf,True,False,"a,b ""quoted""\nsecond line\r\nthird",,2.5,3,plain\n'
+    assert text == "i,f,nan,inf,ninf,yes,no,s,none,item_f,item_i,word\n" + row_text * 2
+    rows = e.metrics()
+    assert len(rows) == 2
+    for row in rows:
+        assert math.isnan(row.pop("nan"))
+        assert row == {"i": 7, "f": 0.25, "inf": math.inf, "ninf": -math.inf, "yes": True, "no": False,
+                       "s": tricky, "none": None, "item_f": 2.5, "item_i": 3, "word": "plain"}
+        assert type(row["i"]) is int and row["yes"] is True and row["no"] is False
+        assert type(row["item_i"]) is int and type(row["item_f"]) is float
+
+
+@pytest.mark.parametrize("bad, kind", [([1, 2], "list"), (object(), "object")])
+def test_upd_row_rejects_unstorable_values_naming_the_key(running_exp, bad, kind):
+    with pytest.raises(TypeError, match=rf"metric 'my_metric': cannot store a value of type {kind}"):
+        running_exp.upd_row(my_metric=bad)
+    with pytest.raises(ValueError, match=r"metric name 'a\\nb' cannot contain a line break"):
+        running_exp.upd_row(**{"a\nb": 1})
+    assert not os.path.exists(running_exp.metrics_path)
+
+
+def test_save_row_with_nothing_pending_is_a_noop_with_a_warning(running_exp):
+    e = running_exp
+    log_before = e.read_log()
+    e.save_row()
+    assert not os.path.exists(e.metrics_path)
+    added = e.read_log()[len(log_before):]
+    assert added == "[exp] warning: save_row() called with no values; call upd_row(...) first\n"
+    e.upd_row(x=1)
+    e.save_row()
+    e.save_row()  # the row was consumed: nothing pending again
+    assert text_of(e) == "x\n1\n"
+
+
+def test_save_row_lark_is_not_implemented(running_exp):
+    e = running_exp
+    e.upd_row(x=1)
+    with pytest.raises(NotImplementedError, match=r"save_row\(lark=True\): syncing metrics to Lark is not implemented"):
+        e.save_row(lark=True)
+    assert not os.path.exists(e.metrics_path)
+    e.save_row()  # the row is still pending
+    assert e.metrics() == [{"x": 1}]
+
+
+def test_save_row_before_any_run_says_what_to_do(make_exp):
+    e = make_exp("norun")
+    e.upd_row(x=1)
+    with pytest.raises(exp.ExpError, match=r"experiment 'norun' has no run yet: call run\(\) first"):
+        e.save_row()
+
+
+def test_read_metrics_missing_file_and_bad_rows(tmp_path):
+    assert exp.read_metrics(tmp_path / "missing.csv") == []
+    p = tmp_path / "m.csv"
+    p.write_text("a,b\n1,2\n3\n4,5,6\n7,8\n")  # rows of the wrong width are skipped
+    assert exp.read_metrics(p) == [{"a": 1, "b": 2}, {"a": 7, "b": 8}]
+    assert exp.parse_metrics_csv("") == ([], [])
+
+
+# ============================================================================
+# Torn last line
+# ============================================================================
+
+
+@pytest.mark.parametrize("torn", [b"3,0.", b'3,"half a quoted', b"3"])
+def test_torn_last_line_is_skipped_and_cut_by_the_next_writer(running_exp, torn):
+    e = running_exp
+    for s in range(3):
+        e.upd_row(step=s, loss=s / 10)
+        e.save_row()
+    good = text_of(e)
+    with open(e.metrics_path, "ab") as f:
+        f.write(torn)  # a writer killed mid-row
+    expected_rows = [{"step": s, "loss": s / 10} for s in range(3)]
+    assert e.metrics() == expected_rows
+    assert exp.read_metrics(e.metrics_path) == expected_rows
+    # The next writer (say, the resumed script) starts clean.
+    nxt = exp.Experiment.load(e.work_dir)
+    assert nxt.current_run_id == "run_0001"
+    nxt.upd_row(step=3, loss=0.3)
+    nxt.save_row()
+    assert text_of(e) == good + "3,0.3\n"
+    assert nxt.metrics() == expected_rows + [{"step": 3, "loss": 0.3}]
+
+
+def test_torn_header_is_cut(running_exp):
+    e = running_exp
+    pathlib.Path(e.metrics_path).write_bytes(b"ste")
+    assert e.metrics() == []
+    e.upd_row(step=1)
+    e.save_row()
+    assert text_of(e) == "step\n1\n"
+
+
+def test_torn_line_from_another_writer_is_cut_while_this_writer_is_open(running_exp):
+    # A DataLoader worker killed mid-row while the main process keeps logging.
+    e = running_exp
+    for s in range(3):
+        e.upd_row(step=s, loss=s / 10)
+        e.save_row()
+    good = text_of(e)
+    with open(e.metrics_path, "ab") as f:
+        f.write(b"99,0.9")  # no newline: the other writer died here
+    e.upd_row(step=3, loss=0.3)
+    e.save_row()
+    assert text_of(e) == good + "3,0.3\n"
+    assert e.metrics()[-1] == {"step": 3, "loss": 0.3}
+
+
+# ============================================================================
+# Concurrent writers
+# ============================================================================
+
+WRITER = """
+import sys, exp
+k, n = int(sys.argv[1]), int(sys.argv[2])
+e = exp.load_experiment()
+for i in range(n):
+    e.upd_row(writer=k, seq=i, val=k * 100000 + i, note=f"w{k},s{i}")
+    if i >= n // 2:
+        e.upd_row(**{f"p{k}": i})  # each writer brings its own column midway
+    e.save_row()
+print(f"writer {k} wrote {n} rows", flush=True)
+"""
+
+
+def check_concurrent_csv(text, writers, n, extra_prefix):
+    assert text.endswith("\n")
+    records = records_of(text)
+    header = records[0]
+    assert header[:4] == ["writer", "seq", "val", "note"]
+    assert sorted(header[4:]) == [f"{extra_prefix}{k}" for k in range(writers)]
+    assert all(len(r) == len(header) for r in records[1:]), "a row has the wrong number of fields"
+    assert len(records) == writers * n + 1
+    assert text.count("\n") == writers * n + 1  # no row was split or merged
+    rows = exp.parse_metrics_csv(text)[1]
+    assert sorted((r["writer"], r["seq"]) for r in rows) == [(k, i) for k in range(writers) for i in range(n)]
+    for r in rows:
+        k, i = r["writer"], r["seq"]
+        assert r["val"] == k * 100000 + i and r["note"] == f"w{k},s{i}"
+        for j in range(writers):
+            want = i if (j == k and i >= n // 2) else None
+            assert r[f"{extra_prefix}{j}"] == want, r
+    for k in range(writers):  # each writer's rows stay in the order it wrote them
+        assert [r["seq"] for r in rows if r["writer"] == k] == list(range(n))
+
+
+@posix_only
+def test_concurrent_writer_processes(make_exp, tmp_path):
+    script = write_script(tmp_path, "writer.py", WRITER)
+    command = " & ".join(py_cmd(script, k, 500) for k in range(4)) + " & wait"
+    e = make_exp("concurrent", command)
+    assert e.run(background=True).wait(timeout=120) == 0
+    log = e.read_log()
+    for k in range(4):
+        assert f"writer {k} wrote 500 rows" in log, log[-2000:]
+    check_concurrent_csv(text_of(e), 4, 500, "p")
+    assert not [n for n in os.listdir(os.path.dirname(e.metrics_path)) if n.endswith(".tmp")]
+
+
+@posix_only
+@pytest.mark.parametrize("shared", [True, False], ids=["one-writer", "writer-per-thread"])
+def test_concurrent_writer_threads(tmp_path, shared):
+    path = tmp_path / "metrics" / "run_0001.csv"
+    writers, n = 4, 500
+    common = exp.MetricsWriter(path) if shared else None
+    errors = []
+    start = threading.Barrier(writers)
+
+    def work(k):
+        w = common or exp.MetricsWriter(path)
+        try:
+            start.wait(timeout=10)
+            for i in range(n):
+                row = {"writer": str(k), "seq": str(i), "val": str(k * 100000 + i), "note": f"w{k},s{i}"}
+                if i >= n // 2:
+                    row[f"t{k}"] = str(i)
+                w.write_row(row)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+        finally:
+            if not shared:
+                w.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if common:
+        common.close()
+    assert errors == []
+    with open(path, encoding="utf-8", newline="") as f:
+        check_concurrent_csv(f.read(), writers, n, "t")
