@@ -829,7 +829,26 @@ class Experiment:
             self.description = description
             self.work_dir, self.timestamp = self._make_dir()
             self.created_at = now_iso()
-            self._write_metadata(self._initial_metadata())
+            if self._defer_initial_write:
+                self._meta_cache = (None, self._initial_metadata())
+            else:
+                self._write_metadata(self._initial_metadata())
+
+    #: Set (before __init__) by :meth:`_for_immediate_run`.
+    _defer_initial_write = False
+
+    @classmethod
+    def _for_immediate_run(cls, **kwargs: Any) -> Experiment:
+        """An Experiment whose first metadata write is the one its run makes.
+
+        For the scheduler, which starts it at once: the ``pending`` write
+        would be replaced a moment later, and file writes are most of the cost
+        of launching a short experiment.
+        """
+        self = cls.__new__(cls)
+        self._defer_initial_write = True
+        self.__init__(**kwargs)  # type: ignore[misc]
+        return self
 
     # ------------------------------------------------------------------ creation
 
@@ -979,6 +998,8 @@ class Experiment:
                     meta = cached[1]
                 else:
                     meta = read_json(self.metadata_path)
+            except FileNotFoundError:
+                meta = self._meta_cache[1] if self._meta_cache else {}
             except (OSError, ValueError):
                 meta = {}
             fn(meta)
@@ -1183,7 +1204,7 @@ class Experiment:
                     shell=True,
                     cwd=self.cwd,
                     env=self._child_env(rid, env_extra),
-                    stdin=subprocess.DEVNULL,
+                    stdin=_devnull(),
                     stdout=fd,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -1272,6 +1293,16 @@ class Experiment:
 
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r}, work_dir={self.work_dir!r}, status={self.status!r})"
+
+
+_DEVNULL: list[int] = []
+
+
+def _devnull() -> int:
+    """One /dev/null descriptor for every child's stdin, opened once."""
+    if not _DEVNULL:
+        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+    return _DEVNULL[0]
 
 
 def _log_line(path: str, message: str) -> None:
@@ -2119,7 +2150,7 @@ class Scheduler:
             # the "started" line and lines come out in dispatch order.
             s = job.spec
             try:
-                job.experiment = Experiment(
+                job.experiment = Experiment._for_immediate_run(
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
                     lark_config=s.lark_config or s.lark_url, env=s.environment,
