@@ -499,25 +499,24 @@ def parse_metrics_csv(text: str) -> tuple[list[str], list[dict[str, Any]]]:
     A torn last line (a writer killed mid-row, no trailing newline) is skipped,
     and so is any row whose field count does not match the header.
     """
+    header, records = _csv_records(text)
+    return header, [{k: parse_metric(v) for k, v in zip(header, rec)} for rec in records]
+
+
+def _csv_records(text: str) -> tuple[list[str], list[list[str]]]:
+    """(header, records) of CSV text; drops a torn last line and rows of the wrong width."""
     import csv
     import io
 
     if not text:
         return [], []
-    complete = text.endswith("\n")
     records = list(csv.reader(io.StringIO(text, newline="")))
-    if not complete and records:
+    if not text.endswith("\n") and records:
         records.pop()
     if not records:
         return [], []
-    header = records[0]
-    n = len(header)
-    rows = [
-        {k: parse_metric(v) for k, v in zip(header, rec)}
-        for rec in records[1:]
-        if len(rec) == n
-    ]
-    return header, rows
+    n = len(records[0])
+    return records[0], [r for r in records[1:] if len(r) == n]
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -632,15 +631,8 @@ class MetricsWriter:
         assert fd is not None
         size = os.fstat(fd).st_size
         data = os.pread(fd, size, 0).decode("utf-8", "replace") if size else ""
-        header = list(self._header)
-        records: list[list[str]] = []
-        if data:
-            complete = data.endswith("\n")
-            records = list(csv.reader(io.StringIO(data, newline="")))
-            if not complete and records:
-                records.pop()
-            if records:
-                header, records = records[0], [r for r in records[1:] if len(r) == len(records[0])]
+        header, records = _csv_records(data)
+        header = header or list(self._header)
         header = header + [k for k in row if k not in set(header)]
         width = len(header)
         out = io.StringIO()
