@@ -1811,9 +1811,8 @@ class Job:
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def max_attempts(self) -> int:
-        return 1 + self.spec.max_retries
+    #: 1 + max_retries when the batch retries failures, else 1 (set by expand_jobs).
+    max_attempts = 1
 
     def label(self) -> str:
         rep = f" #{self.repeat}/{self.spec.repeats}" if self.spec.repeats > 1 else ""
@@ -1837,9 +1836,12 @@ class Job:
 def expand_jobs(config: BatchConfig) -> list[Job]:
     """Jobs in dispatch order: priority high to low, file order among equals, repeats together."""
     jobs = []
+    retrying = bool(config.auto_restart_on_error)
     for spec in config.experiments:
         for r in range(1, spec.repeats + 1):
-            jobs.append(Job(0, spec, r, len(jobs)))
+            job = Job(0, spec, r, len(jobs))
+            job.max_attempts = 1 + (spec.max_retries if retrying else 0)
+            jobs.append(job)
     jobs.sort(key=lambda j: (-j.spec.priority, j.order))
     for i, j in enumerate(jobs, 1):
         j.id = i
@@ -2063,8 +2065,11 @@ class Scheduler:
             # SIGTERM (from kill, systemd, a cluster) shuts down like Ctrl-C.
             # SIGINT too, explicitly: a shell starts background jobs with SIGINT
             # ignored, and then Python would never raise KeyboardInterrupt.
+            # The handler only queues an event (SimpleQueue.put is safe in a
+            # signal handler): an exception raised at an arbitrary line could
+            # leave a job marked running with nothing left to report its end.
             def on_signal(signum: int, frame: Any) -> None:
-                raise KeyboardInterrupt
+                self._events.put(("signal", None, signum))
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, on_signal)
@@ -2119,13 +2124,18 @@ class Scheduler:
                 ev = self._events.get(timeout=timeout)
             except queue_mod.Empty:  # a delay ended or the progress line needs a tick
                 continue
-            self._handle(ev)
+            interrupt = False
             while True:
+                if ev[0] == "signal":
+                    interrupt = True
+                else:
+                    self._handle(ev)
                 try:
                     ev = self._events.get_nowait()
                 except queue_mod.Empty:
                     break
-                self._handle(ev)
+            if interrupt:
+                raise KeyboardInterrupt  # here, between events, where state is consistent
 
     def _launch(self, pool: Any, job: Job) -> None:
         job.attempt += 1
@@ -2252,10 +2262,13 @@ class Scheduler:
                     _signal_group(g, 9)
             try:
                 ev = self._events.get(timeout=0.05)
-            except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            except KeyboardInterrupt:  # a second Ctrl-C (no handler installed): no more waiting
                 hard = True
                 continue
             except queue_mod.Empty:
+                continue
+            if ev[0] == "signal":  # a second Ctrl-C or SIGTERM: no more waiting
+                hard = True
                 continue
             self._handle(ev)
 
