@@ -1766,9 +1766,11 @@ def load_config(path: str | os.PathLike[str]) -> BatchConfig:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     config = parse_config(text, path, os.path.dirname(path))
-    # What parsing alone cannot see: a resume target must exist before anything starts.
+    # What parsing alone cannot see: directories must exist before anything starts.
     errors = []
     for spec in config.experiments:
+        if not os.path.isdir(spec.cwd):
+            errors.append(f"experiments[{spec.index}].cwd: {spec.cwd} is not an existing directory")
         if spec.resume:
             try:
                 find_resume_dir(spec.base_dir, spec.name, spec.resume)
@@ -2082,13 +2084,14 @@ class Scheduler:
             except KeyboardInterrupt:
                 interrupted = self._status_indicator != "awaiting_shutdown"
                 self._shutdown()
+            # Still under our handlers: a late Ctrl-C cannot skip these.
+            self._status_indicator = "stopped"
+            self.write_state()
+            self._print_summary(interrupted)
         finally:
             pool.shutdown(wait=False)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._status_indicator = "stopped"
-        self.write_state()
-        self._print_summary(interrupted)
         if interrupted:
             return 130
         return 0 if all(j.status == FINISHED for j in self.jobs) else 1
