@@ -545,6 +545,7 @@ class MetricsWriter:
         self._fd: int | None = None
         self._header: list[str] = []
         self._columns: set[str] = set()
+        self._size = self._end = -1  # file size at lock time / after our last row
 
     def close(self) -> None:
         with self._lock:
@@ -576,7 +577,9 @@ class MetricsWriter:
                     # One scan per line; quote cell by cell only when a cell needs it (rare).
                     if line.count(",") != len(cells) - 1 or _QUOTE_CHARS_RE.search(line):
                         line = ",".join([_csv_cell(c) for c in cells])
-                    os.write(fd, (line or '""').encode("utf-8") + b"\n")
+                    data = (line or '""').encode("utf-8") + b"\n"
+                    os.write(fd, data)
+                    self._end = self._size + len(data)
                 else:
                     self._rewrite_with(row)
             finally:
@@ -598,11 +601,15 @@ class MetricsWriter:
                 os.close(fd)
                 self._fd = None
                 continue
-            if self._header and st.st_size and os.pread(fd, 1, st.st_size - 1) != b"\n":
-                # another writer died mid-row: reload, which cuts the torn tail
+            size = st.st_size
+            # Someone else wrote since our last row: if that writer died mid-row,
+            # reload, which cuts the torn tail.  (One writer alone skips the read.)
+            if self._header and size != self._end and size and os.pread(fd, 1, size - 1) != b"\n":
                 self._header, self._columns = [], set()
-            if not self._header and st.st_size:
-                self._load_header(fd, st.st_size)
+            if not self._header and size:
+                self._load_header(fd, size)
+                size = os.fstat(fd).st_size
+            self._size = self._end = size
             return fd
 
     def _load_header(self, fd: int, size: int) -> None:
