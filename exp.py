@@ -283,9 +283,11 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 class _FileLock:
-    """An exclusive ``flock`` on a lock file, plus a thread lock (flock is per open file).
+    """An exclusive ``flock`` on a file or directory, plus a thread lock (flock is per open file).
 
-    The file stays open between uses until :meth:`close`, saving an open per use.
+    It stays open between uses until :meth:`close`, saving an open per use.
+    Locking a directory creates no file, which matters when every file
+    creation costs a journal write.
     """
 
     def __init__(self, path: str) -> None:
@@ -297,7 +299,8 @@ class _FileLock:
         self._tlock.acquire()
         try:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                flags = os.O_RDONLY if os.path.isdir(self.path) else os.O_RDWR | os.O_CREAT
+                self._fd = os.open(self.path, flags, 0o644)
             if fcntl is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
@@ -827,6 +830,7 @@ class Experiment:
             self.cwd = cwd if cwd is not None else os.getcwd()
             self.description = description
             self.work_dir, self.timestamp = self._make_dir()
+            self._fresh = True
             self.created_at = now_iso()
             if self._defer_initial_write:
                 self._meta_cache = (None, self._initial_metadata())
@@ -835,6 +839,8 @@ class Experiment:
 
     #: Set (before __init__) by :meth:`_for_immediate_run`.
     _defer_initial_write = False
+    #: True while the directory was made by this object and has no run yet.
+    _fresh = False
 
     @classmethod
     def _for_immediate_run(cls, **kwargs: Any) -> Experiment:
@@ -974,7 +980,7 @@ class Experiment:
 
     def _meta_lock(self) -> _FileLock:
         if self._meta_lock_obj is None:
-            self._meta_lock_obj = _FileLock(os.path.join(self.work_dir, ".metadata.lock"))
+            self._meta_lock_obj = _FileLock(self.work_dir)
         return self._meta_lock_obj
 
     def _write_metadata(self, meta: dict[str, Any]) -> None:
@@ -1160,7 +1166,9 @@ class Experiment:
     def _claim_run(self) -> tuple[str, str, int]:
         """Create the next run's log file exclusively; return (run_id, path, fd)."""
         logs = os.path.join(self.work_dir, "terminal_logs")
-        num = max(self._existing_run_numbers(), default=0) + 1
+        # A directory this object just made has no runs; O_EXCL below guards anyway.
+        num = 1 if self._fresh else max(self._existing_run_numbers(), default=0) + 1
+        self._fresh = False
         while True:
             rid = f"run_{num:04d}"
             path = os.path.join(logs, f"{rid}.log")
