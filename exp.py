@@ -1146,21 +1146,29 @@ class Experiment:
             return handle
         return handle._follow(grace)
 
-    def _child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None) -> dict[str, str]:
-        env = dict(os.environ)
+    def _child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None) -> dict[bytes, bytes]:
+        updates: dict[str, str | None] = {STANDALONE_ENV: None}
         if self.gpu_ids:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpu_ids)
-        env["EXPERIMENT_WORK_DIR"] = self.work_dir
-        env["EXPERIMENT_NAME"] = self.name
-        env["EXPERIMENT_RUN_ID"] = run_id
-        env["PYTHONUNBUFFERED"] = "1"
-        env.pop(STANDALONE_ENV, None)
-        for layer in (self.env, _validate_env(extra_env, "extra_env")):
-            for k, v in layer.items():
-                if v is None:
-                    env.pop(k, None)
-                else:
-                    env[k] = v
+            updates["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpu_ids)
+        updates.update(EXPERIMENT_WORK_DIR=self.work_dir, EXPERIMENT_NAME=self.name,
+                       EXPERIMENT_RUN_ID=run_id, PYTHONUNBUFFERED="1")
+        updates.update(self.env)
+        updates.update(_validate_env(extra_env, "extra_env"))
+        # os.environ keeps the environment as bytes in ``_data``: copying that is
+        # a plain dict copy, where dict(os.environ) decodes every variable, which
+        # shows when a batch starts hundreds of short experiments.  Popen takes
+        # a bytes environment on POSIX.
+        raw = getattr(os.environ, "_data", None)
+        if isinstance(raw, dict) and all(type(k) is bytes for k in list(raw)[:1]):
+            env = dict(raw)
+        else:  # pragma: no cover - another Python's os.environ
+            env = {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items()}
+        enc = os.fsencode
+        for k, v in updates.items():
+            if v is None:
+                env.pop(enc(k), None)
+            else:
+                env[enc(k)] = enc(v)
         return env
 
     def _claim_run(self) -> tuple[str, str, int]:

@@ -38,10 +38,25 @@ def write_config(path, n, limit):
         f.write("\n".join(lines))
 
 
-def time_exp_cli(cfg, results, env, as_module=False):
+def fresh_config(tmp, n, limit):
+    """A config in a directory of its own, so each measurement creates its results in an
+    empty place and none pays for another's deletions; all are removed at the end."""
+    d = tempfile.mkdtemp(dir=tmp)
+    cfg = os.path.join(d, "config.toml")
+    write_config(cfg, n, limit)
+    settle()
+    return cfg
+
+
+def settle():
+    # Let the writes (and deletions) of the previous measurement reach the disk first.
+    os.sync()
+    time.sleep(0.2)
+
+
+def time_exp_cli(cfg, env, as_module=False):
     """`python exp.py run` compiles exp.py on every start (a script gets no .pyc);
     `python -m exp run`, like the installed `exp` command, uses the cached bytecode."""
-    shutil.rmtree(results, ignore_errors=True)
     argv = ["-m", "exp"] if as_module else [os.path.join(ROOT, "exp.py")]
     t = time.perf_counter()
     r = subprocess.run([sys.executable, *argv, "run", cfg],
@@ -52,8 +67,7 @@ def time_exp_cli(cfg, results, env, as_module=False):
     return dt
 
 
-def time_exp_inprocess(cfg, results):
-    shutil.rmtree(results, ignore_errors=True)
+def time_exp_inprocess(cfg):
     config = exp.load_config(cfg)
     t = time.perf_counter()
     code = exp.Scheduler(config, out=io.StringIO()).run()
@@ -66,9 +80,8 @@ def time_floor(n, limit, tmp):
     """The least any tool keeping exp's layout must do: per experiment 3 mkdirs, a log
     file, one metadata file written atomically, and sh -c started with its output in
     the log; at most `limit` children at a time.  No bookkeeping, no threads."""
-    root = os.path.join(tmp, "floor")
-    shutil.rmtree(root, ignore_errors=True)
-    os.mkdir(root)
+    root = tempfile.mkdtemp(dir=tmp)
+    settle()
     running = []
     t = time.perf_counter()
     for i in range(n):
@@ -93,6 +106,7 @@ def time_floor(n, limit, tmp):
 
 def time_xargs(n, limit):
     cmds = "\n".join("true" for _ in range(n)) + "\n"
+    settle()
     t = time.perf_counter()
     subprocess.run(["xargs", f"-P{limit}", "-n1", "sh", "-c"], input=cmds.encode(), check=True)
     return time.perf_counter() - t
@@ -110,21 +124,20 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="exp-bench-sched-")
     try:
-        cfg = os.path.join(tmp, "config.toml")
-        results = os.path.join(tmp, "results")
-        write_config(cfg, args.n, args.limit)
         # Bytecode cached, as in any real install (the cache goes to the temp dir,
         # not the checkout), and warmed by one run first.
         env = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"), PYTHONPATH=ROOT)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        time_exp_cli(cfg, results, env, as_module=True)
+        time_exp_cli(fresh_config(tmp, 5, args.limit), env, as_module=True)
         cli, mod, inproc, xargs, floor = [], [], [], [], []
         for _ in range(args.repeat):  # interleaved, so drift hits all alike
             xargs.append(time_xargs(args.n, args.limit))
             floor.append(time_floor(args.n, args.limit, tmp))
-            cli.append(time_exp_cli(cfg, results, env))
-            mod.append(time_exp_cli(cfg, results, env, as_module=True))
-            inproc.append(time_exp_inprocess(cfg, results))
+            cli.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env))
+            mod.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env, as_module=True))
+            cfg = fresh_config(tmp, args.n, args.limit)
+            inproc.append(time_exp_inprocess(cfg))
+        results = os.path.join(os.path.dirname(cfg), "results")
         made = len([d for d in os.listdir(results) if not d.startswith(".")])
         assert made == args.n, f"expected {args.n} experiment directories, found {made}"
     finally:
