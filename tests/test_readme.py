@@ -137,3 +137,12 @@ def test_pip_install_gives_the_exp_command(checkout, tmp_path):
 
 def _version():
     return re.search(r'^__version__ = "(.+)"', (ROOT / "exp.py").read_text(), re.M).group(1)
+
+
+def test_python_dash_m_exp_works(tmp_path):
+    # The README names `python -m exp` as the faster way to start the CLI.
+    r = subprocess.run([sys.executable, "-m", "exp", "--version"], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"exp {_version()}"
+    assert "python -m exp" in README
