@@ -354,7 +354,7 @@ def git_info(cwd: str) -> dict[str, Any] | None:
     hit = _GIT_CACHE.get(cwd)
     if hit and time.monotonic() - hit[0] < _GIT_CACHE_SECONDS:
         return hit[1]
-    info = None
+    info: dict[str, Any] | None = None
     if _find_git_root(cwd) is None:
         _GIT_CACHE[cwd] = (time.monotonic(), None)
         return None
@@ -915,7 +915,7 @@ class Experiment:
         self._writer = None
         self._writer_run = None
         self._meta_lock_obj = None
-        self._meta_cache: tuple[Any, dict[str, Any]] | None = None
+        self._meta_cache = None
         return self
 
     #: The earlier project's name for :meth:`load`.
@@ -1574,6 +1574,22 @@ class ExperimentSpec:
     """One ``[[experiments]]`` table after validation, paths made absolute."""
 
     __slots__ = tuple(EXPERIMENT_DEFAULTS) + ("index",)
+    index: int
+    name: str
+    command: str
+    priority: int
+    tags: list[str]
+    description: str | None
+    gpu_ids: list[int] | None
+    cwd: str
+    base_dir: str
+    environment: dict[str, str]
+    resume: str | None
+    repeats: int
+    max_retries: int
+    delay_seconds: float
+    lark_url: str | None
+    lark_config: dict[str, Any] | str | None
 
     def __init__(self, index: int, values: dict[str, Any]) -> None:
         self.index = index
@@ -1860,7 +1876,7 @@ class Job:
 
 def expand_jobs(config: BatchConfig) -> list[Job]:
     """Jobs in dispatch order: priority high to low, file order among equals, repeats together."""
-    jobs = []
+    jobs: list[Job] = []
     retrying = bool(config.auto_restart_on_error)
     for spec in config.experiments:
         for r in range(1, spec.repeats + 1):
@@ -2085,7 +2101,7 @@ class Scheduler:
         _require_posix()
         self._events = queue_mod.SimpleQueue()
         on_main = threading.current_thread() is threading.main_thread()
-        old_handlers: dict[int, Any] = {}
+        old_handlers: dict[Any, Any] = {}
         if on_main:
             # SIGTERM (from kill, systemd, a cluster) shuts down like Ctrl-C.
             # SIGINT too, explicitly: a shell starts background jobs with SIGINT
@@ -2321,7 +2337,7 @@ class Scheduler:
 
 def format_plan(config: BatchConfig) -> str:
     """The dispatch plan of ``--dry-run``, one line per experiment."""
-    rows = [("#", "name", "priority", "command", "cwd", "GPUs", "dir base")]
+    rows: list[tuple[str, ...]] = [("#", "name", "priority", "command", "cwd", "GPUs", "dir base")]
     for job in expand_jobs(config):
         s = job.spec
         gpus = ",".join(map(str, s.gpu_ids)) if s.gpu_ids else "-"
@@ -2411,7 +2427,7 @@ def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, ta
 
 
 def format_listing(rows: list[dict[str, Any]]) -> str:
-    table = [("name", "status", "started", "duration", "runs", "last metrics")]
+    table: list[tuple[str, ...]] = [("name", "status", "started", "duration", "runs", "last metrics")]
     for r in rows:
         started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
         shown = list(r["last_metrics"].items())[:4]
