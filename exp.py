@@ -120,7 +120,7 @@ STATUSES = {
 
 _RUN_ID_RE = re.compile(r"run_(\d+)\Z")
 # Environment variable names whose values never go into metadata or state files.
-_SECRET_KEY_RE = re.compile(r"SECRET|TOKEN|PASSW|PASSWD|CREDENTIAL|API_?KEY|PRIVATE|AUTH", re.I)
+_SECRET_KEY_RE = re.compile(r"SECRET|TOKEN|PASS|PWD|CREDENTIAL|KEY|PRIVATE|AUTH|COOKIE|SESSION|(^|_)PAT$", re.I)
 
 # ============================================================================
 # Exceptions
@@ -297,12 +297,13 @@ class _FileLock:
 
     def __enter__(self) -> _FileLock:
         self._tlock.acquire()
+        if fcntl is None:  # Windows: no flock (and no opening a directory); threads only
+            return self
         try:
             if self._fd is None:
                 flags = os.O_RDONLY if os.path.isdir(self.path) else os.O_RDWR | os.O_CREAT
                 self._fd = os.open(self.path, flags, 0o644)
-            if fcntl is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._tlock.release()
             raise
@@ -525,7 +526,8 @@ def _csv_records(text: str) -> tuple[list[str], list[list[str]]]:
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a metrics CSV written by exp; a missing file reads as no rows."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # errors="replace": a torn last line can end inside a UTF-8 character
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
             text = f.read()
     except FileNotFoundError:
         return []
@@ -714,6 +716,8 @@ def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
     for k, v in env.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k:
             raise ConfigError(f"{where}: {k!r} is not a valid environment variable name")
+        if v is not None and "\0" in str(v):
+            raise ConfigError(f"{where}[{k!r}]: a value cannot contain a NUL character")
         out[k] = None if v is None else str(v)
     return out
 
@@ -742,6 +746,28 @@ def find_resume_dir(base_dir: str, name: str, resume: Any) -> str:
         f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
         f"pass the timestamp part of an existing directory name or its path ({hint})"
     )
+
+
+def _lenient_gpu_ids(value: Any) -> list[int] | None:
+    """gpu_ids read back from a metadata file: a bad value reads as unset, not an error."""
+    try:
+        return parse_gpu_ids(value)
+    except ConfigError:
+        return None
+
+
+def _iso_from_old_timestamp(value: Any) -> str | None:
+    """The earlier project's ``timestamp`` (ISO, or the directory format) as ISO 8601."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).isoformat(timespec="seconds")
+    except ValueError:
+        pass
+    try:
+        return datetime.strptime(value, TIMESTAMP_FORMAT).astimezone().isoformat(timespec="seconds")
+    except ValueError:
+        return None
 
 
 class Experiment:
@@ -779,7 +805,7 @@ class Experiment:
         resume: str | os.PathLike[str] | None = None,
         description: str | None = None,
         lark_config: dict[str, Any] | str | None = None,
-        env: dict[str, str | None] | None = None,
+        env: Mapping[str, str | None] | None = None,
     ) -> None:
         self.name = _validate_name(name)
         self.command = _validate_command(command)
@@ -811,14 +837,25 @@ class Experiment:
             self.work_dir = work_dir
             self.timestamp = meta.get("timestamp_dir") or self._timestamp_from_dir(work_dir)
             self.tags = tags_v if tags_v is not None else list(meta.get("tags") or [])
-            self.gpu_ids = gpus_v if gpus_v is not None else meta.get("gpu_ids")
-            self.cwd = cwd if cwd is not None else (meta.get("cwd") or os.getcwd())
+            self.gpu_ids = gpus_v if gpus_v is not None else _lenient_gpu_ids(meta.get("gpu_ids"))
+            # The earlier project ran in the experiment directory when cwd was unset.
+            self.cwd = cwd if cwd is not None else (meta.get("cwd") or work_dir)
             self.description = description if description is not None else meta.get("description")
+            if env is None:  # keep the variables it ran with, except redacted secrets
+                stored = meta.get("environment")
+                if isinstance(stored, dict):
+                    self.env = {k: str(v) for k, v in stored.items() if v is not None and v != "***"}
             self.current_run_id = meta.get("current_run_id")
-            self.created_at = meta.get("created_at") or meta.get("timestamp") or now_iso()
+            self.created_at = meta.get("created_at") or _iso_from_old_timestamp(meta.get("timestamp")) or now_iso()
 
             def update(m: dict[str, Any]) -> None:
+                # Directories of the earlier project lack the newer fields, and
+                # may hold its lark_config (secrets): fill in, and drop that.
+                for k, v in self._initial_metadata().items():
+                    m.setdefault(k, v)
                 m.update(self._static_fields())
+                m.pop("lark_config", None)
+                m["created_at"] = self.created_at
                 m["status"] = PENDING
                 m["pid"] = None
 
@@ -832,28 +869,9 @@ class Experiment:
             self.work_dir, self.timestamp = self._make_dir()
             self._fresh = True
             self.created_at = now_iso()
-            if self._defer_initial_write:
-                self._meta_cache = (None, self._initial_metadata())
-            else:
-                self._write_metadata(self._initial_metadata())
-
-    #: Set (before __init__) by :meth:`_for_immediate_run`.
-    _defer_initial_write = False
+            self._write_metadata(self._initial_metadata())
     #: True while the directory was made by this object and has no run yet.
     _fresh = False
-
-    @classmethod
-    def _for_immediate_run(cls, **kwargs: Any) -> Experiment:
-        """An Experiment whose first metadata write is the one its run makes.
-
-        For the scheduler, which starts it at once: the ``pending`` write
-        would be replaced a moment later, and file writes are most of the cost
-        of launching a short experiment.
-        """
-        self = cls.__new__(cls)
-        self._defer_initial_write = True
-        self.__init__(**kwargs)  # type: ignore[misc]
-        return self
 
     # ------------------------------------------------------------------ creation
 
@@ -898,17 +916,16 @@ class Experiment:
         self.name = meta.get("name") or os.path.basename(work_dir)
         self.command = meta.get("command") or ""
         self.tags = list(meta.get("tags") or [])
-        try:
-            self.gpu_ids = parse_gpu_ids(meta.get("gpu_ids"))
-        except ConfigError:
-            self.gpu_ids = None
+        self.gpu_ids = _lenient_gpu_ids(meta.get("gpu_ids"))
         self.cwd = meta.get("cwd") or work_dir  # the earlier project ran in work_dir by default
         self.description = meta.get("description")
         self.status = meta.get("status") or PENDING
         self.current_run_id = meta.get("current_run_id")
         self.timestamp = meta.get("timestamp_dir") or self._timestamp_from_dir(work_dir)
-        self.created_at = meta.get("created_at") or meta.get("timestamp")
-        self.env = {}
+        self.created_at = meta.get("created_at") or _iso_from_old_timestamp(meta.get("timestamp"))
+        stored = meta.get("environment")
+        self.env = ({k: str(v) for k, v in stored.items() if v is not None and v != "***"}
+                    if isinstance(stored, dict) else {})
         self.lark_config = None
         self._pending = {}
         self._ok_keys = set()
@@ -1003,8 +1020,6 @@ class Experiment:
                     meta = cached[1]
                 else:
                     meta = read_json(self.metadata_path)
-            except FileNotFoundError:
-                meta = self._meta_cache[1] if self._meta_cache else {}
             except (OSError, ValueError):
                 meta = {}
             fn(meta)
@@ -1144,7 +1159,21 @@ class Experiment:
         handle = self._start(extra_env)
         if background:
             return handle
-        return handle._follow(grace)
+        import signal
+
+        # SIGTERM (timeout(1), docker stop, a cluster's scheduler) stops the run
+        # the way Ctrl-C does, instead of leaving it orphaned and "running".
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigterm(signum: int, frame: Any) -> None:
+                raise KeyboardInterrupt
+
+            old = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return handle._follow(grace)
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
     def _child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None) -> dict[bytes, bytes]:
         updates: dict[str, str | None] = {STANDALONE_ENV: None}
@@ -1241,6 +1270,7 @@ class Experiment:
 
         def update(m: dict[str, Any]) -> None:
             m.update(self._static_fields())
+            m.pop("lark_config", None)  # the earlier project stored secrets there
             m.update(status=RUNNING, pid=pid, started_at=started, ended_at=None, exit_code=None,
                      duration=None, current_run_id=rid)
             m.setdefault("runs", [])
@@ -1288,19 +1318,29 @@ class Experiment:
         _log_line(log_path, f"{started} standalone run {rid}: {shlex.join([sys.executable] + sys.argv)} "
                   f"(pid {os.getpid()}); its output is not captured here")
         self._record_start(rid, started, os.getpid())
-        state = {"error": False}
-        prev_hook = sys.excepthook
+        # Exit handlers are not told the exit status, so it is caught where it
+        # is decided: an uncaught exception, or a call of sys.exit().
+        state: dict[str, Any] = {"code": 0, "status": FINISHED}
+        prev_hook, prev_exit = sys.excepthook, sys.exit
 
         def hook(tp: Any, value: Any, tb: Any) -> None:
-            state["error"] = True
+            if issubclass(tp, KeyboardInterrupt):
+                state.update(code=130, status=KILLED)
+            else:
+                state.update(code=1, status=ERROR)
             prev_hook(tp, value, tb)
 
+        def exit_(arg: Any = None) -> None:
+            code = 0 if arg is None else (arg if isinstance(arg, int) else 1)
+            state.update(code=code, status=FINISHED if code == 0 else ERROR)
+            prev_exit(arg)
+
         sys.excepthook = hook
+        sys.exit = exit_  # type: ignore[assignment]
 
         def finish() -> None:
-            code, status = (1, ERROR) if state["error"] else (0, FINISHED)
             try:
-                self._record_end(rid, started, t0, code, status, log_path)
+                self._record_end(rid, started, t0, state["code"], state["status"], log_path)
             except OSError:
                 pass
 
@@ -1441,15 +1481,30 @@ class RunHandle:
         return self.terminate(grace=0)
 
     def _follow(self, grace: float) -> int:
-        """Copy the log to stdout until the run ends; the foreground half of run()."""
+        """Copy the log to stdout until the run ends; the foreground half of run().
+
+        If stdout goes away (``| head``, a closed terminal), copying stops but
+        the run goes on and its end is still recorded.
+        """
+        import codecs
+
         out = getattr(sys.stdout, "buffer", None)
+        # Without a byte stream (Jupyter), decode incrementally: a character
+        # split across two chunks must not become two replacement characters.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        echo = [True]
 
         def emit(chunk: bytes) -> None:
-            if out is not None:
-                out.write(chunk)
-            else:
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-            sys.stdout.flush()
+            if not echo[0]:
+                return
+            try:
+                if out is not None:
+                    out.write(chunk)
+                else:
+                    sys.stdout.write(decoder.decode(chunk))
+                sys.stdout.flush()
+            except (OSError, ValueError):  # broken pipe, closed stream
+                echo[0] = False
 
         with open(self.log_path, "rb") as f:
             f.seek(self._start_offset)
@@ -1692,8 +1747,11 @@ def _check_value(where: str, key: str, v: Any, errors: list[str]) -> Any:
             return bad('a table such as { KEY = "VALUE" }')
         env = {}
         for ek, ev in v.items():
-            if isinstance(ev, (dict, list)) or not ek or "=" in ek:
-                errors.append(f"{loc}.{ek}: expected a string, number or boolean value, got {ev!r}")
+            if not ek or "=" in ek or "\0" in ek:
+                errors.append(f"{loc}: {ek!r} is not a valid environment variable name")
+                continue
+            if isinstance(ev, (dict, list)) or "\0" in str(ev):
+                errors.append(f"{loc}.{ek}: expected a string, number or boolean value (no NUL), got {ev!r}")
                 continue
             env[ek] = ("true" if ev else "false") if isinstance(ev, bool) else str(ev)
         return env
@@ -1785,6 +1843,9 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
         if values.get("resume") and values.get("repeats", 1) > 1:
             errors.append(f"{where}: resume cannot be combined with repeats > 1 (every repeat needs its own directory)")
         values["cwd"] = _resolve(root, values.get("cwd") or ".")
+        resume = values.get("resume")
+        if resume and (os.sep in resume or resume.startswith(("~", "."))):
+            values["resume"] = _resolve(root, resume)  # a path, not a timestamp
         values["base_dir"] = _resolve(root, values["base_dir"]) if values.get("base_dir") else settings["base_experiment_dir"]
         specs.append(ExperimentSpec(i, values))
     if errors:
@@ -1965,18 +2026,26 @@ class _Terminal:
         self.color = self.tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
         self._clock = clock
         self._bar = ""
+        self._broken = False
+
+    def _write(self, text: str) -> None:
+        # A reader that went away (``exp run ... | head``) must not stop the
+        # batch half-way through a launch: the terminal just goes quiet.
+        if self._broken:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            self._broken = True
 
     def paint(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
 
     def event(self, text: str) -> None:
         stamp = datetime.now().strftime("%H:%M:%S")
-        if self.tty and self._bar:
-            self.out.write("\r\x1b[K")
-        self.out.write(f"[{stamp}] {text}\n")
-        if self.tty and self._bar:
-            self.out.write(self._bar)
-        self.out.flush()
+        bar = self.tty and self._bar
+        self._write(("\r\x1b[K" if bar else "") + f"[{stamp}] {text}\n" + (self._bar if bar else ""))
 
     def progress(self, text: str) -> None:
         if not self.tty:
@@ -1986,19 +2055,16 @@ class _Terminal:
         except (OSError, ValueError, AttributeError):
             width = 100
         self._bar = text[: max(10, width - 1)]
-        self.out.write("\r\x1b[K" + self._bar)
-        self.out.flush()
+        self._write("\r\x1b[K" + self._bar)
 
     def clear_progress(self) -> None:
         if self.tty and self._bar:
-            self.out.write("\r\x1b[K")
-            self.out.flush()
+            self._write("\r\x1b[K")
         self._bar = ""
 
     def plain(self, text: str = "") -> None:
         self.clear_progress()
-        self.out.write(text + "\n")
-        self.out.flush()
+        self._write(text + "\n")
 
 
 class Scheduler:
@@ -2194,7 +2260,7 @@ class Scheduler:
             # the "started" line and lines come out in dispatch order.
             s = job.spec
             try:
-                job.experiment = Experiment._for_immediate_run(
+                job.experiment = Experiment(
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
                     lark_config=s.lark_config or s.lark_url, env=s.environment,
@@ -2399,14 +2465,20 @@ def list_experiments(base_dir: str) -> list[dict[str, Any]]:
             continue
         if not isinstance(meta, dict):
             continue
-        rid = meta.get("current_run_id")
-        last = last_metrics_row(os.path.join(wd, "metrics", f"{rid}.csv")) if rid else {}
-        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        runs = meta.get("runs")
+        # Hand-edited or foreign metadata: every field is checked, none trusted.
+        def text(key: str) -> str | None:
+            v = meta.get(key)
+            return v if isinstance(v, str) else None
+
+        rid = text("current_run_id")
+        last = last_metrics_row(os.path.join(wd, "metrics", f"{rid}.csv")) if rid and _RUN_ID_RE.match(rid) else {}
+        metrics = {k: v for k, v in last.items() if _is_num(v)}
+        runs, tags, duration = meta.get("runs"), meta.get("tags"), meta.get("duration")
         out.append({
-            "name": meta.get("name"), "status": meta.get("status"), "tags": meta.get("tags") or [],
-            "created_at": meta.get("created_at") or meta.get("timestamp"),
-            "started_at": meta.get("started_at"), "duration": meta.get("duration"),
+            "name": text("name") or d, "status": text("status"),
+            "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
+            "created_at": text("created_at") or _iso_from_old_timestamp(meta.get("timestamp")),
+            "started_at": text("started_at"), "duration": duration if _is_num(duration) else None,
             "runs": len(runs) if isinstance(runs, list) else (1 if rid else 0),
             "current_run_id": rid, "exit_code": meta.get("exit_code"), "work_dir": wd,
             "last_metrics": metrics,
