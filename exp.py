@@ -2147,9 +2147,18 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
 
-    @staticmethod
-    def _wait(job: Job, handle: RunHandle) -> tuple[str, Job, Any]:
-        """In a pool thread: wait for the command, record its end; never raises."""
+    def _attempt(self, job: Job) -> tuple[str, Job, Any]:
+        """In a pool thread: start the command, wait for it, record its end; never raises.
+
+        Starting here rather than in the main thread lets the file writes of
+        one launch overlap with the bookkeeping of the next.
+        """
+        assert job.experiment is not None
+        try:
+            handle = job.experiment._start(None, watch=False)
+        except BaseException as e:  # noqa: BLE001 - reported as this attempt's failure
+            return ("unstartable", job, e)
+        self._events.put(("started", job, handle))
         try:
             handle._watch()
         except BaseException as e:  # noqa: BLE001 - e.g. metadata unwritable: still an end
@@ -2269,24 +2278,24 @@ class Scheduler:
                 self._handle(("unstartable", job, e))
                 return
         job.work_dir = job.experiment.work_dir
-        # Started here too: the main thread does the short, serial part of a
-        # launch and pool threads only wait, which saves a thread hand-off.
-        try:
-            handle = job.experiment._start(None, watch=False)
-        except Exception as e:
-            self._handle(("unstartable", job, e))
-            return
-        job.handle, job.run_id = handle, handle.run_id
         gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
             f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
         )
-        fut = pool.submit(self._wait, job, handle)
+        fut = pool.submit(self._attempt, job)
         fut.add_done_callback(lambda f: self._events.put(f.result()))
 
     def _handle(self, ev: tuple[str, Job, Any]) -> None:
         kind, job, value = ev
+        if kind == "started":
+            job.handle, job.run_id = value, value.run_id
+            self._touch(job)
+            self._dirty = True
+            if self._stopping:  # started while shutting down: stop it too
+                value._killed = True
+                _signal_group(value.pid, 15)
+            return
         self.running.pop(job.id, None)
         job.completed_at = now_iso()
         job.duration = round(self._clock() - job.t_started, 3)
@@ -2378,6 +2387,8 @@ class Scheduler:
             if ev[0] == "signal":  # a second Ctrl-C or SIGTERM: no more waiting
                 hard = True
                 continue
+            if ev[0] == "started":
+                groups.append(ev[2].pid)
             self._handle(ev)
 
     def _print_summary(self, interrupted: bool) -> None:
