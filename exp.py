@@ -2161,7 +2161,7 @@ class Scheduler:
         self._events.put(("started", job, handle))
         try:
             handle._watch()
-        except BaseException as e:  # noqa: BLE001 - e.g. metadata unwritable: still an end
+        except BaseException:  # noqa: BLE001 - e.g. metadata unwritable: still an end
             return ("ended", job, handle._proc.returncode if handle.returncode is None else handle.returncode)
         return ("ended", job, handle.returncode)
 

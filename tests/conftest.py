@@ -58,7 +58,7 @@ def write_script(directory, name: str, source: str):
     return path
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.01, what: str = "condition"):
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

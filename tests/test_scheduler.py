@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
+from conftest import pid_gone, wait_for  # noqa: E402
 
 EXP_PY = str(REPO / "exp.py")
 PY = sys.executable
@@ -173,33 +174,6 @@ class Background:
             self.proc.wait(10)
         self._out.close()
         self._err.close()
-
-
-def wait_for(predicate, timeout=15.0, interval=0.01, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def pid_gone(pid):
-    """No such process, or a zombie (nothing runs any more; only its parent may reap it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
 def kill_pids(pids):
