@@ -1238,10 +1238,8 @@ class Experiment:
         ]
         if self.gpu_ids:
             lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
-        start_offset = 0
         try:
             os.write(fd, "".join(f"{LOG_MARK} {ln}\n" for ln in lines).encode("utf-8"))
-            start_offset = 0
             try:
                 proc = subprocess.Popen(
                     command,
@@ -1263,7 +1261,7 @@ class Experiment:
         finally:
             os.close(fd)
         self._record_start(rid, started, proc.pid)
-        return RunHandle(self, proc, rid, log_path, started, t0, start_offset, watch)
+        return RunHandle(self, proc, rid, log_path, started, t0, watch)
 
     def _record_start(self, rid: str, started: str, pid: int | None) -> None:
         self.status = RUNNING
@@ -1419,7 +1417,7 @@ class RunHandle:
     """
 
     def __init__(self, experiment: Experiment, proc: subprocess.Popen[bytes], run_id: str,
-                 log_path: str, started_at: str, t0: float, start_offset: int = 0, watch: bool = True) -> None:
+                 log_path: str, started_at: str, t0: float, watch: bool = True) -> None:
         self.experiment = experiment
         self.run_id = run_id
         self.log_path = log_path
@@ -1429,7 +1427,6 @@ class RunHandle:
         self.status = RUNNING
         self._proc = proc
         self._t0 = t0
-        self._start_offset = start_offset
         self._killed = False
         self._done = threading.Event()
         if watch:  # the scheduler's own worker thread calls _watch() instead
@@ -1507,7 +1504,6 @@ class RunHandle:
                 echo[0] = False
 
         with open(self.log_path, "rb") as f:
-            f.seek(self._start_offset)
             try:
                 while True:
                     chunk = f.read(1 << 16)
