@@ -1980,7 +1980,7 @@ _STATE_FILE = "scheduler_state.json"
 #: Transitions inside the window are coalesced into one write at its end, so
 #: the file is never more than this stale.  Rewriting ~0.5 KB per experiment
 #: on every transition would otherwise dominate batches of short commands.
-STATE_WRITE_INTERVAL = 0.025
+STATE_WRITE_INTERVAL = 0.1
 
 
 def _short_path(path: str | None) -> str:
