@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import pid_gone, wait_for  # noqa: E402
+from conftest import child_env, pid_gone, wait_for  # noqa: E402
 
 EXP_PY = str(REPO / "exp.py")
 PY = sys.executable
@@ -104,16 +104,8 @@ def py(script, *args):
 
 
 def cli_env(**overrides):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("EXPERIMENT_WORK_DIR", "EXPERIMENT_NAME", "EXPERIMENT_RUN_ID", "EXP_STANDALONE",
-                        "NO_COLOR")}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    for k, v in overrides.items():
-        if v is None:
-            env.pop(k, None)
-        else:
-            env[k] = v
-    return env
+    """conftest's child_env, and no NO_COLOR unless a test sets it."""
+    return child_env(**{"NO_COLOR": None, **overrides})
 
 
 def run_cli(*args, cwd, timeout=CLI_TIMEOUT, env=None):
