@@ -180,11 +180,6 @@ def run_id_str(run: int | str) -> str:
     return f"run_{num:04d}"
 
 
-def run_number(run_id: str) -> int:
-    """``"run_0003"`` -> 3."""
-    return int(run_id_str(run_id)[4:])
-
-
 def parse_gpu_ids(value: Any, where: str = "gpu_ids") -> list[int] | None:
     """Accept ``None``, ``[0, 1]`` or ``"0,1"``; return a list of ints or raise ConfigError."""
     if value is None:
@@ -1663,22 +1658,6 @@ class BatchConfig:
             raise AttributeError(key) from None
 
 
-def _type_name(v: Any) -> str:
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    if isinstance(v, float):
-        return "a float"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, dict):
-        return "a table"
-    return type(v).__name__
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -2015,12 +1994,11 @@ def _tail_lines(path: str, n: int = 10, max_bytes: int = 65536, skip_prefix: str
 class _Terminal:
     """Event lines plus, on a TTY, one live progress line kept below them."""
 
-    def __init__(self, out: Any, clock: Callable[[], float]) -> None:
+    def __init__(self, out: Any) -> None:
         self.out = out
         isatty = getattr(out, "isatty", None)
         self.tty = bool(isatty and isatty())
         self.color = self.tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
-        self._clock = clock
         self._bar = ""
         self._broken = False
 
@@ -2086,7 +2064,7 @@ class Scheduler:
         self.running: dict[int, Job] = {}
         self.done: list[Job] = []
         self.state_path = os.path.join(config.base_experiment_dir, _STATE_DIR, _STATE_FILE)
-        self.term = _Terminal(out or sys.stdout, clock)
+        self.term = _Terminal(out or sys.stdout)
         self._clock = clock
         self._events: Any = None
         self._status_indicator = RUNNING
