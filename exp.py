@@ -104,6 +104,11 @@ LOG_MARK = "[exp]"
 #: How often a foreground run looks for new output in its log.  The child
 #: writes to the file directly; 50 ms feels live and costs nothing measurable.
 FOLLOW_INTERVAL = 0.05
+#: A batch run's pid goes into metadata.json once it has run this long; one
+#: that ends sooner gets its start and end in one write with the pid in its
+#: runs entry.  Every rewrite makes a file and drops one, which is what costs
+#: on a busy disk when a batch holds hundreds of commands that end at once.
+PID_RECORD_DELAY = 0.05
 #: Environment variable that makes ``load_experiment()`` create a standalone
 #: experiment when the script was not launched by exp.
 STANDALONE_ENV = "EXP_STANDALONE"
@@ -801,6 +806,8 @@ class Experiment:
         description: str | None = None,
         lark_config: dict[str, Any] | str | None = None,
         env: Mapping[str, str | None] | None = None,
+        *,
+        _defer_write: bool = False,
     ) -> None:
         self.name = _validate_name(name)
         self.command = _validate_command(command)
@@ -864,9 +871,16 @@ class Experiment:
             self.work_dir, self.timestamp = self._make_dir()
             self._fresh = True
             self.created_at = now_iso()
-            self._write_metadata(self._initial_metadata())
+            if _defer_write:
+                # The scheduler starts it at once: the first write says
+                # "running", still before the command starts (it reads it).
+                self._unwritten = True
+            else:
+                self._write_metadata(self._initial_metadata())
     #: True while the directory was made by this object and has no run yet.
     _fresh = False
+    #: True while metadata.json is yet to be written (a scheduler's experiment).
+    _unwritten = False
 
     # ------------------------------------------------------------------ creation
 
@@ -1002,21 +1016,25 @@ class Experiment:
     def _store_metadata(self, meta: dict[str, Any]) -> None:
         st = write_json_atomic(self.metadata_path, meta)
         self._meta_cache = ((st.st_ino, st.st_mtime_ns, st.st_size), meta)
+        self._unwritten = False
 
     def _update_metadata(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         # Read-modify-write under a lock file, so a run finishing in one thread
         # and a run starting in another (or another process) lose nothing.  The
         # file is re-read only if someone else wrote it since we last did.
         with self._meta_lock():
-            try:
-                st = os.stat(self.metadata_path)
-                cached = self._meta_cache
-                if cached and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
-                    meta = cached[1]
-                else:
-                    meta = read_json(self.metadata_path)
-            except (OSError, ValueError):
-                meta = {}
+            if self._unwritten:
+                meta = self._initial_metadata()
+            else:
+                try:
+                    st = os.stat(self.metadata_path)
+                    cached = self._meta_cache
+                    if cached and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
+                        meta = cached[1]
+                    else:
+                        meta = read_json(self.metadata_path)
+                except (OSError, ValueError):
+                    meta = {}
             fn(meta)
             self._store_metadata(meta)
             return meta
@@ -1215,7 +1233,13 @@ class Experiment:
                 continue
             return rid, path, fd
 
-    def _start(self, extra_env: Mapping[str, str | None] | None, watch: bool = True) -> RunHandle:
+    def _start(self, extra_env: Mapping[str, str | None] | None, watch: bool = True,
+               pid_later: bool = False) -> RunHandle:
+        """Start the next run.  With ``pid_later`` the start is recorded before
+        the command starts and the caller records the pid (the scheduler: see
+        :data:`PID_RECORD_DELAY`); otherwise it is recorded after, with the pid.
+        Either way metadata.json exists before the command can read it.
+        """
         import subprocess
 
         _require_posix()
@@ -1235,6 +1259,8 @@ class Experiment:
             lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
         try:
             os.write(fd, "".join(f"{LOG_MARK} {ln}\n" for ln in lines).encode("utf-8"))
+            if pid_later:
+                self._record_start(rid, started, None)
             try:
                 proc = subprocess.Popen(
                     command,
@@ -1250,12 +1276,14 @@ class Experiment:
             except OSError as e:
                 # e.g. cwd vanished, or no /bin/sh: the run ends at once as an error
                 os.write(fd, f"{LOG_MARK} could not start: {e}\n".encode("utf-8"))
-                self._record_start(rid, started, None)
+                if not pid_later:
+                    self._record_start(rid, started, None)
                 self._record_end(rid, started, t0, 127, ERROR, log_path)
                 raise ExpError(f"could not start {command!r} in {self.cwd!r}: {e}") from e
         finally:
             os.close(fd)
-        self._record_start(rid, started, proc.pid)
+        if not pid_later:
+            self._record_start(rid, started, proc.pid)
         return RunHandle(self, proc, rid, log_path, started, t0, watch)
 
     def _record_start(self, rid: str, started: str, pid: int | None) -> None:
@@ -1274,7 +1302,18 @@ class Experiment:
 
         self._update_metadata(update)
 
-    def _record_end(self, rid: str, started: str, t0: float, code: int | None, status: str, log_path: str) -> None:
+    def _record_pid(self, rid: str, pid: int) -> None:
+        def update(m: dict[str, Any]) -> None:
+            if m.get("current_run_id") == rid and m.get("status") == RUNNING:
+                m["pid"] = pid
+            for r in m.get("runs") or []:
+                if r.get("id") == rid and r.get("pid") is None:
+                    r["pid"] = pid
+
+        self._update_metadata(update)
+
+    def _record_end(self, rid: str, started: str, t0: float, code: int | None, status: str, log_path: str,
+                    pid: int | None = None) -> None:
         ended = now_iso()
         duration = round(time.time() - t0, 3)
         if status == KILLED:
@@ -1294,6 +1333,8 @@ class Experiment:
             for r in m.get("runs") or []:
                 if r.get("id") == rid:
                     r.update(ended_at=ended, exit_code=code, status=status, duration=duration)
+                    if r.get("pid") is None and pid is not None:
+                        r["pid"] = pid
 
         self._update_metadata(update)
         self._meta_lock().close()  # no descriptor held between runs
@@ -1402,6 +1443,32 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether ``proc`` ends within ``timeout`` seconds (it is not reaped here).
+
+    Popen.wait(timeout) sleeps in growing steps, which would notice a command
+    of a few milliseconds late; a pidfd (Linux 5.3+) wakes at the exit itself.
+    """
+    import select
+
+    try:
+        fd = os.pidfd_open(proc.pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # not Linux, an old kernel, or no descriptors left
+        import subprocess
+
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(fd)
+
+
 class RunHandle:
     """A run started with ``Experiment.run(background=True)``.
 
@@ -1427,11 +1494,16 @@ class RunHandle:
         if watch:  # the scheduler's own worker thread calls _watch() instead
             threading.Thread(target=self._watch, name=f"exp-watch-{run_id}", daemon=True).start()
 
-    def _watch(self) -> None:
+    def _watch(self, record_pid_after: float | None = None) -> None:
+        """Wait for the command and record its end; with ``record_pid_after``,
+        also record the pid once the command has run that long."""
+        if record_pid_after is not None and not _exited_within(self._proc, record_pid_after):
+            self.experiment._record_pid(self.run_id, self.pid)
         code = self._proc.wait()
         status = KILLED if self._killed else (FINISHED if code == 0 else ERROR)
         try:
-            self.experiment._record_end(self.run_id, self.started_at, self._t0, code, status, self.log_path)
+            self.experiment._record_end(self.run_id, self.started_at, self._t0, code, status, self.log_path,
+                                        self.pid)
         finally:
             self.returncode, self.status = code, status
             self._done.set()
@@ -1906,6 +1978,7 @@ class Job:
             "created_at": self.created_at, "started_at": self.started_at,
             "completed_at": self.completed_at, "return_code": self.return_code,
             "duration": self.duration, "work_dir": self.work_dir, "run_id": self.run_id,
+            "pid": self.handle.pid if self.handle is not None and self.status == RUNNING else None,
             "error": self.error,
         }
 
@@ -2127,14 +2200,20 @@ class Scheduler:
         Starting here rather than in the main thread lets the file writes of
         one launch overlap with the bookkeeping of the next.
         """
-        assert job.experiment is not None
+        experiment = job.experiment
+        assert experiment is not None
         try:
-            handle = job.experiment._start(None, watch=False)
+            handle = experiment._start(None, watch=False, pid_later=True)
         except BaseException as e:  # noqa: BLE001 - reported as this attempt's failure
+            if experiment._unwritten:  # failed before its first write: leave a record anyway
+                try:
+                    experiment._update_metadata(lambda m: m.update(status=ERROR))
+                except OSError:
+                    pass
             return ("unstartable", job, e)
         self._events.put(("started", job, handle))
         try:
-            handle._watch()
+            handle._watch(record_pid_after=PID_RECORD_DELAY)
         except BaseException:  # noqa: BLE001 - e.g. metadata unwritable: still an end
             return ("ended", job, handle._proc.returncode if handle.returncode is None else handle.returncode)
         return ("ended", job, handle.returncode)
@@ -2240,13 +2319,15 @@ class Scheduler:
         self._dirty = True
         if job.experiment is None:
             # Created here, not in the pool, so that the directory is known for
-            # the "started" line and lines come out in dispatch order.
+            # the "started" line and lines come out in dispatch order.  Its
+            # metadata.json is first written by the start, still before the
+            # command runs: one rewrite less per experiment.
             s = job.spec
             try:
                 job.experiment = Experiment(
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
-                    lark_config=s.lark_config or s.lark_url, env=s.environment,
+                    lark_config=s.lark_config or s.lark_url, env=s.environment, _defer_write=True,
                 )
             except Exception as e:  # e.g. cwd removed since validation, disk full
                 self._handle(("unstartable", job, e))

@@ -8,6 +8,8 @@ self-contained (its helpers are below) so it does not depend on conftest.
 """
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
 import re
@@ -1008,7 +1010,7 @@ def test_state_file_while_running_and_after(tmp_path):
 
         def running_state():
             s = try_state(base)
-            return s if s and s["running"] and s["running"][0]["work_dir"] else None
+            return s if s and s["running"] and s["running"][0]["work_dir"] and s["running"][0]["pid"] else None
 
         s = wait_for(running_state, what="the state file to show the running job")
         assert set(s) == {"pending", "running", "finished", "errors", "summary"}
@@ -1028,6 +1030,10 @@ def test_state_file_while_running_and_after(tmp_path):
                        "repeats": 1, "max_retries": 4, "attempt": 1, "status": "running",
                        "completed_at": None, "return_code": None, "work_dir": str(wd), "run_id": "run_0001"}
         assert job["created_at"] and job["started_at"]
+        # The pid (leader of the run's process group) reaches metadata.json too,
+        # once the run has lasted exp.PID_RECORD_DELAY.
+        pid = wait_for(lambda: meta(wd)["pid"], what="the run's pid in metadata.json")
+        assert job["pid"] == pid == meta(wd)["runs"][0]["pid"] and os.getpgid(pid) == pid
         assert [(p["name"], p["status"], p["attempt"], p["work_dir"]) for p in s["pending"]] == [
             ("after", "pending", 0, None), ("after", "pending", 0, None)]
         assert "hunter2" not in (base / ".exp_state" / "scheduler_state.json").read_text()
@@ -1044,7 +1050,9 @@ def test_state_file_while_running_and_after(tmp_path):
     assert s["pending"] == [] and s["running"] == [] and s["errors"] == []
     assert [(j["id"], j["name"], j["status"], j["return_code"], j["attempt"]) for j in s["finished"]] == [
         (1, "waiter", "finished", 0, 1), (2, "after", "finished", 0, 1), (3, "after", "finished", 0, 1)]
+    assert meta(wd)["pid"] is None and meta(wd)["runs"][0]["pid"] == pid
     for j in s["finished"]:
+        assert j["pid"] is None  # a pid only while running: it may be reused after
         assert STATE_ITEM_KEYS <= set(j)
         assert j["completed_at"] and j["started_at"] and j["work_dir"] and j["run_id"] == "run_0001"
     assert "hunter2" not in json.dumps(s)
@@ -1095,6 +1103,75 @@ def test_state_file_is_always_valid_json(tmp_path):
     s = read_state(base)
     assert s["summary"]["finished"] == 30 and s["summary"]["status_indicator"] == "stopped"
     assert all(j["environment"] == {"SECRET_X": "***"} for j in s["finished"])
+
+
+# ---------------------------------------------------------------- metadata writes of batch runs
+
+
+@pytest.mark.parametrize("delay, command, writes", [(30.0, "true", 2), (0.0, "sleep 0.3", 3)])
+def test_metadata_writes_per_batch_run(tmp_path, monkeypatch, delay, command, writes):
+    # Each rewrite of metadata.json makes a file and drops one.  A batch run
+    # that ends within PID_RECORD_DELAY is recorded in two writes (start,
+    # before the command runs; end, with the pid in its runs entry); a longer
+    # one gets a third, its pid.
+    monkeypatch.setattr(exp, "PID_RECORD_DELAY", delay)
+    writes_by_dir = collections.Counter()
+    real_write = exp.write_json_atomic
+
+    def counting_write(path, obj):
+        if os.path.basename(path) == "metadata.json":
+            writes_by_dir[os.path.dirname(path)] += 1
+        return real_write(path, obj)
+
+    monkeypatch.setattr(exp, "write_json_atomic", counting_write)
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 2},
+                       [{"name": "t", "command": command, "repeats": 3}])
+    assert exp.Scheduler(exp.load_config(cfg), out=io.StringIO()).run() == 0
+    assert len(writes_by_dir) == 3 and set(writes_by_dir.values()) == {writes}, writes_by_dir
+    for d in writes_by_dir:
+        m = meta(d)
+        (run,) = m["runs"]
+        assert (m["status"], m["exit_code"], m["pid"], run["status"]) == ("finished", 0, None, "finished")
+        assert isinstance(run["pid"], int) and run["pid"] > 0
+
+
+def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypatch):
+    # The first write of a batch experiment is its start; a start that fails
+    # before it (here: no room for the log file) must still leave a record.
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exp.Experiment, "_claim_run", full_disk)
+    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "x", "command": "true"}])
+    assert exp.Scheduler(exp.load_config(cfg), out=io.StringIO()).run() == 1
+    (d,) = exp_dirs(tmp_path / "results", "x")
+    m = meta(d)
+    assert m["status"] == "error" and m["name"] == "x" and m["command"] == "true"
+    (job,) = read_state(tmp_path / "results")["errors"]
+    assert job["status"] == "error" and "No space left on device" in job["error"] and job["work_dir"] == str(d)
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_exited_within(monkeypatch, pidfd):
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    elif not hasattr(os, "pidfd_open"):
+        pytest.skip("os.pidfd_open needs Linux and Python 3.9+")
+    quick = subprocess.Popen(["true"])
+    assert exp._exited_within(quick, 10)
+    assert quick.wait(5) == 0
+    slow = subprocess.Popen(["sleep", "10"])
+    try:
+        t = time.monotonic()
+        assert not exp._exited_within(slow, 0.2)
+        assert time.monotonic() - t >= 0.15
+        slow.kill()
+        t = time.monotonic()
+        assert exp._exited_within(slow, 10)
+        assert time.monotonic() - t < 5
+    finally:
+        slow.kill()
+        slow.wait(5)
 
 
 # ============================================================================
