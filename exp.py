@@ -1494,12 +1494,11 @@ class RunHandle:
         if watch:  # the scheduler's own worker thread calls _watch() instead
             threading.Thread(target=self._watch, name=f"exp-watch-{run_id}", daemon=True).start()
 
-    def _watch(self, record_pid_after: float | None = None) -> None:
-        """Wait for the command and record its end; with ``record_pid_after``,
-        also record the pid once the command has run that long."""
-        if record_pid_after is not None and not _exited_within(self._proc, record_pid_after):
-            self.experiment._record_pid(self.run_id, self.pid)
-        code = self._proc.wait()
+    def _watch(self) -> None:
+        self._finish(self._proc.wait())
+
+    def _finish(self, code: int | None) -> None:
+        """Record the end of the run (``code``: its exit status) and release waiters."""
         status = KILLED if self._killed else (FINISHED if code == 0 else ERROR)
         try:
             self.experiment._record_end(self.run_id, self.started_at, self._t0, code, status, self.log_path,
@@ -2117,11 +2116,11 @@ class _Terminal:
 class Scheduler:
     """Run a batch: dispatch by priority under a concurrency limit, retry, report.
 
-    Threads of a ``ThreadPoolExecutor`` start the commands and wait for them
-    (the work is in child processes, so threads only wait).  They report to
-    the main thread through a queue, so a finished experiment frees its slot
-    and the next starts at once; only the main thread changes job state and
-    writes the state file.
+    The main thread makes each experiment's directory and starts its command;
+    a thread of a ``ThreadPoolExecutor`` waits for the command, records its
+    end in the experiment's files and says so through a queue, so a finished
+    experiment frees its slot and the next starts at once.  Only the main
+    thread changes job state and writes the state file.
 
     Args:
         config: a validated :class:`BatchConfig`.
@@ -2194,29 +2193,27 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
 
-    def _attempt(self, job: Job) -> tuple[str, Job, Any]:
-        """In a pool thread: start the command, wait for it, record its end; never raises.
+    @staticmethod
+    def _wait(job: Job, handle: RunHandle) -> tuple[str, Job, Any]:
+        """In a pool thread: wait for a run's command, record its end; never raises.
 
-        Starting here rather than in the main thread lets the file writes of
-        one launch overlap with the bookkeeping of the next.
+        A run still going after :data:`PID_RECORD_DELAY` gets its pid written
+        first.  Returns ``("exited", job, (exit code, error or None))``.
         """
-        experiment = job.experiment
-        assert experiment is not None
         try:
-            handle = experiment._start(None, watch=False, pid_later=True)
-        except BaseException as e:  # noqa: BLE001 - reported as this attempt's failure
-            if experiment._unwritten:  # failed before its first write: leave a record anyway
-                try:
-                    experiment._update_metadata(lambda m: m.update(status=ERROR))
-                except OSError:
-                    pass
-            return ("unstartable", job, e)
-        self._events.put(("started", job, handle))
+            if not _exited_within(handle._proc, PID_RECORD_DELAY):
+                handle.experiment._record_pid(handle.run_id, handle.pid)
+        except Exception:  # noqa: BLE001 - e.g. disk full: the end still gets recorded
+            pass
         try:
-            handle._watch(record_pid_after=PID_RECORD_DELAY)
-        except BaseException:  # noqa: BLE001 - e.g. metadata unwritable: still an end
-            return ("ended", job, handle._proc.returncode if handle.returncode is None else handle.returncode)
-        return ("ended", job, handle.returncode)
+            code: int | None = handle._proc.wait()
+        except BaseException:  # noqa: BLE001 - not expected for our own child; still an end
+            code = None
+        try:
+            handle._finish(code)
+        except BaseException as e:  # noqa: BLE001 - e.g. disk full: the batch goes on, and says so
+            return ("exited", job, (code, f"its end could not be recorded: {type(e).__name__}: {e}"))
+        return ("exited", job, (code, None))
 
     # ---------------------------------------------------------------- main loop
 
@@ -2317,40 +2314,37 @@ class Scheduler:
         self.running[job.id] = job
         self._touch(job)
         self._dirty = True
-        if job.experiment is None:
-            # Created here, not in the pool, so that the directory is known for
-            # the "started" line and lines come out in dispatch order.  Its
-            # metadata.json is first written by the start, still before the
-            # command runs: one rewrite less per experiment.
-            s = job.spec
-            try:
+        try:
+            if job.experiment is None:
+                # Its metadata.json is first written by the start, still before
+                # the command runs: one rewrite less per experiment.
+                s = job.spec
                 job.experiment = Experiment(
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
                     lark_config=s.lark_config or s.lark_url, env=s.environment, _defer_write=True,
                 )
-            except Exception as e:  # e.g. cwd removed since validation, disk full
-                self._handle(("unstartable", job, e))
-                return
-        job.work_dir = job.experiment.work_dir
+            handle = job.experiment._start(None, watch=False, pid_later=True)
+        except Exception as e:  # e.g. cwd removed since validation, disk full
+            experiment = job.experiment
+            if experiment is not None and experiment._unwritten:  # failed before its first write
+                try:
+                    experiment._update_metadata(lambda m: m.update(status=ERROR))
+                except OSError:
+                    pass
+            self._handle(("unstartable", job, e))
+            return
+        job.handle, job.run_id, job.work_dir = handle, handle.run_id, job.experiment.work_dir
         gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
             f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
         )
-        fut = pool.submit(self._attempt, job)
+        fut = pool.submit(self._wait, job, handle)
         fut.add_done_callback(lambda f: self._events.put(f.result()))
 
     def _handle(self, ev: tuple[str, Job, Any]) -> None:
         kind, job, value = ev
-        if kind == "started":
-            job.handle, job.run_id = value, value.run_id
-            self._touch(job)
-            self._dirty = True
-            if self._stopping:  # started while shutting down: stop it too
-                value._killed = True
-                _signal_group(value.pid, 15)
-            return
         self.running.pop(job.id, None)
         job.completed_at = now_iso()
         job.duration = round(self._clock() - job.t_started, 3)
@@ -2359,25 +2353,26 @@ class Scheduler:
             if job.experiment is not None:
                 job.work_dir = job.experiment.work_dir
         else:
-            job.return_code = value
-            job.status = job.handle.status if job.handle is not None else ERROR
-            job.error = None
+            assert job.handle is not None
+            job.return_code, job.error = value
+            job.status = job.handle.status
         self._touch(job)
         dur = format_duration(job.duration)
+        note = f" ({job.error})" if job.error and kind == "exited" else ""
         if job.status == FINISHED:
-            self.term.event(f"{self.term.paint('finished', '32')} {job.label()} in {dur}")
+            self.term.event(f"{self.term.paint('finished', '32')} {job.label()} in {dur}{note}")
         elif job.status == KILLED:
-            self.term.event(f"{self.term.paint('killed  ', '33')} {job.label()} after {dur}")
+            self.term.event(f"{self.term.paint('killed  ', '33')} {job.label()} after {dur}{note}")
         else:
-            why = job.error or f"exit code {job.return_code}"
+            why = job.error if kind == "unstartable" else f"exit code {job.return_code}" + (note and f", {job.error}")
             self.term.event(f"{self.term.paint('failed  ', '31')} {job.label()} ({why}) after {dur}")
-            log = job.handle.log_path if (job.handle is not None and kind == "ended") else None
+            log = job.handle.log_path if (job.handle is not None and kind == "exited") else None
             if log:
                 for line in _tail_lines(log, 10, skip_prefix=LOG_MARK):
                     self.term.plain(f"      {line}")
         retry = (
             job.status == ERROR and not self._stopping and self.config.auto_restart_on_error
-            and job.attempt < job.max_attempts and kind == "ended"
+            and job.attempt < job.max_attempts and kind == "exited"
         )
         if retry:
             job.status = PENDING
@@ -2442,8 +2437,6 @@ class Scheduler:
             if ev[0] == "signal":  # a second Ctrl-C or SIGTERM: no more waiting
                 hard = True
                 continue
-            if ev[0] == "started":
-                groups.append(ev[2].pid)
             self._handle(ev)
 
     def _print_summary(self, interrupted: bool) -> None:

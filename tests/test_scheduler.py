@@ -1151,6 +1151,24 @@ def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypat
     assert job["status"] == "error" and "No space left on device" in job["error"] and job["work_dir"] == str(d)
 
 
+def test_a_run_whose_end_cannot_be_recorded_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch):
+    def full_disk(self, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exp.Experiment, "_record_end", full_disk)
+    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "ok", "command": "true", "repeats": 2},
+                                                 {"name": "bad", "command": "exit 3"}])
+    out = io.StringIO()
+    assert exp.Scheduler(exp.load_config(cfg), out=out).run() == 1
+    text = out.getvalue()
+    assert text.count("(its end could not be recorded: OSError: [Errno 28] No space left on device)") == 2, text
+    assert "(exit code 3, its end could not be recorded: OSError: [Errno 28]" in text, text
+    s = read_state(tmp_path / "results")
+    assert [(j["name"], j["status"], j["return_code"]) for j in s["finished"] + s["errors"]] == [
+        ("ok", "finished", 0), ("ok", "finished", 0), ("bad", "error", 3)]
+    assert all("No space left" in j["error"] for j in s["finished"] + s["errors"])
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_exited_within(monkeypatch, pidfd):
     if not pidfd:
