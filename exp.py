@@ -53,7 +53,6 @@ import re
 import sys
 import threading
 import time
-from datetime import datetime
 
 try:  # POSIX only; Windows has no flock and exp does not run commands there
     import fcntl
@@ -222,7 +221,12 @@ def add_conda_no_capture(command: str) -> str:
 
 def now_iso() -> str:
     """The local time as ISO 8601 with its UTC offset, to the second."""
-    return datetime.now().astimezone().isoformat(timespec="seconds")
+    # time, not datetime: importing datetime costs more than this whole function.
+    lt = time.localtime()
+    off = lt.tm_gmtoff or 0
+    sign = "-" if off < 0 else "+"
+    off = abs(off)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}"
 
 
 def _json():
@@ -395,15 +399,18 @@ def _hostname() -> str:
     return _HOST[0]
 
 
-
 def _user() -> str | None:
     if not _USER:
-        try:
-            import getpass
+        # What getpass.getuser() does, without importing getpass (and termios).
+        name = next((os.environ[k] for k in ("LOGNAME", "USER", "LNAME", "USERNAME") if os.environ.get(k)), None)
+        if name is None:
+            try:
+                import pwd
 
-            _USER.append(getpass.getuser())
-        except Exception:  # no passwd entry in some containers
-            _USER.append(None)
+                name = pwd.getpwuid(os.getuid()).pw_name
+            except (ImportError, KeyError, AttributeError):  # Windows, or no passwd entry
+                pass
+        _USER.append(name)
     return _USER[0]
 
 
@@ -760,6 +767,8 @@ def _iso_from_old_timestamp(value: Any) -> str | None:
     """The earlier project's ``timestamp`` (ISO, or the directory format) as ISO 8601."""
     if not isinstance(value, str) or not value:
         return None
+    from datetime import datetime
+
     try:
         return datetime.fromisoformat(value).isoformat(timespec="seconds")
     except ValueError:
@@ -885,7 +894,7 @@ class Experiment:
     # ------------------------------------------------------------------ creation
 
     def _make_dir(self) -> tuple[str, str]:
-        stamp = datetime.now().strftime(TIMESTAMP_FORMAT)
+        stamp = time.strftime(TIMESTAMP_FORMAT)
         n = 1
         while True:
             ts = stamp if n == 1 else f"{stamp}_{n}"
@@ -2089,7 +2098,7 @@ class _Terminal:
         return f"\x1b[{code}m{text}\x1b[0m" if self.color else text
 
     def event(self, text: str) -> None:
-        stamp = datetime.now().strftime("%H:%M:%S")
+        stamp = time.strftime("%H:%M:%S")
         bar = self.tty and self._bar
         self._write(("\r\x1b[K" if bar else "") + f"[{stamp}] {text}\n" + (self._bar if bar else ""))
 

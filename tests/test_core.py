@@ -1018,8 +1018,27 @@ def test_import_exp_stays_light():
     assert lines[0] == os.path.join(ROOT, "exp.py")
     loaded = set(lines[1:])
     assert "exp" in loaded and "os" in loaded
-    heavy = {"http.server", "urllib.request", "concurrent.futures", "subprocess", "json"}
+    heavy = {"http.server", "urllib.request", "concurrent.futures", "subprocess", "json", "datetime", "getpass"}
     assert heavy & loaded == set()
+
+
+# POSIX TZ strings (no tz database needed): UTC, +05:30, -03:30, +12:45, -10:00.
+@pytest.mark.parametrize("tz", ["UTC0", "IST-5:30", "NST+3:30", "CHAST-12:45", "HST+10"])
+def test_now_iso_matches_datetime_in_any_time_zone(tz):
+    # exp.now_iso builds the ISO 8601 time from the time module; datetime is the reference.
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import exp; from datetime import datetime\n"
+            "for _ in range(5):\n"
+            "    a = exp.now_iso(); b = datetime.now().astimezone().isoformat(timespec='seconds')\n"
+            "    if a == b: break\n"  # a second may tick between the two
+            "print(a); print(b)")
+    r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60,
+                       env=child_env(TZ=tz))
+    assert r.returncode == 0, r.stderr
+    ours, reference = r.stdout.split()
+    assert ours == reference
+    assert ours.endswith({"UTC0": "+00:00", "IST-5:30": "+05:30", "NST+3:30": "-03:30", "CHAST-12:45": "+12:45",
+                          "HST+10": "-10:00"}[tz])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", ours)
 
 
 def test_cli_version_and_help():
