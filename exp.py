@@ -254,11 +254,22 @@ def dumps_json(obj: Any) -> str:
         return enc(obj) + "\n"
     lines = []
     for k, v in obj.items():
-        if isinstance(v, list) and v and isinstance(v[0], dict):
+        # Scalars directly: encode() of anything but a str sets up a whole
+        # encoder per call, which is most of the cost of a metadata write.
+        t = type(v)
+        if v is None:
+            text = "null"
+        elif t is str:
+            text = enc(v)
+        elif t is bool:
+            text = "true" if v else "false"
+        elif t is int:
+            text = int.__repr__(v)
+        elif t is list and v and type(v[0]) is dict:
             text = "[\n    " + ",\n    ".join(enc(x) for x in v) + "\n  ]"
         else:
             text = enc(v)
-        lines.append(f"  {enc(str(k))}: {text}")
+        lines.append(f"  {enc(k if type(k) is str else str(k))}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 

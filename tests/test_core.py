@@ -386,6 +386,31 @@ def test_no_secrets_in_metadata(make_exp, tmp_path):
 
 
 @posix_only
+def test_metadata_json_is_json_one_key_per_line():
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    obj = {
+        "none": None, "t": True, "f": False, "int": -12, "big": 2**70, "float": 0.1, "level": Level.HIGH,
+        "str": 'quote " backslash \\ newline \n tab \t é ✓ \u2028', "empty": [], "list": [1, "a", None],
+        "runs": [{"id": "run_0001", "pid": 7}, {"id": "run_0002", "pid": None}], "dict": {"k": [1.5]},
+        "path": pathlib.Path("/x/y"), 3: "int key",
+    }
+    text = exp.dumps_json(obj)
+    back = json.loads(text)
+    expected = {str(k): v for k, v in obj.items()}
+    expected.update(level=3, path="/x/y")
+    assert back == expected
+    lines = text.rstrip("\n").split("\n")  # not splitlines(): U+2028 is a line break to it
+    assert lines[0] == "{" and lines[-1] == "}" and text.endswith("}\n")
+    assert lines[1:4] == ['  "none": null,', '  "t": true,', '  "f": false,']
+    assert '  "runs": [' in lines and '    {"id": "run_0001", "pid": 7},' in lines  # a run per line
+    assert '"str": "quote \\" backslash \\\\ newline \\n tab \\t é ✓' in text  # readable, not \\u-escaped
+    assert len(lines) == len(obj) + 2 + 3  # one line per key, plus braces and the runs list's own lines
+
+
 def test_metadata_reader_never_sees_torn_json(make_exp):
     e = make_exp("atomic", "exit 0")
     path = e.metadata_path
