@@ -1135,6 +1135,32 @@ def test_metadata_writes_per_batch_run(tmp_path, monkeypatch, delay, command, wr
         assert isinstance(run["pid"], int) and run["pid"] > 0
 
 
+def test_a_batch_command_starts_only_after_its_metadata_says_running(tmp_path, monkeypatch):
+    # The command may read metadata.json the moment it starts; what it finds
+    # must already describe this run.  Observed at the Popen call itself (the
+    # real Popen still runs), where a race with a fast child cannot hide it.
+    seen = []
+    real_popen = subprocess.Popen
+
+    def observing_popen(*args, **kwargs):
+        env = kwargs.get("env") or {}
+        if b"EXPERIMENT_WORK_DIR" in env:
+            m = meta(env[b"EXPERIMENT_WORK_DIR"].decode())
+            seen.append((m["status"], m["current_run_id"], env[b"EXPERIMENT_RUN_ID"].decode(),
+                         m["runs"][-1]["id"], m["runs"][-1]["status"]))
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", observing_popen)
+    marker = tmp_path / "failed-once"
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 2, "auto_restart_on_error": True}, [
+        {"name": "ok", "command": "true", "repeats": 2},
+        {"name": "flaky", "command": f"test -e {marker} || {{ touch {marker}; exit 1; }}", "max_retries": 1},
+    ])
+    assert exp.Scheduler(exp.load_config(cfg), out=io.StringIO()).run() == 0
+    assert sorted(seen) == [("running", "run_0001", "run_0001", "run_0001", "running")] * 3 + [
+        ("running", "run_0002", "run_0002", "run_0002", "running")]
+
+
 def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypatch):
     # The first write of a batch experiment is its start; a start that fails
     # before it (here: no room for the log file) must still leave a record.
