@@ -226,7 +226,8 @@ def now_iso() -> str:
     off = lt.tm_gmtoff or 0
     sign = "-" if off < 0 else "+"
     off = abs(off)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}"
+    tz = f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}" + (f":{off % 60:02d}" if off % 60 else "")
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
 
 
 def _json():
@@ -265,7 +266,7 @@ def dumps_json(obj: Any) -> str:
             text = "true" if v else "false"
         elif t is int:
             text = int.__repr__(v)
-        elif t is list and v and type(v[0]) is dict:
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
             text = "[\n    " + ",\n    ".join(enc(x) for x in v) + "\n  ]"
         else:
             text = enc(v)
@@ -712,6 +713,8 @@ def _validate_command(command: Any) -> str:
         raise ConfigError(
             f"command must be a non-empty shell command string such as 'python train.py', got {command!r}"
         )
+    if "\0" in command:
+        raise ConfigError(f"command cannot contain a NUL character, got {command!r}")
     return command
 
 
@@ -1293,8 +1296,8 @@ class Experiment:
                     start_new_session=True,
                     close_fds=True,
                 )
-            except OSError as e:
-                # e.g. cwd vanished, or no /bin/sh: the run ends at once as an error
+            except Exception as e:
+                # e.g. cwd vanished, no /bin/sh, no memory: the run ends at once as an error
                 os.write(fd, f"{LOG_MARK} could not start: {e}\n".encode("utf-8"))
                 if not pid_later:
                     self._record_start(rid, started, None)
@@ -1356,8 +1359,10 @@ class Experiment:
                     if r.get("pid") is None and pid is not None:
                         r["pid"] = pid
 
-        self._update_metadata(update)
-        self._meta_lock().close()  # no descriptor held between runs
+        try:
+            self._update_metadata(update)
+        finally:
+            self._meta_lock().close()  # no descriptor held between runs
 
     def _start_in_process(self) -> None:
         """Make the calling process itself this experiment's current run (standalone mode)."""
@@ -1767,12 +1772,11 @@ def _check_value(where: str, key: str, v: Any, errors: list[str]) -> Any:
     if key in ("name", "command"):
         if not isinstance(v, str) or not v.strip():
             return bad("a non-empty string")
-        if key == "name":
-            try:
-                _validate_name(v)
-            except ConfigError as e:
-                errors.append(f"{loc}: {e}")
-                return None
+        try:
+            (_validate_name if key == "name" else _validate_command)(v)
+        except ConfigError as e:
+            errors.append(f"{loc}: {e}")
+            return None
         return v
     if key in ("description", "cwd", "base_dir", "base_experiment_dir", "lark_url", "resume"):
         if not isinstance(v, str) or (key != "description" and not v.strip()):
@@ -2166,6 +2170,7 @@ class Scheduler:
         self._state_cache: dict[int, str] = {}
         self._dirty = True
         self._next_state_write = 0.0
+        self._state_unwritable = False
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
@@ -2185,7 +2190,11 @@ class Scheduler:
         self._state_cache.pop(job.id, None)
 
     def write_state(self) -> None:
-        """Write ``<base>/.exp_state/scheduler_state.json`` atomically."""
+        """Write ``<base>/.exp_state/scheduler_state.json`` atomically.
+
+        If it cannot be written (a full disk), that is said once and the write
+        is tried again later: the experiments matter more than the state file.
+        """
         groups: dict[str, list[Job]] = {"pending": list(self.queue), "running": list(self.running.values()),
                                         "finished": [], "errors": []}
         for job in self.done:
@@ -2205,11 +2214,26 @@ class Scheduler:
         text = "{" + ",\n".join(parts) + "}\n"
         self._dirty = False
         self._next_state_write = self._clock() + STATE_WRITE_INTERVAL
-        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = f"{self.state_path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.state_path)
+        try:
+            os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, self.state_path)
+        except OSError as e:
+            self._dirty = True
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if not self._state_unwritable:
+                self._state_unwritable = True
+                self.term.event(f"warning: cannot write the state file {_short_path(self.state_path)} ({e}); "
+                                "the batch goes on and exp keeps trying")
+            return
+        if self._state_unwritable:
+            self._state_unwritable = False
+            self.term.event(f"the state file {_short_path(self.state_path)} is written again")
 
     # ---------------------------------------------------------------- worker side
 
@@ -2278,7 +2302,7 @@ class Scheduler:
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         if interrupted:
             return 130
-        return 0 if all(j.status == FINISHED for j in self.jobs) else 1
+        return 0 if all(j.status == FINISHED and not j.error for j in self.jobs) else 1
 
     def _loop(self, pool: Any) -> None:
         import queue as queue_mod
@@ -2332,7 +2356,6 @@ class Scheduler:
         job.return_code = None
         job.t_started = self._clock()
         self.running[job.id] = job
-        self._touch(job)
         self._dirty = True
         try:
             if job.experiment is None:
@@ -2352,9 +2375,12 @@ class Scheduler:
                     experiment._update_metadata(lambda m: m.update(status=ERROR))
                 except OSError:
                     pass
+                finally:
+                    experiment._meta_lock().close()
             self._handle(("unstartable", job, e))
             return
         job.handle, job.run_id, job.work_dir = handle, handle.run_id, job.experiment.work_dir
+        self._touch(job)
         gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
@@ -2473,10 +2499,16 @@ class Scheduler:
                 + (" (" + ", ".join(f"{j.label()} x{j.attempt}" for j in retried) + ")" if retried else ""))
         t.plain(f"  failed:                  {len(failed)}")
         for j in failed:
-            why = j.error or ("killed" if j.status == KILLED else f"exit code {j.return_code}")
+            why = "killed" if j.status == KILLED else ("" if j.return_code is None else f"exit code {j.return_code}")
+            why = ", ".join(x for x in (why, j.error) if x)
             t.plain(f"    {j.label()}: {why}  {_short_path(j.work_dir)}")
         if never:
             t.plain(f"  not started:             {len(never)}")
+        unrecorded = [j for j in self.jobs if j.status == FINISHED and j.error]
+        if unrecorded:  # the command succeeded, but its metadata.json still says running
+            t.plain(f"  succeeded, end not recorded: {len(unrecorded)}")
+            for j in unrecorded:
+                t.plain(f"    {j.label()}: {j.error}  {_short_path(j.work_dir)}")
         t.plain(f"  state: {_short_path(self.state_path)}")
 
 

@@ -385,7 +385,6 @@ def test_no_secrets_in_metadata(make_exp, tmp_path):
     assert child["API_TOKEN"] == "s3cret-tok-123" and child["WANDB_API_KEY"] == "wandb-key-987"
 
 
-@posix_only
 def test_metadata_json_is_json_one_key_per_line():
     import enum
 
@@ -409,8 +408,25 @@ def test_metadata_json_is_json_one_key_per_line():
     assert '  "runs": [' in lines and '    {"id": "run_0001", "pid": 7},' in lines  # a run per line
     assert '"str": "quote \\" backslash \\\\ newline \\n tab \\t é ✓' in text  # readable, not \\u-escaped
     assert len(lines) == len(obj) + 2 + 3  # one line per key, plus braces and the runs list's own lines
+    # Each value is exactly what json writes for it (a list of objects aside, which gets a line per item).
+    entries = {ln.rstrip(",") for ln in lines}
+    for k, v in obj.items():
+        if k != "runs":
+            assert f"  {json.dumps(str(k))}: {json.dumps(v, ensure_ascii=False, default=str)}" in entries
 
 
+def test_metadata_json_puts_each_object_of_a_list_on_its_own_line():
+    import collections
+
+    class Runs(list):
+        pass
+
+    for runs in ([{"id": 1}, {"id": 2}], Runs([{"id": 1}, {"id": 2}]),
+                 [collections.OrderedDict(id=1), collections.OrderedDict(id=2)]):
+        assert exp.dumps_json({"runs": runs}) == '{\n  "runs": [\n    {"id": 1},\n    {"id": 2}\n  ]\n}\n'
+
+
+@posix_only
 def test_metadata_reader_never_sees_torn_json(make_exp):
     e = make_exp("atomic", "exit 0")
     path = e.metadata_path
@@ -1047,8 +1063,10 @@ def test_import_exp_stays_light():
     assert heavy & loaded == set()
 
 
-# POSIX TZ strings (no tz database needed): UTC, +05:30, -03:30, +12:45, -10:00.
-@pytest.mark.parametrize("tz", ["UTC0", "IST-5:30", "NST+3:30", "CHAST-12:45", "HST+10"])
+# POSIX TZ strings (no tz database needed): UTC, +05:30, -03:30, +12:45, -10:00, an offset with
+# seconds (as local mean times have), and a zone with a daylight-saving rule.
+@pytest.mark.parametrize("tz", ["UTC0", "IST-5:30", "NST+3:30", "CHAST-12:45", "HST+10", "LMT-0:19:32",
+                                "EST5EDT,M3.2.0,M11.1.0"])
 def test_now_iso_matches_datetime_in_any_time_zone(tz):
     # exp.now_iso builds the ISO 8601 time from the time module; datetime is the reference.
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import exp; from datetime import datetime\n"
@@ -1062,8 +1080,8 @@ def test_now_iso_matches_datetime_in_any_time_zone(tz):
     ours, reference = r.stdout.split()
     assert ours == reference
     assert ours.endswith({"UTC0": "+00:00", "IST-5:30": "+05:30", "NST+3:30": "-03:30", "CHAST-12:45": "+12:45",
-                          "HST+10": "-10:00"}[tz])
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", ours)
+                          "HST+10": "-10:00", "LMT-0:19:32": "+00:19:32"}.get(tz, ("-05:00", "-04:00")))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d(:\d\d)?", ours)
 
 
 def test_cli_version_and_help():

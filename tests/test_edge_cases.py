@@ -203,6 +203,18 @@ def test_nul_in_an_environment_value_is_refused(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_nul_in_a_command_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"command cannot contain a NUL character"):
+        exp.Experiment("nul", "echo a\0b", base_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "c.toml").write_text('[[experiments]]\nname = "n"\ncommand = "echo a\\u0000b"\n')
+    r = subprocess.run([sys.executable, EXP_PY, "run", "c.toml"], cwd=tmp_path, capture_output=True, text=True,
+                       env=child_env(), timeout=60)
+    assert r.returncode == 2
+    assert "experiments[0].command: command cannot contain a NUL character, got 'echo a\\x00b'" in r.stderr
+    assert not (tmp_path / "results").exists()
+
+
 def test_relative_resume_path_in_a_config_resolves_against_the_config(tmp_path):
     proj = tmp_path / "proj"
     proj.mkdir()

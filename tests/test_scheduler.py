@@ -1161,6 +1161,19 @@ def test_a_batch_command_starts_only_after_its_metadata_says_running(tmp_path, m
         ("running", "run_0002", "run_0002", "run_0002", "running")]
 
 
+def fds_under(directory):
+    """This process's open descriptors on files or directories under ``directory``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (another test's thread)
+            continue
+        if target == str(directory) or target.startswith(str(directory) + os.sep):
+            found.append(target)
+    return found
+
+
 def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypatch):
     # The first write of a batch experiment is its start; a start that fails
     # before it (here: no room for the log file) must still leave a record.
@@ -1169,7 +1182,10 @@ def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypat
 
     monkeypatch.setattr(exp.Experiment, "_claim_run", full_disk)
     cfg = write_config(tmp_path / "c.toml", {}, [{"name": "x", "command": "true"}])
-    assert exp.Scheduler(exp.load_config(cfg), out=io.StringIO()).run() == 1
+    sched = exp.Scheduler(exp.load_config(cfg), out=io.StringIO())
+    assert sched.run() == 1
+    if sys.platform.startswith("linux"):
+        assert fds_under(tmp_path) == []  # (sched, holding the Experiment, is still alive)
     (d,) = exp_dirs(tmp_path / "results", "x")
     m = meta(d)
     assert m["status"] == "error" and m["name"] == "x" and m["command"] == "true"
@@ -1177,22 +1193,84 @@ def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypat
     assert job["status"] == "error" and "No space left on device" in job["error"] and job["work_dir"] == str(d)
 
 
+@linux_only
 def test_a_run_whose_end_cannot_be_recorded_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch):
-    def full_disk(self, *args):
-        raise OSError(28, "No space left on device")
+    # The disk fills up between a run's start and its end: the end's metadata
+    # write fails (the real _record_end runs), the batch goes on, says so, and
+    # leaves no descriptor open.
+    real_write = exp.write_json_atomic
 
-    monkeypatch.setattr(exp.Experiment, "_record_end", full_disk)
+    def full_at_the_end(path, obj):
+        if os.path.basename(path) == "metadata.json" and obj.get("status") in ("finished", "error"):
+            raise OSError(28, "No space left on device")
+        return real_write(path, obj)
+
+    monkeypatch.setattr(exp, "write_json_atomic", full_at_the_end)
     cfg = write_config(tmp_path / "c.toml", {}, [{"name": "ok", "command": "true", "repeats": 2},
                                                  {"name": "bad", "command": "exit 3"}])
     out = io.StringIO()
-    assert exp.Scheduler(exp.load_config(cfg), out=out).run() == 1
+    sched = exp.Scheduler(exp.load_config(cfg), out=out)
+    assert sched.run() == 1  # every command ran, but two ends are missing from metadata.json
+    assert fds_under(tmp_path) == []  # (sched, holding every Experiment, is still alive)
     text = out.getvalue()
     assert text.count("(its end could not be recorded: OSError: [Errno 28] No space left on device)") == 2, text
     assert "(exit code 3, its end could not be recorded: OSError: [Errno 28]" in text, text
+    assert "  succeeded, end not recorded: 2" in text, text
+    assert re.search(r"    bad: exit code 3, its end could not be recorded: OSError: \[Errno 28\]", text), text
     s = read_state(tmp_path / "results")
     assert [(j["name"], j["status"], j["return_code"]) for j in s["finished"] + s["errors"]] == [
         ("ok", "finished", 0), ("ok", "finished", 0), ("bad", "error", 3)]
     assert all("No space left" in j["error"] for j in s["finished"] + s["errors"])
+    for d in exp_dirs(tmp_path / "results", "ok") + exp_dirs(tmp_path / "results", "bad"):
+        assert meta(d)["status"] == "running"  # what was last written: the start
+
+
+@linux_only
+def test_a_start_that_fails_after_its_first_write_ends_as_an_error(tmp_path, monkeypatch):
+    # Popen failing with something else than OSError (here: no memory for it)
+    # after metadata.json already says running must still record the end.
+    real_popen = subprocess.Popen
+
+    def failing_popen(*args, **kwargs):
+        if b"EXPERIMENT_WORK_DIR" in (kwargs.get("env") or {}):
+            raise MemoryError("cannot allocate")
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", failing_popen)
+    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "x", "command": "true"}])
+    out = io.StringIO()
+    sched = exp.Scheduler(exp.load_config(cfg), out=out)
+    assert sched.run() == 1
+    assert fds_under(tmp_path) == []  # (sched, holding the Experiment, is still alive)
+    (d,) = exp_dirs(tmp_path / "results", "x")
+    m = meta(d)
+    assert (m["status"], m["exit_code"], m["pid"]) == ("error", 127, None)
+    assert [(r["id"], r["status"], r["exit_code"]) for r in m["runs"]] == [("run_0001", "error", 127)]
+    log = (d / "terminal_logs" / "run_0001.log").read_text()
+    assert "could not start: cannot allocate" in log and "run_0001 ended: exit code 127 (error)" in log
+    assert "could not start 'true'" in out.getvalue()
+
+
+def test_state_file_that_cannot_be_written_is_reported_once_and_the_batch_goes_on(tmp_path):
+    # A file where the state directory should be: every state write fails
+    # until the first experiment removes it; the experiments run regardless.
+    base = tmp_path / "results"
+    base.mkdir()
+    blocker = base / ".exp_state"
+    blocker.write_text("in the way")
+    cfg = write_config(tmp_path / "c.toml", {}, [
+        {"name": "unblock", "command": f"sleep 0.3; rm {shlex.quote(str(blocker))}; sleep 0.3", "priority": 1},
+        {"name": "after", "command": "true"},
+    ])
+    out = io.StringIO()
+    assert exp.Scheduler(exp.load_config(cfg), out=out).run() == 0
+    text = out.getvalue()
+    assert text.count("warning: cannot write the state file") == 1, text
+    assert text.count("is written again") == 1, text
+    assert text.index("warning: cannot write") < text.index("is written again") < text.index("summary:")
+    s = read_state(base)
+    assert s["summary"]["finished"] == 2 and s["summary"]["status_indicator"] == "stopped"
+    assert [p.name for p in (base / ".exp_state").iterdir()] == ["scheduler_state.json"]  # no temp file left
 
 
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
