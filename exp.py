@@ -1990,6 +1990,14 @@ class Job:
         rep = f" #{self.repeat}/{self.spec.repeats}" if self.spec.repeats > 1 else ""
         return f"{self.spec.name}{rep}"
 
+    def outcome(self) -> str:
+        """How an ended attempt went, for people: "exit code 3", "killed", and any error."""
+        if self.status == KILLED:
+            what = "killed"
+        else:
+            what = "" if self.return_code is None else f"exit code {self.return_code}"
+        return ", ".join(x for x in (what, self.error) if x)
+
     def to_state(self) -> dict[str, Any]:
         s = self.spec
         return {
@@ -2410,8 +2418,7 @@ class Scheduler:
         elif job.status == KILLED:
             self.term.event(f"{self.term.paint('killed  ', '33')} {job.label()} after {dur}{note}")
         else:
-            why = job.error if kind == "unstartable" else f"exit code {job.return_code}" + (note and f", {job.error}")
-            self.term.event(f"{self.term.paint('failed  ', '31')} {job.label()} ({why}) after {dur}")
+            self.term.event(f"{self.term.paint('failed  ', '31')} {job.label()} ({job.outcome()}) after {dur}")
             log = job.handle.log_path if (job.handle is not None and kind == "exited") else None
             if log:
                 for line in _tail_lines(log, 10, skip_prefix=LOG_MARK):
@@ -2499,9 +2506,7 @@ class Scheduler:
                 + (" (" + ", ".join(f"{j.label()} x{j.attempt}" for j in retried) + ")" if retried else ""))
         t.plain(f"  failed:                  {len(failed)}")
         for j in failed:
-            why = "killed" if j.status == KILLED else ("" if j.return_code is None else f"exit code {j.return_code}")
-            why = ", ".join(x for x in (why, j.error) if x)
-            t.plain(f"    {j.label()}: {why}  {_short_path(j.work_dir)}")
+            t.plain(f"    {j.label()}: {j.outcome()}  {_short_path(j.work_dir)}")
         if never:
             t.plain(f"  not started:             {len(never)}")
         unrecorded = [j for j in self.jobs if j.status == FINISHED and j.error]
