@@ -24,27 +24,41 @@ Command line::
 
 Data flow::
 
-    Experiment(...) --mkdir--> <base>/<name>_<YYYY-MM-DD__HH-MM-SS>/metadata.json
-         |
-         | run(): Popen(shell, new session, stdout+stderr -> log file)
+    config.toml --parse_config--> BatchConfig --expand_jobs--> [Job ...]
+                                                                  |
+          Scheduler main thread: plan_next() picks jobs for free slots
+                                                                  |
+    Experiment(...) --ExperimentDir.create--> <base>/<name>_<YYYY-MM-DD__HH-MM-SS>/
+         |                                      metadata.json  (status running, before the command)
+         | Experiment.start(): LocalBackend.start(Launch) -> Popen(new session)
          v
-    child process --writes--> terminal_logs/run_NNNN.log
-         |                    (foreground: exp follows the file to the console)
+    child process --stdout+stderr--> terminal_logs/run_NNNN.log
+         |                          (foreground run(): followed to the console)
          | import exp; load_experiment(); upd_row(); save_row()
          v
-    MetricsWriter --append/rewrite under flock--> metrics/run_NNNN.csv
+    MetricsWriter --append under flock--> metrics/run_NNNN.csv
+         |
+    pool thread: RunHandle.wait() --> ExperimentDir.record_end() --> metadata.json
+         |
+    Scheduler --StateFile.write--> <base>/.exp_state/scheduler_state.json
+         |
+    exp ls / dashboard: scan(base) --> ExperimentDir.summary() dicts
 
-*Experiment* owns one directory.  Its metadata is rewritten atomically (temp
-file + ``os.replace``) on every status change, so a reader never sees half a
-file.  *run()* starts the command in its own process group with its output
-going straight into the run's log file; nothing in the managing process sits
-between the child and its output, so the child never blocks on a pipe.
-*MetricsWriter* appends one line per row while the columns stay the same and
-rewrites the file (atomically) only when a new column appears.
+*Platform* is the one section that touches locks, process groups, pidfds and
+``/proc``.  *Files* holds the one atomic writer (temp file, checked write,
+fsync, ``os.replace``) and the one backward tail reader.  *Store* is the only
+code that knows the directory layout: experiment directories, ``scan`` and
+the state file; ``summary()`` is what ``ls --json`` prints.  *Backend* starts
+commands and stops process groups behind a small public surface
+(``start``/``wait``/``poll``/``terminate``), so a cluster backend can take
+the local one's place.  *Experiment* is the user-facing class over a store
+directory and a backend.  The *Scheduler* plans in pure functions and
+executes with one main thread (directories, starts, state) and pool threads
+that only wait for commands and record their ends.
 
 Sections (``grep -n '^# ====' exp.py``): constants, exceptions, utilities,
-metrics CSV, experiment, runner, inside a training script, config (TOML),
-scheduler model and planning, scheduler execution, listing, CLI.
+platform, files, metrics CSV, store, backend, experiment and runs, inside a
+training script, config, planning, scheduler, listing, CLI.
 """
 from __future__ import annotations
 
@@ -62,27 +76,65 @@ except ImportError:  # pragma: no cover - Windows
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
-    from typing import Any, Callable, Iterable, Mapping
+    from typing import Any, Callable, Iterable, Iterator, Mapping
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    # user API
     "Experiment",
     "RunHandle",
     "load_experiment",
     "MetricsWriter",
     "read_metrics",
+    "terminate_runs",
+    # batch
     "BatchConfig",
+    "ExperimentSpec",
+    "SchedulerSettings",
+    "Field",
+    "SCHEDULER_FIELDS",
+    "EXPERIMENT_FIELDS",
     "load_config",
     "parse_config",
     "Scheduler",
+    "Job",
+    "expand_jobs",
+    "plan_next",
+    # store and backend
+    "ExperimentDir",
+    "StateFile",
+    "scan",
+    "Launch",
+    "LocalBackend",
+    "LocalRun",
+    # files and platform
+    "write_atomic",
+    "write_json_atomic",
+    "read_tail",
+    "tail_lines",
+    "FileLock",
+    "group_alive",
+    "exited_within",
+    "stop_groups",
+    # listing
     "list_experiments",
     "main",
+    # errors
     "ExpError",
     "ConfigError",
     "NoExperimentContext",
     "UnsupportedPlatformError",
+    "StorageError",
+    "MetadataError",
+    # values
     "STATUSES",
+    "PENDING",
+    "RUNNING",
+    "FINISHED",
+    "ERROR",
+    "KILLED",
+    "SCHEDULER_INDICATORS",
     "__version__",
 ]
 
@@ -104,13 +156,34 @@ LOG_MARK = "[exp]"
 #: writes to the file directly; 50 ms feels live and costs nothing measurable.
 FOLLOW_INTERVAL = 0.05
 #: A batch run's pid goes into metadata.json once it has run this long; one
-#: that ends sooner gets its start and end in one write with the pid in its
+#: that ends sooner gets its start and end in two writes with the pid in its
 #: runs entry.  Every rewrite makes a file and drops one, which is what costs
 #: on a busy disk when a batch holds hundreds of commands that end at once.
 PID_RECORD_DELAY = 0.05
 #: Environment variable that makes ``load_experiment()`` create a standalone
 #: experiment when the script was not launched by exp.
 STANDALONE_ENV = "EXP_STANDALONE"
+#: How much of a file the tail reader reads at most (bounded memory on a 1 GiB log).
+TAIL_MAX_BYTES = 8 << 20
+#: metadata.json larger than this is not read (a runaway file must not eat memory).
+METADATA_MAX_BYTES = 64 << 20
+#: Failure reports cut a child's line to this many characters.
+REPORT_LINE_WIDTH = 200
+
+# The directory layout, named once.  Only the Store section joins these.
+METADATA_FILE = "metadata.json"
+LOGS_DIR = "terminal_logs"
+METRICS_DIR = "metrics"
+STATE_DIR = ".exp_state"
+STATE_FILE = "scheduler_state.json"
+LOG_EXT = ".log"
+METRICS_EXT = ".csv"
+#: ``_YYYY-MM-DD__HH-MM-SS`` plus ``_NN`` for a second experiment in the same second.
+_DIR_SUFFIX_BYTES = len("_2025-01-01__00-00-00_99")
+#: Longest directory entry on Linux and macOS file systems (NAME_MAX).
+_NAME_MAX = 255
+#: Longest path the kernel takes (PATH_MAX on Linux; macOS has 1024).
+_PATH_MAX = 1024 if sys.platform == "darwin" else 4096
 
 PENDING, RUNNING, FINISHED, ERROR, KILLED = "pending", "running", "finished", "error", "killed"
 #: Experiment and run statuses, as written to metadata.json.
@@ -120,6 +193,26 @@ STATUSES = {
     FINISHED: "the command exited with status 0",
     ERROR: "the command exited with a non-zero status or could not start",
     KILLED: "stopped by exp (Ctrl-C, terminate, scheduler shutdown)",
+}
+#: What ``exp ls`` shows for a directory whose metadata.json cannot be read.
+UNREADABLE = "unreadable"
+
+SCHEDULER_RUNNING, SCHEDULER_AWAITING_SHUTDOWN, SCHEDULER_STOPPED = "running", "awaiting_shutdown", "stopped"
+#: ``summary.status_indicator`` values of the state file.
+SCHEDULER_INDICATORS = {
+    SCHEDULER_RUNNING: "launching and waiting for experiments",
+    SCHEDULER_AWAITING_SHUTDOWN: "every experiment is done; lingering until Ctrl-C (linger_when_idle)",
+    SCHEDULER_STOPPED: "the scheduler has exited",
+}
+
+#: Older spellings of record fields, read as the current one (the earlier
+#: project and exp 0.1's state file).  Only the current names are written.
+FIELD_ALIASES = {
+    "return_code": "exit_code",
+    "returncode": "exit_code",
+    "completed_at": "ended_at",
+    "end_time": "ended_at",
+    "start_time": "started_at",
 }
 
 _RUN_ID_RE = re.compile(r"run_(\d+)\Z")
@@ -147,8 +240,36 @@ class UnsupportedPlatformError(ExpError, NotImplementedError):
     """Running commands needs POSIX process groups (Linux, macOS)."""
 
 
+class StorageError(ExpError, OSError):
+    """A file exp writes could not be written in full (a full disk, an I/O error).
+
+    Nothing half-written is left behind: the old file stays as it was.
+    ``errno`` is the underlying error's.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        OSError.__init__(self, message)
+        self.errno = errno  # type: ignore[misc]
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MetadataError(ExpError):
+    """An experiment's metadata.json cannot be read (not JSON, not an object, not a file).
+
+    ``path`` is the file; ``kept_at`` is where the unreadable file was moved
+    aside when exp had to write a new one (else None).
+    """
+
+    def __init__(self, message: str, path: str, kept_at: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.kept_at = kept_at
+
+
 # ============================================================================
-# Utilities (pure helpers first, then small I/O helpers)
+# Utilities (pure helpers first, then small lookups)
 # ============================================================================
 
 
@@ -222,12 +343,56 @@ def add_conda_no_capture(command: str) -> str:
 def now_iso() -> str:
     """The local time as ISO 8601 with its UTC offset, to the second."""
     # time, not datetime: importing datetime costs more than this whole function.
-    lt = time.localtime()
+    # localtime() without an argument reads a coarser clock than time.time()
+    # and can lag it across a second boundary; pass the time explicitly.
+    lt = time.localtime(time.time())
     off = lt.tm_gmtoff or 0
     sign = "-" if off < 0 else "+"
     off = abs(off)
     tz = f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}" + (f":{off % 60:02d}" if off % 60 else "")
     return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
+
+
+# Escape sequences (CSI, OSC, two-byte ESC) and every other control character
+# but tab: what a child prints may colour, move the cursor or retitle the
+# terminal, and none of that belongs in exp's own report lines.
+_ESCAPE_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
+    """``text`` safe to echo on a terminal: escapes and control characters removed, cut to ``width``."""
+    text = _CONTROL_RE.sub("", _ESCAPE_RE.sub("", text)).replace("\t", "    ")
+    if len(text) > width:
+        text = text[: width - 1] + "\u2026"
+    return text
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats (``nan``, ``inf``) as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+
+    JSON has no NaN or Infinity; ``ls --json`` and the dashboard emit strict JSON.
+    """
+    t = type(value)
+    if t is float:
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if t is dict:
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if t is list or t is tuple:
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _json():
@@ -274,76 +439,13 @@ def dumps_json(obj: Any) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> os.stat_result:
-    """Write ``obj`` as JSON so that readers see the old file or the new one, never half.
-
-    Returns the new file's stat.  No fsync: the guarantee wanted is "never
-    torn", not "durable across a power cut", and an fsync per status change
-    would cost milliseconds each.
-    """
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, dumps_json(obj).encode("utf-8"))
-        st = os.fstat(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    return st
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return _json().load(f)
-
-
-class _FileLock:
-    """An exclusive ``flock`` on a file or directory, plus a thread lock (flock is per open file).
-
-    It stays open between uses until :meth:`close`, saving an open per use.
-    Locking a directory creates no file, which matters when every file
-    creation costs a journal write.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._tlock = threading.Lock()
-        self._fd: int | None = None
-
-    def __enter__(self) -> _FileLock:
-        self._tlock.acquire()
-        if fcntl is None:  # Windows: no flock (and no opening a directory); threads only
-            return self
-        try:
-            if self._fd is None:
-                flags = os.O_RDONLY if os.path.isdir(self.path) else os.O_RDWR | os.O_CREAT
-                self._fd = os.open(self.path, flags, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._tlock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if fcntl is not None and self._fd is not None:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._tlock.release()
-
-    def close(self) -> None:
-        with self._tlock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def __del__(self) -> None:
-        if self._fd is not None:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+def normalize_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """Read older field spellings (:data:`FIELD_ALIASES`) as the current ones, in place."""
+    for old, new in FIELD_ALIASES.items():
+        if old in record:
+            value = record.pop(old)
+            record.setdefault(new, value)
+    return record
 
 
 def _find_git_root(start: str) -> str | None:
@@ -393,15 +495,13 @@ def git_info(cwd: str) -> dict[str, Any] | None:
                     info["branch"] = None if head == "(detached)" else head
                 elif line and not line.startswith("#"):
                     info["dirty"] = True
-    except (OSError, ValueError, Exception):  # git missing, timeout, odd output
+    except Exception:  # noqa: BLE001 - git missing, timeout, odd output: no git info
         info = None
     _GIT_CACHE[cwd] = (time.monotonic(), info)
     return info
 
 
 _USER: list[str | None] = []
-
-
 _HOST: list[str] = []
 
 
@@ -426,13 +526,404 @@ def _user() -> str | None:
     return _USER[0]
 
 
-def _require_posix() -> None:
+# ============================================================================
+# Platform: locks, process groups, pidfd, /proc
+# ============================================================================
+
+
+def require_posix() -> None:
+    """Raise :class:`UnsupportedPlatformError` where commands cannot be run (Windows)."""
     if os.name == "nt" or fcntl is None:
         raise UnsupportedPlatformError(
             "exp runs commands in their own POSIX process group so it can stop them and "
             "their children; Windows has no equivalent, so running commands is not supported "
             "there (the earlier project had the same limit). Use WSL, or Linux/macOS"
         )
+
+
+class FileLock:
+    """An exclusive ``flock`` on a file or directory, plus a thread lock (flock is per open file).
+
+    It stays open between uses until :meth:`close`, saving an open per use.
+    Locking a directory creates no file, which matters when every file
+    creation costs a journal write.  After ``fork()`` the child opens its own
+    descriptor: an inherited one shares the parent's lock, so both would
+    believe they hold it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._tlock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = os.getpid()
+
+    def __enter__(self) -> FileLock:
+        if self._pid != os.getpid():  # a forked child: nothing inherited is ours
+            self._tlock, self._fd, self._pid = threading.Lock(), None, os.getpid()
+        self._tlock.acquire()
+        if fcntl is None:  # Windows: no flock (and no opening a directory); threads only
+            return self
+        try:
+            if self._fd is None:
+                flags = os.O_RDONLY if os.path.isdir(self.path) else os.O_RDWR | os.O_CREAT
+                self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._tlock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if fcntl is not None and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._tlock.release()
+
+    def close(self) -> None:
+        if self._pid != os.getpid():
+            self._fd = None
+            return
+        with self._tlock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; False when the group is gone."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed uid; nothing more we may do
+        return False
+
+
+def _live_member(pid: int, pgid: int) -> bool:
+    """Whether ``pid`` runs (not a zombie) in process group ``pgid``, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
+
+
+# Last known live members of each group watched, so a check reads one or two
+# /proc entries; all of /proc is scanned only when those have all gone.
+_GROUP_MEMBERS: dict[int, list[int]] = {}
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in the group.
+
+    ``killpg(pgid, 0)`` alone also succeeds for zombies that nobody has reaped
+    yet (in containers PID 1 often never reaps), so on Linux /proc is read:
+    first the members seen last time, and all of /proc only once they are gone.
+    """
+    if not signal_group(pgid, 0):
+        _GROUP_MEMBERS.pop(pgid, None)
+        return False
+    known = _GROUP_MEMBERS.get(pgid) or [pgid]
+    if any(_live_member(pid, pgid) for pid in known):
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # macOS: no /proc; trust killpg
+        return True
+    members = [int(p) for p in entries if p.isdigit() and _live_member(int(p), pgid)]
+    if members:
+        _GROUP_MEMBERS[pgid] = members
+    else:
+        _GROUP_MEMBERS.pop(pgid, None)
+    return bool(members)
+
+
+def exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether ``proc`` ends within ``timeout`` seconds (it is not reaped here).
+
+    Popen.wait(timeout) sleeps in growing steps, which would notice a command
+    of a few milliseconds late; a pidfd (Linux 5.3+) wakes at the exit itself.
+    """
+    import select
+
+    try:
+        fd = os.pidfd_open(proc.pid)  # type: ignore[attr-defined]
+    except (AttributeError, OSError):  # not Linux, an old kernel, or no descriptors left
+        import subprocess
+
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(fd)
+
+
+#: After SIGKILL, how long to wait for a group to go before giving up on it
+#: (a process stuck in the kernel, state D, outlives any signal).
+_KILL_WAIT = 10.0
+
+
+def stop_groups(pgids: Iterable[int], grace: float, idle: Callable[[float], bool] | None = None) -> list[int]:
+    """SIGTERM every group, SIGKILL what is left after ``grace`` seconds, wait for them to go.
+
+    The grace period covers every process of a group, not only its leader: a
+    training script under ``sh -c`` may still be saving a checkpoint after the
+    shell has gone.  ``idle(seconds)`` is called between checks (default:
+    sleep); it returning True ends the grace period at once (a second Ctrl-C).
+    Returns the groups still alive at the end (normally none).
+    """
+    def sleep(t: float) -> bool:
+        time.sleep(t)
+        return False
+
+    wait = idle or sleep
+    groups = [g for g in pgids if signal_group(g, 15)]
+    deadline = time.monotonic() + max(0.0, grace)
+    killed_at: float | None = None
+    while True:
+        groups = [g for g in groups if group_alive(g)]
+        if not groups:
+            return []
+        now = time.monotonic()
+        if killed_at is None and now >= deadline:
+            killed_at = now
+        if killed_at is not None:
+            for g in groups:
+                signal_group(g, 9)
+            if now - killed_at > _KILL_WAIT:
+                return groups
+        if wait(0.02) and killed_at is None:
+            killed_at = time.monotonic()
+
+
+_DEVNULL: list[int] = []
+
+
+def _devnull() -> int:
+    """One /dev/null descriptor for every child's stdin, opened once."""
+    if not _DEVNULL:
+        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+    return _DEVNULL[0]
+
+
+# ============================================================================
+# Files: the one atomic writer, checked appends, the one tail reader
+# ============================================================================
+
+
+def _storage_error(path: str, e: OSError, what: str = "write") -> StorageError:
+    import errno as errno_mod
+
+    reason = e.strerror or str(e)
+    hint = " (the disk is full: free some space and exp can write again)" if e.errno in (
+        errno_mod.ENOSPC, errno_mod.EDQUOT) else ""
+    return StorageError(f"could not {what} {path}: {reason}{hint}", e.errno)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less; a full disk raises)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - POSIX raises ENOSPC instead of writing 0
+            import errno as errno_mod
+
+            raise OSError(errno_mod.ENOSPC, os.strerror(errno_mod.ENOSPC))
+        view = view[n:]
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, sync: bool = True) -> os.stat_result:
+    """Replace ``path`` with ``data`` so readers see the old file or the new one, never half.
+
+    A temp file in the same directory gets all of ``data`` (checked), is
+    fsynced (``sync``) and renamed over ``path``.  On any error the temp file
+    is removed, ``path`` is untouched, and :class:`StorageError` says why.
+    Returns the new file's stat.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            write_all(fd, data)
+            if sync:
+                os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, StorageError):
+            raise _storage_error(path, e) from e
+        raise
+    return st
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sync: bool = True) -> os.stat_result:
+    """:func:`write_atomic` of ``obj`` as JSON (one top-level key per line)."""
+    return write_atomic(path, dumps_json(obj).encode("utf-8"), sync=sync)
+
+
+def append_checked(fd: int, data: bytes, size_before: int | None = None, path: str = "") -> None:
+    """Append ``data`` to an ``O_APPEND`` descriptor, all or nothing.
+
+    A write cut short (a full disk) is undone by truncating the file back to
+    ``size_before`` (default: its size now), then :class:`StorageError` is raised.
+    """
+    if size_before is None:
+        size_before = os.fstat(fd).st_size
+    try:
+        write_all(fd, data)
+    except OSError as e:
+        try:
+            os.ftruncate(fd, size_before)
+        except OSError:
+            pass
+        raise _storage_error(path or f"descriptor {fd}", e) from e
+
+
+def append_line(path: str, text: str) -> None:
+    """Append one line to a file (created if missing), all or nothing; raise StorageError."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise _storage_error(path, e) from e
+    try:
+        append_checked(fd, text.encode("utf-8") + b"\n", path=path)
+    finally:
+        os.close(fd)
+
+
+def read_tail(path: str, lines: int, max_bytes: int = TAIL_MAX_BYTES) -> bytes:
+    """The bytes of the last ``lines`` lines of a file, read backwards from its end.
+
+    Reads block by block from the end until it has ``lines`` line breaks (a
+    last line without one counts as a line) or ``max_bytes``, so memory stays
+    bounded on a 1 GiB log.  A missing file reads as ``b""``.
+    """
+    if lines <= 0:
+        return b""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return b""
+    try:
+        import stat
+
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return b""
+        end = st.st_size
+        if end == 0:
+            return b""
+        # A final line break ends the last line; it does not start another.
+        want = lines + (1 if os.pread(fd, 1, end - 1) == b"\n" else 0)
+        chunks: list[bytes] = []
+        pos, found, got = end, 0, 0
+        block = 65536
+        while pos > 0 and got < max_bytes:
+            n = min(block, pos, max_bytes - got)
+            pos -= n
+            chunk = os.pread(fd, n, pos)
+            chunks.append(chunk)
+            got += len(chunk)
+            found += chunk.count(b"\n")
+            if found >= want:
+                break
+            block = min(block * 2, 1 << 20)
+        data = b"".join(reversed(chunks))
+    finally:
+        os.close(fd)
+    if found >= want:
+        # Drop everything before the line break that starts the wanted lines.
+        cut = len(data)
+        for _ in range(want):
+            cut = data.rfind(b"\n", 0, cut)
+        data = data[cut + 1:]
+    elif pos > 0:
+        # max_bytes reached inside a line: start at the next whole line, if any.
+        first = data.find(b"\n")
+        data = data[first + 1:] if 0 <= first < len(data) - 1 else data
+    return data
+
+
+def tail_lines(path: str, n: int = 10, max_bytes: int = TAIL_MAX_BYTES, skip_prefix: str | None = None) -> list[str]:
+    """The last ``n`` lines of a text file, without those starting with ``skip_prefix``.
+
+    A ``\\r``-updated progress line keeps its last frame; trailing blank lines
+    are dropped.  Reads backwards from the end (see :func:`read_tail`).
+    """
+    want = n
+    while True:
+        data = read_tail(path, want, max_bytes)
+        text = data.decode("utf-8", "replace").replace("\r\n", "\n")
+        lines = [ln.rsplit("\r", 1)[-1] for ln in text.split("\n")]
+        if lines and lines[-1] == "":
+            lines.pop()
+        kept = [ln for ln in lines if not (skip_prefix and ln.startswith(skip_prefix))]
+        while kept and not kept[-1].strip():
+            kept.pop()
+        # Skipped or blank lines can leave fewer than n: read a little further back.
+        if len(kept) >= n or len(lines) < want or want >= 16 * n + 64:
+            return kept[-n:] if n else []
+        want *= 4
+
+
+def read_json_file(path: str, max_bytes: int = METADATA_MAX_BYTES) -> Any:
+    """Parse a JSON file exp wrote; ValueError (with a short reason) for anything else.
+
+    Refuses what is not a regular file (a FIFO would block), files over
+    ``max_bytes``, bytes that are not UTF-8 and nesting too deep to parse.
+    FileNotFoundError passes through.
+    """
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > max_bytes:
+            raise ValueError(f"{st.st_size} bytes, more than the {max_bytes} exp reads")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    try:
+        return _json().loads(b"".join(chunks).decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Parse a JSON file (see :func:`read_json_file`)."""
+    return read_json_file(os.fspath(path))
 
 
 # ============================================================================
@@ -449,8 +940,27 @@ def _require_posix() -> None:
 
 _NEEDS_QUOTE_RE = re.compile(r'[,"\r\n]')
 _QUOTE_CHARS_RE = re.compile(r'["\r\n]')
-_INT_RE = re.compile(r"[-+]?\d+\Z")
-_FLOAT_RE = re.compile(r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)\Z")
+# Canonical numbers only: "007", "+5" or "1_000" stay strings, as written.
+_INT_RE = re.compile(r"-?(?:0|[1-9]\d*)\Z")
+_FLOAT_RE = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)\Z")
+_CSV_LIMIT_RAISED: list[bool] = []
+
+
+def _csv_module():
+    import csv
+
+    if not _CSV_LIMIT_RAISED:
+        # A string metric (a generated sample, a config dump) may exceed the
+        # csv module's 128 KiB default field limit; reading must not fail on it.
+        limit = sys.maxsize
+        while True:
+            try:
+                csv.field_size_limit(limit)
+                break
+            except OverflowError:  # pragma: no cover - a C long narrower than Py_ssize_t
+                limit //= 2
+        _CSV_LIMIT_RAISED.append(True)
+    return csv
 
 
 def _csv_cell(text: str) -> str:
@@ -502,7 +1012,13 @@ def format_metric(key: str, value: Any) -> str:
 
 
 def parse_metric(text: str) -> Any:
-    """Inverse of :func:`format_metric`: ``""`` -> None, numbers -> int/float, True/False -> bool."""
+    """Inverse of :func:`format_metric`: ``""`` -> None, numbers -> int/float, True/False -> bool.
+
+    Only numbers as Python writes them come back as numbers: a string such as
+    ``"007"``, ``"+5"`` or ``"1_000"`` stays the string it was.  (A string
+    that reads exactly like a number, say ``"1.5"``, comes back as a number:
+    a CSV cell does not say which it was.)
+    """
     if text == "":
         return None
     if _INT_RE.match(text):
@@ -519,22 +1035,23 @@ def parse_metric(text: str) -> Any:
 def parse_metrics_csv(text: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Parse a metrics CSV into (header, rows).
 
-    A torn last line (a writer killed mid-row, no trailing newline) is skipped,
-    and so is any row whose field count does not match the header.
+    A torn last record (a writer killed mid-row: no final line break, or an
+    unclosed quoted cell) is skipped, and so is any row whose field count
+    does not match the header.
     """
     header, records = _csv_records(text)
     return header, [{k: parse_metric(v) for k, v in zip(header, rec)} for rec in records]
 
 
 def _csv_records(text: str) -> tuple[list[str], list[list[str]]]:
-    """(header, records) of CSV text; drops a torn last line and rows of the wrong width."""
-    import csv
+    """(header, records) of CSV text; drops a torn last record and rows of the wrong width."""
     import io
 
     if not text:
         return [], []
-    records = list(csv.reader(io.StringIO(text, newline="")))
-    if not text.endswith("\n") and records:
+    records = list(_csv_module().reader(io.StringIO(text, newline="")))
+    torn = not text.endswith("\n") or text.count('"') % 2 == 1
+    if torn and records:
         records.pop()
     if not records:
         return [], []
@@ -553,25 +1070,63 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return parse_metrics_csv(text)[1]
 
 
+def _complete_csv_end(fd: int, size: int) -> int:
+    """Offset just past the last complete CSV record of the first ``size`` bytes.
+
+    A line break ends a record only outside quotes, which the parity of the
+    quote characters before it tells; so this reads the file from its start.
+    It runs only to repair a torn file, never per row.
+    """
+    quotes = last = pos = 0
+    while pos < size:
+        chunk = os.pread(fd, min(1 << 20, size - pos), pos)
+        if not chunk:
+            break
+        if quotes % 2 == 0 and b'"' not in chunk:
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                last = pos + nl + 1
+        else:
+            start = 0
+            while True:
+                nl = chunk.find(b"\n", start)
+                if nl < 0:
+                    quotes += chunk.count(b'"', start)
+                    break
+                quotes += chunk.count(b'"', start, nl)
+                if quotes % 2 == 0:
+                    last = pos + nl + 1
+                start = nl + 1
+            pos += len(chunk)
+            continue
+        quotes += chunk.count(b'"')
+        pos += len(chunk)
+    return last
+
+
 class MetricsWriter:
-    """Append rows to one metrics CSV; thread-safe and process-safe.
+    """Append rows to one metrics CSV; thread-safe, process-safe and fork-safe.
 
     Columns keep first-seen order.  A row whose keys are all in the header is
     one ``write()`` of one line; a row with a new key rewrites the file with
-    the union header (earlier rows blank in the new column) through a temp
-    file and ``os.replace``.  Every row is on disk (in the OS cache) when
-    :meth:`write_row` returns.
+    the union header (earlier rows blank in the new column) through
+    :func:`write_atomic`.  Every row is on disk (in the OS cache) when
+    :meth:`write_row` returns; a row that cannot be written in full (a full
+    disk) is taken back and :class:`StorageError` raised, so the file never
+    holds half a row.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._fd: int | None = None
         self._header: list[str] = []
         self._columns: set[str] = set()
         self._size = self._end = -1  # file size at lock time / after our last row
 
     def close(self) -> None:
+        self._after_fork()
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -587,12 +1142,26 @@ class MetricsWriter:
     def header(self) -> list[str]:
         return list(self._header)
 
+    def _after_fork(self) -> None:
+        # A forked child (a DataLoader worker) shares the parent's open file
+        # description, and with it the parent's flock: both would "hold" the
+        # lock at once.  The child opens the file anew instead.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._fd = None
+            self._header, self._columns = [], set()
+
     def write_row(self, row: Mapping[str, str]) -> None:
         """Write one row of already formatted (see :func:`format_metric`) values."""
         if not row:
             return
+        self._after_fork()
         with self._lock:
-            fd = self._acquire()
+            try:
+                fd = self._acquire()
+            except OSError as e:
+                raise _storage_error(self.path, e, "open") from e
             try:
                 if self._columns.issuperset(row):
                     get = row.get
@@ -602,7 +1171,7 @@ class MetricsWriter:
                     if line.count(",") != len(cells) - 1 or _QUOTE_CHARS_RE.search(line):
                         line = ",".join([_csv_cell(c) for c in cells])
                     data = (line or '""').encode("utf-8") + b"\n"
-                    os.write(fd, data)
+                    append_checked(fd, data, self._size, self.path)
                     self._end = self._size + len(data)
                 else:
                     self._rewrite_with(row)
@@ -615,7 +1184,8 @@ class MetricsWriter:
         while True:
             if self._fd is None:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                                   0o644)
                 self._header, self._columns = [], set()
             fd = self._fd
             if fcntl is not None:
@@ -638,15 +1208,17 @@ class MetricsWriter:
 
     def _load_header(self, fd: int, size: int) -> None:
         # Runs only when (re)opening: read the header and cut a torn tail left
-        # by a writer that was killed mid-line, so the next row starts clean.
-        if os.pread(fd, 1, size - 1) != b"\n":
-            tail_start = max(0, size - 65536)
-            tail = os.pread(fd, size - tail_start, tail_start)
-            cut = tail.rfind(b"\n")
-            new_size = tail_start + cut + 1 if cut >= 0 else 0
-            if cut < 0 and tail_start:
-                new_size = size  # a single line longer than 64 KiB: leave it
-            os.ftruncate(fd, new_size)
+        # by a writer that was killed mid-row, so the next row starts clean.
+        tail_start = max(0, size - 65536)
+        tail = os.pread(fd, size - tail_start, tail_start)
+        last_line = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
+        # Torn: no final line break, or a final line with an odd number of
+        # quotes (cut inside a quoted cell, or the end of a multi-line one:
+        # only a scan from the start tells which).
+        if not tail.endswith(b"\n") or last_line.count(b'"') % 2 == 1:
+            new_size = _complete_csv_end(fd, size)
+            if new_size != size:
+                os.ftruncate(fd, new_size)
             size = new_size
         if not size:
             return
@@ -655,7 +1227,6 @@ class MetricsWriter:
         self._header, self._columns = header, set(header)
 
     def _rewrite_with(self, row: Mapping[str, str]) -> None:
-        import csv
         import io
 
         fd = self._fd
@@ -667,17 +1238,15 @@ class MetricsWriter:
         header = header + [k for k in row if k not in set(header)]
         width = len(header)
         out = io.StringIO()
-        w = csv.writer(out, lineterminator="\n")
+        w = _csv_module().writer(out, lineterminator="\n")
         w.writerow(header)
         for rec in records:
             w.writerow(rec + [""] * (width - len(rec)))
         w.writerow([row.get(k, "") for k in header])
-        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(out.getvalue())
-        os.replace(tmp, self.path)
+        # sync=False: a metrics rewrite is as durable as the appends around it.
+        write_atomic(self.path, out.getvalue().encode("utf-8"), sync=False)
         # Keep the lock on the old inode until we leave; switch to the new file.
-        new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -685,10 +1254,716 @@ class MetricsWriter:
         if fcntl is not None:
             fcntl.flock(new_fd, fcntl.LOCK_EX)  # released by write_row's finally
         self._header, self._columns = header, set(header)
+        self._size = self._end = os.fstat(new_fd).st_size
+
+
+def last_metrics_row(path: str) -> dict[str, Any]:
+    """The last complete row of a metrics CSV, reading only its header and its tail."""
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(1 << 20)
+    except OSError:
+        return {}
+    if not head.endswith(b"\n"):
+        return {}
+    header_line = head.decode("utf-8", "replace")
+    for n in (2, 16, 256):
+        tail = read_tail(path, n, max_bytes=TAIL_MAX_BYTES)
+        cut = tail.rfind(b"\n")
+        if cut < 0:
+            return {}
+        body = tail[: cut + 1]  # what follows the last line break may be torn
+        # The tail may start inside a quoted multi-line cell; try each line
+        # start until the rest parses into rows of the header's width.
+        starts = [0] + [i + 1 for i in range(len(body)) if body[i:i + 1] == b"\n"][:-1]
+        for s in starts:
+            chunk = body[s:].decode("utf-8", "replace")
+            if chunk.count('"') % 2:
+                continue
+            _, rows = parse_metrics_csv(header_line + chunk)
+            if rows and not (s == 0 and chunk == header_line):
+                return rows[-1]
+        if len(tail) < n:  # pragma: no cover - read the whole file already
+            break
+    return {}
+
+
+def metric_column(path: str, key: str) -> list[Any]:
+    """Every value of one column of a metrics CSV (streamed; memory grows with the rows, not the file)."""
+    csv = _csv_module()
+    try:
+        f = open(path, encoding="utf-8", errors="replace", newline="")
+    except OSError:
+        return []
+    with f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except (StopIteration, csv.Error):
+            return []
+        if key not in header:
+            return []
+        i, width = header.index(key), len(header)
+        out = []
+        try:
+            for rec in reader:
+                if len(rec) == width:
+                    out.append(parse_metric(rec[i]))
+        except csv.Error:  # a torn quoted cell at the very end
+            pass
+    return out
 
 
 # ============================================================================
-# Experiment
+# Store: the directory layout, experiment directories, scan, the state file
+# ============================================================================
+#
+# The only code that joins layout names.  Everything else asks an
+# ExperimentDir for a path, a record or a summary.
+
+_DIR_STAMP_RE = re.compile(r"_\d{4}-\d{2}-\d{2}__\d{2}-\d{2}-\d{2}(?:_\d+)?\Z")
+
+
+def iso_from_old_timestamp(value: Any) -> str | None:
+    """The earlier project's ``timestamp`` (ISO, or the directory format) as ISO 8601."""
+    if not isinstance(value, str) or not value:
+        return None
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value).isoformat(timespec="seconds")
+    except ValueError:
+        pass
+    try:
+        return datetime.strptime(value, TIMESTAMP_FORMAT).astimezone().isoformat(timespec="seconds")
+    except ValueError:
+        return None
+
+
+def upgrade_metadata(meta: dict[str, Any], fresh: Mapping[str, Any]) -> dict[str, Any]:
+    """Bring metadata of the earlier project (or an older exp) up to date, in place.
+
+    Older field names are read as the current ones, missing fields come from
+    ``fresh``, an old ``timestamp`` becomes ``created_at``, and a stored
+    ``lark_config`` (it held secrets) is dropped.
+    """
+    normalize_fields(meta)
+    if not meta.get("created_at"):
+        old = iso_from_old_timestamp(meta.get("timestamp"))
+        if old:
+            meta["created_at"] = old
+    for k, v in fresh.items():
+        meta.setdefault(k, v)
+    meta.pop("lark_config", None)
+    return meta
+
+
+def check_experiment_path(base_dir: str, name: str) -> None:
+    """ConfigError when ``<base_dir>/<name>_<timestamp>/...`` could not be created (too long)."""
+    name_bytes = len(os.fsencode(name))
+    if name_bytes + _DIR_SUFFIX_BYTES > _NAME_MAX:
+        raise ConfigError(
+            f"name {name[:40]!r}... is {name_bytes} bytes; with the timestamp the directory name would "
+            f"pass the file system's {_NAME_MAX}-byte limit: use at most {_NAME_MAX - _DIR_SUFFIX_BYTES} bytes"
+        )
+    longest = os.path.join(base_dir, name + "_2025-01-01__00-00-00_99", METRICS_DIR, "run_0001.csv.999999.tmp")
+    if len(os.fsencode(longest)) >= _PATH_MAX:
+        raise ConfigError(
+            f"the experiment directory for {name!r} under {base_dir[:60]}... would make paths longer than "
+            f"the {_PATH_MAX}-byte limit; use a shorter base_dir or name"
+        )
+
+
+class ExperimentDir:
+    """One experiment directory: its layout, its metadata.json, its runs' files.
+
+    ``metadata.json`` is read-modify-written under an ``flock`` on the
+    directory, so a run ending in one thread (or process) and another
+    starting lose nothing; it is re-read only when someone else wrote it
+    since this object did.  Every write goes through :func:`write_atomic`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self._lock: FileLock | None = None
+        self._cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+        self._fresh = False  # made by this object and no run claimed yet
+
+    def __repr__(self) -> str:
+        return f"ExperimentDir({self.path!r})"
+
+    # ------------------------------------------------------------------ layout
+
+    @classmethod
+    def create(cls, base_dir: str, name: str) -> tuple[ExperimentDir, str]:
+        """Make ``<base_dir>/<name>_<timestamp>/`` with its subdirectories; return it and the timestamp.
+
+        ``mkdir`` is the atomic claim: two processes creating the same name in
+        the same second get ``_2``, ``_3``, ... and never share a directory.
+        """
+        stamp = time.strftime(TIMESTAMP_FORMAT)
+        n = 1
+        while True:
+            ts = stamp if n == 1 else f"{stamp}_{n}"
+            path = os.path.join(base_dir, f"{name}_{ts}")
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                n += 1
+                continue
+            except FileNotFoundError:
+                os.makedirs(base_dir, exist_ok=True)
+                continue
+            os.mkdir(os.path.join(path, LOGS_DIR))
+            os.mkdir(os.path.join(path, METRICS_DIR))
+            d = cls(path)
+            d._fresh = True
+            return d, ts
+
+    @staticmethod
+    def find(base_dir: str, name: str, resume: Any) -> str:
+        """The directory that ``resume`` (a timestamp or a path) names; ConfigError if none."""
+        if not isinstance(resume, (str, os.PathLike)) or not os.fspath(resume).strip():
+            raise ConfigError(
+                f"resume must be a timestamp such as '2025-09-27__17-16-19' or a directory path, got {resume!r}")
+        text = os.fspath(resume)
+        candidates = []
+        if os.sep in text or os.path.isdir(text):
+            candidates.append(os.path.abspath(text))
+        candidates.append(os.path.join(base_dir, f"{name}_{text}"))
+        for c in candidates:
+            if os.path.isfile(os.path.join(c, METADATA_FILE)):
+                return c
+        try:
+            prefix = name + "_"
+            found = sorted(d[len(prefix):] for d in os.listdir(base_dir) if d.startswith(prefix))
+        except OSError:
+            found = []
+        hint = f"existing timestamps for {name!r}: {', '.join(found[-5:])}" if found else (
+            f"no experiment named {name!r} exists under {base_dir}"
+        )
+        raise ConfigError(
+            f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
+            f"pass the timestamp part of an existing directory name or its path ({hint})"
+        )
+
+    @staticmethod
+    def is_experiment(path: str) -> bool:
+        """Whether ``path`` holds a metadata.json entry (of any kind: a bad one is still shown)."""
+        try:
+            os.lstat(os.path.join(path, METADATA_FILE))
+            return True
+        except OSError:
+            return False
+
+    def timestamp(self, name: str) -> str:
+        """The ``<timestamp>`` part of the directory name."""
+        base = os.path.basename(self.path.rstrip(os.sep))
+        prefix = name + "_"
+        return base[len(prefix):] if base.startswith(prefix) else base
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.path, METADATA_FILE)
+
+    def log_path(self, run_id: str) -> str:
+        return os.path.join(self.path, LOGS_DIR, run_id + LOG_EXT)
+
+    def metrics_path(self, run_id: str) -> str:
+        return os.path.join(self.path, METRICS_DIR, run_id + METRICS_EXT)
+
+    def run_numbers(self) -> set[int]:
+        nums = set()
+        for sub, ext in ((LOGS_DIR, LOG_EXT), (METRICS_DIR, METRICS_EXT)):
+            try:
+                names = os.listdir(os.path.join(self.path, sub))
+            except OSError:
+                continue
+            for fn in names:
+                if fn.endswith(ext):
+                    m = _RUN_ID_RE.match(fn[: -len(ext)])
+                    if m:
+                        nums.add(int(m.group(1)))
+        return nums
+
+    def runs(self) -> list[str]:
+        """Run ids that have a log or a metrics file, oldest first."""
+        return [f"run_{n:04d}" for n in sorted(self.run_numbers())]
+
+    def claim_run(self, header: Callable[[str], str]) -> tuple[str, str]:
+        """Create the next run's log exclusively and write ``header(run_id)`` into it.
+
+        Returns (run id, log path).  Raises StorageError (nothing is left
+        half-written) when the log cannot be made.
+        """
+        logs = os.path.join(self.path, LOGS_DIR)
+        # A directory this object just made has no runs; O_EXCL below guards anyway.
+        num = 1 if self._fresh else max(self.run_numbers(), default=0) + 1
+        self._fresh = False
+        while True:
+            rid = f"run_{num:04d}"
+            path = os.path.join(logs, rid + LOG_EXT)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                             0o644)
+            except FileExistsError:
+                num += 1
+                continue
+            except FileNotFoundError:  # a directory made by hand, or a subdirectory deleted
+                try:
+                    os.makedirs(logs, exist_ok=True)
+                    os.makedirs(os.path.join(self.path, METRICS_DIR), exist_ok=True)
+                except OSError as e:
+                    raise _storage_error(logs, e, "create") from e
+                continue
+            except OSError as e:
+                raise _storage_error(path, e, "create") from e
+            try:
+                append_checked(fd, header(rid).encode("utf-8"), 0, path)
+            finally:
+                os.close(fd)
+            return rid, path
+
+    # ------------------------------------------------------------------ metadata
+
+    def read_metadata(self) -> dict[str, Any]:
+        """metadata.json as a dict, older field names read as current ones.
+
+        ConfigError when there is none (not an experiment directory);
+        MetadataError when it is not a readable JSON object.
+        """
+        path = self.metadata_path
+        try:
+            meta = read_json_file(path)
+        except FileNotFoundError:
+            raise ConfigError(f"{self.path} is not an experiment directory: it has no {METADATA_FILE}") from None
+        except ValueError as e:
+            raise MetadataError(f"{path} cannot be read ({e}); fix or move the file", path) from None
+        except OSError as e:
+            raise MetadataError(f"{path} cannot be read ({e.strerror or e})", path) from None
+        if not isinstance(meta, dict):
+            raise MetadataError(f"{path} does not hold a JSON object; fix or move the file", path)
+        return normalize_fields(meta)
+
+    def try_read_metadata(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(metadata, None), or (None, why it cannot be read); never raises."""
+        try:
+            return self.read_metadata(), None
+        except ExpError as e:
+            return None, str(e)
+
+    def _lock_obj(self) -> FileLock:
+        if self._lock is None:
+            self._lock = FileLock(self.path)
+        return self._lock
+
+    def _store(self, meta: dict[str, Any]) -> None:
+        st = write_json_atomic(self.metadata_path, meta)
+        self._cache = ((st.st_ino, st.st_mtime_ns, st.st_size), meta)
+
+    def write_metadata(self, meta: dict[str, Any]) -> None:
+        """Replace metadata.json with ``meta`` (under the directory's lock)."""
+        with self._lock_obj():
+            self._store(meta)
+
+    def _keep_aside(self, why: str) -> str:
+        """Move an unreadable metadata.json aside (never deleted); return where it went."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        n = 0
+        while True:
+            kept = f"{self.metadata_path}.unreadable-{stamp}" + (f"-{n}" if n else "")
+            if not os.path.lexists(kept):
+                break
+            n += 1
+        os.rename(self.metadata_path, kept)
+        return kept
+
+    def update_metadata(self, fn: Callable[[dict[str, Any]], None],
+                        initial: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Read metadata.json, apply ``fn`` to it, write it back, all under the lock.
+
+        A missing file starts from ``initial()`` (an experiment whose first
+        write is its start).  An unreadable one is moved aside, a new one is
+        written from ``initial()`` plus ``fn``, and :class:`MetadataError`
+        says where the old one went (without ``initial`` nothing is written).
+        """
+        with self._lock_obj():
+            path = self.metadata_path
+            bad: str | None = None
+            try:
+                st = os.stat(path)
+                cached = self._cache
+                if cached and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
+                    meta = cached[1]
+                else:
+                    meta = self.read_metadata()
+            except FileNotFoundError:
+                meta = initial() if initial is not None else {}
+            except ExpError as e:
+                if initial is None:
+                    raise
+                bad = str(e)
+                meta = initial()
+            kept = self._keep_aside(bad) if bad is not None else None
+            fn(meta)
+            self._store(meta)
+        if kept is not None:
+            raise MetadataError(
+                f"{path} could not be read ({bad}); it was kept as {kept} and a new {METADATA_FILE} was "
+                "written from what this process knows: copy anything you need from the old file", path, kept)
+        return meta
+
+    def close(self) -> None:
+        """Release the lock descriptor (no descriptor is held between runs)."""
+        if self._lock is not None:
+            self._lock.close()
+
+    # ------------------------------------------------------------------ records
+
+    def record_start(self, run_id: str, started_at: str, pid: int | None, fields: Mapping[str, Any],
+                     initial: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A run started: status running, a new ``runs`` entry; ``fields`` (name, command, ...) refreshed."""
+        def update(m: dict[str, Any]) -> None:
+            m.update(fields)
+            m.pop("lark_config", None)  # the earlier project stored secrets there
+            m.update(status=RUNNING, pid=pid, started_at=started_at, ended_at=None, exit_code=None,
+                     duration=None, current_run_id=run_id, error=None)
+            runs = m.get("runs")
+            if not isinstance(runs, list):
+                runs = m["runs"] = []
+            runs.append({"id": run_id, "pid": pid, "started_at": started_at, "ended_at": None,
+                         "exit_code": None, "status": RUNNING})
+
+        return self.update_metadata(update, initial)
+
+    def record_pid(self, run_id: str, pid: int) -> None:
+        def update(m: dict[str, Any]) -> None:
+            if m.get("current_run_id") == run_id and m.get("status") == RUNNING:
+                m["pid"] = pid
+            for r in m.get("runs") or []:
+                if isinstance(r, dict) and r.get("id") == run_id and r.get("pid") is None:
+                    r["pid"] = pid
+
+        self.update_metadata(update)
+
+    def record_end(self, run_id: str, *, exit_code: int | None, status: str, duration: float,
+                   pid: int | None = None, error: str | None = None,
+                   initial: Callable[[], dict[str, Any]] | None = None) -> None:
+        """A run ended: its ``[exp] ended`` log line, then status, exit code and times in metadata."""
+        ended = now_iso()
+        if status == KILLED:
+            what = f"killed (exit code {exit_code})"
+        elif exit_code is not None and exit_code < 0:
+            what = f"ended by signal {-exit_code} ({status})"
+        else:
+            what = f"exit code {exit_code} ({status})"
+        if error:
+            what += f"; {error}"
+        try:
+            self.append_log(run_id, f"{ended} {run_id} ended: {what}, duration {format_duration(duration)}")
+        except OSError:
+            pass  # the metadata below matters more than the log line
+
+        def update(m: dict[str, Any]) -> None:
+            m.update(status=status, exit_code=exit_code, pid=None, ended_at=ended, duration=duration)
+            if error:
+                m["error"] = error
+            for r in m.get("runs") or []:
+                if isinstance(r, dict) and r.get("id") == run_id:
+                    r.update(ended_at=ended, exit_code=exit_code, status=status, duration=duration)
+                    if r.get("pid") is None and pid is not None:
+                        r["pid"] = pid
+
+        try:
+            self.update_metadata(update, initial)
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------ runs' files
+
+    def append_log(self, run_id: str, message: str) -> None:
+        """Write an ``[exp]`` line into a run's log, on a line of its own."""
+        path = self.log_path(run_id)
+        text = f"{LOG_MARK} {message}"
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    text = "\n" + text  # the child's last line had no line break
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        append_line(path, text)
+
+    def tail_log(self, run_id: str, lines: int = 50) -> str:
+        """The last ``lines`` lines of a run's log, read backwards from its end."""
+        return read_tail(self.log_path(run_id), lines).decode("utf-8", "replace")
+
+    def last_metrics(self, run_id: str) -> dict[str, Any]:
+        return last_metrics_row(self.metrics_path(run_id))
+
+    def summary(self) -> dict[str, Any]:
+        """What ``exp ls --json`` prints for this directory (and the dashboard serves).
+
+        Never raises: unreadable metadata gives ``status: "unreadable"`` and
+        ``error`` saying why.  Values come checked, never trusted (a
+        hand-edited file may hold anything); non-finite numbers become
+        ``"nan"``/``"inf"`` strings so the result is strict JSON.
+        """
+        meta, why = self.try_read_metadata()
+        m: dict[str, Any] = meta or {}
+
+        def text(key: str) -> str | None:
+            v = m.get(key)
+            return v if isinstance(v, str) else None
+
+        def number(key: str) -> float | int | None:
+            v = m.get(key)
+            return v if _is_num(v) and v == v and v not in (float("inf"), float("-inf")) else None
+
+        rid = text("current_run_id")
+        if rid is not None and not _RUN_ID_RE.match(rid):
+            rid = None
+        last = self.last_metrics(rid) if rid else {}
+        runs, tags = m.get("runs"), m.get("tags")
+        gpus = m.get("gpu_ids")
+        code = m.get("exit_code")
+        pid = m.get("pid")
+        return {
+            "name": text("name") or _name_from_dir(os.path.basename(self.path)),
+            "dir": os.path.basename(self.path),
+            "work_dir": self.path,
+            "status": (text("status") or None) if meta is not None else UNREADABLE,
+            "error": why if meta is None else text("error"),
+            "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
+            "description": text("description"),
+            "created_at": text("created_at") or iso_from_old_timestamp(m.get("timestamp")),
+            "started_at": text("started_at"),
+            "ended_at": text("ended_at"),
+            "duration": number("duration"),
+            "runs": len(runs) if isinstance(runs, list) else (1 if rid else 0),
+            "current_run_id": rid,
+            "exit_code": code if _is_int(code) else None,
+            "pid": pid if _is_int(pid) else None,
+            "gpu_ids": [g for g in gpus if _is_int(g)] if isinstance(gpus, list) else None,
+            "hostname": text("hostname"),
+            "last_metrics": {k: json_safe(v) for k, v in last.items() if _is_num(v)},
+        }
+
+
+def _name_from_dir(dirname: str) -> str:
+    return _DIR_STAMP_RE.sub("", dirname) or dirname
+
+
+def scan(base_dir: str | os.PathLike[str], depth: int = 2) -> list[ExperimentDir]:
+    """Experiment directories under ``base_dir``, and one level deeper (results in subfolders).
+
+    A directory counts when it holds a ``metadata.json`` entry, readable or
+    not.  Hidden entries (``.exp_state``) are skipped.  Order: as listed.
+    """
+    out: list[ExperimentDir] = []
+    try:
+        it = os.scandir(base_dir)
+    except OSError:
+        return out
+    with it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if not entry.is_dir():
+                    continue
+            except OSError:
+                continue
+            if ExperimentDir.is_experiment(entry.path):
+                out.append(ExperimentDir(entry.path))
+            elif depth > 1:
+                out.extend(scan(entry.path, depth - 1))
+    return out
+
+
+class StateFile:
+    """``<base>/.exp_state/scheduler_state.json``: the scheduler's queue, for ``ls``, ``status`` and the dashboard."""
+
+    def __init__(self, base_dir: str | os.PathLike[str]) -> None:
+        self.base_dir = os.path.abspath(os.fspath(base_dir))
+        self.path = os.path.join(self.base_dir, STATE_DIR, STATE_FILE)
+
+    def write_text(self, text: str) -> None:
+        """Replace the state file with ``text`` (JSON the caller built); StorageError on failure."""
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as e:
+            raise _storage_error(os.path.dirname(self.path), e, "create") from e
+        write_atomic(self.path, text.encode("utf-8"))
+
+    def read(self) -> dict[str, Any] | None:
+        """The state as a dict (older field names read as current ones); None if there is none.
+
+        Raises MetadataError when the file exists but is not a JSON object.
+        """
+        try:
+            state = read_json_file(self.path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise MetadataError(f"{self.path} cannot be read ({e})", self.path) from None
+        if not isinstance(state, dict):
+            raise MetadataError(f"{self.path} does not hold a JSON object", self.path)
+        for key in ("pending", "running", "finished", "errors"):
+            items = state.get(key)
+            if isinstance(items, list):
+                for item in items:
+                    if isinstance(item, dict):
+                        normalize_fields(item)
+        return state
+
+
+# ============================================================================
+# Backend: starting commands and stopping them (local now; a cluster later)
+# ============================================================================
+#
+# A backend takes a Launch and returns a run object with pid, poll, wait,
+# exited_within, terminate and record; ``stop(runs, grace)`` stops many at
+# once under one grace period.  Nothing above this section touches Popen or
+# process groups.
+
+#: What ``poll()`` of a run attached from its record returns once it has
+#: ended: the exit status of a process that is not our child is not knowable.
+EXIT_UNKNOWN = -255
+
+
+class Launch:
+    """What to start: a shell command, where, with which environment, output appended to which log."""
+
+    __slots__ = ("command", "cwd", "env", "log_path", "name")
+
+    def __init__(self, command: str, cwd: str, env: dict[bytes, bytes], log_path: str, name: str = "") -> None:
+        self.command = command
+        self.cwd = cwd
+        self.env = env
+        self.log_path = log_path
+        self.name = name
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (/proc), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class LocalRun:
+    """A command started by :class:`LocalBackend`: the leader of its own session and process group.
+
+    ``proc`` is None for a run attached from its :meth:`record` by another
+    process; such a run can be polled and stopped, but its exit code is
+    :data:`EXIT_UNKNOWN`.
+    """
+
+    backend = "local"
+
+    def __init__(self, proc: subprocess.Popen[bytes] | None, pid: int, start_ticks: int | None = None) -> None:
+        self.proc = proc
+        self.pid = pid
+        self.pgid = pid  # start_new_session: the leader's pid is the group's id
+        self.start_ticks = start_ticks
+
+    def poll(self) -> int | None:
+        """The exit code once the command has ended (and been reaped), else None."""
+        if self.proc is not None:
+            return self.proc.poll()
+        if group_alive(self.pgid) and (self.start_ticks is None or _proc_start_ticks(self.pid) in (None, self.start_ticks)):
+            return None
+        return EXIT_UNKNOWN
+
+    def exited_within(self, timeout: float) -> bool:
+        """Whether the command ends within ``timeout`` seconds (woken at the exit itself on Linux)."""
+        if self.proc is not None:
+            return exited_within(self.proc, timeout)
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the command to end; ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+        if self.proc is not None:
+            return self.proc.wait(timeout)
+        if not self.exited_within(float("inf") if timeout is None else timeout):
+            import subprocess
+
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)  # type: ignore[arg-type]
+        return EXIT_UNKNOWN
+
+    def terminate(self, grace: float = DEFAULT_KILL_GRACE) -> None:
+        """SIGTERM the whole process group, SIGKILL after ``grace`` seconds; returns when it is gone."""
+        stop_groups([self.pgid], grace)
+
+    def record(self) -> dict[str, Any]:
+        """What a later process needs to find this run again (see :meth:`LocalBackend.attach`)."""
+        return {"backend": self.backend, "pid": self.pid, "pgid": self.pgid, "host": _hostname(),
+                "start_ticks": self.start_ticks}
+
+    def __repr__(self) -> str:
+        return f"LocalRun(pid={self.pid})"
+
+
+class LocalBackend:
+    """Runs commands on this machine, each in a new session, output appended to its log."""
+
+    name = "local"
+
+    def start(self, launch: Launch) -> LocalRun:
+        """Start ``launch.command`` with ``sh -c``; raise ExpError (with the cause) if it cannot start."""
+        import subprocess
+
+        require_posix()
+        try:
+            fd = os.open(launch.log_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise _storage_error(launch.log_path, e, "open") from e
+        try:
+            proc = subprocess.Popen(
+                launch.command,
+                shell=True,
+                cwd=launch.cwd,
+                env=launch.env,
+                stdin=_devnull(),
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except Exception as e:  # cwd vanished, no /bin/sh, no memory, ...
+            raise ExpError(f"could not start {launch.command!r} in {launch.cwd!r}: {type(e).__name__}: {e}") from e
+        finally:
+            os.close(fd)
+        return LocalRun(proc, proc.pid, None)
+
+    def attach(self, record: Mapping[str, Any]) -> LocalRun:
+        """A run from its :meth:`LocalRun.record`, for a process that did not start it."""
+        pid = record.get("pid")
+        if not _is_int(pid) or pid <= 0:
+            raise ExpError(f"cannot attach to a local run without a pid: {dict(record)!r}")
+        if record.get("host") not in (None, _hostname()):
+            raise ExpError(f"run {pid} was started on {record.get('host')}, not on this machine ({_hostname()})")
+        ticks = record.get("start_ticks")
+        return LocalRun(None, pid, ticks if _is_int(ticks) else None)
+
+    def stop(self, runs: Iterable[LocalRun], grace: float, idle: Callable[[float], bool] | None = None) -> list[int]:
+        """Stop many runs under one grace period (see :func:`stop_groups`); return groups left alive."""
+        return stop_groups([r.pgid for r in runs], grace, idle)
+
+
+# ============================================================================
+# Experiment and runs
 # ============================================================================
 
 
@@ -696,10 +1971,21 @@ def _validate_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"name must be a non-empty string such as 'resnet50_lr3e-4', got {name!r}")
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    if any(s in name for s in seps) or name in (".", "..") or "\0" in name:
+    if any(s in name for s in seps) or name in (".", ".."):
         raise ConfigError(
             f"name {name!r} cannot contain a path separator; it becomes a directory name. "
             "Use base_dir for the parent directory and e.g. '-' or '_' inside the name"
+        )
+    bad = _CONTROL_RE.search(name) or ("\t" in name and re.search("\t", name))
+    if bad:
+        raise ConfigError(
+            f"name {name!r} contains the control character {bad.group()!r}; it becomes a directory name, "
+            "so use letters, digits, '-', '_' or '.'"
+        )
+    if len(os.fsencode(name)) + _DIR_SUFFIX_BYTES > _NAME_MAX:
+        raise ConfigError(
+            f"name {name[:40]!r}... is {len(os.fsencode(name))} bytes long; it becomes a directory name with a "
+            f"timestamp, which must fit in {_NAME_MAX} bytes: use at most {_NAME_MAX - _DIR_SUFFIX_BYTES} bytes"
         )
     return name
 
@@ -708,7 +1994,7 @@ def _validate_command(command: Any) -> str:
     if isinstance(command, (list, tuple)) and command and all(isinstance(c, str) for c in command):
         import shlex
 
-        return shlex.join(command)
+        command = shlex.join(command)
     if not isinstance(command, str) or not command.strip():
         raise ConfigError(
             f"command must be a non-empty shell command string such as 'python train.py', got {command!r}"
@@ -745,28 +2031,7 @@ def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
 
 def find_resume_dir(base_dir: str, name: str, resume: Any) -> str:
     """The directory that ``resume`` (a timestamp or a path) names; ConfigError if none."""
-    if not isinstance(resume, (str, os.PathLike)) or not os.fspath(resume).strip():
-        raise ConfigError(f"resume must be a timestamp such as '2025-09-27__17-16-19' or a directory path, got {resume!r}")
-    text = os.fspath(resume)
-    candidates = []
-    if os.sep in text or os.path.isdir(text):
-        candidates.append(os.path.abspath(text))
-    candidates.append(os.path.join(base_dir, f"{name}_{text}"))
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, "metadata.json")):
-            return c
-    try:
-        prefix = name + "_"
-        found = sorted(d[len(prefix):] for d in os.listdir(base_dir) if d.startswith(prefix))
-    except OSError:
-        found = []
-    hint = f"existing timestamps for {name!r}: {', '.join(found[-5:])}" if found else (
-        f"no experiment named {name!r} exists under {base_dir}"
-    )
-    raise ConfigError(
-        f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
-        f"pass the timestamp part of an existing directory name or its path ({hint})"
-    )
+    return ExperimentDir.find(base_dir, name, resume)
 
 
 def _lenient_gpu_ids(value: Any) -> list[int] | None:
@@ -777,20 +2042,12 @@ def _lenient_gpu_ids(value: Any) -> list[int] | None:
         return None
 
 
-def _iso_from_old_timestamp(value: Any) -> str | None:
-    """The earlier project's ``timestamp`` (ISO, or the directory format) as ISO 8601."""
-    if not isinstance(value, str) or not value:
-        return None
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(value).isoformat(timespec="seconds")
-    except ValueError:
-        pass
-    try:
-        return datetime.strptime(value, TIMESTAMP_FORMAT).astimezone().isoformat(timespec="seconds")
-    except ValueError:
-        return None
+def _stored_env(meta: Mapping[str, Any]) -> dict[str, str | None]:
+    """The environment an experiment ran with, less the redacted secrets."""
+    stored = meta.get("environment")
+    if not isinstance(stored, dict):
+        return {}
+    return {str(k): str(v) for k, v in stored.items() if v is not None and v != "***"}
 
 
 class Experiment:
@@ -812,9 +2069,13 @@ class Experiment:
         lark_config: Lark/Feishu settings for ``save_row(lark=True)``; kept in
             memory only, never written to disk (it holds secrets).
         env: extra environment variables for the command; ``None`` removes one.
+        backend: what starts the command (default :class:`LocalBackend`).
+        write_metadata: False leaves ``metadata.json`` to the first
+            :meth:`start` (status ``running`` at once, still before the command
+            runs): the scheduler saves a rewrite per experiment this way.
 
-    The directory and ``metadata.json`` (status ``pending``) exist as soon as
-    the constructor returns.
+    The directory exists, and (by default) ``metadata.json`` with status
+    ``pending``, as soon as the constructor returns.
     """
 
     def __init__(
@@ -830,7 +2091,8 @@ class Experiment:
         lark_config: dict[str, Any] | str | None = None,
         env: Mapping[str, str | None] | None = None,
         *,
-        _defer_write: bool = False,
+        backend: LocalBackend | None = None,
+        write_metadata: bool = True,
     ) -> None:
         self.name = _validate_name(name)
         self.command = _validate_command(command)
@@ -844,6 +2106,7 @@ class Experiment:
                 raise ConfigError(f"cwd {cwd!r} is not an existing directory; pass the directory to run the command in")
         self.env = _validate_env(env)
         self.lark_config = lark_config
+        self.backend = backend or LocalBackend()
         if base_dir is None:
             base_dir = DEFAULT_BASE_DIR
         self.base_dir = os.path.abspath(os.fspath(base_dir))
@@ -853,145 +2116,92 @@ class Experiment:
         self._ok_keys: set[str] = set()
         self._writer: MetricsWriter | None = None
         self._writer_run: str | None = None
-        self._meta_lock_obj: _FileLock | None = None
-        self._meta_cache: tuple[Any, dict[str, Any]] | None = None
 
         if resume is not None:
-            work_dir = self._resolve_resume(resume)
-            meta = self._read_metadata_at(work_dir)
-            self.work_dir = work_dir
-            self.timestamp = meta.get("timestamp_dir") or self._timestamp_from_dir(work_dir)
-            self.tags = tags_v if tags_v is not None else list(meta.get("tags") or [])
+            work_dir = ExperimentDir.find(self.base_dir, self.name, resume)
+            self.dir = ExperimentDir(work_dir)
+            meta = self.dir.read_metadata()
+            self.timestamp = meta.get("timestamp_dir") or self.dir.timestamp(self.name)
+            self.tags = tags_v if tags_v is not None else [t for t in meta.get("tags") or [] if isinstance(t, str)]
             self.gpu_ids = gpus_v if gpus_v is not None else _lenient_gpu_ids(meta.get("gpu_ids"))
             # The earlier project ran in the experiment directory when cwd was unset.
             self.cwd = cwd if cwd is not None else (meta.get("cwd") or work_dir)
             self.description = description if description is not None else meta.get("description")
             if env is None:  # keep the variables it ran with, except redacted secrets
-                stored = meta.get("environment")
-                if isinstance(stored, dict):
-                    self.env = {k: str(v) for k, v in stored.items() if v is not None and v != "***"}
+                self.env = _stored_env(meta)
             self.current_run_id = meta.get("current_run_id")
-            self.created_at = meta.get("created_at") or _iso_from_old_timestamp(meta.get("timestamp")) or now_iso()
+            self.created_at = (meta.get("created_at") or iso_from_old_timestamp(meta.get("timestamp"))
+                               or now_iso())
 
             def update(m: dict[str, Any]) -> None:
                 # Directories of the earlier project lack the newer fields, and
                 # may hold its lark_config (secrets): fill in, and drop that.
-                for k, v in self._initial_metadata().items():
-                    m.setdefault(k, v)
+                upgrade_metadata(m, self._initial_metadata())
                 m.update(self._static_fields())
-                m.pop("lark_config", None)
-                m["created_at"] = self.created_at
-                m["status"] = PENDING
-                m["pid"] = None
+                m.update(created_at=self.created_at, status=PENDING, pid=None)
 
-            self._update_metadata(update)
-            self.status = PENDING
+            self._update(update)
         else:
+            check_experiment_path(self.base_dir, self.name)
             self.tags = tags_v or []
             self.gpu_ids = gpus_v
             self.cwd = cwd if cwd is not None else os.getcwd()
             self.description = description
-            self.work_dir, self.timestamp = self._make_dir()
-            self._fresh = True
             self.created_at = now_iso()
-            if _defer_write:
-                # The scheduler starts it at once: the first write says
-                # "running", still before the command starts (it reads it).
-                self._unwritten = True
-            else:
-                self._write_metadata(self._initial_metadata())
-    #: True while the directory was made by this object and has no run yet.
-    _fresh = False
-    #: True while metadata.json is yet to be written (a scheduler's experiment).
-    _unwritten = False
-
-    # ------------------------------------------------------------------ creation
-
-    def _make_dir(self) -> tuple[str, str]:
-        stamp = time.strftime(TIMESTAMP_FORMAT)
-        n = 1
-        while True:
-            ts = stamp if n == 1 else f"{stamp}_{n}"
-            path = os.path.join(self.base_dir, f"{self.name}_{ts}")
             try:
-                # mkdir is the atomic claim: two processes creating the same
-                # name in the same second get _2, _3, ... and never share.
-                os.mkdir(path)
-            except FileExistsError:
-                n += 1
-                continue
-            except FileNotFoundError:
-                os.makedirs(self.base_dir, exist_ok=True)
-                continue
-            os.mkdir(os.path.join(path, "terminal_logs"))
-            os.mkdir(os.path.join(path, "metrics"))
-            return path, ts
-
-    def _timestamp_from_dir(self, work_dir: str) -> str:
-        base = os.path.basename(work_dir.rstrip(os.sep))
-        prefix = self.name + "_"
-        return base[len(prefix):] if base.startswith(prefix) else base
-
-    def _resolve_resume(self, resume: Any) -> str:
-        return find_resume_dir(self.base_dir, self.name, resume)
+                self.dir, self.timestamp = ExperimentDir.create(self.base_dir, self.name)
+            except OSError as e:
+                raise _storage_error(self.base_dir, e, "create an experiment directory in") from e
+            if write_metadata:
+                self.dir.write_metadata(self._initial_metadata())
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, work_dir: str | os.PathLike[str]) -> Experiment:
         """Rebuild an Experiment from its directory (reads ``metadata.json``)."""
-        work_dir = os.path.abspath(os.fspath(work_dir))
-        meta = cls._read_metadata_at(work_dir)
+        d = ExperimentDir(work_dir)
+        meta = upgrade_metadata(d.read_metadata(), {})
         self = cls.__new__(cls)
-        self.work_dir = work_dir
-        self.base_dir = os.path.dirname(work_dir)
-        self.name = meta.get("name") or os.path.basename(work_dir)
-        self.command = meta.get("command") or ""
-        self.tags = list(meta.get("tags") or [])
+        self.dir = d
+        self.base_dir = os.path.dirname(d.path)
+        self.name = meta.get("name") if isinstance(meta.get("name"), str) else _name_from_dir(os.path.basename(d.path))
+        self.command = meta.get("command") if isinstance(meta.get("command"), str) else ""
+        self.tags = [t for t in meta.get("tags") or [] if isinstance(t, str)] if isinstance(meta.get("tags"), list) else []
         self.gpu_ids = _lenient_gpu_ids(meta.get("gpu_ids"))
-        self.cwd = meta.get("cwd") or work_dir  # the earlier project ran in work_dir by default
-        self.description = meta.get("description")
-        self.status = meta.get("status") or PENDING
-        self.current_run_id = meta.get("current_run_id")
-        self.timestamp = meta.get("timestamp_dir") or self._timestamp_from_dir(work_dir)
-        self.created_at = meta.get("created_at") or _iso_from_old_timestamp(meta.get("timestamp"))
-        stored = meta.get("environment")
-        self.env = ({k: str(v) for k, v in stored.items() if v is not None and v != "***"}
-                    if isinstance(stored, dict) else {})
+        cwd = meta.get("cwd")
+        self.cwd = cwd if isinstance(cwd, str) and cwd else d.path  # the earlier project ran in work_dir
+        self.description = meta.get("description") if isinstance(meta.get("description"), str) else None
+        self.status = meta.get("status") if isinstance(meta.get("status"), str) else PENDING
+        rid = meta.get("current_run_id")
+        self.current_run_id = rid if isinstance(rid, str) else None
+        self.timestamp = meta.get("timestamp_dir") or d.timestamp(self.name)
+        self.created_at = meta.get("created_at") or iso_from_old_timestamp(meta.get("timestamp"))
+        self.env = _stored_env(meta)
         self.lark_config = None
+        self.backend = LocalBackend()
         self._pending = {}
         self._ok_keys = set()
         self._writer = None
         self._writer_run = None
-        self._meta_lock_obj = None
-        self._meta_cache = None
         return self
 
     #: The earlier project's name for :meth:`load`.
     load_from_dir = load
 
-    @staticmethod
-    def _read_metadata_at(work_dir: str) -> dict[str, Any]:
-        path = os.path.join(work_dir, "metadata.json")
-        try:
-            meta = read_json(path)
-        except FileNotFoundError:
-            raise ConfigError(f"{work_dir} is not an experiment directory: it has no metadata.json") from None
-        except ValueError as e:
-            raise ExpError(f"{path} is not valid JSON ({e}); fix or remove the file") from None
-        if not isinstance(meta, dict):
-            raise ExpError(f"{path} does not hold a JSON object")
-        return meta
-
     # ------------------------------------------------------------------ metadata
 
     @property
+    def work_dir(self) -> str:
+        return self.dir.path
+
+    @property
     def metadata_path(self) -> str:
-        return os.path.join(self.work_dir, "metadata.json")
+        return self.dir.metadata_path
 
     def read_metadata(self) -> dict[str, Any]:
-        """The current contents of ``metadata.json``."""
-        return self._read_metadata_at(self.work_dir)
+        """The current contents of ``metadata.json`` (MetadataError if it cannot be read)."""
+        return self.dir.read_metadata()
 
     def _static_fields(self) -> dict[str, Any]:
         return {
@@ -1027,66 +2237,30 @@ class Experiment:
         )
         return meta
 
-    def _meta_lock(self) -> _FileLock:
-        if self._meta_lock_obj is None:
-            self._meta_lock_obj = _FileLock(self.work_dir)
-        return self._meta_lock_obj
+    def _warn(self, message: str) -> None:
+        """Say something the user must know but that must not stop the run: stderr and the run's log."""
+        print(f"exp: warning: {message}", file=sys.stderr)
+        if self.current_run_id:
+            try:
+                self.dir.append_log(self.current_run_id, f"warning: {message}")
+            except OSError:
+                pass
 
-    def _write_metadata(self, meta: dict[str, Any]) -> None:
-        with self._meta_lock():
-            self._store_metadata(meta)
-
-    def _store_metadata(self, meta: dict[str, Any]) -> None:
-        st = write_json_atomic(self.metadata_path, meta)
-        self._meta_cache = ((st.st_ino, st.st_mtime_ns, st.st_size), meta)
-        self._unwritten = False
-
-    def _update_metadata(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        # Read-modify-write under a lock file, so a run finishing in one thread
-        # and a run starting in another (or another process) lose nothing.  The
-        # file is re-read only if someone else wrote it since we last did.
-        with self._meta_lock():
-            if self._unwritten:
-                meta = self._initial_metadata()
-            else:
-                try:
-                    st = os.stat(self.metadata_path)
-                    cached = self._meta_cache
-                    if cached and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
-                        meta = cached[1]
-                    else:
-                        meta = read_json(self.metadata_path)
-                except (OSError, ValueError):
-                    meta = {}
-            fn(meta)
-            self._store_metadata(meta)
-            return meta
+    def _update(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        try:
+            self.dir.update_metadata(fn, self._initial_metadata)
+        except MetadataError as e:  # kept aside and rewritten: say so, and go on
+            self._warn(str(e))
 
     # ------------------------------------------------------------------ paths
 
-    def _existing_run_numbers(self) -> set[int]:
-        nums = set()
-        for sub, ext in (("terminal_logs", ".log"), ("metrics", ".csv")):
-            try:
-                names = os.listdir(os.path.join(self.work_dir, sub))
-            except FileNotFoundError:
-                continue
-            for fn in names:
-                if fn.endswith(ext):
-                    m = _RUN_ID_RE.match(fn[: -len(ext)])
-                    if m:
-                        nums.add(int(m.group(1)))
-        return nums
-
     def log_path(self, run_id: int | str | None = None) -> str:
         """Path of a run's log (default: the current run)."""
-        rid = run_id_str(run_id) if run_id is not None else self._require_run()
-        return os.path.join(self.work_dir, "terminal_logs", f"{rid}.log")
+        return self.dir.log_path(run_id_str(run_id) if run_id is not None else self._require_run())
 
     def metrics_file(self, run_id: int | str | None = None) -> str:
         """Path of a run's metrics CSV (default: the current run)."""
-        rid = run_id_str(run_id) if run_id is not None else self._require_run()
-        return os.path.join(self.work_dir, "metrics", f"{rid}.csv")
+        return self.dir.metrics_path(run_id_str(run_id) if run_id is not None else self._require_run())
 
     @property
     def metrics_path(self) -> str:
@@ -1103,7 +2277,7 @@ class Experiment:
 
     def runs(self) -> list[str]:
         """Run ids that have a log or a metrics file, oldest first."""
-        return [f"run_{n:04d}" for n in sorted(self._existing_run_numbers())]
+        return self.dir.runs()
 
     # Names the earlier project's users call.
     def get_log_file_path(self, run_id: str | None = None) -> str:
@@ -1116,7 +2290,7 @@ class Experiment:
         return self.runs()
 
     def read_log(self, run_id: int | str | None = None) -> str:
-        """The whole text of a run's log ('' if it has none yet)."""
+        """The whole text of a run's log ('' if it has none yet).  For the end only, use get_log_tail."""
         try:
             with open(self.log_path(run_id), encoding="utf-8", errors="replace") as f:
                 return f.read()
@@ -1124,11 +2298,12 @@ class Experiment:
             return ""
 
     def get_log_tail(self, lines: int = 50, run_id: int | str | None = None) -> str:
-        return "".join(self.read_log(run_id).splitlines(keepends=True)[-lines:])
+        """The last ``lines`` lines of a run's log, read from its end (cheap on a huge log)."""
+        return self.dir.tail_log(run_id_str(run_id) if run_id is not None else self._require_run(), lines)
 
     def append_log(self, message: str, run_id: int | str | None = None) -> None:
         """Write an exp-marked line into a run's log."""
-        _log_line(self.log_path(run_id), message)
+        self.dir.append_log(run_id_str(run_id) if run_id is not None else self._require_run(), message)
 
     # ------------------------------------------------------------------ metrics
 
@@ -1150,7 +2325,9 @@ class Experiment:
         """Append the row built by :meth:`upd_row` to the current run's CSV.
 
         With nothing pending this does nothing and notes it in the run's log.
-        ``lark=True`` (syncing to a Lark Bitable) is not available yet.
+        A row that cannot be written (a full disk) raises :class:`StorageError`
+        and stays pending, so the next ``save_row()`` writes it with any new
+        values.  ``lark=True`` (syncing to a Lark Bitable) is not available yet.
         """
         if lark:
             raise NotImplementedError(
@@ -1160,17 +2337,17 @@ class Experiment:
         rid = self._require_run()
         if not self._pending:
             try:
-                _log_line(self.log_path(rid), "warning: save_row() called with no values; call upd_row(...) first")
+                self.dir.append_log(rid, "warning: save_row() called with no values; call upd_row(...) first")
             except OSError:
                 pass
             return
         if self._writer_run != rid or self._writer is None:
             if self._writer is not None:
                 self._writer.close()
-            self._writer = MetricsWriter(self.metrics_file(rid))
+            self._writer = MetricsWriter(self.dir.metrics_path(rid))
             self._writer_run = rid
-        row, self._pending = self._pending, {}
-        self._writer.write_row(row)
+        self._writer.write_row(self._pending)
+        self._pending = {}
 
     def metrics(self, run_id: int | str | None = None) -> list[dict[str, Any]]:
         """Rows of a run's metrics CSV (default: current run), numbers parsed back."""
@@ -1190,9 +2367,15 @@ class Experiment:
         Foreground (default): follow the output to the console and return the
         exit code.  Ctrl-C stops the command's whole process group (SIGTERM,
         SIGKILL after ``grace`` seconds), records ``killed`` and re-raises
-        KeyboardInterrupt.  Background: return a :class:`RunHandle` at once.
+        KeyboardInterrupt.  Background: return a :class:`RunHandle` at once;
+        a thread of this process records the run's end.
         """
-        handle = self._start(extra_env)
+        handle = self.start(extra_env)
+        try:
+            handle.record_pid()
+        except OSError as e:  # the end still gets recorded; say why the pid is missing
+            self._warn(f"could not record the pid of {handle.run_id}: {e}")
+        threading.Thread(target=handle._watch, name=f"exp-watch-{handle.run_id}", daemon=True).start()
         if background:
             return handle
         import signal
@@ -1211,18 +2394,18 @@ class Experiment:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
 
-    def _child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None) -> dict[bytes, bytes]:
+    def child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None = None) -> dict[bytes, bytes]:
+        """The environment a run's command gets (bytes, as Popen takes it on POSIX)."""
         updates: dict[str, str | None] = {STANDALONE_ENV: None}
         if self.gpu_ids:
             updates["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpu_ids)
         updates.update(EXPERIMENT_WORK_DIR=self.work_dir, EXPERIMENT_NAME=self.name,
-                       EXPERIMENT_RUN_ID=run_id, PYTHONUNBUFFERED="1")
+                       EXPERIMENT_RUN_ID=run_id, EXPERIMENT_REPEAT="1", PYTHONUNBUFFERED="1")
         updates.update(self.env)
         updates.update(_validate_env(extra_env, "extra_env"))
         # os.environ keeps the environment as bytes in ``_data``: copying that is
         # a plain dict copy, where dict(os.environ) decodes every variable, which
-        # shows when a batch starts hundreds of short experiments.  Popen takes
-        # a bytes environment on POSIX.
+        # shows when a batch starts hundreds of short experiments.
         raw = getattr(os.environ, "_data", None)
         if isinstance(raw, dict) and all(type(k) is bytes for k in list(raw)[:1]):
             env = dict(raw)
@@ -1236,146 +2419,102 @@ class Experiment:
                 env[enc(k)] = enc(v)
         return env
 
-    def _claim_run(self) -> tuple[str, str, int]:
-        """Create the next run's log file exclusively; return (run_id, path, fd)."""
-        logs = os.path.join(self.work_dir, "terminal_logs")
-        # A directory this object just made has no runs; O_EXCL below guards anyway.
-        num = 1 if self._fresh else max(self._existing_run_numbers(), default=0) + 1
-        self._fresh = False
-        while True:
-            rid = f"run_{num:04d}"
-            path = os.path.join(logs, f"{rid}.log")
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-            except FileExistsError:
-                num += 1
-                continue
-            except FileNotFoundError:  # a directory made by hand, or a subdirectory deleted
-                os.makedirs(logs, exist_ok=True)
-                os.makedirs(os.path.join(self.work_dir, "metrics"), exist_ok=True)
-                continue
-            return rid, path, fd
+    def start(self, extra_env: Mapping[str, str | None] | None = None) -> RunHandle:
+        """Start the next run and return its handle, without waiting or following.
 
-    def _start(self, extra_env: Mapping[str, str | None] | None, watch: bool = True,
-               pid_later: bool = False) -> RunHandle:
-        """Start the next run.  With ``pid_later`` the start is recorded before
-        the command starts and the caller records the pid (the scheduler: see
-        :data:`PID_RECORD_DELAY`); otherwise it is recorded after, with the pid.
-        Either way metadata.json exists before the command can read it.
+        ``metadata.json`` says ``running`` (this run, its id) before the
+        command starts, so a command that reads it finds itself.  The pid is
+        recorded by :meth:`RunHandle.record_pid` or, once the command has run
+        :data:`PID_RECORD_DELAY` seconds, by :meth:`RunHandle.wait`.  Someone
+        must call ``wait()`` for the end to be recorded (``run()`` does).
+        A run that cannot start is recorded as an ``error`` and raises ExpError.
         """
-        import subprocess
-
-        _require_posix()
+        require_posix()
         env_extra = _validate_env(extra_env, "extra_env")
-        rid, log_path, fd = self._claim_run()
         command = add_conda_no_capture(self.command)
-        self.current_run_id = rid
         started = now_iso()
         t0 = time.time()
-        lines = [
-            f"{started} {rid} of {self.name!r} starting",
-            f"command: {command}",
-            f"cwd: {self.cwd}",
-            f"work_dir: {self.work_dir}",
-        ]
-        if self.gpu_ids:
-            lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
+
+        def header(rid: str) -> str:
+            lines = [f"{started} {rid} of {self.name!r} starting", f"command: {command}", f"cwd: {self.cwd}",
+                     f"work_dir: {self.work_dir}"]
+            if self.gpu_ids:
+                lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
+            return "".join(f"{LOG_MARK} {ln}\n" for ln in lines)
+
         try:
-            os.write(fd, "".join(f"{LOG_MARK} {ln}\n" for ln in lines).encode("utf-8"))
-            if pid_later:
-                self._record_start(rid, started, None)
+            rid, log_path = self.dir.claim_run(header)
+        except Exception as e:
+            self._record_unstartable(None, e)
+            raise ExpError(f"could not start a run of {self.name!r} in {self.work_dir}: {e}") from e
+        self.current_run_id = rid
+        try:
+            self._record_start(rid, started, None)
+            launch = Launch(command, self.cwd, self.child_env(rid, env_extra), log_path, self.name)
+            run = self.backend.start(launch)
+        except Exception as e:  # disk full, cwd vanished, no /bin/sh, no memory, ...
+            err = e if isinstance(e, ExpError) else ExpError(
+                f"could not start {command!r} in {self.cwd!r}: {type(e).__name__}: {e}")
             try:
-                proc = subprocess.Popen(
-                    command,
-                    shell=True,
-                    cwd=self.cwd,
-                    env=self._child_env(rid, env_extra),
-                    stdin=_devnull(),
-                    stdout=fd,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except Exception as e:
-                # e.g. cwd vanished, no /bin/sh, no memory: the run ends at once as an error
-                os.write(fd, f"{LOG_MARK} could not start: {e}\n".encode("utf-8"))
-                if not pid_later:
-                    self._record_start(rid, started, None)
-                self._record_end(rid, started, t0, 127, ERROR, log_path)
-                raise ExpError(f"could not start {command!r} in {self.cwd!r}: {e}") from e
-        finally:
-            os.close(fd)
-        if not pid_later:
-            self._record_start(rid, started, proc.pid)
-        return RunHandle(self, proc, rid, log_path, started, t0, watch)
+                self.dir.append_log(rid, str(err))
+            except OSError:
+                pass
+            self._record_unstartable(rid, err)
+            if err is e:
+                raise
+            raise err from e
+        return RunHandle(self, run, rid, log_path, started, t0)
 
     def _record_start(self, rid: str, started: str, pid: int | None) -> None:
         self.status = RUNNING
+        fields = self._static_fields()
+        fields.update(exp_version=__version__, git=git_info(self.cwd) if os.path.isdir(self.cwd) else None)
+        try:
+            self.dir.record_start(rid, started, pid, fields, self._initial_metadata)
+        except MetadataError as e:  # kept aside and rewritten: say so, and go on
+            self._warn(str(e))
+
+    def _record_end(self, rid: str, t0: float, code: int | None, status: str, pid: int | None = None) -> None:
+        self.status = status
+        try:
+            self.dir.record_end(rid, exit_code=code, status=status, duration=round(time.time() - t0, 3), pid=pid,
+                                initial=self._initial_metadata)
+        except MetadataError as e:
+            self._warn(str(e))
+
+    def _record_unstartable(self, rid: str | None, e: BaseException) -> None:
+        """A start failed: the metadata says so (status error), even if it was never written."""
+        self.status = ERROR
+        error = str(e) if isinstance(e, ExpError) and str(e).startswith("could not start") else (
+            f"could not start: {type(e).__name__}: {e}")
 
         def update(m: dict[str, Any]) -> None:
             m.update(self._static_fields())
-            m.pop("lark_config", None)  # the earlier project stored secrets there
-            m.update(status=RUNNING, pid=pid, started_at=started, ended_at=None, exit_code=None,
-                     duration=None, current_run_id=rid)
-            m.setdefault("runs", [])
-            m["runs"].append({"id": rid, "pid": pid, "started_at": started, "ended_at": None,
-                              "exit_code": None, "status": RUNNING})
-            m["exp_version"] = __version__
-            m["git"] = git_info(self.cwd) if os.path.isdir(self.cwd) else None
-
-        self._update_metadata(update)
-
-    def _record_pid(self, rid: str, pid: int) -> None:
-        def update(m: dict[str, Any]) -> None:
-            if m.get("current_run_id") == rid and m.get("status") == RUNNING:
-                m["pid"] = pid
-            for r in m.get("runs") or []:
-                if r.get("id") == rid and r.get("pid") is None:
-                    r["pid"] = pid
-
-        self._update_metadata(update)
-
-    def _record_end(self, rid: str, started: str, t0: float, code: int | None, status: str, log_path: str,
-                    pid: int | None = None) -> None:
-        ended = now_iso()
-        duration = round(time.time() - t0, 3)
-        if status == KILLED:
-            what = f"killed (exit code {code})"
-        elif code is not None and code < 0:
-            what = f"ended by signal {-code} ({status})"
-        else:
-            what = f"exit code {code} ({status})"
-        try:
-            _log_line(log_path, f"{ended} {rid} ended: {what}, duration {format_duration(duration)}")
-        except OSError:
-            pass
-        self.status = status
-
-        def update(m: dict[str, Any]) -> None:
-            m.update(status=status, exit_code=code, pid=None, ended_at=ended, duration=duration)
-            for r in m.get("runs") or []:
-                if r.get("id") == rid:
-                    r.update(ended_at=ended, exit_code=code, status=status, duration=duration)
-                    if r.get("pid") is None and pid is not None:
-                        r["pid"] = pid
+            m.update(status=ERROR, error=error, pid=None)
 
         try:
-            self._update_metadata(update)
+            if rid is None:
+                self._update(update)
+            else:
+                self.dir.record_end(rid, exit_code=127, status=ERROR, duration=0.0, error=error,
+                                    initial=self._initial_metadata)
+        except (OSError, ExpError):
+            pass  # the caller raises the start's own error
         finally:
-            self._meta_lock().close()  # no descriptor held between runs
+            self.dir.close()
 
     def _start_in_process(self) -> None:
         """Make the calling process itself this experiment's current run (standalone mode)."""
         import atexit
         import shlex
 
-        rid, log_path, fd = self._claim_run()
-        os.close(fd)
         started = now_iso()
         t0 = time.time()
+        command = shlex.join([sys.executable] + sys.argv)
+        rid, _ = self.dir.claim_run(lambda rid: (
+            f"{LOG_MARK} {started} standalone run {rid}: {command} (pid {os.getpid()}); "
+            "its output is not captured here\n"))
         self.current_run_id = rid
-        _log_line(log_path, f"{started} standalone run {rid}: {shlex.join([sys.executable] + sys.argv)} "
-                  f"(pid {os.getpid()}); its output is not captured here")
         self._record_start(rid, started, os.getpid())
         # Exit handlers are not told the exit status, so it is caught where it
         # is decided: an uncaught exception, or a call of sys.exit().
@@ -1399,9 +2538,9 @@ class Experiment:
 
         def finish() -> None:
             try:
-                self._record_end(rid, started, t0, state["code"], state["status"], log_path)
-            except OSError:
-                pass
+                self._record_end(rid, t0, state["code"], state["status"])
+            except OSError as e:
+                print(f"exp: warning: could not record the end of {rid} in {self.work_dir}: {e}", file=sys.stderr)
 
         atexit.register(finish)
 
@@ -1409,141 +2548,119 @@ class Experiment:
         return f"Experiment(name={self.name!r}, work_dir={self.work_dir!r}, status={self.status!r})"
 
 
-_DEVNULL: list[int] = []
-
-
-def _devnull() -> int:
-    """One /dev/null descriptor for every child's stdin, opened once."""
-    if not _DEVNULL:
-        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
-    return _DEVNULL[0]
-
-
-def _log_line(path: str, message: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{LOG_MARK} {message}\n".encode("utf-8"))
-    finally:
-        os.close(fd)
-
-
-# ============================================================================
-# Runner: one running command
-# ============================================================================
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to a process group; False when the group is gone."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a member changed uid; nothing more we may do
-        return False
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is in the group.
-
-    ``killpg(pgid, 0)`` alone also succeeds for zombies that nobody has reaped
-    yet (in containers PID 1 often never reaps), so on Linux /proc is read.
-    """
-    if not _signal_group(pgid, 0):
-        return False
-    try:
-        pids = os.listdir("/proc")
-    except OSError:  # macOS: no /proc; trust killpg
-        return True
-    for pid in pids:
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
-
-
-def _exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Whether ``proc`` ends within ``timeout`` seconds (it is not reaped here).
-
-    Popen.wait(timeout) sleeps in growing steps, which would notice a command
-    of a few milliseconds late; a pidfd (Linux 5.3+) wakes at the exit itself.
-    """
-    import select
-
-    try:
-        fd = os.pidfd_open(proc.pid)  # type: ignore[attr-defined]
-    except (AttributeError, OSError):  # not Linux, an old kernel, or no descriptors left
-        import subprocess
-
-        try:
-            proc.wait(timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-    finally:
-        os.close(fd)
-
-
 class RunHandle:
-    """A run started with ``Experiment.run(background=True)``.
+    """A started run of an :class:`Experiment`: wait for it, poll it, stop it.
 
-    A watcher thread waits for the command and records its end (status, exit
-    code, duration) in metadata.json and the log, whether or not anyone calls
-    :meth:`wait`.  If the managing process exits first the command goes on,
-    and metadata keeps status ``running``.
+    The first :meth:`wait` (from any thread) reaps the command and records its
+    end (status, exit code, duration) in metadata.json and the log; other
+    waiters get the same result.  ``run(background=True)`` starts a thread
+    that does this, so the end is recorded whether or not anyone waits.  If
+    the managing process exits first the command goes on, and metadata keeps
+    status ``running``.
     """
 
-    def __init__(self, experiment: Experiment, proc: subprocess.Popen[bytes], run_id: str,
-                 log_path: str, started_at: str, t0: float, watch: bool = True) -> None:
+    def __init__(self, experiment: Experiment, run: LocalRun, run_id: str, log_path: str,
+                 started_at: str, t0: float) -> None:
         self.experiment = experiment
+        self.run = run
         self.run_id = run_id
         self.log_path = log_path
-        self.pid = proc.pid
+        self.pid = run.pid
         self.started_at = started_at
         self.returncode: int | None = None
         self.status = RUNNING
-        self._proc = proc
+        #: Why the end could not be written to metadata.json (a full disk), else None.
+        self.record_error: BaseException | None = None
         self._t0 = t0
-        self._killed = False
+        self._stop_requested = False
+        self._pid_recorded = False
+        self._reaper = threading.Lock()
         self._done = threading.Event()
-        if watch:  # the scheduler's own worker thread calls _watch() instead
-            threading.Thread(target=self._watch, name=f"exp-watch-{run_id}", daemon=True).start()
 
-    def _watch(self) -> None:
-        self._finish(self._proc.wait())
+    def record_pid(self) -> None:
+        """Write the run's pid into metadata.json now (once; later calls do nothing)."""
+        if not self._pid_recorded:
+            self._pid_recorded = True
+            self.experiment.dir.record_pid(self.run_id, self.pid)
+
+    def poll(self) -> int | None:
+        """The exit code if the run has ended (and its end been recorded), else None."""
+        if self._done.is_set():
+            return self.returncode
+        if self.run.poll() is not None and self._reaper.acquire(blocking=False):
+            try:
+                if not self._done.is_set():
+                    self._finish(self.run.wait())
+            finally:
+                self._reaper.release()
+        return self.returncode if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the run to end and its end to be recorded; return the exit code.
+
+        Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds, and
+        :class:`StorageError` (after the exit code is known: see
+        ``returncode``) when the end could not be written to metadata.json.
+        """
+        import subprocess
+
+        if not self._done.is_set():
+            if not self._reaper.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                raise subprocess.TimeoutExpired(self.experiment.command, timeout)  # type: ignore[arg-type]
+            try:
+                if not self._done.is_set():
+                    self._reap(timeout)
+            finally:
+                self._reaper.release()
+            if self.record_error is not None:
+                raise self.record_error
+        if not self._done.wait(timeout):
+            raise subprocess.TimeoutExpired(self.experiment.command, timeout)  # type: ignore[arg-type]
+        assert self.returncode is not None
+        return self.returncode
+
+    def _reap(self, timeout: float | None) -> None:
+        """Under the reaper lock: record the pid if the run lasts, wait for it, record its end."""
+        if not self._pid_recorded:
+            delay = PID_RECORD_DELAY if timeout is None else min(PID_RECORD_DELAY, timeout)
+            if not self.run.exited_within(delay):
+                try:
+                    self.record_pid()
+                except (OSError, ExpError):  # e.g. a full disk: the end still gets recorded
+                    pass
+        try:
+            code: int | None = self.run.wait(timeout)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # TimeoutExpired goes to the caller; nothing else is expected
+            import subprocess
+
+            if isinstance(e, subprocess.TimeoutExpired):
+                raise
+            code = None
+        self._finish(code)
 
     def _finish(self, code: int | None) -> None:
-        """Record the end of the run (``code``: its exit status) and release waiters."""
-        status = KILLED if self._killed else (FINISHED if code == 0 else ERROR)
+        status = KILLED if self._stop_requested else (FINISHED if code == 0 else ERROR)
         try:
-            self.experiment._record_end(self.run_id, self.started_at, self._t0, code, status, self.log_path,
-                                        self.pid)
+            self.experiment._record_end(self.run_id, self._t0, code, status, self.pid)
+        except Exception as e:  # noqa: BLE001 - a full disk: the run still ended
+            self.record_error = e
         finally:
             self.returncode, self.status = code, status
             self._done.set()
 
-    def poll(self) -> int | None:
-        """The exit code if the run has ended (and been recorded), else None."""
-        return self.returncode if self._done.is_set() else None
+    def _watch(self) -> None:
+        """The background thread of ``run()``: wait, and say so if the end cannot be recorded."""
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 - a daemon thread: no traceback, but not silent
+            print(f"exp: warning: the end of {self.run_id} of {self.experiment.name!r} could not be "
+                  f"recorded in {self.experiment.work_dir}: {e}", file=sys.stderr)
 
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the run to end; raise ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
-        if not self._done.wait(timeout):
-            import subprocess
-
-            raise subprocess.TimeoutExpired(self.experiment.command, timeout)  # type: ignore[arg-type]
-        assert self.returncode is not None
-        return self.returncode
+    def request_stop(self) -> None:
+        """Mark the run as stopped by exp: however it ends now, it is recorded ``killed``."""
+        self._stop_requested = True
 
     def terminate(self, grace: float = DEFAULT_KILL_GRACE) -> int:
         """Stop the command and everything it started; return its exit code.
@@ -1553,15 +2670,7 @@ class RunHandle:
         """
         if self._done.is_set():
             return self.returncode  # type: ignore[return-value]
-        self._killed = True
-        pgid = self.pid  # the child leads its own session and group
-        _signal_group(pgid, 15)
-        deadline = time.monotonic() + max(0.0, grace)
-        while time.monotonic() < deadline:
-            if self._done.is_set() and not _group_alive(pgid):
-                break
-            time.sleep(0.02)
-        _signal_group(pgid, 9)
+        terminate_runs([self], grace)
         return self.wait()
 
     def kill(self) -> int:
@@ -1622,6 +2731,25 @@ class RunHandle:
         return f"RunHandle(run_id={self.run_id!r}, pid={self.pid}, status={self.status!r})"
 
 
+def terminate_runs(handles: Iterable[RunHandle], grace: float = DEFAULT_KILL_GRACE,
+                   idle: Callable[[float], bool] | None = None) -> list[int]:
+    """Stop many runs under one grace period: SIGTERM now, SIGKILL to what is left after ``grace``.
+
+    Each is recorded ``killed`` by whoever waits for it.  ``idle(seconds)`` is
+    called while waiting (see :func:`stop_groups`).  Returns the process
+    groups still alive at the end (normally none).
+    """
+    by_backend: dict[int, tuple[Any, list[LocalRun]]] = {}
+    for h in handles:
+        h.request_stop()
+        backend = h.experiment.backend
+        by_backend.setdefault(id(backend), (backend, []))[1].append(h.run)
+    left: list[int] = []
+    for backend, runs in by_backend.values():
+        left += backend.stop(runs, grace, idle)
+    return left
+
+
 # ============================================================================
 # Inside a training script
 # ============================================================================
@@ -1641,7 +2769,7 @@ def load_experiment(standalone: bool = False) -> Experiment:
     """
     work_dir = os.environ.get("EXPERIMENT_WORK_DIR")
     if work_dir:
-        if not os.path.isfile(os.path.join(work_dir, "metadata.json")):
+        if not ExperimentDir.is_experiment(work_dir):
             raise NoExperimentContext(
                 f"EXPERIMENT_WORK_DIR={work_dir!r} has no metadata.json; it was set by hand or the "
                 "directory was moved. Unset it, or launch the script with exp"
@@ -1679,43 +2807,187 @@ def load_experiment(standalone: bool = False) -> Experiment:
 #
 # parse_config() takes text and returns a BatchConfig or raises ConfigError
 # listing *every* problem found, so a user fixes a file in one pass.  Nothing
-# is launched unless the whole file is valid.
+# is launched unless the whole file is valid.  One table of fields per
+# section drives validation, defaults, ``exp run --help`` and the README.
 
-#: ``[scheduler]`` keys: name -> (expected type description, validator).
-SCHEDULER_DEFAULTS: dict[str, Any] = {
-    "base_experiment_dir": DEFAULT_BASE_DIR,
-    "max_concurrent_experiments": 1,
-    "check_interval": 1.0,
-    "auto_restart_on_error": False,
-    "linger_when_idle": False,
-    "kill_timeout": DEFAULT_KILL_GRACE,
-    "lark_url": None,
-    "lark_config": None,
+
+class Field:
+    """One config key: its name, what it takes (a checker name), its default and a line of help."""
+
+    __slots__ = ("name", "kind", "default", "help")
+
+    def __init__(self, name: str, kind: str, default: Any, help: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.default = default
+        self.help = help
+
+    def __repr__(self) -> str:
+        return f"Field({self.name!r}, {self.kind!r}, {self.default!r})"
+
+
+#: ``[scheduler]`` keys.
+SCHEDULER_FIELDS: tuple[Field, ...] = (
+    Field("base_experiment_dir", "path", DEFAULT_BASE_DIR, "where experiment directories and `.exp_state/` go"),
+    Field("max_concurrent_experiments", "int>=1", 1, "how many run at once"),
+    Field("check_interval", "seconds>0", 1.0,
+          "seconds; only bounds how often exp looks for outside commands (dispatch is event-driven)"),
+    Field("auto_restart_on_error", "bool", False, "retries happen only when true"),
+    Field("linger_when_idle", "bool", False,
+          "stay alive (status `awaiting_shutdown`) after the queue drains, until Ctrl-C"),
+    Field("kill_timeout", "seconds>=0", DEFAULT_KILL_GRACE, "seconds between SIGTERM and SIGKILL on shutdown"),
+    Field("lark_url", "text", None, "a Lark/Feishu Bitable URL, stored for Lark sync"),
+    Field("lark_config", "lark", None, "Lark/Feishu settings (a table or a URL), stored for Lark sync"),
+)
+#: ``[[experiments]]`` keys (``name`` and ``command`` are required).
+EXPERIMENT_FIELDS: tuple[Field, ...] = (
+    Field("name", "name", None, "required: the directory name prefix"),
+    Field("command", "command", None, "required: a shell command"),
+    Field("priority", "int", 0, "higher starts first; equal priorities keep file order"),
+    Field("tags", "tags", [], "a list of strings, for search"),
+    Field("description", "text", None, "free text, for search"),
+    Field("gpu_ids", "gpu_ids", None, '`[0, 1]` or `"0,1"`; sets `CUDA_VISIBLE_DEVICES`'),
+    Field("cwd", "path", None, "where the command runs (default: the config file's directory)"),
+    Field("base_dir", "path", None, "parent directory for this experiment (default: `base_experiment_dir`)"),
+    Field("environment", "env", {}, '`{ KEY = "VALUE" }` for the command'),
+    Field("resume", "path", None, "continue an existing experiment (timestamp or path)"),
+    Field("repeats", "int>=1", 1, "run as this many separate experiments (`EXPERIMENT_REPEAT` = 1, 2, ...)"),
+    Field("max_retries", "int>=0", 0,
+          "extra attempts when `auto_restart_on_error`; each is a new run in the same directory"),
+    Field("delay_seconds", "seconds>=0", 0.0, "wait this long before each attempt, without holding a slot"),
+    Field("lark_url", "text", None, "overrides `[scheduler] lark_url`"),
+    Field("lark_config", "lark", None, "overrides `[scheduler] lark_config`"),
+)
+#: Old names of the default tables, kept for code that reads them.
+SCHEDULER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in SCHEDULER_FIELDS}
+EXPERIMENT_DEFAULTS: dict[str, Any] = {f.name: f.default for f in EXPERIMENT_FIELDS}
+
+
+def _expect(cond: bool, expected: str, v: Any) -> None:
+    if not cond:
+        raise ConfigError(f"expected {expected}, got {v!r}")
+
+
+class _Problems(ConfigError):
+    """Several problems inside one value, each under a sub-key (or the value itself: None)."""
+
+    def __init__(self, problems: list[tuple[str | None, str]]) -> None:
+        super().__init__("; ".join(msg for _, msg in problems))
+        self.problems = problems
+
+
+def _check_text(v: Any) -> str:
+    _expect(isinstance(v, str), "a string", v)
+    return str(v)
+
+
+def _check_path(v: Any) -> str:
+    _expect(isinstance(v, str) and bool(v.strip()) and "\0" not in v, "a non-empty path string", v)
+    return str(v)
+
+
+def _check_int(v: Any, low: int | None = None) -> int:
+    ok = _is_int(v) and (low is None or v >= low)
+    _expect(ok, "an integer" if low is None else f"an integer >= {low}", v)
+    return int(v)
+
+
+def _check_seconds(v: Any, positive: bool) -> float:
+    ok = _is_num(v) and (v > 0 if positive else v >= 0) and v == v and v != float("inf")
+    _expect(ok, "a number of seconds " + ("> 0" if positive else ">= 0"), v)
+    return float(v)
+
+
+def _check_env(v: Any) -> dict[str, str]:
+    _expect(isinstance(v, dict), 'a table such as { KEY = "VALUE" }', v)
+    env: dict[str, str] = {}
+    problems: list[tuple[str | None, str]] = []
+    for ek, ev in v.items():
+        if not ek or "=" in ek or "\0" in ek:
+            problems.append((None, f"{ek!r} is not a valid environment variable name"))
+        elif isinstance(ev, (dict, list)) or "\0" in str(ev):
+            problems.append((ek, f"expected a string, number or boolean value (no NUL), got {ev!r}"))
+        else:
+            env[ek] = ("true" if ev else "false") if isinstance(ev, bool) else str(ev)
+    if problems:
+        raise _Problems(problems)
+    return env
+
+
+def _check_lark(v: Any) -> Any:
+    _expect(isinstance(v, (dict, str)), "a table or a URL string", v)
+    return v
+
+
+def _check_tags(v: Any) -> list[str]:
+    _expect(isinstance(v, list) and all(isinstance(t, str) for t in v), 'a list of strings such as ["baseline"]', v)
+    return list(v)
+
+
+def _check_bool(v: Any) -> bool:
+    _expect(isinstance(v, bool), "true or false", v)
+    return bool(v)
+
+
+def _check_gpu_ids(v: Any) -> list[int] | None:
+    try:
+        return parse_gpu_ids(v)
+    except ConfigError:
+        raise ConfigError(f'expected a list of integers or "0,1", got {v!r}') from None
+
+
+def _check_required_text(check: Callable[[Any], str]) -> Callable[[Any], str]:
+    def run(v: Any) -> str:
+        _expect(isinstance(v, str) and bool(v.strip()), "a non-empty string", v)
+        return check(v)
+
+    return run
+
+
+#: What each Field.kind takes; each raises ConfigError("expected ..., got ...").
+_CHECKERS: dict[str, Callable[[Any], Any]] = {
+    "name": _check_required_text(_validate_name),
+    "command": _check_required_text(_validate_command),
+    "text": _check_text,
+    "path": _check_path,
+    "int": _check_int,
+    "int>=0": lambda v: _check_int(v, 0),
+    "int>=1": lambda v: _check_int(v, 1),
+    "seconds>0": lambda v: _check_seconds(v, True),
+    "seconds>=0": lambda v: _check_seconds(v, False),
+    "bool": _check_bool,
+    "tags": _check_tags,
+    "gpu_ids": lambda v: _check_gpu_ids(v),
+    "env": _check_env,
+    "lark": _check_lark,
 }
-#: ``[[experiments]]`` keys and their defaults (name and command are required).
-EXPERIMENT_DEFAULTS: dict[str, Any] = {
-    "name": None,
-    "command": None,
-    "priority": 0,
-    "tags": [],
-    "description": None,
-    "gpu_ids": None,
-    "cwd": None,
-    "base_dir": None,
-    "environment": {},
-    "resume": None,
-    "repeats": 1,
-    "max_retries": 0,
-    "delay_seconds": 0.0,
-    "lark_url": None,
-    "lark_config": None,
-}
+
+
+class SchedulerSettings:
+    """The ``[scheduler]`` table after validation, every key set (defaults filled in)."""
+
+    __slots__ = tuple(f.name for f in SCHEDULER_FIELDS)
+    base_experiment_dir: str
+    max_concurrent_experiments: int
+    check_interval: float
+    auto_restart_on_error: bool
+    linger_when_idle: bool
+    kill_timeout: float
+    lark_url: str | None
+    lark_config: dict[str, Any] | str | None
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        for f in SCHEDULER_FIELDS:
+            setattr(self, f.name, values.get(f.name, f.default))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in SCHEDULER_FIELDS}
 
 
 class ExperimentSpec:
     """One ``[[experiments]]`` table after validation, paths made absolute."""
 
-    __slots__ = tuple(EXPERIMENT_DEFAULTS) + ("index",)
+    __slots__ = tuple(f.name for f in EXPERIMENT_FIELDS) + ("index",)
     index: int
     name: str
     command: str
@@ -1733,103 +3005,56 @@ class ExperimentSpec:
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
 
-    def __init__(self, index: int, values: dict[str, Any]) -> None:
+    def __init__(self, index: int, values: Mapping[str, Any]) -> None:
         self.index = index
-        for k, v in EXPERIMENT_DEFAULTS.items():
-            setattr(self, k, values.get(k, v))
+        for f in EXPERIMENT_FIELDS:
+            default = f.default
+            setattr(self, f.name, values.get(f.name, list(default) if isinstance(default, list) else
+                                             dict(default) if isinstance(default, dict) else default))
 
 
 class BatchConfig:
-    """A validated batch file: scheduler settings and the experiments, in file order."""
+    """A validated batch file: scheduler settings, the experiments in file order, and warnings.
 
-    def __init__(self, path: str, settings: dict[str, Any], experiments: list[ExperimentSpec]) -> None:
+    ``warnings`` lists what is valid but probably not meant (say, retries
+    that can never happen); ``exp run`` prints them.
+    """
+
+    def __init__(self, path: str, settings: SchedulerSettings, experiments: list[ExperimentSpec],
+                 warnings: list[str] | None = None) -> None:
         self.path = path
-        self.settings = settings
+        self.scheduler = settings
         self.experiments = experiments
+        self.warnings = list(warnings or [])
 
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.__dict__["settings"][key]
-        except KeyError:
-            raise AttributeError(key) from None
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.scheduler.as_dict()
 
+    # The scheduler's settings, read often enough to deserve direct names.
+    @property
+    def base_experiment_dir(self) -> str:
+        return self.scheduler.base_experiment_dir
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    @property
+    def max_concurrent_experiments(self) -> int:
+        return self.scheduler.max_concurrent_experiments
 
+    @property
+    def auto_restart_on_error(self) -> bool:
+        return self.scheduler.auto_restart_on_error
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    @property
+    def check_interval(self) -> float:
+        return self.scheduler.check_interval
 
+    @property
+    def linger_when_idle(self) -> bool:
+        return self.scheduler.linger_when_idle
 
-def _check_value(where: str, key: str, v: Any, errors: list[str]) -> Any:
-    """Validate one key's value; append a message to ``errors`` and return None when bad."""
-    loc = f"{where}.{key}"
-
-    def bad(expected: str) -> None:
-        errors.append(f"{loc}: expected {expected}, got {v!r}")
-
-    if key in ("name", "command"):
-        if not isinstance(v, str) or not v.strip():
-            return bad("a non-empty string")
-        try:
-            (_validate_name if key == "name" else _validate_command)(v)
-        except ConfigError as e:
-            errors.append(f"{loc}: {e}")
-            return None
-        return v
-    if key in ("description", "cwd", "base_dir", "base_experiment_dir", "lark_url", "resume"):
-        if not isinstance(v, str) or (key != "description" and not v.strip()):
-            return bad("a string" if key == "description" else "a non-empty string")
-        return v
-    if key == "priority":
-        return v if _is_int(v) else bad("an integer")
-    if key in ("repeats", "max_concurrent_experiments"):
-        if not _is_int(v) or v < 1:
-            return bad("an integer >= 1")
-        return v
-    if key == "max_retries":
-        if not _is_int(v) or v < 0:
-            return bad("an integer >= 0")
-        return v
-    if key in ("delay_seconds", "kill_timeout"):
-        if not _is_num(v) or v < 0:
-            return bad("a number of seconds >= 0")
-        return float(v)
-    if key == "check_interval":
-        if not _is_num(v) or v <= 0:
-            return bad("a number of seconds > 0")
-        return float(v)
-    if key in ("auto_restart_on_error", "linger_when_idle"):
-        return v if isinstance(v, bool) else bad("true or false")
-    if key == "tags":
-        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
-            return bad('a list of strings such as ["baseline"]')
-        return list(v)
-    if key == "gpu_ids":
-        try:
-            return parse_gpu_ids(v, loc)
-        except ConfigError as e:
-            errors.append(str(e))
-            return None
-    if key == "environment":
-        if not isinstance(v, dict):
-            return bad('a table such as { KEY = "VALUE" }')
-        env = {}
-        for ek, ev in v.items():
-            if not ek or "=" in ek or "\0" in ek:
-                errors.append(f"{loc}: {ek!r} is not a valid environment variable name")
-                continue
-            if isinstance(ev, (dict, list)) or "\0" in str(ev):
-                errors.append(f"{loc}.{ek}: expected a string, number or boolean value (no NUL), got {ev!r}")
-                continue
-            env[ek] = ("true" if ev else "false") if isinstance(ev, bool) else str(ev)
-        return env
-    if key == "lark_config":
-        if not isinstance(v, (dict, str)):
-            return bad("a table or a URL string")
-        return v
-    return v  # pragma: no cover - every known key is handled above
+    @property
+    def kill_timeout(self) -> float:
+        return self.scheduler.kill_timeout
 
 
 def _unknown_key(where: str, key: str, known: Iterable[str]) -> str:
@@ -1842,6 +3067,45 @@ def _unknown_key(where: str, key: str, known: Iterable[str]) -> str:
 
 def _resolve(base: str, path: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(path)))
+
+
+def _check_table(where: str, table: Mapping[str, Any], fields: tuple[Field, ...], errors: list[str]) -> dict[str, Any]:
+    """The valid values of one table; a message in ``errors`` for each bad or unknown key."""
+    by_name = {f.name: f for f in fields}
+    values: dict[str, Any] = {}
+    for key, v in table.items():
+        f = by_name.get(key)
+        if f is None:
+            errors.append(_unknown_key(where, key, by_name))
+            continue
+        try:
+            values[key] = _CHECKERS[f.kind](v)
+        except _Problems as e:
+            errors.extend(f"{where}.{key}{'.' + sub if sub else ''}: {msg}" for sub, msg in e.problems)
+        except ConfigError as e:
+            errors.append(f"{where}.{key}: {e}")
+    return values
+
+
+def config_reference() -> str:
+    """The Markdown tables of every config key (the README's "Batch file reference" holds them)."""
+    def fmt(v: Any) -> str:
+        if v is None or v == [] or v == {}:
+            return ""
+        if isinstance(v, bool):
+            return "`true`" if v else "`false`"
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        return f"`{v!r}`".replace("'", '"')
+
+    out = []
+    for title, fields in (("`[scheduler]` key", SCHEDULER_FIELDS), ("`[[experiments]]` key", EXPERIMENT_FIELDS)):
+        out.append(f"| {title} | default | meaning |")
+        out.append("|---|---|---|")
+        for f in fields:
+            out.append(f"| `{f.name}` | {fmt(f.default)} | {f.help} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def parse_config(text: str, source: str = "<config>", root: str | None = None) -> BatchConfig:
@@ -1868,23 +3132,18 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
         raise ConfigError(f"{source}: TOML syntax error: {e}") from None
 
     errors: list[str] = []
+    warnings: list[str] = []
     for key in data:
         if key not in ("scheduler", "experiments"):
             errors.append(_unknown_key("top level", key, ("scheduler", "experiments")))
 
     raw_sched = data.get("scheduler", {})
-    settings = dict(SCHEDULER_DEFAULTS)
     if not isinstance(raw_sched, dict):
         errors.append("scheduler: expected a [scheduler] table")
         raw_sched = {}
-    for key, v in raw_sched.items():
-        if key not in SCHEDULER_DEFAULTS:
-            errors.append(_unknown_key("scheduler", key, SCHEDULER_DEFAULTS))
-            continue
-        checked = _check_value("scheduler", key, v, errors)
-        if checked is not None:
-            settings[key] = checked
-    settings["base_experiment_dir"] = _resolve(root, settings["base_experiment_dir"])
+    sched_values = _check_table("scheduler", raw_sched, SCHEDULER_FIELDS, errors)
+    sched_values["base_experiment_dir"] = _resolve(root, sched_values.get("base_experiment_dir", DEFAULT_BASE_DIR))
+    settings = SchedulerSettings(sched_values)
 
     raw_exps = data.get("experiments")
     specs: list[ExperimentSpec] = []
@@ -1899,28 +3158,31 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
         raw_exps = []
     for i, table in enumerate(raw_exps):
         where = f"experiments[{i}]"
-        values: dict[str, Any] = {}
-        for key, v in table.items():
-            if key not in EXPERIMENT_DEFAULTS:
-                errors.append(_unknown_key(where, key, EXPERIMENT_DEFAULTS))
-                continue
-            checked = _check_value(where, key, v, errors)
-            if checked is not None:
-                values[key] = checked
+        values = _check_table(where, table, EXPERIMENT_FIELDS, errors)
         for req in ("name", "command"):
             if req not in table:
                 errors.append(f"{where}: missing required key {req!r}")
         if values.get("resume") and values.get("repeats", 1) > 1:
             errors.append(f"{where}: resume cannot be combined with repeats > 1 (every repeat needs its own directory)")
+        if values.get("max_retries") and not settings.auto_restart_on_error:
+            warnings.append(
+                f"{where} ({values.get('name', '?')}): max_retries = {values['max_retries']} has no effect "
+                "because [scheduler] auto_restart_on_error is false; set it to true to retry failures"
+            )
         values["cwd"] = _resolve(root, values.get("cwd") or ".")
         resume = values.get("resume")
         if resume and (os.sep in resume or resume.startswith(("~", "."))):
             values["resume"] = _resolve(root, resume)  # a path, not a timestamp
-        values["base_dir"] = _resolve(root, values["base_dir"]) if values.get("base_dir") else settings["base_experiment_dir"]
+        values["base_dir"] = _resolve(root, values["base_dir"]) if values.get("base_dir") else settings.base_experiment_dir
+        if "name" in values:
+            try:
+                check_experiment_path(values["base_dir"], values["name"])
+            except ConfigError as e:
+                errors.append(f"{where}.name: {e}")
         specs.append(ExperimentSpec(i, values))
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
-    return BatchConfig(source, settings, specs)
+    return BatchConfig(source, settings, specs, warnings)
 
 
 def load_config(path: str | os.PathLike[str]) -> BatchConfig:
@@ -1943,7 +3205,7 @@ def load_config(path: str | os.PathLike[str]) -> BatchConfig:
             errors.append(f"experiments[{spec.index}].cwd: {spec.cwd} is not an existing directory")
         if spec.resume:
             try:
-                find_resume_dir(spec.base_dir, spec.name, spec.resume)
+                ExperimentDir.find(spec.base_dir, spec.name, spec.resume)
             except ConfigError as e:
                 errors.append(f"experiments[{spec.index}].resume: {e}")
     if errors:
@@ -1952,8 +3214,11 @@ def load_config(path: str | os.PathLike[str]) -> BatchConfig:
 
 
 # ============================================================================
-# Scheduler model and planning (pure)
+# Planning (pure): jobs, dispatch order, what starts next
 # ============================================================================
+
+#: Exit statuses that no retry can fix: the shell's "command not found".
+NOT_RETRIED_EXIT_CODES = {127: "the command was not found"}
 
 
 class Job:
@@ -1968,8 +3233,8 @@ class Job:
         self.status = PENDING
         self.created_at = now_iso()
         self.started_at: str | None = None
-        self.completed_at: str | None = None
-        self.return_code: int | None = None
+        self.ended_at: str | None = None
+        self.exit_code: int | None = None
         self.work_dir: str | None = None
         self.run_id: str | None = None
         self.not_before = 0.0  # clock time before which it may not start (delay_seconds)
@@ -1995,8 +3260,13 @@ class Job:
         if self.status == KILLED:
             what = "killed"
         else:
-            what = "" if self.return_code is None else f"exit code {self.return_code}"
+            what = "" if self.exit_code is None else f"exit code {self.exit_code}"
         return ", ".join(x for x in (what, self.error) if x)
+
+    def retryable(self) -> bool:
+        """Whether another attempt could help: a failed run, attempts left, not "command not found"."""
+        return (self.status == ERROR and self.attempt < self.max_attempts
+                and self.exit_code not in NOT_RETRIED_EXIT_CODES)
 
     def to_state(self) -> dict[str, Any]:
         s = self.spec
@@ -2007,7 +3277,7 @@ class Job:
             "repeats": s.repeats, "repeat": self.repeat, "max_retries": s.max_retries,
             "delay_seconds": s.delay_seconds, "attempt": self.attempt, "status": self.status,
             "created_at": self.created_at, "started_at": self.started_at,
-            "completed_at": self.completed_at, "return_code": self.return_code,
+            "ended_at": self.ended_at, "exit_code": self.exit_code,
             "duration": self.duration, "work_dir": self.work_dir, "run_id": self.run_id,
             "pid": self.handle.pid if self.handle is not None and self.status == RUNNING else None,
             "error": self.error,
@@ -2057,8 +3327,6 @@ def next_wakeup(queue: list[Job], now: float) -> float | None:
 # Scheduler: execution, terminal, state file
 # ============================================================================
 
-_STATE_DIR = ".exp_state"
-_STATE_FILE = "scheduler_state.json"
 #: Least time between two writes of the state file while experiments churn.
 #: Transitions inside the window are coalesced into one write at its end, so
 #: the file is never more than this stale.  Rewriting ~0.5 KB per experiment
@@ -2074,25 +3342,6 @@ def _short_path(path: str | None) -> str:
     except ValueError:
         return path
     return rel if len(rel) < len(path) else path
-
-
-def _tail_lines(path: str, n: int = 10, max_bytes: int = 65536, skip_prefix: str | None = None) -> list[str]:
-    """The last ``n`` lines of a file (without those starting ``skip_prefix``), read from its end."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return []
-    text = data.decode("utf-8", "replace").replace("\r\n", "\n")
-    lines = [ln.rsplit("\r", 1)[-1] for ln in text.split("\n")]  # a tqdm bar: keep its last frame
-    if skip_prefix:
-        lines = [ln for ln in lines if not ln.startswith(skip_prefix)]
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return lines[-n:]
 
 
 class _Terminal:
@@ -2149,10 +3398,10 @@ class Scheduler:
     """Run a batch: dispatch by priority under a concurrency limit, retry, report.
 
     The main thread makes each experiment's directory and starts its command;
-    a thread of a ``ThreadPoolExecutor`` waits for the command, records its
-    end in the experiment's files and says so through a queue, so a finished
-    experiment frees its slot and the next starts at once.  Only the main
-    thread changes job state and writes the state file.
+    a thread of a ``ThreadPoolExecutor`` waits for the command (its
+    :meth:`RunHandle.wait` records the end) and says so through a queue, so a
+    finished experiment frees its slot and the next starts at once.  Only the
+    main thread changes job state and writes the state file.
 
     Args:
         config: a validated :class:`BatchConfig`.
@@ -2167,11 +3416,13 @@ class Scheduler:
         self.queue: list[Job] = list(self.jobs)
         self.running: dict[int, Job] = {}
         self.done: list[Job] = []
-        self.state_path = os.path.join(config.base_experiment_dir, _STATE_DIR, _STATE_FILE)
+        self.state = StateFile(config.base_experiment_dir)
+        self.state_path = self.state.path
+        self.backend = LocalBackend()
         self.term = _Terminal(out or sys.stdout)
         self._clock = clock
         self._events: Any = None
-        self._status_indicator = RUNNING
+        self._status_indicator = SCHEDULER_RUNNING
         self._stopping = False
         self._started_at = now_iso()
         self._t0 = clock()
@@ -2190,7 +3441,7 @@ class Scheduler:
         # is rewritten on every transition and must stay cheap for big batches.
         text = self._state_cache.get(job.id)
         if text is None:
-            text = _json().dumps(job.to_state(), ensure_ascii=False, default=str)
+            text = _json().dumps(json_safe(job.to_state()), ensure_ascii=False, default=str)
             self._state_cache[job.id] = text
         return text
 
@@ -2222,18 +3473,10 @@ class Scheduler:
         text = "{" + ",\n".join(parts) + "}\n"
         self._dirty = False
         self._next_state_write = self._clock() + STATE_WRITE_INTERVAL
-        tmp = f"{self.state_path}.{os.getpid()}.tmp"
         try:
-            os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, self.state_path)
+            self.state.write_text(text)
         except OSError as e:
             self._dirty = True
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             if not self._state_unwritable:
                 self._state_unwritable = True
                 self.term.event(f"warning: cannot write the state file {_short_path(self.state_path)} ({e}); "
@@ -2247,25 +3490,15 @@ class Scheduler:
 
     @staticmethod
     def _wait(job: Job, handle: RunHandle) -> tuple[str, Job, Any]:
-        """In a pool thread: wait for a run's command, record its end; never raises.
+        """In a pool thread: wait for a run (which records its end); never raises.
 
-        A run still going after :data:`PID_RECORD_DELAY` gets its pid written
-        first.  Returns ``("exited", job, (exit code, error or None))``.
+        Returns ``("exited", job, (exit code, error or None))``.
         """
         try:
-            if not _exited_within(handle._proc, PID_RECORD_DELAY):
-                handle.experiment._record_pid(handle.run_id, handle.pid)
-        except Exception:  # noqa: BLE001 - e.g. disk full: the end still gets recorded
-            pass
-        try:
-            code: int | None = handle._proc.wait()
-        except BaseException:  # noqa: BLE001 - not expected for our own child; still an end
-            code = None
-        try:
-            handle._finish(code)
+            code = handle.wait()
+            return ("exited", job, (code, None))
         except BaseException as e:  # noqa: BLE001 - e.g. disk full: the batch goes on, and says so
-            return ("exited", job, (code, f"its end could not be recorded: {type(e).__name__}: {e}"))
-        return ("exited", job, (code, None))
+            return ("exited", job, (handle.returncode, f"its end could not be recorded: {e}"))
 
     # ---------------------------------------------------------------- main loop
 
@@ -2275,7 +3508,7 @@ class Scheduler:
         import signal
         from concurrent.futures import ThreadPoolExecutor
 
-        _require_posix()
+        require_posix()
         self._events = queue_mod.SimpleQueue()
         on_main = threading.current_thread() is threading.main_thread()
         old_handlers: dict[Any, Any] = {}
@@ -2298,10 +3531,10 @@ class Scheduler:
             try:
                 self._loop(pool)
             except KeyboardInterrupt:
-                interrupted = self._status_indicator != "awaiting_shutdown"
+                interrupted = self._status_indicator != SCHEDULER_AWAITING_SHUTDOWN
                 self._shutdown()
             # Still under our handlers: a late Ctrl-C cannot skip these.
-            self._status_indicator = "stopped"
+            self._status_indicator = SCHEDULER_STOPPED
             self.write_state()
             self._print_summary(interrupted)
         finally:
@@ -2324,8 +3557,8 @@ class Scheduler:
             if not self.queue and not self.running:
                 if not linger:
                     return
-                if self._status_indicator != "awaiting_shutdown":
-                    self._status_indicator = "awaiting_shutdown"
+                if self._status_indicator != SCHEDULER_AWAITING_SHUTDOWN:
+                    self._status_indicator = SCHEDULER_AWAITING_SHUTDOWN
                     self._dirty = True
                     self.term.clear_progress()
                     self.term.event("all experiments done; waiting (linger_when_idle); press Ctrl-C to exit")
@@ -2360,8 +3593,8 @@ class Scheduler:
         job.attempt += 1
         job.status = RUNNING
         job.started_at = now_iso()
-        job.completed_at = None
-        job.return_code = None
+        job.ended_at = None
+        job.exit_code = None
         job.t_started = self._clock()
         self.running[job.id] = job
         self._dirty = True
@@ -2373,18 +3606,11 @@ class Scheduler:
                 job.experiment = Experiment(
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
-                    lark_config=s.lark_config or s.lark_url, env=s.environment, _defer_write=True,
+                    lark_config=s.lark_config or s.lark_url, env=s.environment,
+                    backend=self.backend, write_metadata=False,
                 )
-            handle = job.experiment._start(None, watch=False, pid_later=True)
+            handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)})
         except Exception as e:  # e.g. cwd removed since validation, disk full
-            experiment = job.experiment
-            if experiment is not None and experiment._unwritten:  # failed before its first write
-                try:
-                    experiment._update_metadata(lambda m: m.update(status=ERROR))
-                except OSError:
-                    pass
-                finally:
-                    experiment._meta_lock().close()
             self._handle(("unstartable", job, e))
             return
         job.handle, job.run_id, job.work_dir = handle, handle.run_id, job.experiment.work_dir
@@ -2400,15 +3626,16 @@ class Scheduler:
     def _handle(self, ev: tuple[str, Job, Any]) -> None:
         kind, job, value = ev
         self.running.pop(job.id, None)
-        job.completed_at = now_iso()
+        job.ended_at = now_iso()
         job.duration = round(self._clock() - job.t_started, 3)
         if kind == "unstartable":
-            job.status, job.return_code, job.error = ERROR, None, f"{type(value).__name__}: {value}"
+            job.status, job.exit_code = ERROR, None
+            job.error = str(value) if isinstance(value, ExpError) else f"{type(value).__name__}: {value}"
             if job.experiment is not None:
                 job.work_dir = job.experiment.work_dir
         else:
             assert job.handle is not None
-            job.return_code, job.error = value
+            job.exit_code, job.error = value
             job.status = job.handle.status
         self._touch(job)
         dur = format_duration(job.duration)
@@ -2421,12 +3648,10 @@ class Scheduler:
             self.term.event(f"{self.term.paint('failed  ', '31')} {job.label()} ({job.outcome()}) after {dur}")
             log = job.handle.log_path if (job.handle is not None and kind == "exited") else None
             if log:
-                for line in _tail_lines(log, 10, skip_prefix=LOG_MARK):
-                    self.term.plain(f"      {line}")
-        retry = (
-            job.status == ERROR and not self._stopping and self.config.auto_restart_on_error
-            and job.attempt < job.max_attempts and kind == "exited"
-        )
+                for line in tail_lines(log, 10, max_bytes=65536, skip_prefix=LOG_MARK):
+                    self.term.plain(f"      {clean_line(line)}")
+        retry = (kind == "exited" and not self._stopping and self.config.auto_restart_on_error
+                 and job.retryable())
         if retry:
             job.status = PENDING
             job.not_before = self._clock() + job.spec.delay_seconds
@@ -2436,6 +3661,10 @@ class Scheduler:
                 f"{self.term.paint('retrying', '35')} {job.label()} (attempt {job.attempt + 1}/{job.max_attempts})"
             )
         else:
+            if (job.status == ERROR and kind == "exited" and job.attempt < job.max_attempts
+                    and job.exit_code in NOT_RETRIED_EXIT_CODES and not self._stopping):
+                self.term.event(f"not retrying {job.label()}: exit code {job.exit_code} means "
+                                f"{NOT_RETRIED_EXIT_CODES[job.exit_code]}, which another attempt cannot fix")
             self.done.append(job)
         self._dirty = True
 
@@ -2449,12 +3678,7 @@ class Scheduler:
         self.term.progress(f"[{done}/{len(self.jobs)} done] running: {names} | failed: {failed} | {elapsed}")
 
     def _shutdown(self) -> None:
-        """Stop launching; SIGTERM every running group, SIGKILL after kill_timeout; wait for all.
-
-        The grace period covers the whole process group, not only its leader:
-        a training script under ``sh -c`` or a launcher may still be saving a
-        checkpoint after the shell itself has gone.
-        """
+        """Stop launching; stop every running run (SIGKILL after kill_timeout); wait for all ends."""
         import queue as queue_mod
 
         self._stopping = True
@@ -2463,34 +3687,24 @@ class Scheduler:
         if self.running:
             self.term.event(f"interrupted: stopping {len(self.running)} running experiment(s) "
                             f"(SIGKILL after {format_duration(grace)}; Ctrl-C again to kill now)")
-        groups = []
-        for job in self.running.values():
-            if job.handle is not None:
-                job.handle._killed = True
-                groups.append(job.handle.pid)
-                _signal_group(job.handle.pid, 15)
-        deadline = self._clock() + grace
-        hard = False
-        while True:
-            groups = [g for g in groups if _group_alive(g)]
-            if not self.running and not groups:
-                break
-            if not hard and self._clock() >= deadline:
-                hard = True
-            if hard:
-                for g in groups:
-                    _signal_group(g, 9)
+
+        def pump(timeout: float) -> bool:
+            """Handle ends while the groups go; True (kill now) on a second Ctrl-C or SIGTERM."""
             try:
-                ev = self._events.get(timeout=0.05)
-            except KeyboardInterrupt:  # a second Ctrl-C (no handler installed): no more waiting
-                hard = True
-                continue
+                ev = self._events.get(timeout=timeout)
             except queue_mod.Empty:
-                continue
-            if ev[0] == "signal":  # a second Ctrl-C or SIGTERM: no more waiting
-                hard = True
-                continue
+                return False
+            except KeyboardInterrupt:  # a second Ctrl-C with no handler installed
+                return True
+            if ev[0] == "signal":
+                return True
             self._handle(ev)
+            return False
+
+        handles = [job.handle for job in self.running.values() if job.handle is not None]
+        terminate_runs(handles, grace, pump)
+        while self.running:  # the groups are gone; their ends are being recorded
+            pump(0.05)
 
     def _print_summary(self, interrupted: bool) -> None:
         first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1]
@@ -2534,73 +3748,38 @@ def format_plan(config: BatchConfig) -> str:
         rows.append((str(job.id), name, str(s.priority), s.command, _short_path(s.cwd), gpus, _short_path(s.base_dir)))
     return _table(rows) + (
         f"\n{len(rows) - 1} experiment(s), at most {config.max_concurrent_experiments} at a time; "
-        f"state: {_short_path(os.path.join(config.base_experiment_dir, _STATE_DIR, _STATE_FILE))}"
+        f"state: {_short_path(StateFile(config.base_experiment_dir).path)}"
     )
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    right = set(right)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i in right and n else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for n, r in enumerate(rows)
+    )
 
 
 # ============================================================================
 # Listing experiments (exp ls)
 # ============================================================================
 
-
-def last_metrics_row(path: str) -> dict[str, Any]:
-    """The last complete row of a metrics CSV, reading only its header and tail."""
-    try:
-        with open(path, "rb") as f:
-            head = f.readline()
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(len(head), size - 65536))
-            tail = f.read()
-    except OSError:
-        return {}
-    lines = [ln for ln in tail.split(b"\n")[:-1] if ln]  # the part after the last \n may be torn
-    if not head.endswith(b"\n") or not lines:
-        return {}
-    header, rows = parse_metrics_csv((head + lines[-1] + b"\n").decode("utf-8", "replace"))
-    return rows[-1] if rows else {}
+#: Metric modes of ``ls --columns NAME:MODE``; ``best`` is ``min`` for names
+#: that look like a loss or an error and ``max`` for anything else.
+METRIC_MODES = ("last", "best", "min", "max")
+_LOWER_IS_BETTER_RE = re.compile(r"loss|err", re.I)
+#: ``ls`` shows at most this many metric columns unless --columns names them.
+LS_DEFAULT_METRIC_COLUMNS = 6
+#: Sort keys of ``ls --sort`` besides metric names.
+LS_FIELDS = ("name", "status", "started", "duration", "runs", "dir")
 
 
-def list_experiments(base_dir: str) -> list[dict[str, Any]]:
-    """Every experiment directory under ``base_dir``, newest first, with its last metrics."""
-    out = []
-    try:
-        names = os.listdir(base_dir)
-    except FileNotFoundError:
-        return []
-    for d in names:
-        wd = os.path.join(base_dir, d)
-        try:
-            meta = read_json(os.path.join(wd, "metadata.json"))
-        except (OSError, ValueError):
-            continue
-        if not isinstance(meta, dict):
-            continue
-        # Hand-edited or foreign metadata: every field is checked, none trusted.
-        def text(key: str) -> str | None:
-            v = meta.get(key)
-            return v if isinstance(v, str) else None
-
-        rid = text("current_run_id")
-        last = last_metrics_row(os.path.join(wd, "metrics", f"{rid}.csv")) if rid and _RUN_ID_RE.match(rid) else {}
-        metrics = {k: v for k, v in last.items() if _is_num(v)}
-        runs, tags, duration = meta.get("runs"), meta.get("tags"), meta.get("duration")
-        out.append({
-            "name": text("name") or d, "status": text("status"),
-            "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
-            "created_at": text("created_at") or _iso_from_old_timestamp(meta.get("timestamp")),
-            "started_at": text("started_at"), "duration": duration if _is_num(duration) else None,
-            "runs": len(runs) if isinstance(runs, list) else (1 if rid else 0),
-            "current_run_id": rid, "exit_code": meta.get("exit_code"), "work_dir": wd,
-            "last_metrics": metrics,
-        })
-    out.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", r["work_dir"]), reverse=True)
-    return out
+def list_experiments(base_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The :meth:`ExperimentDir.summary` of every experiment under ``base_dir`` (and one level down), newest first."""
+    rows = [d.summary() for d in scan(base_dir)]
+    rows.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", r["work_dir"]), reverse=True)
+    return rows
 
 
 def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, tag: str | None = None,
@@ -2614,15 +3793,141 @@ def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, ta
     ]
 
 
-def format_listing(rows: list[dict[str, Any]]) -> str:
-    table: list[tuple[str, ...]] = [("name", "status", "started", "duration", "runs", "last metrics")]
+def parse_columns(spec: str) -> list[tuple[str, str]]:
+    """``"loss,acc:max"`` -> ``[("loss", "last"), ("acc", "max")]``; ConfigError naming a bad mode."""
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, mode = part.rpartition(":") if ":" in part else (part, "", "last")
+        if mode not in METRIC_MODES:
+            raise ConfigError(f"--columns {part!r}: the mode after ':' must be one of {', '.join(METRIC_MODES)}")
+        out.append((name, mode))
+    if not out:
+        raise ConfigError(f"--columns {spec!r}: name at least one metric, e.g. --columns loss,acc:best")
+    return out
+
+
+def metric_value(row: Mapping[str, Any], key: str, mode: str = "last") -> Any:
+    """One metric of a summary row: its last value, or its best/min/max over the current run."""
+    if mode == "last":
+        return row["last_metrics"].get(key)
+    rid = row.get("current_run_id")
+    if not rid:
+        return None
+    values = [v for v in metric_column(ExperimentDir(row["work_dir"]).metrics_path(rid), key)
+              if _is_num(v) and v == v]
+    if not values:
+        return None
+    if mode == "best":
+        mode = "min" if _LOWER_IS_BETTER_RE.search(key) else "max"
+    return min(values) if mode == "min" else max(values)
+
+
+def _fmt_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    # Missing values sort last whichever the direction; numbers before text.
+    if value is None or value == "":
+        return (2, 0)
+    if _is_num(value):
+        return (0, value)
+    return (1, str(value))
+
+
+def default_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every numeric metric seen in the rows' last values, in first-seen order."""
+    seen: dict[str, None] = {}
     for r in rows:
-        started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
-        shown = list(r["last_metrics"].items())[:4]
-        metrics = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
-        table.append((r["name"] or "?", r["status"] or "?", started, format_duration(r["duration"]),
-                      str(r["runs"]), metrics or "-"))
-    return _table(table)
+        for k in r["last_metrics"]:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], base_dir: str,
+                  sort: str | None = None, desc: bool = False, group: bool = False) -> list[tuple[str, ...]]:
+    """The table of ``exp ls``: a header row, then one row per experiment (or per name with ``group``)."""
+    def rel(r: Mapping[str, Any]) -> str:
+        try:
+            return os.path.relpath(r["work_dir"], base_dir)
+        except ValueError:
+            return r["dir"]
+
+    values = [{f"{k}:{m}": metric_value(r, k, m) for k, m in columns} for r in rows]
+    labels = [k if m == "last" else f"{k} ({m})" for k, m in columns]
+    if not group:
+        items = list(zip(rows, values))
+        if sort:
+            col = next((f"{k}:{m}" for k, m in columns if k == sort), None)
+
+            def key(item: tuple[dict[str, Any], dict[str, Any]]) -> tuple[int, Any]:
+                r, vals = item
+                if col is not None:
+                    return _sort_key(vals[col])
+                if sort in r["last_metrics"] or sort not in LS_FIELDS:
+                    return _sort_key(r["last_metrics"].get(sort))
+                field = {"started": r["started_at"] or r["created_at"], "dir": rel(r)}.get(sort, r.get(sort))
+                return _sort_key(field)
+
+            present = [it for it in items if key(it)[0] != 2]
+            missing = [it for it in items if key(it)[0] == 2]
+            items = sorted(present, key=key, reverse=desc) + missing
+        table: list[tuple[str, ...]] = [("name", "status", "started", "duration", "runs", *labels, "dir")]
+        for r, vals in items:
+            started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
+            table.append((r["name"] or "?", r["status"] or "?", started, format_duration(r["duration"]),
+                          str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), rel(r)))
+        return table
+
+    import statistics
+
+    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for r, vals in zip(rows, values):
+        groups.setdefault(r["name"] or "?", []).append((r, vals))
+    out = []
+    for name, members in groups.items():
+        statuses: dict[str, int] = {}
+        for r, _ in members:
+            statuses[r["status"] or "?"] = statuses.get(r["status"] or "?", 0) + 1
+        cells, means = [], {}
+        for k, m in columns:
+            nums = [vals[f"{k}:{m}"] for _, vals in members if _is_num(vals[f"{k}:{m}"])]
+            nums = [x for x in nums if x == x and x not in (float("inf"), float("-inf"))]
+            if not nums:
+                cells.append("-")
+                means[k] = None
+                continue
+            mean = statistics.fmean(nums)
+            means[k] = mean
+            cells.append(f"{mean:.4g}" if len(nums) == 1 else f"{mean:.4g} ± {statistics.stdev(nums):.2g}")
+        status_text = ", ".join(f"{n} {s}" for s, n in statuses.items())
+        out.append((name, str(len(members)), status_text, cells, means))
+    if sort:
+        def gkey(g: tuple[Any, ...]) -> tuple[int, Any]:
+            if sort in g[4]:
+                return _sort_key(g[4][sort])
+            return _sort_key(g[0] if sort == "name" else None)
+
+        present = [g for g in out if gkey(g)[0] != 2]
+        out = sorted(present, key=gkey, reverse=desc) + [g for g in out if gkey(g)[0] == 2]
+    table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels))]
+    for name, n, status_text, cells, _ in out:
+        table.append((name, n, status_text, *cells))
+    return table
+
+
+def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: list[tuple[str, str]] | None = None,
+                   **kwargs: Any) -> str:
+    """``exp ls``'s table as text (every metric column unless ``columns`` picks some)."""
+    cols = columns if columns is not None else [(k, "last") for k in default_columns(rows)]
+    return _table(build_listing(rows, cols, base_dir, **kwargs))
 
 
 # ============================================================================
@@ -2641,19 +3946,39 @@ def _build_parser():  # type: ignore[no-untyped-def]
     p.add_argument("--version", action="version", version=f"exp {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
+    keys = "\n".join(
+        f"  [{section}] {f.name}: {f.help.replace('`', '')}"
+        + (f" (default {f.default!r})" if f.default not in (None, [], {}) else "")
+        for section, fields in (("scheduler", SCHEDULER_FIELDS), ("[experiments]", EXPERIMENT_FIELDS))
+        for f in fields
+    )
     r = sub.add_parser("run", help="run a batch of experiments from a TOML file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run the [[experiments]] of a TOML file. Relative paths in it "
-                                   "resolve against the file's own directory.")
+                                   "resolve against the file's own directory.",
+                       epilog="config keys:\n" + keys)
     r.add_argument("config", help="the batch file, e.g. config.toml")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit without running anything")
     r.set_defaults(func=_cmd_run)
 
-    ls = sub.add_parser("ls", help="list experiments under a directory, newest first")
+    ls = sub.add_parser("ls", help="list experiments under a directory, newest first",
+                        description="List experiments under DIR (and one level below it), newest first, with "
+                                    "their metrics. A metric column shows the current run's last value, or "
+                                    "with :best the best over the run (min for names containing 'loss' or "
+                                    "'err', max otherwise; :min and :max choose).")
     ls.add_argument("dir", nargs="?", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
-    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
-    ls.add_argument("--status", choices=sorted(STATUSES), help="only experiments with this status")
+    ls.add_argument("--json", action="store_true",
+                    help="print JSON for scripts: one summary object per experiment (strict JSON; "
+                         "non-finite metrics as the strings \"nan\", \"inf\", \"-inf\")")
+    ls.add_argument("--status", choices=sorted(STATUSES) + [UNREADABLE], help="only experiments with this status")
     ls.add_argument("--tag", help="only experiments with this tag")
     ls.add_argument("--name", metavar="REGEX", type=_regex, help="only names matching this regular expression")
+    ls.add_argument("--columns", metavar="SPEC", help="metric columns, e.g. loss,acc:best,lr:last (default: all)")
+    ls.add_argument("--best", action="store_true", help="show the best value of each metric instead of the last")
+    ls.add_argument("--sort", metavar="KEY", help=f"sort by a metric or by one of {', '.join(LS_FIELDS)}")
+    ls.add_argument("--desc", action="store_true", help="sort descending (missing values stay last)")
+    ls.add_argument("--group", action="store_true",
+                    help="one line per experiment name (repeats together): count and mean ± std of each metric")
     ls.set_defaults(func=_cmd_ls)
     return p
 
@@ -2670,6 +3995,8 @@ def _regex(text: str) -> str:
 
 def _cmd_run(args: Any) -> int:
     config = load_config(args.config)
+    for w in config.warnings:
+        print(f"exp: warning: {w}", file=sys.stderr)
     if args.dry_run:
         print(format_plan(config))
         return 0
@@ -2679,11 +4006,35 @@ def _cmd_run(args: Any) -> int:
 def _cmd_ls(args: Any) -> int:
     if not os.path.isdir(args.dir):
         raise ConfigError(f"{args.dir} is not a directory; pass the base directory of your experiments")
-    rows = filter_experiments(list_experiments(args.dir), args.status, args.tag, args.name)
+    everything = list_experiments(args.dir)
+    rows = filter_experiments(everything, args.status, args.tag, args.name)
+    default_mode = "best" if args.best else "last"
+    if args.columns:
+        columns = [(k, default_mode if m == "last" and args.best else m) for k, m in parse_columns(args.columns)]
+    else:
+        names = default_columns(rows)
+        if len(names) > LS_DEFAULT_METRIC_COLUMNS and not args.json:
+            hidden = names[LS_DEFAULT_METRIC_COLUMNS:]
+            print(f"exp: {len(hidden)} more metric(s) not shown ({', '.join(hidden[:8])}"
+                  f"{', ...' if len(hidden) > 8 else ''}); pick columns with --columns", file=sys.stderr)
+            names = names[:LS_DEFAULT_METRIC_COLUMNS]
+        columns = [(k, default_mode) for k in names]
     if args.json:
-        print(_json().dumps(rows, indent=2, ensure_ascii=False, default=str))
-    elif rows:
-        print(format_listing(rows))
+        out: Any = rows
+        if args.group or args.sort:
+            table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)
+            if args.group:
+                out = [dict(zip(table[0], r)) for r in table[1:]]
+            else:
+                order = {os.path.relpath(r["work_dir"], args.dir): r for r in rows}
+                out = [order[t[-1]] for t in table[1:]]
+        print(_json().dumps(json_safe(out), indent=2, ensure_ascii=False, allow_nan=False))
+        return 0
+    if rows:
+        print(_table(build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)))
+    elif everything:
+        used = [f"--{k} {getattr(args, k)}" for k in ("status", "tag", "name") if getattr(args, k)]
+        print(f"no experiments under {args.dir} match {' '.join(used)} ({len(everything)} experiment(s) there)")
     else:
         print(f"no experiments under {args.dir}")
     return 0
@@ -2702,6 +4053,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (``exp ls | head -1``): not an error.  Point
+        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except ConfigError as e:
         print(f"exp: error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,9 @@ real files under ``tmp_path``.  Nothing inside exp is mocked.
 """
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import shlex
 import signal
 import subprocess
@@ -22,7 +24,8 @@ if sys.path[:1] != [ROOT]:
 
 import exp  # noqa: E402  (must come after the sys.path change)
 
-assert os.path.abspath(exp.__file__) == os.path.join(ROOT, "exp.py"), exp.__file__
+EXP_PY = os.path.join(ROOT, "exp.py")
+assert os.path.abspath(exp.__file__) == EXP_PY, exp.__file__
 
 # Variables that tie a process to an experiment; the suite must not inherit
 # them (say, when pytest itself is launched by exp).
@@ -51,9 +54,9 @@ def py_cmd(script: str | os.PathLike[str], *args: object) -> str:
     return shlex.join([sys.executable, os.fspath(script), *map(str, args)])
 
 
-def write_script(directory, name: str, source: str):
+def write_script(directory, name: str, source: str) -> pathlib.Path:
     """Write a dedented Python script into ``directory`` and return its path."""
-    path = directory / name
+    path = pathlib.Path(directory) / name
     path.write_text(textwrap.dedent(source).lstrip("\n"), encoding="utf-8")
     return path
 
@@ -68,6 +71,12 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.01, what: str
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def read_meta(work_dir) -> dict:
+    """The experiment's metadata.json, parsed."""
+    with open(os.path.join(work_dir, "metadata.json"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def pid_gone(pid: int) -> bool:
@@ -103,6 +112,84 @@ def _no_leaked_threads():
         t.join(timeout=2)
     leaked = [t for t in leaked if t.is_alive()]
     assert not leaked, f"test leaked non-daemon threads: {leaked}"
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (state, ppid, ...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The fields follow the ")" that closes the command name (which may hold spaces).
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _live_children() -> dict[tuple[int, str], str] | None:
+    """This process's children that still run: {(pid, start time): command line}.
+
+    Zombies (exited, not yet reaped) do not count.  None where there is no
+    /proc (macOS).  The start time tells a new child from an old one whose pid
+    was reused.
+    """
+    me = os.getpid()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    pids: set[int] = set()
+    try:
+        for tid in tasks:  # one "children" file per thread (Linux >= 3.5)
+            with open(f"/proc/self/task/{tid}/children", encoding="ascii") as f:
+                pids.update(int(p) for p in f.read().split())
+    except FileNotFoundError:  # a thread that just ended, or no "children" files: scan all of /proc
+        pids = {int(n) for n in os.listdir("/proc") if n.isdigit()}
+    except OSError:
+        return None
+    found = {}
+    for pid in pids:
+        fields = _proc_stat_fields(pid)
+        # fields[0] is the state, [1] the parent's pid, [19] the start time (stat field 22).
+        if fields is None or fields[1] != str(me) or fields[0] in ("Z", "X"):
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmdline = "?"
+        found[(pid, fields[19])] = cmdline
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_processes():
+    """Fail a test that leaves a child process of pytest running, and SIGKILL it.
+
+    A child that is still exiting gets about 2 s to become a zombie or go away.
+    Skipped where there is no /proc.
+    """
+    before = _live_children()
+    yield
+    if before is None:
+        return
+    deadline = time.monotonic() + 2.0
+    while True:
+        now = _live_children() or {}
+        leaked = {key: cmd for key, cmd in now.items() if key not in before}
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    for pid, _ in leaked:
+        try:
+            pgid = os.getpgid(pid)
+            if pgid != os.getpgrp():  # its own group (exp's runs): the whole group
+                os.killpg(pgid, signal.SIGKILL)
+            else:  # never signal pytest's own group
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    assert not leaked, "test leaked child processes (now killed): " + "; ".join(
+        f"pid {pid}: {cmd}" for (pid, _), cmd in sorted(leaked.items()))
 
 
 @pytest.fixture

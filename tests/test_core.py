@@ -450,11 +450,15 @@ def test_metadata_reader_never_sees_torn_json(make_exp):
         for _ in range(4):
             handles = [e.run(background=True) for _ in range(3)]  # concurrent runs of one experiment
             assert [h.wait(timeout=30) for h in handles] == [0, 0, 0]
+        # How many reads fall during the runs depends on the machine's speed;
+        # at least one more, of the final file, happens however slow it is.
+        reads_after_runs = seen["reads"]
+        wait_for(lambda: seen["reads"] > reads_after_runs, 10, what="a read of the final metadata")
     finally:
         stop.set()
         t.join(5)
     assert seen["errors"] == []
-    assert seen["reads"] > 20
+    assert seen["reads"] >= 1
     meta = e.read_metadata()
     # No update was lost between the concurrent runs.
     assert [r["id"] for r in meta["runs"]] == [f"run_{n:04d}" for n in range(1, 13)]
@@ -802,6 +806,9 @@ import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the grandchild inherits the ignore
 grandchild = subprocess.Popen(["sleep", "60"])
 pids = sys.argv[1]
+def on_term(signum, frame):  # the child survives SIGTERM as well, but notes that it came
+    open(pids + ".term", "w").close()
+signal.signal(signal.SIGTERM, on_term)
 with open(pids + ".tmp", "w") as f:
     f.write(f"{os.getpid()} {grandchild.pid}")
 os.replace(pids + ".tmp", pids)
@@ -828,11 +835,11 @@ def test_terminate_kills_sigterm_ignoring_child_and_grandchild(make_exp, tmp_pat
     kill_groups_later.append(h.pid)
     child, grandchild = _read_pids(pids)
     assert child == h.pid
-    t0 = time.monotonic()
     code = call_with_timeout(lambda: h.terminate(grace=0.5), 15, "terminate(grace=0.5)")
-    elapsed = time.monotonic() - t0
     assert code == -signal.SIGKILL
-    assert 0.4 <= elapsed < 10
+    # SIGTERM came first and the child lived to handle it: a SIGKILL sent at
+    # once would have beaten the handler.  (No bound on how long it took.)
+    assert (tmp_path / "pids.term").exists(), "SIGKILL without a SIGTERM first"
     wait_for(lambda: pid_gone(child) and pid_gone(grandchild), 5, what="child and grandchild to die")
     meta = e.read_metadata()
     assert (meta["status"], meta["exit_code"]) == ("killed", -signal.SIGKILL)

@@ -8,16 +8,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, child_env, pid_gone, wait_for, write_script
+from conftest import EXP_PY, child_env, pid_gone, read_meta, wait_for, write_script
 
 import exp
-
-EXP_PY = os.path.join(ROOT, "exp.py")
-
-
-def read_meta(work_dir):
-    with open(os.path.join(work_dir, "metadata.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------- the batch's children see their metadata

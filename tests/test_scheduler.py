@@ -3,8 +3,8 @@ state file, terminal output, signals, and ``exp ls``.
 
 Everything is real: the CLI runs as ``python exp.py run config.toml`` in a
 subprocess, experiments are tiny Python scripts or shell one-liners written
-into ``tmp_path``, and nothing inside exp is mocked.  This file is
-self-contained (its helpers are below) so it does not depend on conftest.
+into ``tmp_path``, and nothing inside exp is mocked.  Helpers shared with
+the other test files come from conftest; the scheduler's own are below.
 """
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import child_env, pid_gone, wait_for  # noqa: E402
+from conftest import EXP_PY, child_env, linux_only, pid_gone, wait_for, write_script  # noqa: E402
+from conftest import py_cmd as py  # noqa: E402  (a shell command line running a script with this Python)
+from conftest import read_meta as meta  # noqa: E402
 
-EXP_PY = str(REPO / "exp.py")
 PY = sys.executable
 CLI_TIMEOUT = 60
 
@@ -40,12 +41,11 @@ pytestmark = pytest.mark.skipif(
     os.name != "posix" or not sys.platform.startswith(("linux", "darwin")),
     reason="the scheduler runs commands in POSIX process groups",
 )
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 STATE_ITEM_KEYS = {
     "id", "name", "command", "priority", "tags", "gpu_ids", "cwd", "base_dir", "environment",
     "description", "repeats", "max_retries", "attempt", "status", "created_at", "started_at",
-    "completed_at", "return_code", "work_dir", "run_id",
+    "ended_at", "exit_code", "work_dir", "run_id",
 }
 STATE_SUMMARY_KEYS = {
     "total", "pending", "running", "finished", "errors", "status_indicator", "pid", "host",
@@ -92,17 +92,6 @@ def write_config(path, scheduler=None, experiments=()):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(toml_text(scheduler, experiments), encoding="utf-8")
     return path
-
-
-def write_script(directory, name, source):
-    path = Path(directory) / name
-    path.write_text(textwrap.dedent(source).lstrip("\n"), encoding="utf-8")
-    return path
-
-
-def py(script, *args):
-    """A shell command line running ``script`` with this test's Python."""
-    return shlex.join([PY, str(script), *map(str, args)])
 
 
 def cli_env(**overrides):
@@ -204,10 +193,6 @@ def the_dir(base, name):
     return dirs[0]
 
 
-def meta(work_dir):
-    return json.loads((Path(work_dir) / "metadata.json").read_text(encoding="utf-8"))
-
-
 def event_lines(stdout, word):
     """Event lines ``[HH:MM:SS] <word> ...`` with the stamp removed."""
     out = []
@@ -261,14 +246,17 @@ while not os.path.exists(marker) and time.time() < deadline:
 sys.exit(0 if os.path.exists(marker) else 5)
 """
 
-# The child ignores SIGTERM ("ignore") or dies of it ("exit"); either way it
-# starts two grandchildren in its process group that ignore SIGTERM.  It
-# writes "<pid> <grandchild> <grandchild>" once everyone is set up.
+# The child survives SIGTERM ("ignore": it only creates <pidfile>.term) or
+# dies of it ("exit"); either way it starts two grandchildren in its process
+# group that ignore SIGTERM.  It writes "<pid> <grandchild> <grandchild>" to
+# <pidfile> once everyone is set up.
 STUBBORN_PY = """
 import os, signal, subprocess, sys, time
 mode, pidfile = sys.argv[1], sys.argv[2]
+def on_term(signum, frame):
+    open(pidfile + ".term", "w").close()
 if mode == "ignore":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_term)
 gc_code = (
     "import signal, sys, time\\n"
     "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
@@ -832,7 +820,7 @@ def test_retry_until_success_in_the_same_directory(tmp_path):
         ("run_0001", "error", 1), ("run_0002", "error", 1), ("run_0003", "finished", 0)]
     state = read_state(tmp_path / "results")
     (job,) = [j for j in state["finished"] if j["name"] == "flaky"]
-    assert (job["attempt"], job["status"], job["return_code"], job["run_id"], job["work_dir"]) == (
+    assert (job["attempt"], job["status"], job["exit_code"], job["run_id"], job["work_dir"]) == (
         3, "finished", 0, "run_0003", str(d))
     assert state["errors"] == []
     out = r.stdout
@@ -860,7 +848,7 @@ def test_retries_exhausted_exit_1(tmp_path):
     assert meta(d)["status"] == "error"
     assert event_lines(r.stdout, "retrying") == ["retrying doomed (attempt 2/2)"]
     state = read_state(tmp_path / "results")
-    assert [(j["name"], j["attempt"], j["status"], j["return_code"]) for j in state["errors"]] == [
+    assert [(j["name"], j["attempt"], j["status"], j["exit_code"]) for j in state["errors"]] == [
         ("doomed", 2, "error", 1)]
 
 
@@ -900,18 +888,21 @@ def test_delay_does_not_block_other_slots(tmp_path):
     script = write_script(tmp_path, "interval.py", INTERVAL_PY)
     cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 2}, [
         {"name": "A", "command": py(script, tmp_path / "A", 0.05), "delay_seconds": 1.0, "priority": 5},
-        {"name": "B", "command": py(script, tmp_path / "B", 0.2)},
+        {"name": "B", "command": py(script, tmp_path / "B", 0)},
     ])
     t0 = time.time()
     r = run_cli("run", cfg, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout, r.stderr)
     a0, a1 = map(float, (tmp_path / "A").read_text().split())
     b0, b1 = map(float, (tmp_path / "B").read_text().split())
-    assert b1 < a0, "B should finish before the delayed A starts"
-    assert b0 - t0 < 0.9, "B should not wait for A's delay"
-    assert a0 - t0 >= 1.0, "A starts only after its delay"
+    # Ordering only, no bound on how fast anything starts: B (lower priority,
+    # no delay) starts first and is done before the delayed A starts.
     starts = [ln.split()[1] for ln in event_lines(r.stdout, "started")]
-    assert starts == ["B", "A"]
+    assert starts == ["B", "A"], "A's delay held back B"
+    assert b0 <= b1 < a0, "B should finish before the delayed A starts"
+    # A lower bound that load cannot break: t0 precedes the moment the
+    # scheduler starts counting A's delay, so a slow machine only widens it.
+    assert a0 - t0 >= 1.0, "A starts only after its delay"
 
 
 def test_terminal_lines_and_failure_tail(tmp_path):
@@ -1028,7 +1019,7 @@ def test_state_file_while_running_and_after(tmp_path):
                        "tags": ["t1", "t2"], "gpu_ids": [1], "cwd": str(tmp_path), "base_dir": str(base),
                        "environment": {"API_TOKEN": "***", "PLAIN": "visible"}, "description": "waits",
                        "repeats": 1, "max_retries": 4, "attempt": 1, "status": "running",
-                       "completed_at": None, "return_code": None, "work_dir": str(wd), "run_id": "run_0001"}
+                       "ended_at": None, "exit_code": None, "work_dir": str(wd), "run_id": "run_0001"}
         assert job["created_at"] and job["started_at"]
         # The pid (leader of the run's process group) reaches metadata.json too,
         # once the run has lasted exp.PID_RECORD_DELAY.
@@ -1048,13 +1039,13 @@ def test_state_file_while_running_and_after(tmp_path):
     assert (summ["total"], summ["pending"], summ["running"], summ["finished"], summ["errors"]) == (3, 0, 0, 3, 0)
     assert summ["updated_at"] >= summ["started_at"]
     assert s["pending"] == [] and s["running"] == [] and s["errors"] == []
-    assert [(j["id"], j["name"], j["status"], j["return_code"], j["attempt"]) for j in s["finished"]] == [
+    assert [(j["id"], j["name"], j["status"], j["exit_code"], j["attempt"]) for j in s["finished"]] == [
         (1, "waiter", "finished", 0, 1), (2, "after", "finished", 0, 1), (3, "after", "finished", 0, 1)]
     assert meta(wd)["pid"] is None and meta(wd)["runs"][0]["pid"] == pid
     for j in s["finished"]:
         assert j["pid"] is None  # a pid only while running: it may be reused after
         assert STATE_ITEM_KEYS <= set(j)
-        assert j["completed_at"] and j["started_at"] and j["work_dir"] and j["run_id"] == "run_0001"
+        assert j["ended_at"] and j["started_at"] and j["work_dir"] and j["run_id"] == "run_0001"
     assert "hunter2" not in json.dumps(s)
 
 
@@ -1090,16 +1081,19 @@ def test_state_file_is_always_valid_json(tmp_path):
     t.start()
     try:
         r = run_cli("run", cfg, cwd=tmp_path)
+        # However slow the machine, the reader gets at least one read of the
+        # final file in before it stops (how many it got during the run
+        # depends on speed, so nothing below counts them).
+        reads_at_exit = stats["reads"]
+        wait_for(lambda: stats["reads"] > reads_at_exit, timeout=10, what="a read of the final state file")
     finally:
-        time.sleep(0.05)
         stop.set()
         t.join(10)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert stats["bad"] == []
     assert stats["vanished"] == 0
-    assert stats["reads"] > 50, stats["reads"]
-    assert len(stats["versions"]) >= 3, len(stats["versions"])
-    assert 1 <= stats["max_running"] <= 4
+    assert stats["reads"] >= 1 and len(stats["versions"]) >= 1, stats["reads"]
+    assert stats["max_running"] <= 4
     s = read_state(base)
     assert s["summary"]["finished"] == 30 and s["summary"]["status_indicator"] == "stopped"
     assert all(j["environment"] == {"SECRET_X": "***"} for j in s["finished"])
@@ -1174,55 +1168,8 @@ def fds_under(directory):
     return found
 
 
-def test_a_batch_run_that_cannot_start_still_leaves_metadata(tmp_path, monkeypatch):
-    # The first write of a batch experiment is its start; a start that fails
-    # before it (here: no room for the log file) must still leave a record.
-    def full_disk(self):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(exp.Experiment, "_claim_run", full_disk)
-    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "x", "command": "true"}])
-    sched = exp.Scheduler(exp.load_config(cfg), out=io.StringIO())
-    assert sched.run() == 1
-    if sys.platform.startswith("linux"):
-        assert fds_under(tmp_path) == []  # (sched, holding the Experiment, is still alive)
-    (d,) = exp_dirs(tmp_path / "results", "x")
-    m = meta(d)
-    assert m["status"] == "error" and m["name"] == "x" and m["command"] == "true"
-    (job,) = read_state(tmp_path / "results")["errors"]
-    assert job["status"] == "error" and "No space left on device" in job["error"] and job["work_dir"] == str(d)
-
-
-@linux_only
-def test_a_run_whose_end_cannot_be_recorded_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch):
-    # The disk fills up between a run's start and its end: the end's metadata
-    # write fails (the real _record_end runs), the batch goes on, says so, and
-    # leaves no descriptor open.
-    real_write = exp.write_json_atomic
-
-    def full_at_the_end(path, obj):
-        if os.path.basename(path) == "metadata.json" and obj.get("status") in ("finished", "error"):
-            raise OSError(28, "No space left on device")
-        return real_write(path, obj)
-
-    monkeypatch.setattr(exp, "write_json_atomic", full_at_the_end)
-    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "ok", "command": "true", "repeats": 2},
-                                                 {"name": "bad", "command": "exit 3"}])
-    out = io.StringIO()
-    sched = exp.Scheduler(exp.load_config(cfg), out=out)
-    assert sched.run() == 1  # every command ran, but two ends are missing from metadata.json
-    assert fds_under(tmp_path) == []  # (sched, holding every Experiment, is still alive)
-    text = out.getvalue()
-    assert text.count("(its end could not be recorded: OSError: [Errno 28] No space left on device)") == 2, text
-    assert "(exit code 3, its end could not be recorded: OSError: [Errno 28]" in text, text
-    assert "  succeeded, end not recorded: 2" in text, text
-    assert re.search(r"    bad: exit code 3, its end could not be recorded: OSError: \[Errno 28\]", text), text
-    s = read_state(tmp_path / "results")
-    assert [(j["name"], j["status"], j["return_code"]) for j in s["finished"] + s["errors"]] == [
-        ("ok", "finished", 0), ("ok", "finished", 0), ("bad", "error", 3)]
-    assert all("No space left" in j["error"] for j in s["finished"] + s["errors"])
-    for d in exp_dirs(tmp_path / "results", "ok") + exp_dirs(tmp_path / "results", "bad"):
-        assert meta(d)["status"] == "running"  # what was last written: the start
+# The full-disk cases of a batch (no room for a run's log; no room for its end)
+# are in test_foundation.py, on a real tmpfs.
 
 
 @linux_only
@@ -1247,7 +1194,8 @@ def test_a_start_that_fails_after_its_first_write_ends_as_an_error(tmp_path, mon
     assert (m["status"], m["exit_code"], m["pid"]) == ("error", 127, None)
     assert [(r["id"], r["status"], r["exit_code"]) for r in m["runs"]] == [("run_0001", "error", 127)]
     log = (d / "terminal_logs" / "run_0001.log").read_text()
-    assert "could not start: cannot allocate" in log and "run_0001 ended: exit code 127 (error)" in log
+    assert "could not start 'true' in" in log and "MemoryError: cannot allocate" in log
+    assert "run_0001 ended: exit code 127 (error)" in log
     assert "could not start 'true'" in out.getvalue()
 
 
@@ -1280,16 +1228,16 @@ def test_exited_within(monkeypatch, pidfd):
     elif not hasattr(os, "pidfd_open"):
         pytest.skip("os.pidfd_open needs Linux and Python 3.9+")
     quick = subprocess.Popen(["true"])
-    assert exp._exited_within(quick, 10)
+    assert exp.exited_within(quick, 10)
     assert quick.wait(5) == 0
     slow = subprocess.Popen(["sleep", "10"])
     try:
         t = time.monotonic()
-        assert not exp._exited_within(slow, 0.2)
+        assert not exp.exited_within(slow, 0.2)
         assert time.monotonic() - t >= 0.15
         slow.kill()
         t = time.monotonic()
-        assert exp._exited_within(slow, 10)
+        assert exp.exited_within(slow, 10)
         assert time.monotonic() - t < 5
     finally:
         slow.kill()
@@ -1330,7 +1278,12 @@ def test_signal_stops_everything(tmp_path, sig, sigint_ignored):
         rc = bg.wait(30)
         elapsed = time.monotonic() - t0
         assert rc == 130, (bg.stdout(), bg.stderr())
-        assert 0.8 <= elapsed < 10, elapsed  # SIGKILL after kill_timeout (1 s), not at once, not never
+        # SIGTERM first, SIGKILL only later: the stubborn child lived to handle
+        # the SIGTERM (a SIGKILL sent with it would have beaten the handler) ...
+        assert (tmp_path / "stubborn.pids.term").exists(), "no SIGTERM before the SIGKILL"
+        # ... and SIGKILL did come, all of them ignore SIGTERM yet are gone,
+        # well before the default kill_timeout (10 s) would have run out.
+        assert elapsed < 10, elapsed
         wait_for(lambda: all(pid_gone(p) for p in pids), timeout=5,
                  what=f"all of {pids} to be gone ({[p for p in pids if not pid_gone(p)]} remain)")
     finally:
@@ -1521,18 +1474,20 @@ def test_ls_table(ls_base):
     r = run_cli("ls", ls_base, cwd=ls_base)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert re.split(r"\s{2,}", lines[0]) == ["name", "status", "started", "duration", "runs", "last metrics"]
-    rows = [re.split(r"\s{2,}", ln, maxsplit=5) for ln in lines[1:]]
+    header = re.split(r"\s{2,}", lines[0])
+    # Every metric gets a column of its own (no silent cut to four), then the directory.
+    assert header == ["name", "status", "started", "duration", "runs", "step", "loss", "acc", "lr", "extra", "dir"]
+    rows = [re.split(r"\s{2,}", ln) for ln in lines[1:]]
     assert [row[0] for row in rows] == ["beta", "alpha", "zeta"]  # newest first
     assert [row[1] for row in rows] == ["error", "finished", "finished"]
     assert [row[4] for row in rows] == ["2", "1", "1"]
     for row in rows:
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[2]), row
         assert re.fullmatch(r"\d+\.\ds", row[3]), row
+        assert re.fullmatch(rf"{row[0]}_\d{{4}}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?", row[-1]), row
     assert float(rows[2][3][:-1]) >= 1.0
-    assert rows[0][5] == "-"
-    for row in rows[1:]:  # the last row's first 4 metrics; "extra" is the 5th
-        assert re.split(r"\s{2,}", row[5]) == ["step=3", "loss=0.3333", "acc=0.8", "lr=0.001"], row
+    assert rows[0][5:10] == ["-"] * 5
+    assert rows[2][5:10] == ["3", "0.3333", "0.8", "0.001", "7"]
 
 
 def test_ls_json_and_filters(ls_base):
@@ -1559,7 +1514,7 @@ def test_ls_default_dir_and_empty(ls_base, tmp_path):
     assert r.returncode == 0, r.stderr
     assert [ln.split()[0] for ln in r.stdout.splitlines()[1:]] == ["beta", "alpha", "zeta"]
     r = run_cli("ls", ls_base, "--tag", "nothing", cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout == f"no experiments under {ls_base}\n"
+    assert r.returncode == 0 and r.stdout == f"no experiments under {ls_base} match --tag nothing (3 experiment(s) there)\n"
 
 
 def test_ls_errors(ls_base, tmp_path):
