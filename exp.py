@@ -81,60 +81,37 @@ if TYPE_CHECKING:  # pragma: no cover
 __version__ = "0.2.0"
 
 __all__ = [
-    # user API
-    "Experiment",
-    "RunHandle",
-    "load_experiment",
-    "MetricsWriter",
-    "read_metrics",
-    "terminate_runs",
-    # batch
-    "BatchConfig",
-    "ExperimentSpec",
-    "SchedulerSettings",
-    "Field",
-    "SCHEDULER_FIELDS",
-    "EXPERIMENT_FIELDS",
-    "load_config",
-    "parse_config",
-    "Scheduler",
-    "Job",
-    "expand_jobs",
-    "plan_next",
-    # store and backend
-    "ExperimentDir",
-    "StateFile",
-    "scan",
-    "Launch",
-    "LocalBackend",
-    "LocalRun",
+    # the user API
+    "Experiment", "RunHandle", "load_experiment", "terminate_runs", "MetricsWriter", "read_metrics",
+    # batches
+    "BatchConfig", "SchedulerSettings", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
+    "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
+    "Scheduler", "Job", "expand_jobs", "plan_next", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
+    # the store and the backend
+    "ExperimentDir", "StateFile", "scan", "upgrade_metadata", "normalize_fields", "iso_from_old_timestamp",
+    "check_experiment_path", "find_resume_dir", "Launch", "LocalBackend", "LocalRun", "EXIT_UNKNOWN",
     # files and platform
-    "write_atomic",
-    "write_json_atomic",
-    "read_tail",
-    "tail_lines",
-    "FileLock",
-    "group_alive",
-    "exited_within",
-    "stop_groups",
-    # listing
-    "list_experiments",
-    "main",
+    "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail",
+    "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
+    "group_alive", "exited_within", "stop_groups",
+    # metrics CSV
+    "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "metric_column",
+    # listing and the CLI
+    "list_experiments", "filter_experiments", "parse_columns", "metric_value", "default_columns",
+    "build_listing", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
+    # small helpers
+    "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
+    "clean_line", "json_safe", "git_info",
     # errors
-    "ExpError",
-    "ConfigError",
-    "NoExperimentContext",
-    "UnsupportedPlatformError",
-    "StorageError",
-    "MetadataError",
-    # values
-    "STATUSES",
-    "PENDING",
-    "RUNNING",
-    "FINISHED",
-    "ERROR",
-    "KILLED",
-    "SCHEDULER_INDICATORS",
+    "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
+    "MetricError", "UnavailableError",
+    # values and tunables
+    "STATUSES", "PENDING", "RUNNING", "FINISHED", "ERROR", "KILLED", "UNREADABLE", "SCHEDULER_INDICATORS",
+    "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "FIELD_ALIASES",
+    "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
+    "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "REPORT_LINE_WIDTH",
+    "STATE_WRITE_INTERVAL", "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "STATE_DIR", "STATE_FILE", "LOG_EXT",
+    "METRICS_EXT",
     "__version__",
 ]
 
@@ -238,6 +215,14 @@ class NoExperimentContext(ExpError, RuntimeError):
 
 class UnsupportedPlatformError(ExpError, NotImplementedError):
     """Running commands needs POSIX process groups (Linux, macOS)."""
+
+
+class MetricError(ExpError, TypeError):
+    """A metric value that cannot go into a CSV cell; the message names the key."""
+
+
+class UnavailableError(ExpError, NotImplementedError):
+    """A feature this version of exp does not have yet."""
 
 
 class StorageError(ExpError, OSError):
@@ -974,7 +959,7 @@ def format_metric(key: str, value: Any) -> str:
 
     int, float (``nan``, ``inf``, ``-inf``), bool, str, None (empty) and any
     object with ``.item()`` (torch/numpy scalars) are accepted; anything else
-    raises TypeError naming the key.
+    raises MetricError (a TypeError) naming the key.
     """
     t = type(value)
     if t is float:
@@ -998,14 +983,14 @@ def format_metric(key: str, value: Any) -> str:
         try:
             scalar = item()
         except Exception as e:  # e.g. a tensor with more than one element
-            raise TypeError(
+            raise MetricError(
                 f"metric {key!r}: {type(value).__name__}.item() failed ({e}); "
                 "pass a single number, e.g. loss.mean().item()"
             ) from None
         if hasattr(scalar, "item") and not isinstance(scalar, (int, float, str, bool)):
-            raise TypeError(f"metric {key!r}: .item() returned {type(scalar).__name__}, not a number")
+            raise MetricError(f"metric {key!r}: .item() returned {type(scalar).__name__}, not a number")
         return format_metric(key, scalar)
-    raise TypeError(
+    raise MetricError(
         f"metric {key!r}: cannot store a value of type {type(value).__name__}; "
         "use int, float, bool, str, None or a scalar with .item()"
     )
@@ -1257,10 +1242,24 @@ class MetricsWriter:
         self._size = self._end = os.fstat(new_fd).st_size
 
 
+def _open_regular(path: str, *args: Any, **kwargs: Any) -> Any:
+    """``open(path, ...)`` for reading that refuses anything but a regular file (a FIFO would block)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        return open(fd, *args, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def last_metrics_row(path: str) -> dict[str, Any]:
     """The last complete row of a metrics CSV, reading only its header and its tail."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path, "rb") as f:
             head = f.readline(1 << 20)
     except OSError:
         return {}
@@ -1292,7 +1291,7 @@ def metric_column(path: str, key: str) -> list[Any]:
     """Every value of one column of a metrics CSV (streamed; memory grows with the rows, not the file)."""
     csv = _csv_module()
     try:
-        f = open(path, encoding="utf-8", errors="replace", newline="")
+        f = _open_regular(path, encoding="utf-8", errors="replace", newline="")
     except OSError:
         return []
     with f:
@@ -1950,7 +1949,7 @@ class LocalBackend:
     def attach(self, record: Mapping[str, Any]) -> LocalRun:
         """A run from its :meth:`LocalRun.record`, for a process that did not start it."""
         pid = record.get("pid")
-        if not _is_int(pid) or pid <= 0:
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise ExpError(f"cannot attach to a local run without a pid: {dict(record)!r}")
         if record.get("host") not in (None, _hostname()):
             raise ExpError(f"run {pid} was started on {record.get('host')}, not on this machine ({_hostname()})")
@@ -2165,14 +2164,17 @@ class Experiment:
         self = cls.__new__(cls)
         self.dir = d
         self.base_dir = os.path.dirname(d.path)
-        self.name = meta.get("name") if isinstance(meta.get("name"), str) else _name_from_dir(os.path.basename(d.path))
-        self.command = meta.get("command") if isinstance(meta.get("command"), str) else ""
+        name, command = meta.get("name"), meta.get("command")
+        self.name = name if isinstance(name, str) else _name_from_dir(os.path.basename(d.path))
+        self.command = command if isinstance(command, str) else ""
         self.tags = [t for t in meta.get("tags") or [] if isinstance(t, str)] if isinstance(meta.get("tags"), list) else []
         self.gpu_ids = _lenient_gpu_ids(meta.get("gpu_ids"))
         cwd = meta.get("cwd")
         self.cwd = cwd if isinstance(cwd, str) and cwd else d.path  # the earlier project ran in work_dir
-        self.description = meta.get("description") if isinstance(meta.get("description"), str) else None
-        self.status = meta.get("status") if isinstance(meta.get("status"), str) else PENDING
+        description = meta.get("description")
+        self.description = description if isinstance(description, str) else None
+        status = meta.get("status")
+        self.status = status if isinstance(status, str) else PENDING
         rid = meta.get("current_run_id")
         self.current_run_id = rid if isinstance(rid, str) else None
         self.timestamp = meta.get("timestamp_dir") or d.timestamp(self.name)
@@ -2310,14 +2312,14 @@ class Experiment:
     def upd_row(self, **metrics: Any) -> None:
         """Add values to the row being built; a later value for a key replaces the earlier.
 
-        Raises TypeError (naming the key) for a value that cannot go in a CSV.
+        Raises MetricError (a TypeError, naming the key) for a value that cannot go in a CSV.
         """
         pending = self._pending
         ok = self._ok_keys
         for key, value in metrics.items():
             if key not in ok:
                 if "\n" in key or "\r" in key:
-                    raise ValueError(f"metric name {key!r} cannot contain a line break")
+                    raise ConfigError(f"metric name {key!r} cannot contain a line break")
                 ok.add(key)
             pending[key] = format_metric(key, value)
 
@@ -2330,7 +2332,7 @@ class Experiment:
         values.  ``lark=True`` (syncing to a Lark Bitable) is not available yet.
         """
         if lark:
-            raise NotImplementedError(
+            raise UnavailableError(
                 "save_row(lark=True): syncing metrics to Lark is not implemented in this version "
                 "of exp; call save_row() without lark to write the CSV"
             )
@@ -2853,7 +2855,8 @@ EXPERIMENT_FIELDS: tuple[Field, ...] = (
     Field("resume", "path", None, "continue an existing experiment (timestamp or path)"),
     Field("repeats", "int>=1", 1, "run as this many separate experiments (`EXPERIMENT_REPEAT` = 1, 2, ...)"),
     Field("max_retries", "int>=0", 0,
-          "extra attempts when `auto_restart_on_error`; each is a new run in the same directory"),
+          "extra attempts when `auto_restart_on_error` (else a warning); each is a new run in the same "
+          "directory; exit code 127 (command not found) is not retried"),
     Field("delay_seconds", "seconds>=0", 0.0, "wait this long before each attempt, without holding a slot"),
     Field("lark_url", "text", None, "overrides `[scheduler] lark_url`"),
     Field("lark_config", "lark", None, "overrides `[scheduler] lark_config`"),
@@ -3891,12 +3894,13 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
     groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for r, vals in zip(rows, values):
         groups.setdefault(r["name"] or "?", []).append((r, vals))
-    out = []
+    out: list[tuple[str, str, str, list[str], dict[str, float | None]]] = []
     for name, members in groups.items():
         statuses: dict[str, int] = {}
         for r, _ in members:
             statuses[r["status"] or "?"] = statuses.get(r["status"] or "?", 0) + 1
-        cells, means = [], {}
+        cells: list[str] = []
+        means: dict[str, float | None] = {}
         for k, m in columns:
             nums = [vals[f"{k}:{m}"] for _, vals in members if _is_num(vals[f"{k}:{m}"])]
             nums = [x for x in nums if x == x and x not in (float("inf"), float("-inf"))]
@@ -3915,8 +3919,8 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                 return _sort_key(g[4][sort])
             return _sort_key(g[0] if sort == "name" else None)
 
-        present = [g for g in out if gkey(g)[0] != 2]
-        out = sorted(present, key=gkey, reverse=desc) + [g for g in out if gkey(g)[0] == 2]
+        have = [g for g in out if gkey(g)[0] != 2]
+        out = sorted(have, key=gkey, reverse=desc) + [g for g in out if gkey(g)[0] == 2]
     table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels))]
     for name, n, status_text, cells, _ in out:
         table.append((name, n, status_text, *cells))
