@@ -98,7 +98,7 @@ __all__ = [
     "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "metric_column",
     # listing and the CLI
     "list_experiments", "filter_experiments", "parse_columns", "metric_value", "default_columns",
-    "build_listing", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
+    "build_listing", "group_rows", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
     # small helpers
     "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
     "clean_line", "json_safe", "git_info",
@@ -641,6 +641,8 @@ def exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     """
     import select
 
+    if proc.returncode is not None:  # reaped already: its pid may belong to another process now
+        return True
     try:
         fd = os.pidfd_open(proc.pid)  # type: ignore[attr-defined]
     except (AttributeError, OSError):  # not Linux, an old kernel, or no descriptors left
@@ -799,13 +801,15 @@ def append_line(path: str, text: str) -> None:
         os.close(fd)
 
 
-def read_tail(path: str, lines: int, max_bytes: int = TAIL_MAX_BYTES) -> bytes:
+def read_tail(path: str, lines: int, max_bytes: int | None = None) -> bytes:
     """The bytes of the last ``lines`` lines of a file, read backwards from its end.
 
     Reads block by block from the end until it has ``lines`` line breaks (a
     last line without one counts as a line) or ``max_bytes``, so memory stays
     bounded on a 1 GiB log.  A missing file reads as ``b""``.
     """
+    if max_bytes is None:
+        max_bytes = TAIL_MAX_BYTES  # read at call time, so the tunable can be changed
     if lines <= 0:
         return b""
     try:
@@ -852,7 +856,7 @@ def read_tail(path: str, lines: int, max_bytes: int = TAIL_MAX_BYTES) -> bytes:
     return data
 
 
-def tail_lines(path: str, n: int = 10, max_bytes: int = TAIL_MAX_BYTES, skip_prefix: str | None = None) -> list[str]:
+def tail_lines(path: str, n: int = 10, max_bytes: int | None = None, skip_prefix: str | None = None) -> list[str]:
     """The last ``n`` lines of a text file, without those starting with ``skip_prefix``.
 
     A ``\\r``-updated progress line keeps its last frame; trailing blank lines
@@ -874,7 +878,21 @@ def tail_lines(path: str, n: int = 10, max_bytes: int = TAIL_MAX_BYTES, skip_pre
         want *= 4
 
 
-def read_json_file(path: str, max_bytes: int = METADATA_MAX_BYTES) -> Any:
+def _open_regular(path: str, *args: Any, **kwargs: Any) -> Any:
+    """``open(path, ...)`` for reading that refuses anything but a regular file (a FIFO would block)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        return open(fd, *args, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_json_file(path: str, max_bytes: int | None = None) -> Any:
     """Parse a JSON file exp wrote; ValueError (with a short reason) for anything else.
 
     Refuses what is not a regular file (a FIFO would block), files over
@@ -883,6 +901,8 @@ def read_json_file(path: str, max_bytes: int = METADATA_MAX_BYTES) -> Any:
     """
     import stat
 
+    if max_bytes is None:
+        max_bytes = METADATA_MAX_BYTES
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -1007,7 +1027,10 @@ def parse_metric(text: str) -> Any:
     if text == "":
         return None
     if _INT_RE.match(text):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:  # more digits than int() converts (Python >= 3.11): keep it as written
+            return text
     if _FLOAT_RE.match(text):
         return float(text)
     if text == "True":
@@ -1048,7 +1071,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a metrics CSV written by exp; a missing file reads as no rows."""
     try:
         # errors="replace": a torn last line can end inside a UTF-8 character
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        with _open_regular(os.fspath(path), encoding="utf-8", errors="replace", newline="") as f:
             text = f.read()
     except FileNotFoundError:
         return []
@@ -1177,6 +1200,10 @@ class MetricsWriter:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             st = os.fstat(fd)
             if st.st_nlink == 0:  # another writer replaced the file: follow it
+                if fcntl is not None:
+                    # Unlock first: a forked child may share this open file, and
+                    # then closing our descriptor would not release the lock.
+                    fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
                 self._fd = None
                 continue
@@ -1197,10 +1224,14 @@ class MetricsWriter:
         tail_start = max(0, size - 65536)
         tail = os.pread(fd, size - tail_start, tail_start)
         last_line = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
+        head_line = os.pread(fd, min(size, 1 << 20), 0).split(b"\n", 1)[0].decode("utf-8", "replace")
         # Torn: no final line break, or a final line with an odd number of
         # quotes (cut inside a quoted cell, or the end of a multi-line one:
-        # only a scan from the start tells which).
-        if not tail.endswith(b"\n") or last_line.count(b'"') % 2 == 1:
+        # only a scan from the start tells which), or one that is not a row
+        # of the header's width (cut after a line break inside a quoted cell).
+        whole = tail_start == 0 or len(last_line) < len(tail)  # the last line starts inside the tail
+        if (not tail.endswith(b"\n") or last_line.count(b'"') % 2 == 1
+                or (whole and not _csv_records(head_line + "\n" + last_line.decode("utf-8", "replace"))[1])):
             new_size = _complete_csv_end(fd, size)
             if new_size != size:
                 os.ftruncate(fd, new_size)
@@ -1242,18 +1273,19 @@ class MetricsWriter:
         self._size = self._end = os.fstat(new_fd).st_size
 
 
-def _open_regular(path: str, *args: Any, **kwargs: Any) -> Any:
-    """``open(path, ...)`` for reading that refuses anything but a regular file (a FIFO would block)."""
-    import stat
+def _strict_rows(text: str) -> list[dict[str, Any]] | None:
+    """Rows of CSV text that must be well-formed (None if not: say, it ends inside a quoted cell)."""
+    import io
 
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    csv = _csv_module()
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(f"{path} is not a regular file")
-        return open(fd, *args, **kwargs)
-    except BaseException:
-        os.close(fd)
-        raise
+        records = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error:
+        return None
+    if not records:
+        return []
+    header = records[0]
+    return [{k: parse_metric(v) for k, v in zip(header, r)} for r in records[1:] if len(r) == len(header)]
 
 
 def last_metrics_row(path: str) -> dict[str, Any]:
@@ -1272,19 +1304,39 @@ def last_metrics_row(path: str) -> dict[str, Any]:
         if cut < 0:
             return {}
         body = tail[: cut + 1]  # what follows the last line break may be torn
-        # The tail may start inside a quoted multi-line cell; try each line
-        # start until the rest parses into rows of the header's width.
-        starts = [0] + [i + 1 for i in range(len(body)) if body[i:i + 1] == b"\n"][:-1]
-        for s in starts:
+        # The tail may start inside a quoted multi-line cell.  The body ends a
+        # record (unless torn inside a quoted cell), so a line starts one when
+        # the rest holds an even number of quotes; try those until the text
+        # parses (strictly: not ending inside a quoted cell) into rows.
+        starts = [0]
+        i = body.find(b"\n")
+        while 0 <= i < cut:
+            starts.append(i + 1)
+            i = body.find(b"\n", i + 1)
+        even, quotes, prev = [], 0, len(body)
+        for s in reversed(starts):
+            quotes += body.count(b'"', s, prev)
+            prev = s
+            if quotes % 2 == 0:
+                even.append(s)
+        for s in reversed(even):
             chunk = body[s:].decode("utf-8", "replace")
-            if chunk.count('"') % 2:
-                continue
-            _, rows = parse_metrics_csv(header_line + chunk)
+            rows = _strict_rows(header_line + chunk)
             if rows and not (s == 0 and chunk == header_line):
                 return rows[-1]
-        if len(tail) < n:  # pragma: no cover - read the whole file already
+        if len(tail) < n:  # read the whole file already
             break
-    return {}
+    # Not found near the end (a last cell of many lines, or a row torn inside
+    # a quoted cell): read from the start, which tells exactly, if not too big.
+    try:
+        with _open_regular(path, "rb") as f:
+            data = f.read(TAIL_MAX_BYTES + 1)
+    except OSError:
+        return {}
+    if len(data) > TAIL_MAX_BYTES:
+        return {}
+    rows = parse_metrics_csv(data.decode("utf-8", "replace"))[1]
+    return rows[-1] if rows else {}
 
 
 def metric_column(path: str, key: str) -> list[Any]:
@@ -1519,6 +1571,12 @@ class ExperimentDir:
                 raise _storage_error(path, e, "create") from e
             try:
                 append_checked(fd, header(rid).encode("utf-8"), 0, path)
+            except BaseException:
+                try:  # an empty log would stand for a run that never was
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise
             finally:
                 os.close(fd)
             return rid, path
@@ -1667,11 +1725,19 @@ class ExperimentDir:
             m.update(status=status, exit_code=exit_code, pid=None, ended_at=ended, duration=duration)
             if error:
                 m["error"] = error
-            for r in m.get("runs") or []:
-                if isinstance(r, dict) and r.get("id") == run_id:
-                    r.update(ended_at=ended, exit_code=exit_code, status=status, duration=duration)
-                    if r.get("pid") is None and pid is not None:
-                        r["pid"] = pid
+            runs = m.get("runs")
+            if not isinstance(runs, list):
+                runs = m["runs"] = []
+            entry = next((r for r in runs if isinstance(r, dict) and r.get("id") == run_id), None)
+            if entry is None:  # a metadata.json rewritten since the start: the run still gets its entry
+                entry = {"id": run_id, "pid": pid, "started_at": None}
+                runs.append(entry)
+                m.setdefault("current_run_id", run_id)
+                if m.get("current_run_id") is None:
+                    m["current_run_id"] = run_id
+            entry.update(ended_at=ended, exit_code=exit_code, status=status, duration=duration)
+            if entry.get("pid") is None and pid is not None:
+                entry["pid"] = pid
 
         try:
             self.update_metadata(update, initial)
@@ -1907,6 +1973,10 @@ class LocalRun:
 
     def record(self) -> dict[str, Any]:
         """What a later process needs to find this run again (see :meth:`LocalBackend.attach`)."""
+        if self.start_ticks is None and self.proc is not None and self.proc.returncode is None:
+            # Read once, here, not per start: our unreaped child's pid cannot be
+            # reused yet, and with it a later attach tells a reused pid apart.
+            self.start_ticks = _proc_start_ticks(self.pid)
         return {"backend": self.backend, "pid": self.pid, "pgid": self.pgid, "host": _hostname(),
                 "start_ticks": self.start_ticks}
 
@@ -2152,7 +2222,11 @@ class Experiment:
             except OSError as e:
                 raise _storage_error(self.base_dir, e, "create an experiment directory in") from e
             if write_metadata:
-                self.dir.write_metadata(self._initial_metadata())
+                try:
+                    self.dir.write_metadata(self._initial_metadata())
+                except BaseException:
+                    self.dir.close()
+                    raise
 
     # ------------------------------------------------------------------ loading
 
@@ -3756,6 +3830,8 @@ def format_plan(config: BatchConfig) -> str:
 
 
 def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
+    # Names and tags come from files anyone may have edited: no escapes reach the terminal.
+    rows = [tuple(clean_line(c, 10_000) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = set(right)
     return "\n".join(
@@ -3796,14 +3872,14 @@ def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, ta
     ]
 
 
-def parse_columns(spec: str) -> list[tuple[str, str]]:
-    """``"loss,acc:max"`` -> ``[("loss", "last"), ("acc", "max")]``; ConfigError naming a bad mode."""
+def parse_columns(spec: str, default: str = "last") -> list[tuple[str, str]]:
+    """``"loss,acc:max"`` -> ``[("loss", default), ("acc", "max")]``; ConfigError naming a bad mode."""
     out = []
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
-        name, _, mode = part.rpartition(":") if ":" in part else (part, "", "last")
+        name, _, mode = part.rpartition(":") if ":" in part else (part, "", default)
         if mode not in METRIC_MODES:
             raise ConfigError(f"--columns {part!r}: the mode after ':' must be one of {', '.join(METRIC_MODES)}")
         out.append((name, mode))
@@ -3889,42 +3965,66 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                           str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), rel(r)))
         return table
 
+    groups = group_rows(rows, columns, values)
+    if sort:
+        def gkey(g: dict[str, Any]) -> tuple[int, Any]:
+            stats = g["metric_stats"].get(sort)
+            if stats is not None:
+                return _sort_key(stats["mean"])
+            return _sort_key(g["name"] if sort == "name" else g["n"] if sort == "runs" else None)
+
+        have = [g for g in groups if gkey(g)[0] != 2]
+        groups = sorted(have, key=gkey, reverse=desc) + [g for g in groups if gkey(g)[0] == 2]
+    table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels))]
+    for g in groups:
+        cells = []
+        for k, _ in columns:
+            st = g["metric_stats"][k]
+            if st["mean"] is None:
+                cells.append("-")
+            elif st["std"] is None:
+                cells.append(f"{st['mean']:.4g}")
+            else:
+                cells.append(f"{st['mean']:.4g} ± {st['std']:.2g}")
+        table.append((g["name"], str(g["n"]), ", ".join(f"{n} {s}" for s, n in g["statuses"].items()), *cells))
+    return table
+
+
+def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
+               values: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows grouped by name (repeats together): ``{name, n, statuses, metric_stats: {key: {mean, std, n}}}``.
+
+    ``std`` is the sample standard deviation, None for a single value;
+    values that are not finite numbers are left out.
+    """
     import statistics
 
-    groups: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    if values is None:
+        values = [{f"{k}:{m}": metric_value(r, k, m) for k, m in columns} for r in rows]
+    members: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for r, vals in zip(rows, values):
-        groups.setdefault(r["name"] or "?", []).append((r, vals))
-    out: list[tuple[str, str, str, list[str], dict[str, float | None]]] = []
-    for name, members in groups.items():
+        members.setdefault(r["name"] or "?", []).append((r, vals))
+    out = []
+    for name, group in members.items():
         statuses: dict[str, int] = {}
-        for r, _ in members:
+        for r, _ in group:
             statuses[r["status"] or "?"] = statuses.get(r["status"] or "?", 0) + 1
-        cells: list[str] = []
-        means: dict[str, float | None] = {}
+        metrics: dict[str, dict[str, Any]] = {}
         for k, m in columns:
-            nums = [vals[f"{k}:{m}"] for _, vals in members if _is_num(vals[f"{k}:{m}"])]
-            nums = [x for x in nums if x == x and x not in (float("inf"), float("-inf"))]
-            if not nums:
-                cells.append("-")
-                means[k] = None
-                continue
-            mean = statistics.fmean(nums)
-            means[k] = mean
-            cells.append(f"{mean:.4g}" if len(nums) == 1 else f"{mean:.4g} ± {statistics.stdev(nums):.2g}")
-        status_text = ", ".join(f"{n} {s}" for s, n in statuses.items())
-        out.append((name, str(len(members)), status_text, cells, means))
-    if sort:
-        def gkey(g: tuple[Any, ...]) -> tuple[int, Any]:
-            if sort in g[4]:
-                return _sort_key(g[4][sort])
-            return _sort_key(g[0] if sort == "name" else None)
-
-        have = [g for g in out if gkey(g)[0] != 2]
-        out = sorted(have, key=gkey, reverse=desc) + [g for g in out if gkey(g)[0] == 2]
-    table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels))]
-    for name, n, status_text, cells, _ in out:
-        table.append((name, n, status_text, *cells))
-    return table
+            nums = [vals[f"{k}:{m}"] for _, vals in group]
+            nums = [x for x in nums if _is_num(x) and x == x and x not in (float("inf"), float("-inf"))]
+            mean: float | None = None
+            std: float | None = None
+            try:
+                if nums:
+                    mean = statistics.fmean(nums)
+                if len(nums) > 1:
+                    std = statistics.stdev(nums)
+            except OverflowError:  # values beyond a float's range (a huge int, sums past 1.8e308)
+                mean = std = None
+            metrics[k] = {"mean": mean, "std": std, "n": len(nums)}
+        out.append({"name": name, "n": len(group), "statuses": statuses, "metric_stats": metrics})
+    return out
 
 
 def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: list[tuple[str, str]] | None = None,
@@ -4010,11 +4110,19 @@ def _cmd_run(args: Any) -> int:
 def _cmd_ls(args: Any) -> int:
     if not os.path.isdir(args.dir):
         raise ConfigError(f"{args.dir} is not a directory; pass the base directory of your experiments")
+    # A name may hold what UTF-8 cannot encode (a lone "\ud800" escape in a hand-edited
+    # metadata.json, a directory name that is not UTF-8): print it as a backslash escape,
+    # which inside a --json string is a valid JSON escape, instead of failing or writing
+    # bytes that are not UTF-8.
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        pass
     everything = list_experiments(args.dir)
     rows = filter_experiments(everything, args.status, args.tag, args.name)
     default_mode = "best" if args.best else "last"
     if args.columns:
-        columns = [(k, default_mode if m == "last" and args.best else m) for k, m in parse_columns(args.columns)]
+        columns = parse_columns(args.columns, default_mode)
     else:
         names = default_columns(rows)
         if len(names) > LS_DEFAULT_METRIC_COLUMNS and not args.json:
@@ -4025,13 +4133,14 @@ def _cmd_ls(args: Any) -> int:
         columns = [(k, default_mode) for k in names]
     if args.json:
         out: Any = rows
-        if args.group or args.sort:
-            table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)
-            if args.group:
-                out = [dict(zip(table[0], r)) for r in table[1:]]
-            else:
-                order = {os.path.relpath(r["work_dir"], args.dir): r for r in rows}
-                out = [order[t[-1]] for t in table[1:]]
+        if args.group:
+            by_name = {g["name"]: g for g in group_rows(rows, columns)}
+            table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=True)
+            out = [by_name[t[0]] for t in table[1:]]
+        elif args.sort:
+            table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc)
+            order = {os.path.relpath(r["work_dir"], args.dir): r for r in rows}
+            out = [order[t[-1]] for t in table[1:]]
         print(_json().dumps(json_safe(out), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     if rows:

@@ -1169,7 +1169,7 @@ def fds_under(directory):
 
 
 # The full-disk cases of a batch (no room for a run's log; no room for its end)
-# are in test_foundation.py, on a real tmpfs.
+# are in test_durability.py, on a real tmpfs.
 
 
 @linux_only

@@ -1,0 +1,843 @@
+"""``exp ls`` and the small user-facing fixes around it.
+
+What ``ls`` must survive (every kind of bad ``metadata.json`` and metrics
+file, a closed pipe, ten thousand directories), what it offers (columns,
+best values, sorting, grouping, a directory column, results one level
+down), and the config checks and scheduler behaviour that came with it
+(names that cannot become directories, the max_retries warning, exit code
+127, ``EXPERIMENT_REPEAT``, string metrics kept as written, clean failure
+reports).
+
+Everything is real: ``python exp.py ...`` in a subprocess, real files under
+``tmp_path``.  Experiment directories that only ``ls`` reads are written by
+hand (a ``metadata.json`` and a metrics CSV), which is what a hand-edited or
+damaged directory looks like anyway.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import exp  # noqa: E402
+from conftest import EXP_PY, call_with_timeout, child_env, posix_only, py_cmd, write_script  # noqa: E402
+
+PY = sys.executable
+CLI_TIMEOUT = 60
+STAMP = "2025-01-01__00-00-{:02d}"
+
+
+# ============================================================================
+# Helpers
+# ============================================================================
+
+
+def cli(*args, cwd=None, timeout=CLI_TIMEOUT, env=None) -> subprocess.CompletedProcess:
+    """``python exp.py ARGS`` with text output; fails the test instead of hanging."""
+    try:
+        return subprocess.run(
+            [PY, EXP_PY, *map(str, args)], cwd=str(cwd) if cwd else None, env=env or child_env(),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
+
+
+def ls(base, *args, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    return cli("ls", base, *args, timeout=timeout)
+
+
+def _no_constants(name):
+    raise AssertionError(f"ls --json printed the non-JSON constant {name}")
+
+
+def strict_json(text: str):
+    """Parse as strict JSON: NaN, Infinity and -Infinity are refused."""
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def assert_clean(r: subprocess.CompletedProcess, rc: int = 0) -> None:
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == rc, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+
+
+def ls_json(base, *args, timeout=CLI_TIMEOUT) -> list:
+    r = ls(base, "--json", *args, timeout=timeout)
+    assert_clean(r)
+    return strict_json(r.stdout)
+
+
+def table(text: str) -> list[list[str]]:
+    """The rows of an ``ls`` table, cells split on runs of two or more spaces."""
+    return [re.split(r" {2,}", line.strip()) for line in text.splitlines() if line.strip()]
+
+
+def table_dicts(text: str) -> list[dict[str, str]]:
+    rows = table(text)
+    header = rows[0]
+    for r in rows[1:]:
+        assert len(r) == len(header), (header, r)
+    return [dict(zip(header, r)) for r in rows[1:]]
+
+
+def fake_experiment(base, name: str, second: int = 0, meta: dict | None = None, rows=(), sub: str | None = None,
+                    metadata_bytes: bytes | None = None) -> Path:
+    """An experiment directory written by hand: metadata.json and metrics/run_0001.csv.
+
+    ``meta`` is merged over a finished run's metadata; ``metadata_bytes``
+    replaces the file's content as given.  ``rows`` are dicts of one run's
+    metric rows (the CSV's columns are the first row's keys).
+    """
+    parent = Path(base) / sub if sub else Path(base)
+    d = parent / f"{name}_{STAMP.format(second)}"
+    (d / "metrics").mkdir(parents=True)
+    (d / "terminal_logs").mkdir()
+    if metadata_bytes is not None:
+        (d / "metadata.json").write_bytes(metadata_bytes)
+    else:
+        record = {
+            "name": name, "status": "finished", "created_at": f"2025-01-01T00:00:{second:02d}+00:00",
+            "started_at": f"2025-01-01T00:00:{second:02d}+00:00", "ended_at": None, "duration": 1.0,
+            "exit_code": 0, "current_run_id": "run_0001",
+            "runs": [{"id": "run_0001", "status": "finished", "exit_code": 0}], "tags": [],
+        }
+        record.update(meta or {})
+        (d / "metadata.json").write_text(json.dumps(record), encoding="utf-8")
+    if rows:
+        keys = list(rows[0])
+        lines = [",".join(keys)] + [",".join("" if r.get(k) is None else str(r[k]) for k in keys) for r in rows]
+        (d / "metrics" / "run_0001.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return d
+
+
+def toml_str(s: str) -> str:
+    """A TOML basic string holding ``s`` (every control character escaped)."""
+    return json.dumps(s).replace("\x7f", "\\u007f")
+
+
+def write_toml(path, text: str) -> Path:
+    path = Path(path)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def by_dir(entries: list) -> dict:
+    return {e["dir"]: e for e in entries}
+
+
+# ============================================================================
+# 1. ls survives every bad metadata.json
+# ============================================================================
+
+
+def _write_bytes(content: bytes):
+    def make(path: Path) -> None:
+        path.write_bytes(content)
+    return make
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+def _dangling_symlink(path: Path) -> None:
+    os.symlink(path.parent / "nowhere.json", path)
+
+
+def _oversized(path: Path) -> None:
+    with open(path, "wb") as f:  # sparse: costs no disk
+        f.truncate(exp.METADATA_MAX_BYTES + 1)
+
+
+DEPTH = 100_000
+UNREADABLE_CASES = {
+    "invalid_json": _write_bytes(b'{"name": "x", "status": '),
+    "json_list": _write_bytes(b'[{"name": "x", "status": "finished"}]'),
+    "json_string": _write_bytes(b'"finished"'),
+    "json_null": _write_bytes(b"null"),
+    "empty_file": _write_bytes(b""),
+    "not_utf8": _write_bytes(b'{"name": "caf\xe9", "status": "finished"}'),
+    "utf16": _write_bytes('{"name": "x"}'.encode("utf-16")),
+    "deep_list": _write_bytes(b"[" * DEPTH + b"]" * DEPTH),
+    "deep_object": _write_bytes(b'{"a":' * DEPTH + b"1" + b"}" * DEPTH),
+    "huge_int": _write_bytes(b'{"exit_code": 1' + b"0" * 5000 + b"}"),
+    "fifo": _fifo,
+    "directory": _directory,
+    "dangling_symlink": _dangling_symlink,
+    "oversized": _oversized,
+}
+
+
+@posix_only
+@pytest.mark.parametrize("case", sorted(UNREADABLE_CASES))
+def test_ls_shows_an_unreadable_metadata_file_as_unreadable(tmp_path, case):
+    base = tmp_path / "results"
+    good = fake_experiment(base, "good", 1, rows=[{"loss": 0.5}])
+    bad = base / f"bad_{STAMP.format(2)}"
+    bad.mkdir(parents=True)
+    UNREADABLE_CASES[case](bad / "metadata.json")
+
+    # The table: both rows, no traceback, no hang (a FIFO must not block the open).
+    r = ls(base, timeout=30)
+    assert_clean(r)
+    rows = {row["dir"]: row for row in table_dicts(r.stdout)}
+    assert rows[bad.name]["status"] == "unreadable"
+    assert rows[bad.name]["name"] == "bad"  # from the directory name
+    assert rows[good.name]["status"] == "finished"
+    assert rows[good.name]["loss"] == "0.5"
+
+    # --json: strict JSON, the bad one says why.
+    entries = by_dir(ls_json(base))
+    assert set(entries) == {good.name, bad.name}
+    e = entries[bad.name]
+    assert e["status"] == "unreadable"
+    assert e["name"] == "bad"
+    assert isinstance(e["error"], str) and "metadata.json" in e["error"]
+    assert e["last_metrics"] == {} and e["runs"] == 0 and e["exit_code"] is None
+    assert entries[good.name]["last_metrics"] == {"loss": 0.5}
+
+    # The API: scan finds it, summary() never raises and is strict JSON.
+    found = {os.path.basename(d.path): d for d in exp.scan(base)}
+    summary = call_with_timeout(found[bad.name].summary, 20, "summary()")
+    assert summary["status"] == exp.UNREADABLE
+    json.dumps(summary, allow_nan=False)
+    with pytest.raises(exp.ExpError):
+        call_with_timeout(exp.ExperimentDir(bad).read_metadata, 20, "read_metadata()")
+    # Nothing was rewritten or moved by reading.
+    assert os.path.lexists(bad / "metadata.json")
+    assert [p.name for p in bad.iterdir() if p.name.startswith("metadata.json")] == ["metadata.json"]
+
+
+def test_ls_coerces_wrong_types_in_every_field(tmp_path):
+    base = tmp_path / "results"
+    outside = tmp_path / "etc"  # what current_run_id tries to reach
+    (outside / "metrics").mkdir(parents=True)
+    d = fake_experiment(base, "types", 3, meta={
+        "name": 5, "tags": "x", "runs": 3, "duration": "long", "current_run_id": "../../etc",
+        "exit_code": 1.5, "status": 7, "pid": "123", "gpu_ids": "0,1", "started_at": 5, "created_at": [],
+        "ended_at": {}, "description": ["d"], "hostname": 1, "error": {"why": 1},
+    })
+    r = ls(base)
+    assert_clean(r)
+    (row,) = table_dicts(r.stdout)
+    assert row["name"] == "types" and row["dir"] == d.name
+    assert row["status"] == "?" and row["duration"] == "-" and row["runs"] == "0"
+
+    (e,) = ls_json(base)
+    assert e["name"] == "types"  # 5 is not a name: the directory's
+    assert e["status"] is None and e["error"] is None
+    assert e["tags"] == [] and e["runs"] == 0 and e["duration"] is None
+    assert e["current_run_id"] is None and e["last_metrics"] == {}
+    assert e["exit_code"] is None and e["pid"] is None and e["gpu_ids"] is None
+    assert e["started_at"] is None and e["created_at"] is None and e["ended_at"] is None
+    assert e["description"] is None and e["hostname"] is None
+
+    # Mixed lists keep only their well-typed items.
+    fake_experiment(base, "mixed", 4, meta={"tags": ["a", 1, None, "b"], "gpu_ids": [0, "1", True, 2.0, 3],
+                                            "runs": [{"id": "run_0001"}, 5]})
+    e = by_dir(ls_json(base, "--name", "mixed"))[f"mixed_{STAMP.format(4)}"]
+    assert e["tags"] == ["a", "b"] and e["gpu_ids"] == [0, 3] and e["runs"] == 2
+    assert ls_json(base, "--tag", "a")[0]["name"] == "mixed"
+
+
+def test_ls_non_finite_numbers_in_metadata_become_null(tmp_path):
+    base = tmp_path / "results"
+    d = fake_experiment(base, "nonfinite", 1, metadata_bytes=(
+        b'{"name": "nonfinite", "status": "finished", "duration": NaN, "exit_code": 1e999, '
+        b'"pid": -Infinity, "started_at": "2025-01-01T00:00:01+00:00", "current_run_id": "run_0001", '
+        b'"runs": [{"id": "run_0001", "duration": Infinity}], "gpu_ids": [NaN, 1]}'
+    ), rows=[{"loss": 0.25}])
+    r = ls(base)
+    assert_clean(r)
+    (row,) = table_dicts(r.stdout)
+    assert row["status"] == "finished" and row["duration"] == "-" and row["loss"] == "0.25"
+    (e,) = ls_json(base)
+    assert e["dir"] == d.name
+    assert e["duration"] is None and e["exit_code"] is None and e["pid"] is None
+    assert e["gpu_ids"] == [1] and e["runs"] == 1 and e["last_metrics"] == {"loss": 0.25}
+
+
+def test_ls_lone_surrogates_in_names_print_as_escapes(tmp_path):
+    # Valid JSON can hold a lone surrogate ("\ud800"), which UTF-8 cannot encode.
+    base = tmp_path / "results"
+    d = fake_experiment(base, "odd", 1, metadata_bytes=(
+        b'{"name": "x\\ud800y", "status": "finished", "tags": ["t\\udcff"]}'))
+    for env in (child_env(), child_env(PYTHONIOENCODING="utf-8:strict")):
+        r = cli("ls", base, env=env)
+        assert_clean(r)
+        assert "x\\ud800y" in r.stdout
+        r = cli("ls", base, "--json", env=env)
+        assert_clean(r)
+        (e,) = strict_json(r.stdout)
+        assert e["name"] == "x\ud800y" and e["tags"] == ["t\udcff"] and e["dir"] == d.name
+
+
+def test_ls_non_finite_metrics_are_strings_in_json(tmp_path):
+    base = tmp_path / "results"
+    d = fake_experiment(base, "nf", 1)
+    (d / "metrics" / "run_0001.csv").write_text(
+        "step,a,b,c,d,note\n1,1.0,2.0,3.0,4.0,x\n2,nan,inf,-inf,1e999,y\n", encoding="utf-8")
+    r = ls(base)
+    assert_clean(r)
+    (row,) = table_dicts(r.stdout)
+    assert (row["a"], row["b"], row["c"], row["d"]) == ("nan", "inf", "-inf", "inf")
+    assert "note" not in row  # not a number: not a column
+
+    r = ls(base, "--json")
+    assert_clean(r)
+    assert "NaN" not in r.stdout and "Infinity" not in r.stdout
+    (e,) = strict_json(r.stdout)
+    assert e["last_metrics"] == {"step": 2, "a": "nan", "b": "inf", "c": "-inf", "d": "inf"}
+    assert exp.ExperimentDir(d).summary()["last_metrics"] == e["last_metrics"]
+
+    # Group and best skip what is not a finite number instead of failing.
+    r = ls(base, "--group")
+    assert_clean(r)
+    r = ls(base, "--best")
+    assert_clean(r)
+    (row,) = table_dicts(r.stdout)
+    assert row["a (best)"] == "1" and row["step (best)"] == "2"
+
+
+def test_ls_survives_odd_metrics_files(tmp_path):
+    base = tmp_path / "results"
+    fifo = fake_experiment(base, "fifo", 1)
+    os.mkfifo(fifo / "metrics" / "run_0001.csv")  # must not block ls
+    folder = fake_experiment(base, "folder", 2)
+    (folder / "metrics" / "run_0001.csv").mkdir()
+    huge = fake_experiment(base, "huge", 3)
+    # More digits than int() converts on Python >= 3.11; and one past a float's range.
+    (huge / "metrics" / "run_0001.csv").write_text(
+        "big,wide,ok\n" + "9" * 5000 + "," + "9" * 400 + ",1\n", encoding="utf-8")
+    torn = fake_experiment(base, "torn", 4)
+    (torn / "metrics" / "run_0001.csv").write_bytes(b'loss,note\n0.5,"fine"\n0.25,"cut off\n')
+    for args in ((), ("--best",), ("--group",), ("--columns", "big:best,wide:max,ok,loss:min"),
+                 ("--sort", "wide", "--desc")):
+        r = ls(base, *args, timeout=30)
+        assert_clean(r)
+    entries = {e["name"]: e for e in ls_json(base)}
+    assert entries["fifo"]["last_metrics"] == {} and entries["folder"]["last_metrics"] == {}
+    assert entries["huge"]["last_metrics"]["ok"] == 1
+    assert entries["huge"]["last_metrics"]["wide"] == int("9" * 400)
+    if hasattr(sys, "get_int_max_str_digits"):  # Python's limit on int(str) (3.11, and 3.9.14+/3.10.7+)
+        assert "big" not in entries["huge"]["last_metrics"]  # too long to be a number: kept as text
+    assert entries["torn"]["last_metrics"] == {"loss": 0.5}
+
+
+@posix_only
+def test_ls_status_unreadable_filters_them(tmp_path):
+    base = tmp_path / "results"
+    good = fake_experiment(base, "good", 1)
+    bad = set()
+    for i, case in enumerate(sorted(UNREADABLE_CASES)):
+        d = base / f"{case}_{STAMP.format(10 + i)}"
+        d.mkdir()
+        UNREADABLE_CASES[case](d / "metadata.json")
+        bad.add(d.name)
+    entries = ls_json(base, "--status", "unreadable")
+    assert {e["dir"] for e in entries} == bad
+    assert all(e["status"] == "unreadable" for e in entries)
+
+    r = ls(base, "--status", "unreadable")
+    assert_clean(r)
+    rows = table_dicts(r.stdout)
+    assert {row["dir"] for row in rows} == bad
+    assert good.name not in r.stdout
+
+    assert [e["dir"] for e in ls_json(base, "--status", "finished")] == [good.name]
+
+
+# ============================================================================
+# 2. ls features
+# ============================================================================
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Five hand-made experiments: two repeats of "a", an error, one without metrics, one a level down."""
+    base = tmp_path_factory.mktemp("listing") / "results"
+    fake_experiment(base, "a", 1, meta={"duration": 10.0}, rows=[
+        {"loss": 0.5, "acc": 0.7, "val_err": 0.3}, {"loss": 0.2, "acc": 0.9, "val_err": 0.1},
+        {"loss": 0.3, "acc": 0.8, "val_err": 0.2}])
+    fake_experiment(base, "a", 2, meta={"duration": 20.0}, rows=[
+        {"loss": 0.4, "acc": 0.6, "val_err": 0.4}, {"loss": 0.1, "acc": 0.95, "val_err": 0.15}])
+    fake_experiment(base, "b", 3, meta={"duration": 5.0, "status": "error", "exit_code": 1}, rows=[
+        {"loss": 0.9, "acc": 0.1, "val_err": 0.9}])
+    fake_experiment(base, "c", 4, meta={"duration": 1.0})
+    fake_experiment(base, "d", 5, meta={"duration": 100.0}, sub="project", rows=[
+        {"loss": 0.05, "acc": 0.99, "val_err": 0.01}])
+    return base
+
+
+A1, A2, B, C = (f"{n}_{STAMP.format(s)}" for n, s in (("a", 1), ("a", 2), ("b", 3), ("c", 4)))
+D = f"project/d_{STAMP.format(5)}"
+
+
+def _dirs(r) -> list[str]:
+    assert_clean(r)
+    return [row["dir"] for row in table_dicts(r.stdout)]
+
+
+def test_ls_dir_column_and_results_one_level_down(results):
+    r = ls(results)
+    assert_clean(r)
+    assert r.stderr == ""
+    rows = table_dicts(r.stdout)
+    assert list(rows[0]) == ["name", "status", "started", "duration", "runs", "loss", "acc", "val_err", "dir"]
+    # Newest first; the dir column is relative to DIR, so the nested one shows its folder.
+    assert [row["dir"] for row in rows] == [D, C, B, A2, A1]
+    d = rows[0]
+    assert (d["name"], d["status"], d["loss"], d["acc"], d["duration"]) == ("d", "finished", "0.05", "0.99", "1m40s")
+    assert rows[1]["loss"] == "-"  # no metrics: a dash
+    entries = ls_json(results)
+    assert {e["name"] for e in entries} == {"a", "b", "c", "d"}
+    nested = next(e for e in entries if e["name"] == "d")
+    assert nested["work_dir"] == str(results / D)
+    assert nested["dir"] == os.path.basename(D)
+
+    # Listing the nested folder itself works too, relative to it.
+    assert _dirs(ls(results / "project")) == [os.path.basename(D)]
+
+
+def test_ls_columns_with_modes(results):
+    r = ls(results, "--columns", "loss:min,acc:best,loss:max,acc:last,val_err")
+    assert_clean(r)
+    rows = {row["dir"]: row for row in table_dicts(r.stdout)}
+    assert list(rows[A1]) == ["name", "status", "started", "duration", "runs", "loss (min)", "acc (best)",
+                              "loss (max)", "acc", "val_err", "dir"]
+    a1 = rows[A1]
+    assert (a1["loss (min)"], a1["acc (best)"], a1["loss (max)"], a1["acc"], a1["val_err"]) == (
+        "0.2", "0.9", "0.5", "0.8", "0.2")
+    assert rows[C]["loss (min)"] == "-" and rows[C]["acc"] == "-"
+    # A metric nobody logged is a column of dashes, not an error.
+    r = ls(results, "--columns", "nope")
+    assert_clean(r)
+    assert {row["nope"] for row in table_dicts(r.stdout)} == {"-"}
+
+
+@pytest.mark.parametrize("spec", ["loss:median", "loss:", "acc:best,loss:avg", ","])
+def test_ls_bad_column_spec_is_a_clear_error(results, spec):
+    r = ls(results, "--columns", spec)
+    assert_clean(r, rc=2)
+    assert r.stdout == ""
+    assert r.stderr.startswith("exp: error: --columns")
+    if spec != ",":
+        assert "last, best, min, max" in r.stderr
+
+
+def test_ls_best_is_min_for_loss_and_err_and_max_otherwise(results):
+    r = ls(results, "--best")
+    assert_clean(r)
+    rows = {row["dir"]: row for row in table_dicts(r.stdout)}
+    assert "loss (best)" in rows[A1] and "acc (best)" in rows[A1] and "val_err (best)" in rows[A1]
+    assert (rows[A1]["loss (best)"], rows[A1]["acc (best)"], rows[A1]["val_err (best)"]) == ("0.2", "0.9", "0.1")
+    assert (rows[A2]["loss (best)"], rows[A2]["acc (best)"], rows[A2]["val_err (best)"]) == ("0.1", "0.95", "0.15")
+    # --best with --columns picks the best of the named ones; an explicit mode wins.
+    r = ls(results, "--best", "--columns", "loss,acc:min")
+    assert_clean(r)
+    a1 = {row["dir"]: row for row in table_dicts(r.stdout)}[A1]
+    assert (a1["loss (best)"], a1["acc (min)"]) == ("0.2", "0.7")
+
+
+def test_ls_sort_by_metric_missing_values_last(results):
+    assert _dirs(ls(results, "--sort", "loss")) == [D, A2, A1, B, C]
+    assert _dirs(ls(results, "--sort", "loss", "--desc")) == [B, A1, A2, D, C]
+    # A column in another mode sorts by what the column shows.
+    assert _dirs(ls(results, "--columns", "loss:min", "--sort", "loss")) == [D, A2, A1, B, C]
+    assert _dirs(ls(results, "--sort", "acc", "--desc")) == [D, A2, A1, B, C]
+    # A metric nobody logged: everything is missing, nothing fails.
+    assert sorted(_dirs(ls(results, "--sort", "nope"))) == sorted([A1, A2, B, C, D])
+    # --json follows the same order.
+    assert [e["dir"] for e in ls_json(results, "--sort", "loss", "--desc")] == [
+        os.path.basename(x) for x in (B, A1, A2, D, C)]
+
+
+def test_ls_sort_by_fields(results):
+    names = [row["name"] for row in table_dicts(ls(results, "--sort", "name").stdout)]
+    assert names == ["a", "a", "b", "c", "d"]
+    names = [row["name"] for row in table_dicts(ls(results, "--sort", "name", "--desc").stdout)]
+    assert names == ["d", "c", "b", "a", "a"]
+    assert _dirs(ls(results, "--sort", "started")) == [A1, A2, B, C, D]
+    assert _dirs(ls(results, "--sort", "started", "--desc")) == [D, C, B, A2, A1]
+    assert _dirs(ls(results, "--sort", "duration")) == [C, B, A1, A2, D]
+    assert _dirs(ls(results, "--sort", "duration", "--desc")) == [D, A2, A1, B, C]
+
+
+def test_ls_group_mean_and_std_over_repeats(results):
+    r = ls(results, "--group")
+    assert_clean(r)
+    rows = {row["name"]: row for row in table_dicts(r.stdout)}
+    header = list(rows["a"])
+    assert header == ["name", "n", "status", "loss (mean ± std)", "acc (mean ± std)", "val_err (mean ± std)"]
+    a = rows["a"]
+    assert a["n"] == "2" and a["status"] == "2 finished"
+    # Last values 0.3 and 0.1: mean 0.2, sample std 0.1414.
+    assert a["loss (mean ± std)"] == "0.2 ± 0.14"
+    assert a["acc (mean ± std)"] == "0.875 ± 0.11"
+    # One member: its value alone, no std.
+    assert rows["d"]["n"] == "1" and rows["d"]["loss (mean ± std)"] == "0.05"
+    assert rows["b"]["status"] == "1 error" and rows["b"]["loss (mean ± std)"] == "0.9"
+    assert rows["c"]["loss (mean ± std)"] == "-"
+
+    r = ls(results, "--group", "--best", "--sort", "loss")
+    assert_clean(r)
+    grouped = table_dicts(r.stdout)
+    assert [g["name"] for g in grouped] == ["d", "a", "b", "c"]
+    assert grouped[1]["loss (best) (mean ± std)"] == "0.15 ± 0.071"  # best 0.2 and 0.1
+
+    out = ls_json(results, "--group")
+    assert {g["name"]: g["n"] for g in out} == {"a": 2, "b": 1, "c": 1, "d": 1}
+    a = next(g for g in out if g["name"] == "a")
+    assert a["statuses"] == {"finished": 2}
+    assert a["metric_stats"]["loss"]["mean"] == pytest.approx(0.2) and a["metric_stats"]["loss"]["n"] == 2
+    assert a["metric_stats"]["loss"]["std"] == pytest.approx(0.1414, abs=1e-3)
+    d = next(g for g in out if g["name"] == "d")
+    assert d["metric_stats"]["loss"] == {"mean": pytest.approx(0.05), "std": None, "n": 1}
+
+
+def test_ls_more_than_six_metrics_notes_the_hidden_ones(tmp_path):
+    base = tmp_path / "results"
+    metrics = {f"m{i}": i for i in range(1, 9)}
+    fake_experiment(base, "wide", 1, rows=[metrics])
+    r = ls(base)
+    assert_clean(r)
+    (row,) = table_dicts(r.stdout)
+    assert [k for k in row if k.startswith("m")] == ["m1", "m2", "m3", "m4", "m5", "m6"]
+    assert "2 more metric(s) not shown (m7, m8)" in r.stderr
+    assert "--columns" in r.stderr
+    # Named columns, or --json: no note, nothing hidden.
+    r = ls(base, "--columns", "m8,m1")
+    assert_clean(r)
+    assert r.stderr == ""
+    assert [k for k in table_dicts(r.stdout)[0] if k.startswith("m")] == ["m8", "m1"]
+    r = ls(base, "--json")
+    assert_clean(r)
+    assert r.stderr == ""
+    assert strict_json(r.stdout)[0]["last_metrics"] == metrics
+    # Six exactly: no note.
+    fake_experiment(base / "six", "six", 2, rows=[{f"s{i}": i for i in range(6)}])
+    r = ls(base / "six")
+    assert_clean(r)
+    assert r.stderr == ""
+
+
+def test_ls_none_match_and_empty_messages(results, tmp_path):
+    r = ls(results, "--status", "killed")
+    assert_clean(r)
+    assert "match" in r.stdout and "--status killed" in r.stdout
+    assert "5 experiment(s)" in r.stdout
+    r = ls(results, "--name", "^zzz")
+    assert_clean(r)
+    assert "match" in r.stdout and "--name ^zzz" in r.stdout
+    assert _dirs(ls(results, "--status", "error")) == [B]
+    assert ls_json(results, "--status", "killed") == []
+
+    # --status error where nothing failed: "none match", not "no experiments".
+    fine = tmp_path / "fine"
+    fake_experiment(fine, "ok", 1)
+    r = ls(fine, "--status", "error")
+    assert_clean(r)
+    assert r.stdout.strip() == f"no experiments under {fine} match --status error (1 experiment(s) there)"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = ls(empty, "--status", "error")
+    assert_clean(r)
+    assert r.stdout.strip() == f"no experiments under {empty}"
+    assert ls_json(empty) == []
+
+    r = ls(tmp_path / "missing")
+    assert_clean(r, rc=2)
+    assert "is not a directory" in r.stderr
+
+
+# ============================================================================
+# 3. ls | head -1
+# ============================================================================
+
+
+def _many(base, n: int) -> None:
+    base.mkdir(parents=True)
+    for i in range(n):
+        d = base / f"e{i:05d}_{STAMP.format(0)}"
+        d.mkdir()
+        (d / "metadata.json").write_text(
+            f'{{"name": "e{i:05d}", "status": "finished", "started_at": "2025-01-01T00:00:00+00:00"}}',
+            encoding="ascii")
+
+
+@posix_only
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("head") is None, reason="needs bash and head")
+@pytest.mark.parametrize("extra", [[], ["--json"]], ids=["table", "json"])
+def test_ls_into_head_has_no_traceback(tmp_path, extra):
+    base = tmp_path / "results"
+    _many(base, 3000)  # far more than a pipe holds, so head closes it while ls still writes
+    line = shlex.join(map(str, [PY, EXP_PY, "ls", base, *extra]))
+    r = subprocess.run(["bash", "-c", f"{line} | head -1; exit ${{PIPESTATUS[0]}}"], env=child_env(),
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert r.stderr == ""
+    assert r.returncode == 0
+    assert r.stdout.count("\n") == 1
+    assert r.stdout.startswith("[" if extra else "name")
+
+
+# ============================================================================
+# 4. Names and paths that cannot become directories
+# ============================================================================
+
+BAD_NAMES = {
+    "newline": "run\nname",
+    "tab": "run\tname",
+    "escape": "run\x1b[31mred",
+    "bell": "run\x07",
+    "delete": "run\x7fname",
+    "c1_control": "run\x85name",
+    "bytes_240": "x" * 240,
+    "multibyte_240_bytes": "\u00e9" * 120,  # 120 characters, 240 bytes
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NAMES))
+def test_bad_name_is_a_config_error_before_anything_starts(tmp_path, case):
+    name = BAD_NAMES[case]
+    marker = tmp_path / "ran"
+    cfg = write_toml(tmp_path / "c.toml", f'[scheduler]\nbase_experiment_dir = "results"\n\n[[experiments]]\n'
+                                          f'name = {toml_str(name)}\ncommand = "touch {marker}"\n')
+    for args in (("run", cfg), ("run", cfg, "--dry-run")):
+        r = cli(*args, cwd=tmp_path)
+        assert_clean(r, rc=2)
+        assert r.stderr.startswith("exp: error:")
+        assert "experiments[0].name" in r.stderr
+        assert ("bytes long" if "240" in case else "control character") in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]  # no results/, no .exp_state, not run
+
+    with pytest.raises(exp.ConfigError):
+        exp.Experiment(name=name, command=f"touch {marker}", base_dir=tmp_path / "api")
+    assert not (tmp_path / "api").exists()
+    assert not marker.exists()
+
+
+def test_name_of_the_longest_allowed_length_works(tmp_path):
+    longest = "y" * (255 - len("_2025-01-01__00-00-00_99"))
+    e = exp.Experiment(name=longest, command="exit 0", base_dir=tmp_path / "api")
+    assert os.path.isdir(e.work_dir)
+    with pytest.raises(exp.ConfigError):
+        exp.Experiment(name=longest + "y", command="exit 0", base_dir=tmp_path / "api2")
+    assert not (tmp_path / "api2").exists()
+
+
+def test_base_dir_past_path_max_is_a_config_error(tmp_path):
+    deep = tmp_path.joinpath(*(["d" * 200] * 21))  # over 4096 bytes; no directory of it exists
+    assert len(os.fsencode(str(deep))) > 4096
+    cfg = write_toml(tmp_path / "c.toml", f"[scheduler]\nbase_experiment_dir = {toml_str(str(deep))}\n\n"
+                                          '[[experiments]]\nname = "ok"\ncommand = "exit 0"\n')
+    for args in (("run", cfg), ("run", cfg, "--dry-run")):
+        r = cli(*args, cwd=tmp_path)
+        assert_clean(r, rc=2)
+        assert "longer than" in r.stderr and "experiments[0].name" in r.stderr
+    # Per experiment base_dir too.
+    cfg2 = write_toml(tmp_path / "c2.toml", '[scheduler]\nbase_experiment_dir = "results"\n\n[[experiments]]\n'
+                                            f'name = "ok"\ncommand = "exit 0"\nbase_dir = {toml_str(str(deep))}\n')
+    r = cli("run", cfg2, cwd=tmp_path)
+    assert_clean(r, rc=2)
+    assert "longer than" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "c2.toml"]
+
+    with pytest.raises(exp.ConfigError, match="longer than"):
+        exp.Experiment(name="ok", command="exit 0", base_dir=deep)
+    # Short enough for the base directory, too long once the experiment's own paths are added.
+    target = 4096 - 60
+    length, parts = len(os.fsencode(str(tmp_path))), []
+    while length + 201 <= target - 2:
+        parts.append("e" * 200)
+        length += 201
+    parts.append("e" * (target - length - 1))
+    almost = tmp_path.joinpath(*parts)
+    assert len(os.fsencode(str(almost))) == target
+    with pytest.raises(exp.ConfigError, match="longer than"):
+        exp.Experiment(name="n" * 50, command="exit 0", base_dir=almost)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "c2.toml"]
+
+
+# ============================================================================
+# 5. max_retries without auto_restart_on_error
+# ============================================================================
+
+WARNING_RE = re.compile(r"^exp: warning: .*max_retries.*auto_restart_on_error", re.M)
+
+
+@posix_only
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry_run"])
+def test_max_retries_without_auto_restart_warns(tmp_path, dry_run):
+    cfg = write_toml(tmp_path / "c.toml", '[scheduler]\nbase_experiment_dir = "results"\n\n'
+                                          '[[experiments]]\nname = "w"\ncommand = "exit 0"\nmax_retries = 2\n')
+    r = cli("run", cfg, *(["--dry-run"] if dry_run else []), cwd=tmp_path)
+    assert_clean(r)
+    assert WARNING_RE.search(r.stderr), r.stderr
+    assert "experiments[0] (w)" in r.stderr
+    assert (tmp_path / "results").exists() is not dry_run
+
+    cfg = write_toml(tmp_path / "ok.toml", '[scheduler]\nbase_experiment_dir = "results2"\n'
+                                           "auto_restart_on_error = true\n\n"
+                                           '[[experiments]]\nname = "w"\ncommand = "exit 0"\nmax_retries = 2\n')
+    r = cli("run", cfg, *(["--dry-run"] if dry_run else []), cwd=tmp_path)
+    assert_clean(r)
+    assert "warning" not in r.stderr
+    assert exp.parse_config(cfg.read_text(), root=str(tmp_path)).warnings == []
+
+
+# ============================================================================
+# 6. Exit code 127 is not retried
+# ============================================================================
+
+
+@posix_only
+def test_command_not_found_is_not_retried_but_other_failures_are(tmp_path):
+    cfg = write_toml(tmp_path / "c.toml", '[scheduler]\nbase_experiment_dir = "results"\n'
+                                          "auto_restart_on_error = true\n\n"
+                                          '[[experiments]]\nname = "notfound"\ncommand = "no-such-command-xyz"\n'
+                                          "max_retries = 3\n\n"
+                                          '[[experiments]]\nname = "three"\ncommand = "exit 3"\nmax_retries = 2\n')
+    r = cli("run", cfg, cwd=tmp_path)
+    assert_clean(r, rc=1)
+    assert re.search(r"not retrying notfound: exit code 127 means the command was not found", r.stdout), r.stdout
+    assert "retrying notfound" not in r.stdout.replace("not retrying notfound", "")
+    assert r.stdout.count("started  notfound") == 1
+    assert r.stdout.count("started  three") == 3
+    entries = {e["name"]: e for e in ls_json(tmp_path / "results")}
+    assert entries["notfound"]["runs"] == 1 and entries["notfound"]["exit_code"] == 127
+    assert entries["three"]["runs"] == 3 and entries["three"]["exit_code"] == 3
+    assert entries["notfound"]["status"] == entries["three"]["status"] == "error"
+
+
+# ============================================================================
+# 7. EXPERIMENT_REPEAT
+# ============================================================================
+
+WRITE_REPEAT = 'printf %s "$EXPERIMENT_REPEAT" > "$EXPERIMENT_WORK_DIR/repeat.txt"'
+
+
+@posix_only
+def test_experiment_repeat_is_the_one_based_repeat_index(tmp_path):
+    cfg = write_toml(tmp_path / "c.toml", '[scheduler]\nbase_experiment_dir = "results"\n'
+                                          "max_concurrent_experiments = 3\n\n"
+                                          f'[[experiments]]\nname = "rep"\ncommand = {toml_str(WRITE_REPEAT)}\n'
+                                          "repeats = 3\n")
+    r = cli("run", cfg, cwd=tmp_path)
+    assert_clean(r)
+    dirs = [d for d in (tmp_path / "results").iterdir() if d.name.startswith("rep_")]
+    assert len(dirs) == 3
+    assert sorted((d / "repeat.txt").read_text() for d in dirs) == ["1", "2", "3"]
+
+
+@posix_only
+def test_experiment_repeat_is_1_outside_a_batch(make_exp):
+    e = make_exp("single", WRITE_REPEAT)
+    assert e.run() == 0
+    assert Path(e.work_dir, "repeat.txt").read_text() == "1"
+
+
+# ============================================================================
+# 8. String metrics stay as written
+# ============================================================================
+
+
+@posix_only
+def test_string_metrics_that_look_like_numbers_round_trip(make_exp, tmp_path, base_dir):
+    script = write_script(tmp_path, "train.py", """
+        import exp
+        e = exp.load_experiment()
+        e.upd_row(code="007", plus="+5", n=7, x=1.5, under="1_000", neg=-2, sci=2.5e-05)
+        e.save_row()
+    """)
+    e = make_exp("strings", py_cmd(script))
+    assert e.run() == 0
+    (row,) = e.metrics()
+    assert row == {"code": "007", "plus": "+5", "n": 7, "x": 1.5, "under": "1_000", "neg": -2, "sci": 2.5e-05}
+    assert type(row["n"]) is int and type(row["x"]) is float and type(row["code"]) is str
+    assert exp.read_metrics(e.metrics_file()) == [row]
+
+    (entry,) = ls_json(base_dir)
+    assert entry["last_metrics"] == {"n": 7, "x": 1.5, "neg": -2, "sci": 2.5e-05}  # numbers only
+    r = ls(base_dir)
+    assert_clean(r)
+    (trow,) = table_dicts(r.stdout)
+    assert "code" not in trow and trow["n"] == "7" and trow["x"] == "1.5"
+
+
+# ============================================================================
+# 9. Failure reports echo clean lines; the [exp] line starts its own line
+# ============================================================================
+
+NOISY = """
+    import sys
+    out = sys.stdout
+    out.write("\\x1b[31mred error\\x1b[0m\\n")
+    out.write("\\x1b]0;evil title\\x07after title\\n")
+    out.write("bell\\x07here\\n")
+    out.write("\\x1b[2J\\x1b[Hcleared\\r\\n")
+    out.write("y" * 5000 + "\\n")
+    out.write("last line without newline")
+    out.flush()
+    sys.exit(4)
+"""
+
+
+@posix_only
+def test_failure_report_lines_are_clean_and_the_end_line_starts_its_own_line(tmp_path):
+    script = write_script(tmp_path, "noisy.py", NOISY)
+    cfg = write_toml(tmp_path / "c.toml", '[scheduler]\nbase_experiment_dir = "results"\n\n'
+                                          f'[[experiments]]\nname = "noisy"\ncommand = {toml_str(py_cmd(script))}\n')
+    r = subprocess.run([PY, EXP_PY, "run", str(cfg)], cwd=str(tmp_path), env=child_env(),
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=CLI_TIMEOUT)
+    out = r.stdout.decode("utf-8")
+    assert r.returncode == 1, out
+    assert b"Traceback" not in r.stderr
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 220
+    echoed = [ln.strip() for ln in lines]
+    for text in ("red error", "after title", "bellhere", "cleared", "last line without newline"):
+        assert text in echoed, (text, lines)
+    long_line = next(ln for ln in echoed if ln.startswith("yyyy"))
+    assert long_line.endswith("\u2026") and len(long_line) < 5000
+    assert "evil title" not in out
+    assert "failed   noisy (exit code 4)" in out
+
+    (work_dir,) = (tmp_path / "results").glob("noisy_*")
+    log = (work_dir / "terminal_logs" / "run_0001.log").read_text(encoding="utf-8")
+    assert "last line without newline\n[exp] " in log
+    end_lines = [ln for ln in log.splitlines() if " ended: " in ln]
+    assert len(end_lines) == 1 and end_lines[0].startswith("[exp] ")
+    assert "exit code 4 (error)" in end_lines[0]
+    # The log itself keeps what the command wrote.
+    assert "\x1b[31mred error" in log
+
+
+# ============================================================================
+# 10. Ten thousand experiments
+# ============================================================================
+
+
+def test_ls_json_lists_ten_thousand_experiments(tmp_path):
+    base = tmp_path / "results"
+    _many(base, 10_000)
+    entries = ls_json(base, timeout=120)
+    assert len(entries) == 10_000
+    assert {e["name"] for e in entries} == {f"e{i:05d}" for i in range(10_000)}
+    assert all(e["status"] == "finished" for e in entries)
