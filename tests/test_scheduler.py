@@ -1112,10 +1112,10 @@ def test_metadata_writes_per_batch_run(tmp_path, monkeypatch, delay, command, wr
     writes_by_dir = collections.Counter()
     real_write = exp.write_json_atomic
 
-    def counting_write(path, obj):
+    def counting_write(path, obj, **kwargs):
         if os.path.basename(path) == "metadata.json":
             writes_by_dir[os.path.dirname(path)] += 1
-        return real_write(path, obj)
+        return real_write(path, obj, **kwargs)
 
     monkeypatch.setattr(exp, "write_json_atomic", counting_write)
     cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 2},
