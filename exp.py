@@ -84,7 +84,7 @@ __all__ = [
     # the user API
     "Experiment", "RunHandle", "load_experiment", "terminate_runs", "MetricsWriter", "read_metrics",
     # batches
-    "BatchConfig", "SchedulerSettings", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
+    "BatchConfig", "SchedulerSettings", "parse_duration", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
     "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
     "Scheduler", "Job", "expand_jobs", "plan_next", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
@@ -1804,6 +1804,7 @@ class ExperimentDir:
         last = self.last_metrics(rid) if rid else {}
         runs, tags = m.get("runs"), m.get("tags")
         gpus = m.get("gpu_ids")
+        params = m.get("params")
         code = m.get("exit_code")
         pid = m.get("pid")
         return {
@@ -1824,6 +1825,9 @@ class ExperimentDir:
             "pid": pid if _is_int(pid) else None,
             "gpu_ids": [g for g in gpus if _is_int(g)] if isinstance(gpus, list) else None,
             "hostname": text("hostname"),
+            "params": json_safe({str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
+            if isinstance(params, dict) else {},
+            "reason": text("reason"),
             "last_metrics": {k: json_safe(v) for k, v in last.items() if _is_num(v)},
         }
 
@@ -2172,6 +2176,7 @@ class Experiment:
         *,
         backend: LocalBackend | None = None,
         write_metadata: bool = True,
+        params: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = _validate_name(name)
         self.command = _validate_command(command)
@@ -2184,6 +2189,9 @@ class Experiment:
             if not os.path.isdir(cwd):
                 raise ConfigError(f"cwd {cwd!r} is not an existing directory; pass the directory to run the command in")
         self.env = _validate_env(env)
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigError(f"params must be a dict of names to values, got {type(params).__name__}")
+        self.params: dict[str, Any] = dict(params or {})
         self.lark_config = lark_config
         self.backend = backend or LocalBackend()
         if base_dir is None:
@@ -2206,6 +2214,8 @@ class Experiment:
             # The earlier project ran in the experiment directory when cwd was unset.
             self.cwd = cwd if cwd is not None else (meta.get("cwd") or work_dir)
             self.description = description if description is not None else meta.get("description")
+            if params is None and isinstance(meta.get("params"), dict):
+                self.params = dict(meta["params"])
             if env is None:  # keep the variables it ran with, except redacted secrets
                 self.env = _stored_env(meta)
             self.current_run_id = meta.get("current_run_id")
@@ -2264,6 +2274,7 @@ class Experiment:
         self.timestamp = meta.get("timestamp_dir") or d.timestamp(self.name)
         self.created_at = meta.get("created_at") or iso_from_old_timestamp(meta.get("timestamp"))
         self.env = _stored_env(meta)
+        self.params = dict(meta["params"]) if isinstance(meta.get("params"), dict) else {}
         self.lark_config = None
         self.backend = LocalBackend()
         self._pending = {}
@@ -2298,6 +2309,7 @@ class Experiment:
             "gpu_ids": self.gpu_ids,
             "cwd": self.cwd,
             "environment": redact_env(self.env),
+            "params": self.params,
         }
 
     def _initial_metadata(self) -> dict[str, Any]:
@@ -2924,6 +2936,13 @@ SCHEDULER_FIELDS: tuple[Field, ...] = (
     Field("kill_timeout", "seconds>=0", DEFAULT_KILL_GRACE, "seconds between SIGTERM and SIGKILL on shutdown"),
     Field("lark_url", "text", None, "a Lark/Feishu Bitable URL, stored for Lark sync"),
     Field("lark_config", "lark", None, "Lark/Feishu settings (a table or a URL), stored for Lark sync"),
+    Field("gpus", "gpu_ids", None,
+          "the GPU pool, e.g. `[0, 1, 2, 3]`; default: detected with `nvidia-smi` (within a set "
+          "`CUDA_VISIBLE_DEVICES`), none without it"),
+    Field("jobs_per_gpu", "int>=1", 1, "how many experiments may share one GPU"),
+    Field("gpu_free_memory_mb", "mb", None,
+          "a GPU where processes outside exp leave less than this many MB free counts as busy "
+          "(checked before each launch)"),
 )
 #: ``[[experiments]]`` keys (``name`` and ``command`` are required).
 EXPERIMENT_FIELDS: tuple[Field, ...] = (
@@ -2944,6 +2963,14 @@ EXPERIMENT_FIELDS: tuple[Field, ...] = (
     Field("delay_seconds", "seconds>=0", 0.0, "wait this long before each attempt, without holding a slot"),
     Field("lark_url", "text", None, "overrides `[scheduler] lark_url`"),
     Field("lark_config", "lark", None, "overrides `[scheduler] lark_config`"),
+    Field("gpus", "int>=0", 0, "how many GPUs (any free ones of the pool); `gpu_ids` asks for exact ones"),
+    Field("timeout", "duration", None,
+          '`"2h"`, `"90m"`, `"30s"` or seconds: SIGTERM then SIGKILL after `kill_timeout`; ends `error` (timeout)'),
+    Field("depends_on", "names", [],
+          "names of experiments that must all finish successfully first (all repeats and sweep points)"),
+    Field("sweep", "sweep", {},
+          "`{ lr = [0.1, 0.01], bs = [32, 64] }`: one experiment per combination; `{lr}` in name, command, "
+          "description, tags and environment values takes the value (`{{` is a brace)"),
 )
 #: Old names of the default tables, kept for code that reads them.
 SCHEDULER_DEFAULTS: dict[str, Any] = {f.name: f.default for f in SCHEDULER_FIELDS}
@@ -3031,6 +3058,55 @@ def _check_required_text(check: Callable[[Any], str]) -> Callable[[Any], str]:
     return run
 
 
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+
+
+def parse_duration(value: Any) -> float:
+    """``"2h"``, ``"90m"``, ``"30s"``, ``"1h30m"`` or a number of seconds, as seconds (> 0)."""
+    if _is_num(value) and value > 0 and value != float("inf"):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        parts = _DURATION_RE.findall(text)
+        if parts and _DURATION_RE.sub("", text).strip() == "":
+            seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
+            if seconds > 0:
+                return seconds
+        elif re.fullmatch(r"\d+(?:\.\d*)?", text) and float(text) > 0:
+            return float(text)
+    raise ConfigError(f'expected a duration such as "2h", "90m", "30s" or a number of seconds > 0, got {value!r}')
+
+
+def _check_mb(v: Any) -> float:
+    _expect(_is_num(v) and v >= 0 and v == v and v != float("inf"), "a number of megabytes >= 0", v)
+    return float(v)
+
+
+def _check_names(v: Any) -> list[str]:
+    _expect(isinstance(v, list) and all(isinstance(t, str) and t.strip() for t in v),
+            'a list of experiment names such as ["prep"]', v)
+    return list(v)
+
+
+def _check_sweep(v: Any) -> dict[str, list[Any]]:
+    _expect(isinstance(v, dict), "a table of lists such as { lr = [0.1, 0.01] }", v)
+    out: dict[str, list[Any]] = {}
+    problems: list[tuple[str | None, str]] = []
+    for k, vals in v.items():
+        vals = vals if isinstance(vals, list) else [vals]
+        if not vals:
+            problems.append((k, "expected at least one value, got []"))
+        elif not all(isinstance(x, (str, int, float, bool)) for x in vals):
+            problems.append((k, f"expected strings, numbers or booleans, got {vals!r}"))
+        elif not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            problems.append((None, f"{k!r} is not a usable placeholder name (letters, digits, _)"))
+        else:
+            out[k] = vals
+    if problems:
+        raise _Problems(problems)
+    return out
+
+
 #: What each Field.kind takes; each raises ConfigError("expected ..., got ...").
 _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "name": _check_required_text(_validate_name),
@@ -3047,6 +3123,10 @@ _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "gpu_ids": lambda v: _check_gpu_ids(v),
     "env": _check_env,
     "lark": _check_lark,
+    "duration": parse_duration,
+    "mb": _check_mb,
+    "names": _check_names,
+    "sweep": _check_sweep,
 }
 
 
@@ -3062,6 +3142,9 @@ class SchedulerSettings:
     kill_timeout: float
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
+    gpus: list[int] | None
+    jobs_per_gpu: int
+    gpu_free_memory_mb: float | None
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         for f in SCHEDULER_FIELDS:
@@ -3074,8 +3157,11 @@ class SchedulerSettings:
 class ExperimentSpec:
     """One ``[[experiments]]`` table after validation, paths made absolute."""
 
-    __slots__ = tuple(f.name for f in EXPERIMENT_FIELDS) + ("index",)
+    __slots__ = tuple(f.name for f in EXPERIMENT_FIELDS) + ("index", "params", "template_name")
     index: int
+    #: The sweep point's values (``{}`` without a sweep) and the name before ``{}`` were filled.
+    params: dict[str, Any]
+    template_name: str
     name: str
     command: str
     priority: int
@@ -3091,9 +3177,16 @@ class ExperimentSpec:
     delay_seconds: float
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
+    gpus: int
+    timeout: float | None
+    depends_on: list[str]
+    sweep: dict[str, list[Any]]
 
-    def __init__(self, index: int, values: Mapping[str, Any]) -> None:
+    def __init__(self, index: int, values: Mapping[str, Any], params: Mapping[str, Any] | None = None,
+                 template_name: str | None = None) -> None:
         self.index = index
+        self.params = dict(params or {})
+        self.template_name = template_name or values.get("name") or ""
         for f in EXPERIMENT_FIELDS:
             default = f.default
             setattr(self, f.name, values.get(f.name, list(default) if isinstance(default, list) else
