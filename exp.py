@@ -1714,10 +1714,18 @@ class ExperimentDir:
         self.update_metadata(update, sync=False)  # passing state, like the start
 
     def record_end(self, run_id: str, *, exit_code: int | None, status: str, duration: float,
-                   pid: int | None = None, error: str | None = None,
-                   initial: Callable[[], dict[str, Any]] | None = None) -> None:
-        """A run ended: its ``[exp] ended`` log line, then status, exit code and times in metadata."""
+                   pid: int | None = None, error: str | None = None, reason: str | None = None,
+                   signalled: bool = False, initial: Callable[[], dict[str, Any]] | None = None) -> str | None:
+        """A run ended: its ``[exp] ended`` log line, then status, exit code, times and reason in metadata.
+
+        ``reason`` says why when exp ended it ("timeout", "terminated by user");
+        otherwise it is worked out from the exit code.  ``signalled``: exp sent
+        the group signals (so a SIGKILL was exp's, not the OOM killer's).
+        Returns the reason recorded.
+        """
         ended = now_iso()
+        if reason is None:
+            reason = error or f"exit code {exit_code}"
         if status == KILLED:
             what = f"killed (exit code {exit_code})"
         elif exit_code is not None and exit_code < 0:
@@ -1732,7 +1740,8 @@ class ExperimentDir:
             pass  # the metadata below matters more than the log line
 
         def update(m: dict[str, Any]) -> None:
-            m.update(status=status, exit_code=exit_code, pid=None, ended_at=ended, duration=duration)
+            m.update(status=status, exit_code=exit_code, pid=None, ended_at=ended, duration=duration,
+                     reason=reason if status != FINISHED else None)
             if error:
                 m["error"] = error
             runs = m.get("runs")
@@ -1745,7 +1754,8 @@ class ExperimentDir:
                 m.setdefault("current_run_id", run_id)
                 if m.get("current_run_id") is None:
                     m["current_run_id"] = run_id
-            entry.update(ended_at=ended, exit_code=exit_code, status=status, duration=duration)
+            entry.update(ended_at=ended, exit_code=exit_code, status=status, duration=duration,
+                         reason=reason if status != FINISHED else None)
             if entry.get("pid") is None and pid is not None:
                 entry["pid"] = pid
 
@@ -1753,6 +1763,7 @@ class ExperimentDir:
             self.update_metadata(update, initial)
         finally:
             self.close()
+        return reason if status != FINISHED else None
 
     # ------------------------------------------------------------------ runs' files
 
@@ -2572,13 +2583,16 @@ class Experiment:
         except MetadataError as e:  # kept aside and rewritten: say so, and go on
             self._warn(str(e))
 
-    def _record_end(self, rid: str, t0: float, code: int | None, status: str, pid: int | None = None) -> None:
+    def _record_end(self, rid: str, t0: float, code: int | None, status: str, pid: int | None = None,
+                    reason: str | None = None, signalled: bool = False) -> str | None:
+        """Record a run's end; return its reason (see :meth:`ExperimentDir.record_end`)."""
         self.status = status
         try:
-            self.dir.record_end(rid, exit_code=code, status=status, duration=round(time.time() - t0, 3), pid=pid,
-                                initial=self._initial_metadata)
+            return self.dir.record_end(rid, exit_code=code, status=status, duration=round(time.time() - t0, 3),
+                                       pid=pid, reason=reason, signalled=signalled, initial=self._initial_metadata)
         except MetadataError as e:
             self._warn(str(e))
+            return reason
 
     def _record_unstartable(self, rid: str | None, e: BaseException) -> None:
         """A start failed: the metadata says so (status error), even if it was never written."""
@@ -2671,6 +2685,11 @@ class RunHandle:
         self.record_error: BaseException | None = None
         self._t0 = t0
         self._stop_requested = False
+        self._stop_reason: str | None = None
+        self._stop_status = KILLED
+        self._signalled = False  # exp sent (or will send) signals to the group
+        #: Why the run ended, once it has: "exit code 3", "timeout", "signal SIGKILL", ...
+        self.reason: str | None = None
         self._pid_recorded = False
         self._reaper = threading.Lock()
         self._done = threading.Event()
@@ -2739,11 +2758,16 @@ class RunHandle:
         self._finish(code)
 
     def _finish(self, code: int | None) -> None:
-        status = KILLED if self._stop_requested else (FINISHED if code == 0 else ERROR)
+        if self._stop_requested:
+            status, reason = self._stop_status, self._stop_reason
+        else:
+            status, reason = (FINISHED if code == 0 else ERROR), None
         try:
-            self.experiment._record_end(self.run_id, self._t0, code, status, self.pid)
+            self.reason = self.experiment._record_end(self.run_id, self._t0, code, status, self.pid, reason,
+                                                      signalled=self._signalled)
         except Exception as e:  # noqa: BLE001 - a full disk: the run still ended
             self.record_error = e
+            self.reason = reason
         finally:
             self.returncode, self.status = code, status
             self._done.set()
@@ -2756,9 +2780,15 @@ class RunHandle:
             print(f"exp: warning: the end of {self.run_id} of {self.experiment.name!r} could not be "
                   f"recorded in {self.experiment.work_dir}: {e}", file=sys.stderr)
 
-    def request_stop(self) -> None:
-        """Mark the run as stopped by exp: however it ends now, it is recorded ``killed``."""
-        self._stop_requested = True
+    def request_stop(self, reason: str = "terminated by user", status: str = KILLED) -> None:
+        """Mark the run as stopped by exp: however it ends now, it is recorded with ``status`` and ``reason``.
+
+        A timeout, say, is ``request_stop("timeout", ERROR)``; the first request wins.
+        """
+        if not self._stop_requested:
+            self._stop_requested = True
+            self._stop_reason, self._stop_status = reason, status
+        self._signalled = True
 
     def terminate(self, grace: float = DEFAULT_KILL_GRACE) -> int:
         """Stop the command and everything it started; return its exit code.
