@@ -86,10 +86,13 @@ __all__ = [
     # batches
     "BatchConfig", "SchedulerSettings", "parse_duration", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
     "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
-    "Scheduler", "Job", "expand_jobs", "plan_next", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
+    "sweep_points", "format_params", "param_text", "SWEEP_MAX_POINTS",
+    "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
+    "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
     "ExperimentDir", "StateFile", "scan", "upgrade_metadata", "normalize_fields", "iso_from_old_timestamp",
     "check_experiment_path", "find_resume_dir", "Launch", "LocalBackend", "LocalRun", "EXIT_UNKNOWN",
+    "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
     # files and platform
     "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
@@ -1427,6 +1430,207 @@ def check_experiment_path(base_dir: str, name: str) -> None:
             f"the {_PATH_MAX}-byte limit; use a shorter base_dir or name"
         )
 
+# Why a run ended
+#
+# A reason from the exit status ("exit code N", "signal SIGKILL", and for a
+# SIGKILL that exp did not send, whether the kernel's log shows the OOM killer
+# behind it), and a one-line cause read from the end of the log.  Pure but for
+# the kernel log, which is read only for such a SIGKILL.
+
+#: How much of the end of a run's log :func:`failure_cause` reads.
+CAUSE_TAIL_BYTES = 64 << 10
+#: How much older than the run's start (by the clock on the kernel log) an OOM
+#: kill of its pid may look: the kernel's clock is not NTP-slewed, so it
+#: drifts from time.monotonic() by up to a few minutes over weeks of uptime.
+_OOM_CLOCK_SLACK = 600.0
+
+# Patterns (strings: re caches them when first used; importing exp compiles none).
+_CUDA_OOM_PAT = r"CUDA out of memory|CUDA error: out of memory|(?<![\w.])(?:torch\.)?(?:cuda\.)?OutOfMemoryError\b"
+# The "NCCL error in: ..." line of the exception first; else NCCL's own error names, or the watchdog's timeout.
+_NCCL_PATS = (r"NCCL error\b.*", r"\bnccl(?:Unhandled\w*|Internal|System|Invalid\w*|Remote)Error\b.*"
+              r"|Watchdog caught collective operation timeout\b.*")
+_NAN_LOSS_PAT = (
+    # "loss is nan", "Loss: NaN", "val_loss=inf", "loss: tensor(nan, ...)", "Loss became NaN"
+    r"(?<![a-z])loss(?:es)?(?![a-z])[ \t]*(?:is|was|=|:|became|becomes|went to|of)?[ \t]*(?:tensor\()?"
+    r"[-+]?(?:nan|inf(?:inity)?)(?![a-z])"
+    # "nan loss", "non-finite loss", "NaN training loss" (not "grad_norm: inf  loss: 0.7")
+    r"|(?<![a-z])(?:nan|inf|non-?finite|infinite)[ \t]+(?:\w+[ \t]+)?loss(?![ \t]*[:=])"
+    # "loss is not finite"
+    r"|(?<![a-z])loss\w*[ \t]+(?:is|was|became)[ \t]+(?:not finite|non-?finite|infinite)"
+)
+# What a shell prints when its child got SIGKILL: dash "Killed", bash
+# "bash: line 1:  1234 Killed    python train.py", zsh "zsh: killed  python ...".
+_KILLED_PAT = r"Killed|\S+: (?:line \d+: )?\s*\d+ Killed(?:\s.*)?|zsh: killed(?:\s.*)?"
+_TRACEBACK_PAT = r"Traceback \(most recent call last\):"
+# The final line of a traceback: "ValueError: bad lr", "pkg.mod.Error: ...", "KeyboardInterrupt".
+_EXCEPTION_PAT = r"[A-Za-z_][\w.]*(?::(?:\s.*)?|(?<=Error)|(?<=Exception)|(?<=Interrupt)|(?<=Exit)|(?<=Iteration)|(?<=Group))"
+_OOM_KILL_PAT = r"\bKilled process (\d+)\b|\boom-kill:.*\bpid=(\d+)\b"
+
+
+def signal_name(n: int) -> str:
+    """``9`` -> ``"SIGKILL"``; a number the platform does not name stays a number (``"40"``)."""
+    import signal
+
+    try:
+        return signal.Signals(n).name
+    except ValueError:
+        return str(n)
+
+
+def _log_segments(text: str) -> list[str]:
+    """The lines of a log as a terminal shows them: escapes removed, ``\\r`` rewrites split, exp's lines left out."""
+    text = _ESCAPE_RE.sub("", text)
+    return [seg for line in text.split("\n") for seg in line.split("\r")
+            if seg.strip() and not seg.startswith(LOG_MARK)]
+
+
+def failure_cause(text: str) -> str | None:
+    """A one-line cause of a failure recognised in (the end of) a log, or None.
+
+    First match by priority: ``"CUDA out of memory"``, the ``NCCL error ...``
+    line, ``"NaN/inf loss"``, ``"Killed"`` (a shell's report of a SIGKILL),
+    then a Python exception: the final line of the last ``Traceback`` block
+    (``"ValueError: bad lr"``).  Reads the last :data:`CAUSE_TAIL_BYTES`
+    characters; exp's own ``[exp]`` lines, escape sequences and progress
+    bars' ``\\r`` rewrites are ignored; the result is cut to
+    :data:`REPORT_LINE_WIDTH`.
+    """
+    segs = _log_segments(text[-CAUSE_TAIL_BYTES:])
+    if any(re.search(_CUDA_OOM_PAT, s) for s in segs):
+        return "CUDA out of memory"
+    for pat in _NCCL_PATS:
+        for s in reversed(segs):
+            m = re.search(pat, s)
+            if m:
+                found = m.group(0).strip()
+                return clean_line(found if found.startswith("NCCL error") else "NCCL error: " + found)
+    if any(re.search(_NAN_LOSS_PAT, s, re.I) for s in segs):
+        return "NaN/inf loss"
+    if any(re.fullmatch(_KILLED_PAT, s.strip()) for s in segs):
+        return "Killed"
+    start = next((i for i in range(len(segs) - 1, -1, -1) if re.search(_TRACEBACK_PAT, segs[i])), None)
+    if start is not None:
+        for s in segs[start + 1:]:
+            if not s[0].isspace() and re.fullmatch(_EXCEPTION_PAT, s.rstrip()):
+                return clean_line(s.strip())
+    return None
+
+
+def _same_pid_namespace() -> bool:
+    """Whether our pids are the kernel's (the kernel log names pids of the root namespace)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) == 2
+    except OSError:
+        pass
+    return True  # a kernel before 4.1 has no NSpid: no namespaces to tell apart
+
+
+def _kernel_log() -> list[tuple[float | None, str]] | None:
+    """The kernel's log as (seconds since boot or None, message); None when it cannot be read.
+
+    /dev/kmsg, read without blocking (one record per read); else ``dmesg``
+    with a short timeout.  Containers often refuse both.
+    """
+    import errno
+
+    out: list[tuple[float | None, str]] = []
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        readable = True
+        try:
+            for _ in range(1_000_000):  # a log written to as fast as it is read still ends
+                try:
+                    rec = os.read(fd, 16384)
+                except OSError as e:
+                    if e.errno == errno.EPIPE:  # overwritten while being read: on with the next one
+                        continue
+                    readable = e.errno == errno.EAGAIN  # the end; anything else (EPERM): not readable
+                    break
+                if not rec:
+                    break
+                head, _, msg = rec.partition(b";")
+                fields = head.split(b",")
+                ts = int(fields[2]) / 1e6 if len(fields) > 2 and fields[2].isdigit() else None
+                out.append((ts, msg.decode("utf-8", "replace")))
+        finally:
+            os.close(fd)
+        if readable:
+            return out
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dmesg")
+    if exe is None:
+        return None
+    try:
+        proc = subprocess.run([exe], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    out = []
+    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+        m = re.match(r"(?:<\d+>)?\[\s*(\d+(?:\.\d+)?)\]\s?", line)
+        out.append((float(m.group(1)), line[m.end():]) if m else (None, line))
+    return out
+
+
+def oom_killed(pids: Iterable[int], since: float | None = None) -> bool | None:
+    """Whether the kernel log says the OOM killer killed one of ``pids``; None when that cannot be known.
+
+    ``since``: a ``time.monotonic()`` before which the kill cannot have
+    happened (the run's start), so a pid used again is not mistaken.
+    Linux only; None as well where our pids are not the kernel's (a
+    container's pid namespace).
+    """
+    wanted = set(pids)
+    if not wanted or not sys.platform.startswith("linux") or not _same_pid_namespace():
+        return None
+    log = _kernel_log()
+    if log is None:
+        return None
+    for ts, msg in log:
+        if since is not None and ts is not None and ts < since - _OOM_CLOCK_SLACK:
+            continue
+        m = re.search(_OOM_KILL_PAT, msg)
+        if m and int(m.group(1) or m.group(2)) in wanted:
+            return True
+    return False
+
+
+def end_reason(exit_code: int | None, signalled: bool = False, pid: int | None = None,
+               since: float | None = None) -> str:
+    """Why a command ended, from its exit status: ``"exit code N"`` or ``"signal SIGXXX"``.
+
+    A negative ``exit_code`` is ``-signal`` (as Popen reports it).  A SIGKILL
+    that exp did not send (``signalled`` false) is looked up in the kernel log
+    (see :func:`oom_killed`, for ``pid`` and the members of its group that were
+    seen): ``"signal SIGKILL (killed by the OOM killer)"`` when found, ``"...
+    (killed by the OOM killer?)"`` when the log cannot be read.  A shell
+    reports its child's SIGKILL as exit code 137: ``"exit code 137 (SIGKILL?)"``.
+    """
+    if exit_code is None or exit_code == EXIT_UNKNOWN:
+        return "exit code unknown"
+    if exit_code >= 0:
+        return f"exit code {exit_code}" + (" (SIGKILL?)" if exit_code == 128 + 9 else "")
+    sig = -exit_code
+    reason = f"signal {signal_name(sig)}"
+    if sig == 9 and not signalled:
+        found = oom_killed({pid, *_GROUP_MEMBERS.get(pid, ())}, since) if pid is not None else None
+        if found:
+            reason += " (killed by the OOM killer)"
+        elif found is None:
+            reason += " (killed by the OOM killer?)"
+    return reason
+
+
 
 class ExperimentDir:
     """One experiment directory: its layout, its metadata.json, its runs' files.
@@ -1694,7 +1898,7 @@ class ExperimentDir:
             m.update(fields)
             m.pop("lark_config", None)  # the earlier project stored secrets there
             m.update(status=RUNNING, pid=pid, started_at=started_at, ended_at=None, exit_code=None,
-                     duration=None, current_run_id=run_id, error=None)
+                     duration=None, current_run_id=run_id, error=None, reason=None, cause=None)
             runs = m.get("runs")
             if not isinstance(runs, list):
                 runs = m["runs"] = []
@@ -1719,29 +1923,41 @@ class ExperimentDir:
         """A run ended: its ``[exp] ended`` log line, then status, exit code, times and reason in metadata.
 
         ``reason`` says why when exp ended it ("timeout", "terminated by user");
-        otherwise it is worked out from the exit code.  ``signalled``: exp sent
-        the group signals (so a SIGKILL was exp's, not the OOM killer's).
+        otherwise it is worked out by :func:`end_reason`.  ``signalled``: exp
+        sent the group signals (so a SIGKILL was exp's, not the OOM killer's).
+        A run that did not finish also gets the ``cause`` that
+        :func:`failure_cause` finds at the end of its log (None when none).
         Returns the reason recorded.
         """
         ended = now_iso()
         if reason is None:
-            reason = error or f"exit code {exit_code}"
+            reason = error or end_reason(exit_code, signalled, pid, since=time.monotonic() - duration)
+        cause = None
+        if status != FINISHED:
+            try:  # read before exp's own line goes in (it would be skipped anyway)
+                cause = failure_cause(read_tail(self.log_path(run_id), 1 << 30, CAUSE_TAIL_BYTES)
+                                      .decode("utf-8", "replace"))
+            except Exception:  # noqa: BLE001 - a guess must never cost the record of the end
+                cause = None
         if status == KILLED:
             what = f"killed (exit code {exit_code})"
-        elif exit_code is not None and exit_code < 0:
-            what = f"ended by signal {-exit_code} ({status})"
+        elif exit_code is not None and exit_code < 0 and exit_code != EXIT_UNKNOWN:
+            what = f"ended by signal {signal_name(-exit_code)} ({status})"
         else:
             what = f"exit code {exit_code} ({status})"
         if error:
             what += f"; {error}"
+        if reason and reason not in what:
+            what += f"; {reason}"
         try:
-            self.append_log(run_id, f"{ended} {run_id} ended: {what}, duration {format_duration(duration)}")
+            self.append_log(run_id, f"{ended} {run_id} ended: {what}, duration {format_duration(duration)}"
+                            + (f"; cause: {cause}" if cause else ""))
         except OSError:
             pass  # the metadata below matters more than the log line
 
         def update(m: dict[str, Any]) -> None:
             m.update(status=status, exit_code=exit_code, pid=None, ended_at=ended, duration=duration,
-                     reason=reason if status != FINISHED else None)
+                     reason=reason if status != FINISHED else None, cause=cause)
             if error:
                 m["error"] = error
             runs = m.get("runs")
@@ -1755,7 +1971,7 @@ class ExperimentDir:
                 if m.get("current_run_id") is None:
                     m["current_run_id"] = run_id
             entry.update(ended_at=ended, exit_code=exit_code, status=status, duration=duration,
-                         reason=reason if status != FINISHED else None)
+                         reason=reason if status != FINISHED else None, cause=cause)
             if entry.get("pid") is None and pid is not None:
                 entry["pid"] = pid
 
@@ -1839,6 +2055,7 @@ class ExperimentDir:
             "params": json_safe({str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
             if isinstance(params, dict) else {},
             "reason": text("reason"),
+            "cause": text("cause"),
             "last_metrics": {k: json_safe(v) for k, v in last.items() if _is_num(v)},
         }
 
@@ -2200,7 +2417,9 @@ class Experiment:
             if not os.path.isdir(cwd):
                 raise ConfigError(f"cwd {cwd!r} is not an existing directory; pass the directory to run the command in")
         self.env = _validate_env(env)
-        if params is not None and not isinstance(params, Mapping):
+        import collections.abc  # Mapping is imported for type checking only
+
+        if params is not None and not isinstance(params, collections.abc.Mapping):
             raise ConfigError(f"params must be a dict of names to values, got {type(params).__name__}")
         self.params: dict[str, Any] = dict(params or {})
         self.lark_config = lark_config
@@ -3318,6 +3537,154 @@ def config_reference() -> str:
     return "\n".join(out)
 
 
+#: The most experiments one ``[experiments.sweep]`` may expand to (before repeats).
+SWEEP_MAX_POINTS = 100_000
+
+
+def sweep_points(sweep: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of a sweep's lists as dicts, in the order written (the last key varies fastest)."""
+    import itertools
+
+    keys = list(sweep)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def param_text(value: Any) -> str:
+    """One sweep value as it is filled in and shown: TOML's ``true``/``false`` for booleans."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def format_params(params: Mapping[str, Any]) -> str:
+    """``{"lr": 0.1, "bs": 32}`` -> ``"lr=0.1 bs=32"`` (for plans and listings)."""
+    return " ".join(f"{k}={param_text(v)}" for k, v in params.items())
+
+
+def _point_text(point: Mapping[str, Any]) -> str:
+    text = format_params(point)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_SWEEP_FORMATTER: Any = None
+
+
+def _sweep_formatter() -> Any:
+    """A ``string.Formatter`` (str.format rules) that writes booleans as TOML does."""
+    global _SWEEP_FORMATTER
+    if _SWEEP_FORMATTER is None:
+        import string
+
+        class SweepFormatter(string.Formatter):
+            def format_field(self, value: Any, format_spec: str) -> Any:
+                if isinstance(value, bool) and not format_spec:
+                    return param_text(value)
+                return super().format_field(value, format_spec)
+
+        _SWEEP_FORMATTER = SweepFormatter()
+    return _SWEEP_FORMATTER
+
+
+def _placeholder_problem(template: str, keys: list[str]) -> str | None:
+    """Why ``template`` cannot be filled from a point with ``keys`` (None when it can)."""
+    fmt = _sweep_formatter()
+
+    def fields(text: str) -> list[str]:
+        out = []
+        for _, field, spec, _ in fmt.parse(text):
+            if field is not None:
+                out.append(field)
+                if spec:
+                    out.extend(fields(spec))
+        return out
+
+    try:
+        found = fields(template)
+    except ValueError as e:
+        return f"{e}; write {{{{ and }}}} for a literal brace"
+    for field in found:
+        if field in keys:
+            continue
+        head = re.match(r"[^.\[]*", field).group()  # type: ignore[union-attr]
+        if head in keys:
+            return (f"placeholder {{{field}}} is not supported: use {{{head}}}, optionally with a format "
+                    f"such as {{{head}:.0e}}")
+        return f"placeholder {{{field}}} has no value in sweep (sweep keys: {', '.join(keys)})"
+    return None
+
+
+def _expand_sweep(where: str, index: int, values: dict[str, Any], errors: list[str]) -> list[ExperimentSpec]:
+    """One ExperimentSpec per point of ``values["sweep"]``, placeholders filled; problems go to ``errors``."""
+    import math
+
+    sweep: dict[str, list[Any]] = values["sweep"]
+    keys = list(sweep)
+    n = math.prod(len(v) for v in sweep.values())
+    if values.get("resume") and n > 1:
+        errors.append(f"{where}: resume cannot be combined with a sweep of {n} points "
+                      "(every point would resume the same directory)")
+    if n > SWEEP_MAX_POINTS:
+        errors.append(f"{where}.sweep: {n} combinations; at most {SWEEP_MAX_POINTS} are allowed")
+        return []
+    # Every text to fill, by where it is reported: name, command, description, tags[i], environment.KEY.
+    templates: dict[str, str] = {}
+    for key in ("name", "command", "description"):
+        if isinstance(values.get(key), str):
+            templates[key] = values[key]
+    for j, tag in enumerate(values.get("tags") or []):
+        templates[f"tags[{j}]"] = tag
+    for ek, ev in (values.get("environment") or {}).items():
+        templates[f"environment.{ek}"] = ev
+    bad = False
+    for at, template in templates.items():
+        problem = _placeholder_problem(template, keys)
+        if problem:
+            errors.append(f"{where}.{at}: {problem}")
+            bad = True
+    if bad or "name" not in values or "command" not in values:
+        return []
+
+    fmt = _sweep_formatter()
+    failed: set[str] = set()  # report the first failure of each field only, not one per point
+    specs = []
+    for point in sweep_points(sweep):
+        filled: dict[str, str] = {}
+        for at, template in templates.items():
+            try:
+                filled[at] = fmt.vformat(template, (), point)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                if at not in failed:
+                    failed.add(at)
+                    errors.append(f"{where}.{at}: cannot fill {template!r} with {_point_text(point)}: {e}")
+        if len(filled) < len(templates):
+            continue
+        ok = True
+        for at in templates:
+            try:
+                if at == "name":
+                    _validate_name(filled["name"])
+                    check_experiment_path(values["base_dir"], filled["name"])
+                elif at == "command":
+                    _validate_command(filled["command"])
+                elif at.startswith("environment.") and "\0" in filled[at]:
+                    raise ConfigError(f"the filled value {filled[at]!r} contains a NUL character")
+            except ConfigError as e:
+                ok = False
+                if at not in failed:
+                    failed.add(at)
+                    errors.append(f"{where}.{at} ({_point_text(point)}): {e}")
+        if not ok:
+            continue
+        point_values = dict(values)
+        point_values["name"], point_values["command"] = filled["name"], filled["command"]
+        if "description" in filled:
+            point_values["description"] = filled["description"]
+        point_values["tags"] = [filled[f"tags[{j}]"] for j in range(len(values.get("tags") or []))]
+        point_values["environment"] = {ek: filled[f"environment.{ek}"] for ek in values.get("environment") or {}}
+        specs.append(ExperimentSpec(index, point_values, params=point, template_name=values["name"]))
+    return specs
+
+
 def parse_config(text: str, source: str = "<config>", root: str | None = None) -> BatchConfig:
     """Parse and validate a batch TOML file.
 
@@ -3384,12 +3751,18 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
         if resume and (os.sep in resume or resume.startswith(("~", "."))):
             values["resume"] = _resolve(root, resume)  # a path, not a timestamp
         values["base_dir"] = _resolve(root, values["base_dir"]) if values.get("base_dir") else settings.base_experiment_dir
+        if values.get("sweep"):
+            # Tables without a sweep are left as written: no brace is special in them.
+            specs.extend(_expand_sweep(where, i, values, errors))
+            continue
         if "name" in values:
             try:
                 check_experiment_path(values["base_dir"], values["name"])
             except ConfigError as e:
                 errors.append(f"{where}.name: {e}")
         specs.append(ExperimentSpec(i, values))
+    if not errors:
+        errors.extend(check_dependencies(specs))
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
     return BatchConfig(source, settings, specs, warnings)
@@ -3418,9 +3791,93 @@ def load_config(path: str | os.PathLike[str]) -> BatchConfig:
                 ExperimentDir.find(spec.base_dir, spec.name, spec.resume)
             except ConfigError as e:
                 errors.append(f"experiments[{spec.index}].resume: {e}")
+    errors = list(dict.fromkeys(errors))  # a sweep's points share their table's cwd
     if errors:
         raise ConfigError(f"{path}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
     return config
+
+
+# ============================================================================
+# GPUs: the pool, nvidia-smi
+# ============================================================================
+
+#: The query exp runs; its columns, in order.
+NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,memory.used,memory.total,utilization.gpu",
+                    "--format=csv,noheader,nounits"]
+
+
+def parse_nvidia_smi(text: str) -> list[dict[str, Any]]:
+    """Rows of :data:`NVIDIA_SMI_QUERY`'s output: index, uuid, memory_used/memory_total (MB), utilization (%)."""
+    gpus = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) < 5 or not cells[0].isdigit():
+            continue
+
+        def num(c: str) -> float | None:
+            try:
+                return float(c)
+            except ValueError:  # "[N/A]", "[Not Supported]"
+                return None
+
+        gpus.append({"index": int(cells[0]), "uuid": cells[1], "memory_used": num(cells[2]),
+                     "memory_total": num(cells[3]), "utilization": num(cells[4])})
+    return gpus
+
+
+def visible_gpus(gpus: list[dict[str, Any]], cuda_visible: str | None) -> list[dict[str, Any]]:
+    """``gpus`` restricted to a ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs; unset: all; empty: none)."""
+    if cuda_visible is None:
+        return gpus
+    wanted = [w.strip() for w in cuda_visible.split(",") if w.strip()]
+    out: list[dict[str, Any]] = []
+    for w in wanted:
+        if w.startswith("-"):  # "-1": CUDA stops at the first invalid entry
+            break
+        match = [g for g in gpus if (w.isdigit() and g["index"] == int(w)) or (g["uuid"] and g["uuid"].startswith(w))]
+        if not match:
+            break
+        out.extend(m for m in match if m not in out)
+    return out
+
+
+def detect_gpus(env: Mapping[str, str] | None = None) -> list[dict[str, Any]] | None:
+    """The GPUs ``nvidia-smi`` reports, within ``CUDA_VISIBLE_DEVICES``; None without nvidia-smi."""
+    import subprocess
+
+    env = os.environ if env is None else env
+    try:
+        out = subprocess.run(NVIDIA_SMI_QUERY, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return visible_gpus(parse_nvidia_smi(out.stdout), env.get("CUDA_VISIBLE_DEVICES"))
+
+
+def gpu_pool(settings: SchedulerSettings, detected: list[dict[str, Any]] | None | bool = False) -> list[int]:
+    """The scheduler's GPU ids: ``[scheduler] gpus``, else what nvidia-smi reports (once), else none."""
+    if settings.gpus is not None:
+        return list(settings.gpus)
+    found = detect_gpus() if detected is False else detected
+    return [g["index"] for g in found] if isinstance(found, list) else []
+
+
+def check_gpu_requests(config: BatchConfig, pool: list[int]) -> None:
+    """ConfigError (exit 2) when an experiment asks for more GPUs than the pool has, or ids outside it."""
+    problems = []
+    where_pool = (f"the pool {pool}" if pool else "no GPUs (no [scheduler] gpus, and nvidia-smi found none)")
+    for s in config.experiments:
+        if s.gpu_ids:
+            outside = [g for g in s.gpu_ids if g not in pool]
+            if outside:
+                problems.append(f"experiments[{s.index}] ({s.name}): gpu_ids {outside} are not in {where_pool}; "
+                                "set [scheduler] gpus = [...] to the GPUs exp may use")
+        elif s.gpus > len(pool):
+            problems.append(f"experiments[{s.index}] ({s.name}): gpus = {s.gpus} is more than {where_pool} has")
+    if problems:
+        raise ConfigError(f"{config.path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n  "
+                          + "\n  ".join(problems))
 
 
 # ============================================================================
@@ -3453,10 +3910,24 @@ class Job:
         self.experiment: Experiment | None = None
         self.handle: RunHandle | None = None
         self.error: str | None = None
+        #: Why the last attempt ended ("exit code 3", "timeout", "dependency failed: prep", ...).
+        self.reason: str | None = None
+        #: Ids of the jobs that must finish successfully first (from depends_on).
+        self.deps: list[int] = []
+        #: GPUs given to the running attempt (planned by plan_next, held until it ends).
+        self.gpus: list[int] = []
+        #: Clock time at which the running attempt times out (None: no timeout).
+        self.deadline: float | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def gpu_request(self) -> tuple[list[int] | None, int]:
+        """(exact ids, or None) and how many GPUs this job needs."""
+        if self.spec.gpu_ids:
+            return list(self.spec.gpu_ids), len(self.spec.gpu_ids)
+        return None, int(self.spec.gpus or 0)
 
     #: 1 + max_retries when the batch retries failures, else 1 (set by expand_jobs).
     max_attempts = 1
@@ -3469,6 +3940,8 @@ class Job:
         """How an ended attempt went, for people: "exit code 3", "killed", and any error."""
         if self.status == KILLED:
             what = "killed"
+        elif self.reason and not self.reason.startswith("could not start"):
+            what = self.reason  # "exit code 3", "timeout", "signal SIGKILL", "dependency failed: prep"
         else:
             what = "" if self.exit_code is None else f"exit code {self.exit_code}"
         return ", ".join(x for x in (what, self.error) if x)
@@ -3490,12 +3963,18 @@ class Job:
             "ended_at": self.ended_at, "exit_code": self.exit_code,
             "duration": self.duration, "work_dir": self.work_dir, "run_id": self.run_id,
             "pid": self.handle.pid if self.handle is not None and self.status == RUNNING else None,
-            "error": self.error,
+            "error": self.error, "reason": self.reason, "params": s.params, "gpus": s.gpus,
+            "assigned_gpus": self.gpus, "timeout": s.timeout, "depends_on": s.depends_on,
+            "deps": self.deps,
         }
 
 
 def expand_jobs(config: BatchConfig) -> list[Job]:
-    """Jobs in dispatch order: priority high to low, file order among equals, repeats together."""
+    """Jobs in dispatch order: priority high to low, file order among equals, repeats together.
+
+    ``depends_on`` names become job ids: a name stands for every job of that
+    name, or of that sweep's name template (all its points and repeats).
+    """
     jobs: list[Job] = []
     retrying = bool(config.auto_restart_on_error)
     for spec in config.experiments:
@@ -3506,30 +3985,125 @@ def expand_jobs(config: BatchConfig) -> list[Job]:
     jobs.sort(key=lambda j: (-j.spec.priority, j.order))
     for i, j in enumerate(jobs, 1):
         j.id = i
+    by_name: dict[str, list[int]] = {}
+    for j in jobs:
+        by_name.setdefault(j.spec.name, []).append(j.id)
+        if j.spec.template_name != j.spec.name:
+            by_name.setdefault(j.spec.template_name, []).append(j.id)
+    for j in jobs:
+        j.deps = sorted({i for n in j.spec.depends_on for i in by_name.get(n, []) if i != j.id})
     return jobs
 
 
-def plan_next(queue: list[Job], running: int, limit: int, now: float) -> list[Job]:
-    """Which queued jobs to start now: the first ones whose delay is over, up to the free slots.
+def check_dependencies(specs: list[ExperimentSpec]) -> list[str]:
+    """Problems with ``depends_on``: unknown names and cycles (an experiment waiting for itself)."""
+    names: dict[str, set[int]] = {}
+    for s in specs:
+        names.setdefault(s.name, set()).add(s.index)
+        names.setdefault(s.template_name, set()).add(s.index)
+    problems = []
+    edges: dict[int, set[int]] = {}
+    for s in specs:
+        for n in s.depends_on:
+            if n not in names:
+                import difflib
 
-    ``queue`` is in dispatch order (retries go to its front); a job still in
-    its delay does not hold back the jobs behind it.
+                close = difflib.get_close_matches(n, list(names), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"experiments[{s.index}].depends_on: no experiment is named {n!r}{hint}")
+            else:
+                edges.setdefault(s.index, set()).update(names[n])
+    # A cycle among the tables (a sweep's points share their table's index).
+    state: dict[int, int] = {}
+    cycle: list[int] = []
+
+    def visit(i: int, path: list[int]) -> bool:
+        state[i] = 1
+        for d in sorted(edges.get(i, ())):
+            if state.get(d) == 1:
+                cycle.extend(path[path.index(d):] + [d] if d in path else [i, d])
+                return True
+            if state.get(d) is None and visit(d, path + [d]):
+                return True
+        state[i] = 2
+        return False
+
+    for i in sorted(edges):
+        if state.get(i) is None and visit(i, [i]):
+            label = {s.index: s.template_name for s in specs}
+            problems.append("depends_on: a cycle: " + " -> ".join(label[c] for c in cycle)
+                            + "; no experiment of it could ever start")
+            break
+    return problems
+
+
+class GpuPlan:
+    """How many more experiments each GPU of the pool takes now (pure bookkeeping).
+
+    ``free[g]`` is ``jobs_per_gpu`` less the experiments on GPU ``g``;
+    ``unusable`` are GPUs taken by processes outside exp (gpu_free_memory_mb).
     """
-    free = limit - running
-    if free <= 0:
+
+    def __init__(self, pool: list[int], jobs_per_gpu: int = 1, in_use: Mapping[int, int] | None = None,
+                 unusable: Iterable[int] = ()) -> None:
+        self.pool = list(pool)
+        used = in_use or {}
+        skip = set(unusable)
+        self.free = {g: (0 if g in skip else max(0, jobs_per_gpu - used.get(g, 0))) for g in self.pool}
+
+
+def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuPlan | None = None,
+              succeeded: Iterable[int] = ()) -> list[Job]:
+    """Which queued jobs to start now, in dispatch order, up to the free slots.
+
+    A job waits while its delay runs, while a job it depends on has not
+    succeeded, and while the GPUs it asks for are not free; only GPUs hold
+    back the jobs behind it.  The rule: a job blocked on GPUs reserves the
+    GPUs it waits for (its exact ids, or every free GPU when it asks for a
+    number), and a job behind it may start only on GPUs outside that
+    reservation.  So a lower-priority job never takes a GPU that a waiting
+    higher-priority one could use, and priority still decides among the
+    startable.  Each picked job gets ``job.gpus`` (least-loaded GPUs first).
+    """
+    slots = limit - running
+    if slots <= 0:
         return []
+    ok = set(succeeded)
+    free = dict(gpus.free) if gpus is not None else {}
+    pool = gpus.pool if gpus is not None else []
+    reserved: set[int] = set()
     picked = []
     for job in queue:
-        if job.not_before <= now:
-            picked.append(job)
-            if len(picked) == free:
-                break
+        if job.not_before > now or any(d not in ok for d in job.deps):
+            continue
+        exact, count = job.gpu_request()
+        if exact is not None:
+            fits = all(free.get(g, 0) > 0 and g not in reserved for g in exact)
+            take = exact
+            if not fits:
+                reserved.update(exact)
+        elif count:
+            avail = sorted((g for g in pool if free.get(g, 0) > 0 and g not in reserved), key=lambda g: -free[g])
+            fits = len(avail) >= count
+            take = avail[:count]
+            if not fits:
+                reserved.update(avail)
+        else:
+            fits, take = True, []
+        if not fits:
+            continue
+        for g in take:
+            free[g] -= 1
+        job.gpus = list(take)
+        picked.append(job)
+        if len(picked) == slots:
+            break
     return picked
 
 
-def next_wakeup(queue: list[Job], now: float) -> float | None:
-    """Seconds until the earliest delayed job becomes startable (None if none is waiting)."""
-    waits = [j.not_before - now for j in queue if j.not_before > now]
+def next_wakeup(queue: list[Job], now: float, deadlines: Iterable[float] = ()) -> float | None:
+    """Seconds until the earliest delayed job becomes startable or a running one times out (None if neither)."""
+    waits = [j.not_before - now for j in queue if j.not_before > now] + [d - now for d in deadlines]
     return max(0.0, min(waits)) if waits else None
 
 
@@ -3619,9 +4193,14 @@ class Scheduler:
         clock: monotonic clock; injectable for tests.
     """
 
-    def __init__(self, config: BatchConfig, out: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: BatchConfig, out: Any = None, clock: Callable[[], float] = time.monotonic,
+                 gpus: list[int] | None = None) -> None:
         self.config = config
         self.limit = int(config.max_concurrent_experiments)
+        #: The GPU pool: ``gpus``, else [scheduler] gpus, else detected once, here.
+        self.gpu_pool = list(gpus) if gpus is not None else gpu_pool(config.scheduler)
+        check_gpu_requests(config, self.gpu_pool)
+        self.gpu_use: dict[int, int] = {g: 0 for g in self.gpu_pool}
         self.jobs = expand_jobs(config)
         self.queue: list[Job] = list(self.jobs)
         self.running: dict[int, Job] = {}
@@ -3673,7 +4252,8 @@ class Scheduler:
             "finished": len(groups["finished"]), "errors": len(groups["errors"]),
             "status_indicator": self._status_indicator, "pid": os.getpid(),
             "host": _hostname(), "config_path": self.config.path,
-            "max_concurrent_experiments": self.limit,
+            "max_concurrent_experiments": self.limit, "gpus": self.gpu_pool,
+            "gpu_use": {str(g): n for g, n in self.gpu_use.items()},
             "started_at": self._started_at, "updated_at": now_iso(),
         }
         parts = []
@@ -3761,7 +4341,9 @@ class Scheduler:
         linger = bool(self.config.linger_when_idle)
         while True:
             now = self._clock()
-            for job in plan_next(self.queue, len(self.running), self.limit, now):
+            self._check_timeouts(now)
+            for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
+                                 [j.id for j in self.done if j.status == FINISHED]):
                 self.queue.remove(job)
                 self._launch(pool, job)
             if not self.queue and not self.running:
@@ -3777,7 +4359,7 @@ class Scheduler:
             if self._dirty and self._clock() >= self._next_state_write:
                 self.write_state()
             self._progress()
-            timeout = next_wakeup(self.queue, now)
+            timeout = next_wakeup(self.queue, now, [j.deadline for j in self.running.values() if j.deadline])
             cap = 1.0 if self.term.tty else float(self.config.check_interval)
             timeout = cap if timeout is None else min(timeout, cap)
             if self._dirty:
@@ -3817,15 +4399,20 @@ class Scheduler:
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
                     lark_config=s.lark_config or s.lark_url, env=s.environment,
-                    backend=self.backend, write_metadata=False,
+                    backend=self.backend, write_metadata=False, params=s.params or None,
                 )
+            if job.gpus or job.spec.gpus:
+                job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
+            for g in job.gpus:
+                self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
             handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)})
         except Exception as e:  # e.g. cwd removed since validation, disk full
             self._handle(("unstartable", job, e))
             return
+        job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
         job.handle, job.run_id, job.work_dir = handle, handle.run_id, job.experiment.work_dir
         self._touch(job)
-        gpus = ",".join(map(str, job.spec.gpu_ids)) if job.spec.gpu_ids else "-"
+        gpus = ",".join(map(str, job.gpus)) if job.gpus else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
             f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
@@ -3836,17 +4423,22 @@ class Scheduler:
     def _handle(self, ev: tuple[str, Job, Any]) -> None:
         kind, job, value = ev
         self.running.pop(job.id, None)
+        for g in job.gpus:
+            self.gpu_use[g] = max(0, self.gpu_use.get(g, 0) - 1)
+        job.deadline = None
         job.ended_at = now_iso()
         job.duration = round(self._clock() - job.t_started, 3)
         if kind == "unstartable":
             job.status, job.exit_code = ERROR, None
             job.error = str(value) if isinstance(value, ExpError) else f"{type(value).__name__}: {value}"
+            job.reason = job.error if job.error.startswith("could not start") else f"could not start: {job.error}"
             if job.experiment is not None:
                 job.work_dir = job.experiment.work_dir
         else:
             assert job.handle is not None
             job.exit_code, job.error = value
             job.status = job.handle.status
+            job.reason = job.handle.reason
         self._touch(job)
         dur = format_duration(job.duration)
         note = f" ({job.error})" if job.error and kind == "exited" else ""
@@ -3876,7 +4468,53 @@ class Scheduler:
                 self.term.event(f"not retrying {job.label()}: exit code {job.exit_code} means "
                                 f"{NOT_RETRIED_EXIT_CODES[job.exit_code]}, which another attempt cannot fix")
             self.done.append(job)
+            if job.status != FINISHED:
+                self._fail_dependents(job)
         self._dirty = True
+
+    def _fail_dependents(self, failed: Job) -> None:
+        """Queued jobs that need ``failed`` (directly or not) end as errors without running."""
+        gone = {failed.id}
+        changed = True
+        while changed:
+            changed = False
+            for job in list(self.queue):
+                if gone.intersection(job.deps):
+                    self.queue.remove(job)
+                    job.status, job.ended_at = ERROR, now_iso()
+                    job.reason = f"dependency failed: {failed.name}"
+                    self._touch(job)
+                    self.done.append(job)
+                    gone.add(job.id)
+                    changed = True
+                    self.term.event(f"{self.term.paint('skipped ', '31')} {job.label()} ({job.reason})")
+
+    def _check_timeouts(self, now: float) -> None:
+        """Stop running jobs past their timeout: SIGTERM now, SIGKILL after kill_timeout (in a thread)."""
+        for job in list(self.running.values()):
+            if job.deadline is not None and now >= job.deadline and job.handle is not None:
+                job.deadline = None
+                job.handle.request_stop("timeout", ERROR)
+                self.term.event(f"{self.term.paint('timeout ', '33')} {job.label()} after "
+                                f"{format_duration(job.spec.timeout)}; stopping it")
+                threading.Thread(target=terminate_runs, args=([job.handle], float(self.config.kill_timeout)),
+                                 name=f"exp-timeout-{job.id}", daemon=True).start()
+
+    def _gpu_plan(self, now: float) -> GpuPlan | None:
+        """Free GPU capacity now; with gpu_free_memory_mb, nvidia-smi is asked again (GPUs used by others)."""
+        if not self.gpu_pool:
+            return None
+        unusable: list[int] = []
+        limit_mb = self.config.scheduler.gpu_free_memory_mb
+        wants = any(j.gpu_request()[1] and j.not_before <= now for j in self.queue)
+        if limit_mb is not None and wants and len(self.running) < self.limit:
+            for g in detect_gpus() or []:
+                used, total = g["memory_used"], g["memory_total"]
+                # Only a GPU exp has nothing on: what is used there is someone else's.
+                if (used is not None and total is not None and not self.gpu_use.get(g["index"])
+                        and used > total - limit_mb):
+                    unusable.append(g["index"])
+        return GpuPlan(self.gpu_pool, self.config.scheduler.jobs_per_gpu, self.gpu_use, unusable)
 
     def _progress(self) -> None:
         if not self.term.tty:
@@ -3944,10 +4582,18 @@ class Scheduler:
 def format_plan(config: BatchConfig) -> str:
     """The dispatch plan of ``--dry-run``, one line per experiment."""
     rows: list[tuple[str, ...]] = [("#", "name", "priority", "command", "cwd", "GPUs", "dir base")]
+    # A sweep's points show their values (only when the batch has a sweep).
+    swept = any(s.params for s in config.experiments)
+    if swept:
+        rows[0] = rows[0][:2] + ("params",) + rows[0][2:]
     for job in expand_jobs(config):
         s = job.spec
-        gpus = ",".join(map(str, s.gpu_ids)) if s.gpu_ids else "-"
+        gpus = ",".join(map(str, s.gpu_ids)) if s.gpu_ids else (f"any {s.gpus}" if s.gpus else "-")
         extra = []
+        if s.timeout:
+            extra.append(f"timeout {format_duration(s.timeout)}")
+        if s.depends_on:
+            extra.append("after " + ",".join(s.depends_on))
         if s.repeats > 1:
             extra.append(f"repeat {job.repeat}/{s.repeats}")
         if s.max_retries and config.auto_restart_on_error:
@@ -3955,7 +4601,8 @@ def format_plan(config: BatchConfig) -> str:
         if s.delay_seconds:
             extra.append(f"delay {s.delay_seconds:g}s")
         name = s.name + (f" ({', '.join(extra)})" if extra else "")
-        rows.append((str(job.id), name, str(s.priority), s.command, _short_path(s.cwd), gpus, _short_path(s.base_dir)))
+        row = (str(job.id), name, str(s.priority), s.command, _short_path(s.cwd), gpus, _short_path(s.base_dir))
+        rows.append(row[:2] + (format_params(s.params) or "-",) + row[2:] if swept else row)
     return _table(rows) + (
         f"\n{len(rows) - 1} experiment(s), at most {config.max_concurrent_experiments} at a time; "
         f"state: {_short_path(StateFile(config.base_experiment_dir).path)}"
@@ -4063,6 +4710,13 @@ def default_columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
+def _reason_text(row: Mapping[str, Any]) -> str:
+    """``"exit code 1: ValueError: bad lr"`` for a run that did not finish; ``""`` for one that did or runs."""
+    if row.get("status") in (FINISHED, RUNNING, PENDING) or not (row.get("reason") or row.get("cause")):
+        return ""
+    return ": ".join(t for t in (row.get("reason"), row.get("cause")) if t)
+
+
 def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], base_dir: str,
                   sort: str | None = None, desc: bool = False, group: bool = False) -> list[tuple[str, ...]]:
     """The table of ``exp ls``: a header row, then one row per experiment (or per name with ``group``)."""
@@ -4084,18 +4738,29 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                 if col is not None:
                     return _sort_key(vals[col])
                 if sort in r["last_metrics"] or sort not in LS_FIELDS:
-                    return _sort_key(r["last_metrics"].get(sort))
+                    # A metric, else a sweep parameter of that name.
+                    return _sort_key(r["last_metrics"].get(sort, r.get("params", {}).get(sort)))
                 field = {"started": r["started_at"] or r["created_at"], "dir": rel(r)}.get(sort, r.get(sort))
                 return _sort_key(field)
 
             present = [it for it in items if key(it)[0] != 2]
             missing = [it for it in items if key(it)[0] == 2]
             items = sorted(present, key=key, reverse=desc) + missing
-        table: list[tuple[str, ...]] = [("name", "status", "started", "duration", "runs", *labels, "dir")]
-        for r, vals in items:
+        # A params column (sweep values) only when some experiment shown has them.
+        swept = any(r.get("params") for r, _ in items)
+        params_label = ("params",) if swept else ()
+        # A reason column (why a run ended, and the cause seen in its log) only when some row has one; last,
+        # as it is the longest.
+        reasons = [_reason_text(r) for r, _ in items]
+        reason_label = ("reason",) if any(reasons) else ()
+        table: list[tuple[str, ...]] = [("name", "status", "started", "duration", "runs", *labels, *params_label,
+                                         "dir", *reason_label)]
+        for (r, vals), why in zip(items, reasons):
             started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
+            params = (format_params(r.get("params") or {}) or "-",) if swept else ()
             table.append((r["name"] or "?", r["status"] or "?", started, format_duration(r["duration"]),
-                          str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), rel(r)))
+                          str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), *params, rel(r),
+                          *((why or "-",) if reason_label else ())))
         return table
 
     groups = group_rows(rows, columns, values)
@@ -4212,7 +4877,8 @@ def _build_parser():  # type: ignore[no-untyped-def]
     ls.add_argument("--name", metavar="REGEX", type=_regex, help="only names matching this regular expression")
     ls.add_argument("--columns", metavar="SPEC", help="metric columns, e.g. loss,acc:best,lr:last (default: all)")
     ls.add_argument("--best", action="store_true", help="show the best value of each metric instead of the last")
-    ls.add_argument("--sort", metavar="KEY", help=f"sort by a metric or by one of {', '.join(LS_FIELDS)}")
+    ls.add_argument("--sort", metavar="KEY",
+                    help=f"sort by a metric, a sweep parameter or one of {', '.join(LS_FIELDS)}")
     ls.add_argument("--desc", action="store_true", help="sort descending (missing values stay last)")
     ls.add_argument("--group", action="store_true",
                     help="one line per experiment name (repeats together): count and mean ± std of each metric")
@@ -4234,10 +4900,12 @@ def _cmd_run(args: Any) -> int:
     config = load_config(args.config)
     for w in config.warnings:
         print(f"exp: warning: {w}", file=sys.stderr)
+    pool = gpu_pool(config.scheduler)  # detected once, here
+    check_gpu_requests(config, pool)
     if args.dry_run:
         print(format_plan(config))
         return 0
-    return Scheduler(config).run()
+    return Scheduler(config, gpus=pool).run()
 
 
 def _cmd_ls(args: Any) -> int:
@@ -4273,7 +4941,8 @@ def _cmd_ls(args: Any) -> int:
         elif args.sort:
             table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc)
             order = {os.path.relpath(r["work_dir"], args.dir): r for r in rows}
-            out = [order[t[-1]] for t in table[1:]]
+            at = table[0].index("dir")  # not last: a reason column may follow it
+            out = [order[t[at]] for t in table[1:]]
         print(_json().dumps(json_safe(out), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     if rows:

@@ -678,7 +678,8 @@ def test_dry_run_prints_plan_and_launches_nothing(tmp_path):
     touch = f"touch {shlex.quote(str(marker))}"
     cfg = write_config(
         proj / "batch.toml",
-        {"base_experiment_dir": "out", "max_concurrent_experiments": 3, "auto_restart_on_error": True},
+        {"base_experiment_dir": "out", "max_concurrent_experiments": 3, "auto_restart_on_error": True,
+         "gpus": [0, 1, 2, 3]},
         [
             {"name": "low", "command": touch, "priority": -1},
             {"name": "mid", "command": touch + " && echo mid", "gpu_ids": [0, 1], "repeats": 2},
@@ -907,7 +908,7 @@ def test_delay_does_not_block_other_slots(tmp_path):
 
 def test_terminal_lines_and_failure_tail(tmp_path):
     cmd = "for i in $(seq -w 1 15); do echo line $i; done; echo oops >&2; exit 3"
-    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1}, [
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1, "gpus": [0, 1]}, [
         {"name": "good", "command": "sleep 0.1", "gpu_ids": "0,1", "priority": 1},
         {"name": "noisy", "command": cmd},
     ])
@@ -988,7 +989,7 @@ def test_state_file_while_running_and_after(tmp_path):
     script = write_script(tmp_path, "waiter.py", WAIT_MARKER_PY)
     started, marker = tmp_path / "waiter.started", tmp_path / "go"
     base = tmp_path / "results"
-    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1}, [
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1, "gpus": [0, 1]}, [
         {"name": "waiter", "command": py(script, started, marker), "priority": 3, "tags": ["t1", "t2"],
          "description": "waits", "gpu_ids": [1], "max_retries": 4,
          "environment": {"API_TOKEN": "hunter2", "PLAIN": "visible"}},
@@ -1475,8 +1476,10 @@ def test_ls_table(ls_base):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     header = re.split(r"\s{2,}", lines[0])
-    # Every metric gets a column of its own (no silent cut to four), then the directory.
-    assert header == ["name", "status", "started", "duration", "runs", "step", "loss", "acc", "lr", "extra", "dir"]
+    # Every metric gets a column of its own (no silent cut to four), then the directory, then
+    # why the failed one ended.
+    assert header == ["name", "status", "started", "duration", "runs", "step", "loss", "acc", "lr", "extra", "dir",
+                      "reason"]
     rows = [re.split(r"\s{2,}", ln) for ln in lines[1:]]
     assert [row[0] for row in rows] == ["beta", "alpha", "zeta"]  # newest first
     assert [row[1] for row in rows] == ["error", "finished", "finished"]
@@ -1484,7 +1487,8 @@ def test_ls_table(ls_base):
     for row in rows:
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", row[2]), row
         assert re.fullmatch(r"\d+\.\ds", row[3]), row
-        assert re.fullmatch(rf"{row[0]}_\d{{4}}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?", row[-1]), row
+        assert re.fullmatch(rf"{row[0]}_\d{{4}}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?", row[10]), row
+    assert [row[11] for row in rows] == ["exit code 1", "-", "-"]
     assert float(rows[2][3][:-1]) >= 1.0
     assert rows[0][5:10] == ["-"] * 5
     assert rows[2][5:10] == ["3", "0.3333", "0.8", "0.001", "7"]
