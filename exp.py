@@ -113,7 +113,8 @@ __all__ = [
     "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "FIELD_ALIASES",
     "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
     "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "REPORT_LINE_WIDTH",
-    "STATE_WRITE_INTERVAL", "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "STATE_DIR", "STATE_FILE", "LOG_EXT",
+    "STATE_WRITE_INTERVAL", "COMMAND_POLL_INTERVAL", "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
+    "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "STATE_DIR", "STATE_FILE", "LOG_EXT",
     "METRICS_EXT",
     "__version__",
 ]
@@ -156,6 +157,11 @@ LOGS_DIR = "terminal_logs"
 METRICS_DIR = "metrics"
 STATE_DIR = ".exp_state"
 STATE_FILE = "scheduler_state.json"
+#: In STATE_DIR: the lock a running scheduler holds, and the command files sent to it.
+OWNER_LOCK_FILE = "scheduler.lock"
+COMMANDS_DIR = "commands"
+COMMAND_EXT = ".json"
+RESULT_EXT = ".result.json"
 LOG_EXT = ".log"
 METRICS_EXT = ".csv"
 #: ``_YYYY-MM-DD__HH-MM-SS`` plus ``_NN`` for a second experiment in the same second.
@@ -1463,7 +1469,8 @@ _NAN_LOSS_PAT = (
 _KILLED_PAT = r"Killed|\S+: (?:line \d+: )?\s*\d+ Killed(?:\s.*)?|zsh: killed(?:\s.*)?"
 _TRACEBACK_PAT = r"Traceback \(most recent call last\):"
 # The final line of a traceback: "ValueError: bad lr", "pkg.mod.Error: ...", "KeyboardInterrupt".
-_EXCEPTION_PAT = r"[A-Za-z_][\w.]*(?::(?:\s.*)?|(?<=Error)|(?<=Exception)|(?<=Interrupt)|(?<=Exit)|(?<=Iteration)|(?<=Group))"
+_EXCEPTION_PAT = (r"[A-Za-z_][\w.]*"
+                  r"(?::(?:\s.*)?|(?<=Error)|(?<=Exception)|(?<=Interrupt)|(?<=Exit)|(?<=Iteration)|(?<=Group))")
 _OOM_KILL_PAT = r"\bKilled process (\d+)\b|\boom-kill:.*\bpid=(\d+)\b"
 
 
@@ -1614,7 +1621,10 @@ def end_reason(exit_code: int | None, signalled: bool = False, pid: int | None =
     (see :func:`oom_killed`, for ``pid`` and the members of its group that were
     seen): ``"signal SIGKILL (killed by the OOM killer)"`` when found, ``"...
     (killed by the OOM killer?)"`` when the log cannot be read.  A shell
-    reports its child's SIGKILL as exit code 137: ``"exit code 137 (SIGKILL?)"``.
+    reports its child's SIGKILL as exit code 137: ``"exit code 137 (SIGKILL?)"``
+    (the child's pid is not known then, so the kernel log is not searched;
+    ``sh -c "python train.py"`` is such a shell wherever sh does not exec the
+    command itself, as Debian's dash).
     """
     if exit_code is None or exit_code == EXIT_UNKNOWN:
         return "exit code unknown"
@@ -1947,8 +1957,15 @@ class ExperimentDir:
             what = f"exit code {exit_code} ({status})"
         if error:
             what += f"; {error}"
-        if reason and reason not in what:
-            what += f"; {reason}"
+        note = reason or ""  # what the reason adds: "timeout", or the "(killed by the OOM killer)" of a signal
+        heads = [f"exit code {exit_code} ("]
+        if exit_code is not None and exit_code < 0:
+            heads.append(f"signal {signal_name(-exit_code)} (")
+        for head in heads:
+            if note.startswith(head) and note.endswith(")"):
+                note = note[len(head):-1]
+        if note and note not in what:
+            what += f"; {note}"
         try:
             self.append_log(run_id, f"{ended} {run_id} ended: {what}, duration {format_duration(duration)}"
                             + (f"; cause: {cause}" if cause else ""))
@@ -2126,6 +2143,114 @@ class StateFile:
                     if isinstance(item, dict):
                         normalize_fields(item)
         return state
+
+    # ------------------------------------------------------------------ ownership
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.base_dir, STATE_DIR, OWNER_LOCK_FILE)
+
+    def acquire(self) -> int | None:
+        """Take the base directory for this process: a descriptor holding its lock, or None if taken.
+
+        The lock is an ``flock``, so the kernel releases it when the owner
+        dies, however it dies; the owner closes the descriptor when it is done.
+        """
+        os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def owned(self) -> bool:
+        """Whether a live scheduler owns the base directory (its lock is held)."""
+        if fcntl is None or not os.path.exists(self.lock_path):
+            return False
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # ------------------------------------------------------------------ commands
+
+    @property
+    def commands_dir(self) -> str:
+        return os.path.join(self.base_dir, STATE_DIR, COMMANDS_DIR)
+
+    def post_command(self, action: str, **args: Any) -> str:
+        """Write one command for the scheduler (atomically, a file of its own); return its id."""
+        import uuid
+
+        cid = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        os.makedirs(self.commands_dir, exist_ok=True)
+        body = dict(args, id=cid, action=action, pid=os.getpid(), created_at=now_iso())
+        write_atomic(os.path.join(self.commands_dir, cid + COMMAND_EXT), _json().dumps(body).encode("utf-8"))
+        return cid
+
+    def pending_commands(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """Commands not yet answered, oldest first: (id, body or None when unreadable)."""
+        try:
+            names = os.listdir(self.commands_dir)
+        except OSError:
+            return []
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        for name in sorted(names):
+            if not name.endswith(COMMAND_EXT) or name.endswith(RESULT_EXT):
+                continue
+            cid = name[: -len(COMMAND_EXT)]
+            try:
+                body = read_json_file(os.path.join(self.commands_dir, name), 1 << 20)
+            except (OSError, ValueError):
+                body = None
+            out.append((cid, body if isinstance(body, dict) else None))
+        return out
+
+    def answer(self, cid: str, result: Mapping[str, Any]) -> None:
+        """Write a command's result next to it, then remove the command (it is done)."""
+        write_atomic(os.path.join(self.commands_dir, cid + RESULT_EXT),
+                     _json().dumps(json_safe(dict(result)), ensure_ascii=False).encode("utf-8"), sync=False)
+        try:
+            os.unlink(os.path.join(self.commands_dir, cid + COMMAND_EXT))
+        except OSError:
+            pass
+
+    def result(self, cid: str, timeout: float, alive: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """Wait up to ``timeout`` s for a command's result (None if none came); the result file is removed."""
+        path = os.path.join(self.commands_dir, cid + RESULT_EXT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                res = read_json_file(path, 16 << 20)
+            except FileNotFoundError:
+                res = None
+            except (OSError, ValueError):
+                res = None
+            if isinstance(res, dict):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                return res
+            if time.monotonic() >= deadline or (alive is not None and not alive()):
+                return None
+            time.sleep(0.01)
+
+    def commands_mtime(self) -> int:
+        try:
+            return os.stat(self.commands_dir).st_mtime_ns
+        except OSError:
+            return 0
 
 
 # ============================================================================
@@ -3762,7 +3887,8 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
                 errors.append(f"{where}.name: {e}")
         specs.append(ExperimentSpec(i, values))
     if not errors:
-        errors.extend(check_dependencies(specs))
+        # A sweep's points share their table's depends_on: one message each, not one per point.
+        errors.extend(dict.fromkeys(check_dependencies(specs)))
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
     return BatchConfig(source, settings, specs, warnings)
@@ -3918,6 +4044,8 @@ class Job:
         self.gpus: list[int] = []
         #: Clock time at which the running attempt times out (None: no timeout).
         self.deadline: float | None = None
+        #: Dispatch priority (the spec's, until `exp priority` changes it).
+        self.priority = spec.priority
 
     @property
     def name(self) -> str:
@@ -3954,7 +4082,7 @@ class Job:
     def to_state(self) -> dict[str, Any]:
         s = self.spec
         return {
-            "id": self.id, "name": s.name, "command": s.command, "priority": s.priority,
+            "id": self.id, "name": s.name, "command": s.command, "priority": self.priority,
             "tags": s.tags, "gpu_ids": s.gpu_ids, "cwd": s.cwd, "base_dir": s.base_dir,
             "environment": redact_env(s.environment), "description": s.description,
             "repeats": s.repeats, "repeat": self.repeat, "max_retries": s.max_retries,
@@ -3982,7 +4110,7 @@ def expand_jobs(config: BatchConfig) -> list[Job]:
             job = Job(0, spec, r, len(jobs))
             job.max_attempts = 1 + (spec.max_retries if retrying else 0)
             jobs.append(job)
-    jobs.sort(key=lambda j: (-j.spec.priority, j.order))
+    jobs.sort(key=lambda j: (-j.priority, j.order))
     for i, j in enumerate(jobs, 1):
         j.id = i
     by_name: dict[str, list[int]] = {}
@@ -4116,6 +4244,9 @@ def next_wakeup(queue: list[Job], now: float, deadlines: Iterable[float] = ()) -
 #: the file is never more than this stale.  Rewriting ~0.5 KB per experiment
 #: on every transition would otherwise dominate batches of short commands.
 STATE_WRITE_INTERVAL = 0.1
+#: How often a waiting scheduler looks for new command files (one stat of the
+#: commands directory): commands are acted on within this, idle or not.
+COMMAND_POLL_INTERVAL = 0.02
 
 
 def _short_path(path: str | None) -> str:
@@ -4219,6 +4350,10 @@ class Scheduler:
         self._dirty = True
         self._next_state_write = 0.0
         self._state_unwritable = False
+        self._draining = False  # shutdown: launch nothing more, exit when the running ones end
+        self._replan = True
+        self._commands_seen = -1
+        self._owner_fd: int | None = None
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
@@ -4299,6 +4434,17 @@ class Scheduler:
         from concurrent.futures import ThreadPoolExecutor
 
         require_posix()
+        try:
+            self._owner_fd = self.state.acquire()
+        except OSError as e:  # no room for .exp_state/ (a file in the way, a full disk): run unowned
+            self._owner_fd = -1
+            self.term.event(f"warning: cannot take {_short_path(self.state.lock_path)} ({e}); queue commands "
+                            "and a second `exp run` will not reach this scheduler")
+        if self._owner_fd is None:
+            raise ExpError(
+                f"another scheduler is running for {self.state.base_dir}; `exp run` with a config whose "
+                "base_experiment_dir is that directory adds its experiments to that scheduler's queue, "
+                "or `exp shutdown` it first")
         self._events = queue_mod.SimpleQueue()
         on_main = threading.current_thread() is threading.main_thread()
         old_handlers: dict[Any, Any] = {}
@@ -4331,23 +4477,39 @@ class Scheduler:
             pool.shutdown(wait=False)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            if self._owner_fd is not None and self._owner_fd >= 0:
+                os.close(self._owner_fd)
+            self._owner_fd = None
         if interrupted:
             return 130
-        return 0 if all(j.status == FINISHED and not j.error for j in self.jobs) else 1
+        # After `exp shutdown`, what never started is not a failure.
+        ran = [j for j in self.jobs if not (self._draining and j.status == PENDING)]
+        return 0 if all(j.status == FINISHED and not j.error for j in ran) else 1
 
     def _loop(self, pool: Any) -> None:
         import queue as queue_mod
 
         linger = bool(self.config.linger_when_idle)
+        replan_every = float(self.config.check_interval)
+        next_replan = 0.0
         while True:
             now = self._clock()
+            mtime = self.state.commands_mtime()
+            if mtime != self._commands_seen:
+                self._commands_seen = mtime
+                self._run_commands(pool)
             self._check_timeouts(now)
-            for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
-                                 [j.id for j in self.done if j.status == FINISHED]):
-                self.queue.remove(job)
-                self._launch(pool, job)
-            if not self.queue and not self.running:
-                if not linger:
+            # Plan after a change, when a delay ends, and every check_interval
+            # (GPUs that others were using may be free again).
+            if not self._draining and (self._replan or now >= next_replan):
+                self._replan = False
+                next_replan = now + replan_every
+                for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
+                                     [j.id for j in self.done if j.status == FINISHED]):
+                    self.queue.remove(job)
+                    self._launch(pool, job)
+            if not self.running and (self._draining or not self.queue):
+                if not linger or self._draining:
                     return
                 if self._status_indicator != SCHEDULER_AWAITING_SHUTDOWN:
                     self._status_indicator = SCHEDULER_AWAITING_SHUTDOWN
@@ -4364,10 +4526,15 @@ class Scheduler:
             timeout = cap if timeout is None else min(timeout, cap)
             if self._dirty:
                 timeout = min(timeout, max(0.0, self._next_state_write - self._clock()))
+            delay_due = timeout
+            timeout = min(timeout, COMMAND_POLL_INTERVAL)
             try:
                 ev = self._events.get(timeout=timeout)
-            except queue_mod.Empty:  # a delay ended or the progress line needs a tick
+            except queue_mod.Empty:  # a delay ended, a command may have come, or a tick
+                if delay_due <= timeout:
+                    self._replan = True
                 continue
+            self._replan = True
             interrupt = False
             while True:
                 if ev[0] == "signal":
@@ -4471,6 +4638,151 @@ class Scheduler:
             if job.status != FINISHED:
                 self._fail_dependents(job)
         self._dirty = True
+
+    # ---------------------------------------------------------------- commands
+
+    def _run_commands(self, pool: Any) -> None:
+        """Act on every command file waiting in ``.exp_state/commands/`` and answer each."""
+        for cid, body in self.state.pending_commands():
+            try:
+                result = self._command(body, pool) if body is not None else {
+                    "ok": False, "message": "the command file could not be read"}
+            except ExpError as e:
+                result = {"ok": False, "message": str(e)}
+            except Exception as e:  # noqa: BLE001 - a bad command must never stop the batch
+                result = {"ok": False, "message": f"{type(e).__name__}: {e}"}
+            try:
+                self.state.answer(cid, result)
+            except OSError as e:
+                self.term.event(f"warning: cannot answer command {cid} ({e})")
+            self._replan = self._dirty = True
+
+    def _find(self, tasks: Iterable[Any]) -> tuple[list[Job], list[str]]:
+        """Jobs named by task ids or experiment names (a name: all its tasks); and the unknown ones."""
+        found: list[Job] = []
+        unknown: list[str] = []
+        for t in tasks:
+            text = str(t).strip()
+            if text.isdigit():
+                jobs = [j for j in self.jobs if j.id == int(text)]
+            else:
+                jobs = [j for j in self.jobs if text in (j.spec.name, j.spec.template_name)]
+            if jobs:
+                found += [j for j in jobs if j not in found]
+            else:
+                unknown.append(text)
+        return found, unknown
+
+    def _command(self, body: dict[str, Any], pool: Any) -> dict[str, Any]:
+        action = body.get("action")
+        tasks = body.get("tasks") or []
+        if not isinstance(tasks, list):
+            tasks = [tasks]
+        if action == "add":
+            return self._add(body)
+        if action == "shutdown":
+            self._draining = True
+            now = bool(body.get("now"))
+            running = [j for j in self.running.values() if j.handle is not None]
+            if now and running:
+                self._stop_jobs(running)
+            self.term.event(f"shutdown requested{' (now)' if now else ''}: nothing more starts")
+            what = "being stopped" if now else "finishing"
+            return {"ok": True, "message": f"shutting down: {len(running)} running ({what}), "
+                                           f"{len(self.queue)} pending will not start"}
+        if action not in ("kill", "retry", "rm", "priority"):
+            return {"ok": False, "message": f"unknown action {action!r}"}
+        jobs, unknown = self._find(tasks)
+        lines = []
+        if action == "priority":
+            value = body.get("value")
+            if not _is_int(value):
+                return {"ok": False, "message": f"priority must be an integer, got {value!r}"}
+        for job in jobs:
+            label = f"{job.id} {job.label()}"
+            if action == "kill":
+                if job.status == RUNNING and job.handle is not None:
+                    self._stop_jobs([job])
+                    lines.append(f"terminating {label}")
+                elif job in self.queue:
+                    self.queue.remove(job)
+                    job.status, job.reason, job.ended_at = KILLED, "removed before it started", now_iso()
+                    self.done.append(job)
+                    self._fail_dependents(job)
+                    lines.append(f"removed pending {label}")
+                else:
+                    lines.append(f"{label} is {job.status}; nothing to kill")
+            elif action == "retry":
+                if job in self.done and job.status in (ERROR, KILLED):
+                    self.done.remove(job)
+                    job.status, job.reason, job.error, job.handle = PENDING, None, None, None
+                    job.not_before = self._clock()
+                    job.max_attempts = max(job.max_attempts, job.attempt + 1)
+                    self.queue.insert(0, job)
+                    lines.append(f"queued {label} again (attempt {job.attempt + 1})")
+                else:
+                    lines.append(f"{label} is {job.status}; only failed or killed tasks can be retried")
+            elif action == "rm":
+                if job in self.queue:
+                    self.queue.remove(job)
+                elif job in self.done:
+                    self.done.remove(job)
+                else:
+                    lines.append(f"{label} is running; kill it first")
+                    continue
+                self.jobs.remove(job)
+                self._state_cache.pop(job.id, None)
+                lines.append(f"removed {label}")
+            else:  # priority
+                if job in self.queue:
+                    job.priority = int(body["value"])
+                    lines.append(f"priority of {label} is now {job.priority}")
+                else:
+                    lines.append(f"{label} is {job.status}; priority only changes pending tasks")
+            self._touch(job)
+        if action == "priority":
+            # Dispatch order again: priority high to low, then the order the tasks came in.
+            self.queue.sort(key=lambda j: (-j.priority, j.order))
+        for t in unknown:
+            known = ", ".join(f"{j.id} {j.label()}" for j in self.jobs[:20])
+            lines.append(f"no task {t!r} (tasks: {known}{', ...' if len(self.jobs) > 20 else ''})")
+        for line in lines:
+            self.term.event(f"{action}: {line}")
+        return {"ok": not unknown, "message": "\n".join(lines), "tasks": [j.id for j in jobs]}
+
+    def _stop_jobs(self, jobs: list[Job]) -> None:
+        handles = [j.handle for j in jobs if j.handle is not None]
+        for h in handles:
+            h.request_stop("terminated by user", KILLED)
+        threading.Thread(target=terminate_runs, args=(handles, float(self.config.kill_timeout)),
+                         name="exp-kill", daemon=True).start()
+
+    def _add(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A second ``exp run`` on this base directory: its experiments join this queue."""
+        path = body.get("config")
+        if not isinstance(path, str):
+            return {"ok": False, "message": "add: no config path"}
+        config = load_config(path)
+        check_gpu_requests(config, self.gpu_pool)
+        new = expand_jobs(config)
+        first = max((j.id for j in self.jobs), default=0)
+        order0 = max((j.order for j in self.jobs), default=-1) + 1
+        ids = {j.id: first + j.id for j in new}
+        now = self._clock()
+        for j in new:
+            j.id = ids[j.id]
+            j.order += order0
+            j.deps = [ids[d] for d in j.deps]
+            j.not_before = now + j.spec.delay_seconds
+            self.jobs.append(j)
+            self.queue.append(j)
+        self.queue.sort(key=lambda j: (-j.priority, j.order))
+        self._draining = False
+        for w in config.warnings:
+            self.term.event(f"warning: {w}")
+        self.term.event(f"queued {len(new)} experiment(s) from {_short_path(path)}")
+        return {"ok": True, "message": "\n".join(f"queued {j.id} {j.label()}" for j in new),
+                "tasks": [j.id for j in new]}
 
     def _fail_dependents(self, failed: Job) -> None:
         """Queued jobs that need ``failed`` (directly or not) end as errors without running."""
@@ -4861,7 +5173,32 @@ def _build_parser():  # type: ignore[no-untyped-def]
                        epilog="config keys:\n" + keys)
     r.add_argument("config", help="the batch file, e.g. config.toml")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit without running anything")
+    r.add_argument("--wait", action="store_true",
+                   help="when a scheduler already runs for the base directory (the experiments join its "
+                        "queue), follow them to the end and exit as `run` would")
     r.set_defaults(func=_cmd_run)
+
+    st = sub.add_parser("status", help="the scheduler of a directory and its queue")
+    st.add_argument("dir", nargs="?", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
+    st.add_argument("--json", action="store_true", help="print JSON: {scheduler: {...}, tasks: [...]}")
+    st.set_defaults(func=_cmd_status)
+    for name, help_text in (("kill", "terminate running tasks, or remove pending ones"),
+                            ("retry", "queue failed or killed tasks again, first (a new run in the same directory)"),
+                            ("rm", "drop pending tasks, or finished ones' records, from the queue")):
+        c = sub.add_parser(name, help=help_text, description=help_text + ". TASK is a task id "
+                           "(see `exp status`) or an experiment name (all its tasks).")
+        c.add_argument("tasks", nargs="+", metavar="TASK")
+        c.add_argument("--dir", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
+        c.set_defaults(func=_cmd_control, action=name)
+    sh = sub.add_parser("shutdown", help="stop launching; exit when the running tasks end")
+    sh.add_argument("dir", nargs="?", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
+    sh.add_argument("--now", action="store_true", help="terminate the running tasks too")
+    sh.set_defaults(func=_cmd_control, action="shutdown", tasks=[])
+    pr = sub.add_parser("priority", help="change the priority of pending tasks (higher starts first)")
+    pr.add_argument("task", metavar="TASK")
+    pr.add_argument("value", metavar="N", type=int)
+    pr.add_argument("--dir", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
+    pr.set_defaults(func=_cmd_control, action="priority")
 
     ls = sub.add_parser("ls", help="list experiments under a directory, newest first",
                         description="List experiments under DIR (and one level below it), newest first, with "
@@ -4896,10 +5233,113 @@ def _regex(text: str) -> str:
     return text
 
 
+def _send(base: str, action: str, **body: Any) -> dict[str, Any]:
+    """Post a command to the scheduler of ``base`` and wait for its answer (ExpError if none)."""
+    state = StateFile(base)
+    if not state.owned():
+        raise ExpError(f"no scheduler is running for {state.base_dir}; start one with `exp run config.toml`")
+    cid = state.post_command(action, **body)
+    res = state.result(cid, timeout=30.0, alive=state.owned)
+    if res is None:
+        raise ExpError(f"the scheduler of {state.base_dir} did not answer (is it still running? see `exp status`)")
+    return res
+
+
+def _cmd_control(args: Any) -> int:
+    body: dict[str, Any] = {"tasks": list(getattr(args, "tasks", None) or [getattr(args, "task", None)])}
+    if args.action == "priority":
+        body["value"] = args.value
+    if args.action == "shutdown":
+        body["now"] = args.now
+    res = _send(args.dir, args.action, **body)
+    if res.get("message"):
+        print(res["message"])
+    return 0 if res.get("ok") else 1
+
+
+def _elapsed(item: Mapping[str, Any]) -> str:
+    from datetime import datetime
+
+    start, end = item.get("started_at"), item.get("ended_at")
+    if not isinstance(start, str):
+        return "-"
+    try:
+        t0 = datetime.fromisoformat(start)
+        t1 = datetime.fromisoformat(end) if isinstance(end, str) else datetime.now(t0.tzinfo)
+    except ValueError:
+        return "-"
+    return format_duration(max(0.0, (t1 - t0).total_seconds()))
+
+
+def _cmd_status(args: Any) -> int:
+    state = StateFile(args.dir)
+    data = state.read() or {}
+    raw_summary = data.get("summary")
+    summary: dict[str, Any] = raw_summary if isinstance(raw_summary, dict) else {}
+    alive = state.owned()
+    tasks = []
+    for group in ("running", "pending", "errors", "finished"):
+        for item in data.get(group) or []:
+            if isinstance(item, dict):
+                tasks.append(dict(item, elapsed=_elapsed(item)))
+    sched = {"alive": alive, "pid": summary.get("pid"), "host": summary.get("host"),
+             "status_indicator": summary.get("status_indicator") if alive else SCHEDULER_STOPPED,
+             "started_at": summary.get("started_at"), "updated_at": summary.get("updated_at"),
+             "config_path": summary.get("config_path"), "gpus": summary.get("gpus"),
+             "counts": {k: summary.get(k) for k in ("total", "pending", "running", "finished", "errors")}}
+    if args.json:
+        print(_json().dumps(json_safe({"scheduler": sched, "tasks": tasks}), indent=2, ensure_ascii=False,
+                            allow_nan=False))
+        return 0
+    if not data and not alive:
+        print(f"no scheduler has run for {state.base_dir}")
+        return 0
+    who = f"pid {sched['pid']} on {sched['host']}"
+    print(f"scheduler: {who}, {'alive' if alive else 'not running'} ({sched['status_indicator']}); "
+          f"started {sched['started_at'] or '-'}")
+    rows: list[tuple[str, ...]] = [("id", "name", "status", "GPUs", "attempt", "elapsed", "reason")]
+    for t in tasks:
+        gpus = t.get("assigned_gpus") or t.get("gpu_ids") or []
+        rows.append((str(t.get("id")), str(t.get("name")), str(t.get("status")),
+                     ",".join(map(str, gpus)) if gpus else "-", str(t.get("attempt")), t["elapsed"],
+                     str(t.get("reason") or "-")))
+    print(_table(rows))
+    return 0
+
+
+def _follow_tasks(base: str, ids: list[int]) -> int:
+    """`run --wait` after joining: print each task's end; 0 when all finished, 1 otherwise."""
+    state = StateFile(base)
+    seen: set[int] = set()
+    while True:
+        data = state.read() or {}
+        ended = {i["id"]: i for g in ("finished", "errors") for i in data.get(g) or [] if isinstance(i, dict)}
+        for i in ids:
+            if i in ended and i not in seen:
+                seen.add(i)
+                item = ended[i]
+                print(f"{item.get('status'):8s} {i} {item.get('name')}"
+                      + (f" ({item.get('reason')})" if item.get("status") != FINISHED else ""), flush=True)
+        if seen.issuperset(ids):
+            return 0 if all(ended[i].get("status") == FINISHED for i in ids) else 1
+        if not state.owned():
+            print(f"exp: error: the scheduler of {state.base_dir} stopped before every task ended", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+
+
 def _cmd_run(args: Any) -> int:
     config = load_config(args.config)
     for w in config.warnings:
         print(f"exp: warning: {w}", file=sys.stderr)
+    if not args.dry_run and StateFile(config.base_experiment_dir).owned():
+        # A scheduler already owns the directory: join its queue.
+        res = _send(config.base_experiment_dir, "add", config=config.path)
+        print(res.get("message", ""))
+        if not res.get("ok"):
+            return 1
+        print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
+        return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or [])) if args.wait else 0
     pool = gpu_pool(config.scheduler)  # detected once, here
     check_gpu_requests(config, pool)
     if args.dry_run:

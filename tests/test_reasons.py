@@ -131,7 +131,8 @@ def test_other_nccl_failures(line, start):
 
 @pytest.mark.parametrize("line", [
     "loss is nan", "step 120 | Loss: NaN | lr 3e-4", "nan loss detected at step 40", "non-finite loss, stopping",
-    "Loss is inf", "val_loss=nan", "train_loss: -inf", "loss = tensor(nan, device='cuda:0', grad_fn=<NllLossBackward0>)",
+    "Loss is inf", "val_loss=nan", "train_loss: -inf",
+    "loss = tensor(nan, device='cuda:0', grad_fn=<NllLossBackward0>)",
     "WARNING: NaN training loss", "Loss became NaN at iteration 12", "the loss is not finite",
 ])
 def test_nan_or_inf_loss(line):
@@ -219,7 +220,8 @@ def test_progress_bars_and_escape_sequences():
 
 def test_exps_own_lines_are_ignored():
     log = (CHAINED.replace("ValueError: bad lr", "ValueError: the real one")
-           + "[exp] 2025-01-01T00:00:00+00:00 run_0001 ended: exit code 1 (error), duration 1s; cause: CUDA out of memory\n"
+           + "[exp] 2025-01-01T00:00:00+00:00 run_0001 ended: exit code 1 (error), duration 1s; "
+             "cause: CUDA out of memory\n"
            + "[exp] Traceback (most recent call last):\n[exp] Killed\n")
     assert exp.failure_cause(log) == "ValueError: the real one"
 
@@ -323,7 +325,7 @@ def test_a_finished_run_has_neither(make_exp):
 @posix_only
 def test_a_sigkill_from_inside_is_a_signal(make_exp, tmp_path):
     script = write_script(tmp_path, "self_kill.py", SELF_KILL)
-    e = make_exp("self_kill", py_cmd(script))  # sh -c execs the one command: exp's child is the python
+    e = make_exp("self_kill", f"exec {py_cmd(script)}")  # exp's child is the python itself
     handle = e.start()
     assert handle.wait(timeout=60) == -9
     reason = sigkill_reason(handle.pid)
@@ -335,16 +337,18 @@ def test_a_sigkill_from_inside_is_a_signal(make_exp, tmp_path):
 @posix_only
 def test_a_sigkill_reported_by_a_shell(make_exp, tmp_path):
     script = write_script(tmp_path, "self_kill.py", SELF_KILL)
-    e = make_exp("shell_kill", f"{py_cmd(script)}; exit $?")  # the shell waits and says so
+    e = make_exp("shell_kill", f"{py_cmd(script)}; exit $?")  # the shell waits, says "Killed", exits 137
     assert e.run() == 137
     check_recorded(e, "exit code 137 (SIGKILL?)", "Killed")
 
 
 @posix_only
 def test_a_stop_by_exp_keeps_its_reason_and_says_it_in_the_log(make_exp, tmp_path):
-    e = make_exp("stopped", f"{py_cmd(write_script(tmp_path, 's.py', 'import time; time.sleep(60)'))}")
+    up = tmp_path / "up"
+    script = write_script(tmp_path, "s.py", f"import time; open({str(up)!r}, 'w').close(); time.sleep(60)")
+    e = make_exp("stopped", py_cmd(script))
     handle = e.start()
-    wait_for(lambda: handle.pid and read_meta(e.work_dir).get("pid"), what="the pid in metadata")
+    wait_for(up.exists, what="the command to start")
     handle.terminate(grace=5)
     assert handle.reason == "terminated by user"
     m = check_recorded(e, "terminated by user", None, status="killed")
@@ -388,7 +392,8 @@ def memory_cgroup(limit: int):
     name = f"exp_test_oom_{os.getpid()}_{time.monotonic_ns()}"
     v1 = "/sys/fs/cgroup/memory"
     if os.path.isfile(os.path.join(v1, "memory.limit_in_bytes")):
-        path, limits = os.path.join(v1, name), [("memory.limit_in_bytes", limit), ("memory.memsw.limit_in_bytes", limit)]
+        path = os.path.join(v1, name)
+        limits = [("memory.limit_in_bytes", limit), ("memory.memsw.limit_in_bytes", limit)]
     else:
         try:
             with open("/sys/fs/cgroup/cgroup.subtree_control", encoding="ascii") as f:
@@ -447,7 +452,8 @@ def test_the_oom_killer_is_named(make_exp, tmp_path):
     assert known in expected, "the kernel log can be read but does not show the OOM kill"
     assert handle.reason == expected[known]
     check_recorded(e, expected[known], None)
-    assert f"; {expected[known]}" in ended_line(e.read_log())
+    line = ended_line(e.read_log())
+    assert "ended by signal SIGKILL (error); killed by the OOM killer" in line, line
 
 
 # ---------------------------------------------------------------------------- a batch and exp ls
@@ -456,8 +462,8 @@ def test_the_oom_killer_is_named(make_exp, tmp_path):
 def test_reasons_in_a_batch_and_in_ls(tmp_path):
     bad_lr = write_script(tmp_path, "bad_lr.py", BAD_LR)
     self_kill = write_script(tmp_path, "self_kill.py", SELF_KILL)
-    experiments = [("bad_lr", py_cmd(bad_lr, "0.1")), ("three", "exit 3"), ("self_kill", py_cmd(self_kill)),
-                   ("fine", "echo ok")]
+    experiments = [("bad_lr", py_cmd(bad_lr, "0.1")), ("three", "exit 3"), ("self_kill", f"exec {py_cmd(self_kill)}"),
+                   ("shell_kill", f"{py_cmd(self_kill)}; exit $?"), ("fine", "echo ok")]
     config = tmp_path / "batch.toml"
     config.write_text('[scheduler]\nbase_experiment_dir = "results"\nmax_concurrent_experiments = 4\n\n' + "".join(
         f"[[experiments]]\nname = {json.dumps(n)}\ncommand = {json.dumps(c)}\n\n" for n, c in experiments),
@@ -470,7 +476,8 @@ def test_reasons_in_a_batch_and_in_ls(tmp_path):
     assert set(metas) == {n for n, _ in experiments}
     killed = sigkill_reason(metas["self_kill"]["runs"][0]["pid"])
     expected = {"bad_lr": ("exit code 1", "ValueError: bad lr 0.1"), "three": ("exit code 3", None),
-                "self_kill": (killed, None), "fine": (None, None)}
+                "self_kill": (killed, None), "shell_kill": ("exit code 137 (SIGKILL?)", "Killed"),
+                "fine": (None, None)}
     for name, (reason, cause) in expected.items():
         m = metas[name]
         assert (m["reason"], m["cause"]) == (reason, cause), m
@@ -490,6 +497,7 @@ def test_reasons_in_a_batch_and_in_ls(tmp_path):
     assert by_name["bad_lr"].endswith("exit code 1: ValueError: bad lr 0.1")
     assert by_name["three"].endswith("exit code 3")
     assert by_name["self_kill"].endswith(killed)
+    assert by_name["shell_kill"].endswith("exit code 137 (SIGKILL?): Killed")
     assert by_name["fine"].endswith(" -")
 
     # Only finished experiments shown: no reason column at all.

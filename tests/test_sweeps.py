@@ -309,6 +309,16 @@ def test_too_many_points_is_an_error_not_a_hang():
     """) == [f"experiments[0].sweep: 1000000 combinations; at most {exp.SWEEP_MAX_POINTS} are allowed"]
 
 
+def test_a_tables_depends_on_problem_is_reported_once_for_all_points():
+    assert problems("""
+        [[experiments]]
+        name = "a{x}"
+        command = "true"
+        depends_on = ["zz"]
+        sweep = { x = [1, 2, 3] }
+    """) == ["experiments[0].depends_on: no experiment is named 'zz'"]
+
+
 def test_load_config_reports_a_missing_cwd_once_for_all_points(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[[experiments]]\nname = "n{a}"\ncommand = "true"\ncwd = "nope"\nsweep = { a = [1, 2, 3] }\n')
