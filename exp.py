@@ -115,7 +115,7 @@ __all__ = [
     "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "REPORT_LINE_WIDTH",
     "STATE_WRITE_INTERVAL", "COMMAND_POLL_INTERVAL", "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
     "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "STATE_DIR", "STATE_FILE", "LOG_EXT",
-    "METRICS_EXT",
+    "METRICS_EXT", "EXIT_STATUS_TEXT", "supervised_command", "read_exit_status", "record_end_command", "record_orphan_end", "RECORD_END_VERB",
     "__version__",
 ]
 
@@ -144,6 +144,8 @@ PID_RECORD_DELAY = 0.05
 #: Environment variable that makes ``load_experiment()`` create a standalone
 #: experiment when the script was not launched by exp.
 STANDALONE_ENV = "EXP_STANDALONE"
+#: The hidden command a run's supervisor calls to record its end when exp is gone.
+RECORD_END_VERB = "_record-end"
 #: How much of a file the tail reader reads at most (bounded memory on a 1 GiB log).
 TAIL_MAX_BYTES = 8 << 20
 #: metadata.json larger than this is not read (a runaway file must not eat memory).
@@ -163,6 +165,8 @@ COMMANDS_DIR = "commands"
 COMMAND_EXT = ".json"
 RESULT_EXT = ".result.json"
 LOG_EXT = ".log"
+#: What a run's supervisor writes after LOG_MARK at the end of the log: ``[exp] exit status 3``.
+EXIT_STATUS_TEXT = "exit status"
 METRICS_EXT = ".csv"
 #: ``_YYYY-MM-DD__HH-MM-SS`` plus ``_NN`` for a second experiment in the same second.
 _DIR_SUFFIX_BYTES = len("_2025-01-01__00-00-00_99")
@@ -2164,6 +2168,15 @@ class StateFile:
         except OSError:
             os.close(fd)
             return None
+        # Commands still waiting were sent to an earlier owner that ended
+        # before acting on them: answered, never acted on (a stale `shutdown`
+        # would otherwise stop this scheduler before it starts anything).
+        for cid, _ in self.pending_commands():
+            try:
+                self.answer(cid, {"ok": False, "message": "not done: the scheduler it was sent to ended first; "
+                                                          "send it again"})
+            except OSError:
+                pass
         return fd
 
     def owned(self) -> bool:
@@ -2195,7 +2208,9 @@ class StateFile:
         cid = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         os.makedirs(self.commands_dir, exist_ok=True)
         body = dict(args, id=cid, action=action, pid=os.getpid(), created_at=now_iso())
-        write_atomic(os.path.join(self.commands_dir, cid + COMMAND_EXT), _json().dumps(body).encode("utf-8"))
+        # Not fsynced: a command is acted on at once, or not at all if the machine goes down.
+        write_atomic(os.path.join(self.commands_dir, cid + COMMAND_EXT), _json().dumps(body).encode("utf-8"),
+                     sync=False)
         return cid
 
     def pending_commands(self) -> list[tuple[str, dict[str, Any] | None]]:
@@ -2229,6 +2244,7 @@ class StateFile:
         """Wait up to ``timeout`` s for a command's result (None if none came); the result file is removed."""
         path = os.path.join(self.commands_dir, cid + RESULT_EXT)
         deadline = time.monotonic() + timeout
+        gave_up = False
         while True:
             try:
                 res = read_json_file(path, 16 << 20)
@@ -2242,8 +2258,11 @@ class StateFile:
                 except OSError:
                     pass
                 return res
-            if time.monotonic() >= deadline or (alive is not None and not alive()):
+            if gave_up:
                 return None
+            if time.monotonic() >= deadline or (alive is not None and not alive()):
+                gave_up = True  # one more look: the answer may have come just before the scheduler exited
+                continue
             time.sleep(0.01)
 
     def commands_mtime(self) -> int:
@@ -2268,16 +2287,83 @@ EXIT_UNKNOWN = -255
 
 
 class Launch:
-    """What to start: a shell command, where, with which environment, output appended to which log."""
+    """What to start: a shell command, where, with which environment, output appended to which log.
 
-    __slots__ = ("command", "cwd", "env", "log_path", "name")
+    With ``supervise`` the command runs under a small supervisor (the shell
+    that leads its process group) that writes ``[exp] exit status N`` at the
+    end of the log when it ends, and, if the process that started it
+    (``os.getpid()`` at start) is gone by then, runs ``recorder`` plus the
+    status, so the end is recorded even when the scheduler was killed or a
+    background run's parent exited.
+    """
 
-    def __init__(self, command: str, cwd: str, env: dict[bytes, bytes], log_path: str, name: str = "") -> None:
+    __slots__ = ("command", "cwd", "env", "log_path", "name", "supervise", "recorder")
+
+    def __init__(self, command: str, cwd: str, env: dict[bytes, bytes], log_path: str, name: str = "",
+                 supervise: bool = False, recorder: list[str] | None = None) -> None:
         self.command = command
         self.cwd = cwd
         self.env = env
         self.log_path = log_path
         self.name = name
+        self.supervise = supervise
+        self.recorder = recorder
+
+
+def supervised_command(command: str, recorder: list[str] | None, manager_pid: int) -> str:
+    """The ``sh -c`` text that runs ``command`` under exp's supervisor (see :class:`Launch`).
+
+    The command runs in a subshell, so its ``exit`` or ``exec`` ends only
+    that.  The supervisor catches TERM/INT/HUP with a no-op (reset again for
+    the command: a trap, unlike an ignored signal, is not inherited), so a
+    stop signalled to the whole group lets it outlive the command long enough
+    to write the status.  A status of 128+N (the command died of signal N) is
+    passed on by dying of the same signal, so the starter sees it as a signal.
+    """
+    import shlex
+
+    lines = ["trap : TERM INT HUP", "(", command, ")", "rc=$?", f"printf '\\n{LOG_MARK} {EXIT_STATUS_TEXT} %s\\n' $rc"]
+    if recorder:
+        lines.append(f"kill -0 {manager_pid} 2>/dev/null || {shlex.join(recorder)} $rc")
+    lines += ["trap - TERM INT HUP", 'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then kill -$((rc - 128)) $$; fi',
+              "exit $rc"]
+    return "\n".join(lines)
+
+
+_EXIT_STATUS_RE = re.compile(rb"\[exp\] exit status (\d+)[ \t]*$", re.M)
+
+
+def read_exit_status(log_path: str) -> int | None:
+    """The exit status a run's supervisor wrote at the end of its log, or None (not ended, or no supervisor)."""
+    found = _EXIT_STATUS_RE.findall(read_tail(log_path, 32, max_bytes=1 << 20))
+    return int(found[-1]) if found else None
+
+
+def record_end_command(work_dir: str, run_id: str) -> list[str]:
+    """The command a supervisor runs (with the exit status appended) when exp is gone: records the end."""
+    return [sys.executable, "-I", os.path.abspath(__file__), RECORD_END_VERB, work_dir, run_id]
+
+
+def record_orphan_end(work_dir: str, run_id: str, status_code: int) -> None:
+    """Record a run's end from its supervisor, exp having gone meanwhile (once: a recorded end stays)."""
+    from datetime import datetime
+
+    d = ExperimentDir(work_dir)
+    meta, _ = d.try_read_metadata()
+    runs = meta.get("runs") if meta else None
+    entry = next((r for r in runs if isinstance(r, dict) and r.get("id") == run_id), None) if isinstance(
+        runs, list) else None
+    if entry is not None and entry.get("ended_at"):
+        return  # exp recorded it after all
+    duration = 0.0
+    started = entry.get("started_at") if entry else None
+    if isinstance(started, str):
+        try:
+            t0 = datetime.fromisoformat(started)
+            duration = round(max(0.0, (datetime.now(t0.tzinfo) - t0).total_seconds()), 3)
+        except ValueError:
+            pass
+    d.record_end(run_id, exit_code=status_code, status=FINISHED if status_code == 0 else ERROR, duration=duration)
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -2365,9 +2451,12 @@ class LocalBackend:
             fd = os.open(launch.log_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         except OSError as e:
             raise _storage_error(launch.log_path, e, "open") from e
+        command = launch.command
+        if launch.supervise:
+            command = supervised_command(command, launch.recorder, os.getpid())
         try:
             proc = subprocess.Popen(
-                launch.command,
+                command,
                 shell=True,
                 cwd=launch.cwd,
                 env=launch.env,
@@ -2903,7 +2992,8 @@ class Experiment:
         self.current_run_id = rid
         try:
             self._record_start(rid, started, None)
-            launch = Launch(command, self.cwd, self.child_env(rid, env_extra), log_path, self.name)
+            launch = Launch(command, self.cwd, self.child_env(rid, env_extra), log_path, self.name,
+                            supervise=True, recorder=record_end_command(self.work_dir, rid))
             run = self.backend.start(launch)
         except Exception as e:  # disk full, cwd vanished, no /bin/sh, no memory, ...
             err = e if isinstance(e, ExpError) else ExpError(
@@ -4642,7 +4732,12 @@ class Scheduler:
     # ---------------------------------------------------------------- commands
 
     def _run_commands(self, pool: Any) -> None:
-        """Act on every command file waiting in ``.exp_state/commands/`` and answer each."""
+        """Act on every command file waiting in ``.exp_state/commands/`` and answer each.
+
+        The state file is rewritten before the answers go out, so whoever has
+        an answer sees its effect in ``exp status`` at once.
+        """
+        answers = []
         for cid, body in self.state.pending_commands():
             try:
                 result = self._command(body, pool) if body is not None else {
@@ -4651,11 +4746,21 @@ class Scheduler:
                 result = {"ok": False, "message": str(e)}
             except Exception as e:  # noqa: BLE001 - a bad command must never stop the batch
                 result = {"ok": False, "message": f"{type(e).__name__}: {e}"}
+            answers.append((cid, result))
+            self._replan = self._dirty = True
+        if answers:
+            self.write_state()
+        for cid, result in answers:
             try:
                 self.state.answer(cid, result)
             except OSError as e:
                 self.term.event(f"warning: cannot answer command {cid} ({e})")
-            self._replan = self._dirty = True
+        # Where the file system's timestamps are coarse (one per clock tick,
+        # or per second), a command written just after this listing can leave
+        # the directory's mtime as it was: while the mtime is that recent,
+        # the directory is listed again at the next poll.
+        if abs(time.time_ns() - self.state.commands_mtime()) < 2_000_000_000:
+            self._commands_seen = -1
 
     def _find(self, tasks: Iterable[Any]) -> tuple[list[Job], list[str]]:
         """Jobs named by task ids or experiment names (a name: all its tasks); and the unknown ones."""
@@ -4762,6 +4867,9 @@ class Scheduler:
         path = body.get("config")
         if not isinstance(path, str):
             return {"ok": False, "message": "add: no config path"}
+        if self._draining:  # its pending tasks were told they will not start; nor will new ones
+            return {"ok": False, "message": f"the scheduler of {self.state.base_dir} is shutting down (exp shutdown); "
+                                            "run this again once it has exited"}
         config = load_config(path)
         check_gpu_requests(config, self.gpu_pool)
         new = expand_jobs(config)
@@ -4777,7 +4885,6 @@ class Scheduler:
             self.jobs.append(j)
             self.queue.append(j)
         self.queue.sort(key=lambda j: (-j.priority, j.order))
-        self._draining = False
         for w in config.warnings:
             self.term.event(f"warning: {w}")
         self.term.event(f"queued {len(new)} experiment(s) from {_short_path(path)}")
@@ -5241,6 +5348,10 @@ def _send(base: str, action: str, **body: Any) -> dict[str, Any]:
     cid = state.post_command(action, **body)
     res = state.result(cid, timeout=30.0, alive=state.owned)
     if res is None:
+        try:  # so that no later scheduler of this directory acts on it
+            os.unlink(os.path.join(state.commands_dir, cid + COMMAND_EXT))
+        except OSError:
+            pass
         raise ExpError(f"the scheduler of {state.base_dir} did not answer (is it still running? see `exp status`)")
     return res
 
@@ -5401,6 +5512,14 @@ def main(argv: list[str] | None = None) -> int:
     Exit statuses: 0 success, 1 an experiment failed or another error,
     2 bad usage or configuration, 130 interrupted.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [RECORD_END_VERB] and len(argv) == 4 and argv[3].lstrip("-").isdigit():
+        try:
+            record_orphan_end(argv[1], argv[2], int(argv[3]))
+        except (ExpError, OSError) as e:
+            print(f"exp: error: could not record the end of {argv[2]} in {argv[1]}: {e}", file=sys.stderr)
+            return 1
+        return 0
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "cmd", None):

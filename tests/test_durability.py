@@ -821,7 +821,7 @@ def test_kill_9_at_random_moments_never_leaves_a_file_the_next_writer_cannot_use
         deadline = time.monotonic() + rng.uniform(0.0, 0.3)
         while time.monotonic() < deadline:  # metadata.json parses while the child rewrites it, too
             assert read_meta(e.work_dir)["current_run_id"] == handle.run_id
-        os.kill(handle.pid, signal.SIGKILL)
+        os.killpg(handle.pid, signal.SIGKILL)  # the whole run: the writer and its supervisor
         assert handle.wait(timeout=60) == -signal.SIGKILL
         m = read_meta(e.work_dir)  # parses, every time
         assert (m["status"], m["exit_code"], m["current_run_id"]) == ("error", -9, handle.run_id)
