@@ -1823,6 +1823,14 @@ class ExperimentDir:
             raise MetadataError(f"{path} does not hold a JSON object; fix or move the file", path)
         return normalize_fields(meta)
 
+    def run_entry(self, run_id: str) -> dict[str, Any] | None:
+        """A run's entry in metadata.json's ``runs`` (None if there is none or the file cannot be read)."""
+        meta, _ = self.try_read_metadata()
+        runs = meta.get("runs") if meta else None
+        if not isinstance(runs, list):
+            return None
+        return next((r for r in runs if isinstance(r, dict) and r.get("id") == run_id), None)
+
     def try_read_metadata(self) -> tuple[dict[str, Any] | None, str | None]:
         """(metadata, None), or (None, why it cannot be read); never raises."""
         try:
@@ -1921,13 +1929,16 @@ class ExperimentDir:
 
         return self.update_metadata(update, initial, sync=False)
 
-    def record_pid(self, run_id: str, pid: int) -> None:
+    def record_pid(self, run_id: str, pid: int, start_ticks: int | None = None) -> None:
+        """The run's pid (and its start time, which tells a reused pid apart on adoption)."""
         def update(m: dict[str, Any]) -> None:
             if m.get("current_run_id") == run_id and m.get("status") == RUNNING:
                 m["pid"] = pid
             for r in m.get("runs") or []:
                 if isinstance(r, dict) and r.get("id") == run_id and r.get("pid") is None:
                     r["pid"] = pid
+                    if start_ticks is not None:
+                        r["start_ticks"] = start_ticks
 
         self.update_metadata(update, sync=False)  # passing state, like the start
 
@@ -2363,7 +2374,9 @@ def record_orphan_end(work_dir: str, run_id: str, status_code: int) -> None:
             duration = round(max(0.0, (datetime.now(t0.tzinfo) - t0).total_seconds()), 3)
         except ValueError:
             pass
-    d.record_end(run_id, exit_code=status_code, status=FINISHED if status_code == 0 else ERROR, duration=duration)
+    # The shell's 128+N for a death by signal N, written the way Popen reports it.
+    code = -(status_code - 128) if 128 < status_code < 160 else status_code
+    d.record_end(run_id, exit_code=code, status=FINISHED if code == 0 else ERROR, duration=duration)
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -3132,7 +3145,8 @@ class RunHandle:
         """Write the run's pid into metadata.json now (once; later calls do nothing)."""
         if not self._pid_recorded:
             self._pid_recorded = True
-            self.experiment.dir.record_pid(self.run_id, self.pid)
+            ticks = self.run.record().get("start_ticks") if self.run.proc is not None else None
+            self.experiment.dir.record_pid(self.run_id, self.pid, ticks)
 
     def poll(self) -> int | None:
         """The exit code if the run has ended (and its end been recorded), else None."""
@@ -3192,6 +3206,20 @@ class RunHandle:
         self._finish(code)
 
     def _finish(self, code: int | None) -> None:
+        if code == EXIT_UNKNOWN:  # an adopted run: its supervisor knows how it ended
+            entry = self.experiment.dir.run_entry(self.run_id)
+            if entry is not None and entry.get("ended_at"):  # and has recorded it (exp was gone then)
+                ended = entry.get("exit_code")
+                self.returncode = ended if _is_int(ended) else None
+                st = entry.get("status")
+                self.status = st if isinstance(st, str) and st in STATUSES else ERROR
+                self.reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
+                self.experiment.status = self.status
+                self._done.set()
+                return
+            status_code = read_exit_status(self.log_path)
+            code = None if status_code is None else (
+                -(status_code - 128) if 128 < status_code < 160 else status_code)
         if self._stop_requested:
             status, reason = self._stop_status, self._stop_reason
         else:
@@ -4415,8 +4443,10 @@ class Scheduler:
     """
 
     def __init__(self, config: BatchConfig, out: Any = None, clock: Callable[[], float] = time.monotonic,
-                 gpus: list[int] | None = None) -> None:
+                 gpus: list[int] | None = None, resume: bool = False) -> None:
         self.config = config
+        #: Skip experiments that already finished successfully in the base directory (``run --resume``).
+        self.resume = resume
         self.limit = int(config.max_concurrent_experiments)
         #: The GPU pool: ``gpus``, else [scheduler] gpus, else detected once, here.
         self.gpu_pool = list(gpus) if gpus is not None else gpu_pool(config.scheduler)
@@ -4536,6 +4566,9 @@ class Scheduler:
                 "base_experiment_dir is that directory adds its experiments to that scheduler's queue, "
                 "or `exp shutdown` it first")
         self._events = queue_mod.SimpleQueue()
+        self._recover()
+        if self.resume:
+            self._skip_finished()
         on_main = threading.current_thread() is threading.main_thread()
         old_handlers: dict[Any, Any] = {}
         if on_main:
@@ -4579,6 +4612,10 @@ class Scheduler:
     def _loop(self, pool: Any) -> None:
         import queue as queue_mod
 
+        for job in list(self.running.values()):  # adopted from a scheduler that died
+            if job.handle is not None:
+                fut = pool.submit(self._wait, job, job.handle)
+                fut.add_done_callback(lambda f: self._events.put(f.result()))
         linger = bool(self.config.linger_when_idle)
         replan_every = float(self.config.check_interval)
         next_replan = 0.0
@@ -4728,6 +4765,119 @@ class Scheduler:
             if job.status != FINISHED:
                 self._fail_dependents(job)
         self._dirty = True
+
+    # ---------------------------------------------------------------- crash recovery
+
+    @staticmethod
+    def _job_key(name: Any, command: Any, params: Any, repeat: Any) -> tuple[Any, ...]:
+        return (name, command, _json().dumps(params or {}, sort_keys=True, default=str), repeat)
+
+    def _recover(self) -> None:
+        """Take over from a scheduler of this base directory that died (its state was not "stopped").
+
+        Tasks are matched by name, command, params and repeat.  What ended
+        stays ended (nothing runs twice), what still runs (the same process:
+        pid and start time) is adopted and waited for, what ended while no
+        scheduler watched is recorded with the exit status its supervisor
+        wrote, and what was pending runs, in its old directory if it had one.
+        """
+        try:
+            prev = self.state.read()
+        except MetadataError as e:
+            self.term.event(f"warning: the previous state file cannot be read ({e}); starting afresh")
+            return
+        summary = prev.get("summary") if prev else None
+        if not prev or not isinstance(summary, dict) or summary.get("status_indicator") == SCHEDULER_STOPPED:
+            return
+        items: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for group in ("running", "pending", "finished", "errors"):
+            for it in prev.get(group) or []:
+                if isinstance(it, dict):
+                    items.setdefault(self._job_key(it.get("name"), it.get("command"), it.get("params"),
+                                                   it.get("repeat")), []).append(it)
+        adopted = ended = 0
+        for job in list(self.jobs):
+            key = self._job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
+            if not items.get(key):
+                continue
+            it = items[key].pop(0)
+            wd, rid, status = it.get("work_dir"), it.get("run_id"), it.get("status")
+            attempt = it.get("attempt")
+            job.attempt = attempt if isinstance(attempt, int) else 0
+            job.work_dir, job.run_id = wd if isinstance(wd, str) else None, rid if isinstance(rid, str) else None
+            if status in (FINISHED, ERROR, KILLED):
+                self._mark_done(job, status, it.get("exit_code"), it.get("reason"))
+                continue
+            if job.work_dir is None or not ExperimentDir.is_experiment(job.work_dir):
+                continue  # never started: it waits in the queue as before
+            job.experiment = Experiment.load(job.work_dir)
+            job.experiment.backend = self.backend
+            if status != RUNNING or job.run_id is None:
+                continue  # between attempts: the next one goes in the same directory
+            entry = job.experiment.dir.run_entry(job.run_id) or {}
+            if entry.get("ended_at"):  # its supervisor recorded the end while no scheduler watched
+                self._mark_done(job, entry.get("status"), entry.get("exit_code"), entry.get("reason"))
+                ended += 1
+                continue
+            pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
+            run = None
+            meta = job.experiment.dir.try_read_metadata()[0] or {}
+            if _is_int(pid):
+                try:
+                    run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
+                                               "host": meta.get("hostname")})
+                except ExpError:
+                    run = None
+            t0 = time.time()
+            handle = RunHandle(job.experiment, run or LocalRun(None, 0), job.run_id,
+                               job.experiment.dir.log_path(job.run_id), str(entry.get("started_at") or ""), t0)
+            if run is not None and run.poll() is None:
+                job.handle, job.status = handle, RUNNING
+                job.t_started = self._clock()
+                self.queue.remove(job)
+                self.running[job.id] = job
+                exact, _ = job.gpu_request()
+                job.gpus = [g for g in (it.get("assigned_gpus") or exact or []) if _is_int(g)]
+                for g in job.gpus:
+                    self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
+                adopted += 1
+                self.term.event(f"adopted  {job.label()} (pid {pid}, still running) -> {_short_path(job.work_dir)}")
+            else:  # gone, and nothing recorded its end: the supervisor's status line, if any
+                handle._finish(EXIT_UNKNOWN)
+                self._mark_done(job, handle.status, handle.returncode, handle.reason)
+                ended += 1
+        if adopted or ended or any(j.status != PENDING for j in self.jobs):
+            self.term.event(f"recovered the state of the scheduler that died (pid {summary.get('pid')}): "
+                            f"{adopted} adopted, {ended} ended meanwhile, {len(self.done)} done, "
+                            f"{len(self.queue)} to run")
+        self._dirty = True
+
+    def _mark_done(self, job: Job, status: Any, code: Any, reason: Any) -> None:
+        job.status = status if isinstance(status, str) and status in STATUSES and status != RUNNING else ERROR
+        job.exit_code = code if _is_int(code) else None
+        job.reason = reason if isinstance(reason, str) else None
+        if job in self.queue:
+            self.queue.remove(job)
+        self.done.append(job)
+        self._touch(job)
+
+    def _skip_finished(self) -> None:
+        """``--resume``: tasks that already finished successfully here (same name, command, params) are done."""
+        finished: dict[tuple[Any, ...], list[str]] = {}
+        for d in scan(self.config.base_experiment_dir):
+            meta, _ = d.try_read_metadata()
+            if meta and meta.get("status") == FINISHED:
+                key = self._job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
+                finished.setdefault(key, []).append(d.path)
+        skipped = 0
+        for job in list(self.queue):
+            key = self._job_key(job.spec.name, job.spec.command, job.spec.params, None)
+            if finished.get(key):
+                job.work_dir = finished[key].pop(0)
+                self._mark_done(job, FINISHED, 0, None)
+                job.reason = "finished before (--resume)"
+                skipped += 1
+        self.term.event(f"--resume: {skipped} experiment(s) already finished here are skipped")
 
     # ---------------------------------------------------------------- commands
 
@@ -5280,6 +5430,9 @@ def _build_parser():  # type: ignore[no-untyped-def]
                        epilog="config keys:\n" + keys)
     r.add_argument("config", help="the batch file, e.g. config.toml")
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit without running anything")
+    r.add_argument("--resume", action="store_true",
+                   help="skip experiments that already finished successfully in the base directory "
+                        "(same name, command and sweep values), like GNU parallel --resume")
     r.add_argument("--wait", action="store_true",
                    help="when a scheduler already runs for the base directory (the experiments join its "
                         "queue), follow them to the end and exit as `run` would")
@@ -5456,7 +5609,7 @@ def _cmd_run(args: Any) -> int:
     if args.dry_run:
         print(format_plan(config))
         return 0
-    return Scheduler(config, gpus=pool).run()
+    return Scheduler(config, gpus=pool, resume=args.resume).run()
 
 
 def _cmd_ls(args: Any) -> int:
