@@ -3234,6 +3234,11 @@ class RunHandle:
             self.returncode, self.status = code, status
             self._done.set()
 
+    def settle(self) -> None:
+        """For an adopted run that has already ended: take the end its supervisor recorded, or record it."""
+        if not self._done.is_set():
+            self._finish(EXIT_UNKNOWN)
+
     def _watch(self) -> None:
         """The background thread of ``run()``: wait, and say so if the end cannot be recorded."""
         try:
@@ -4843,7 +4848,7 @@ class Scheduler:
                 adopted += 1
                 self.term.event(f"adopted  {job.label()} (pid {pid}, still running) -> {_short_path(job.work_dir)}")
             else:  # gone, and nothing recorded its end: the supervisor's status line, if any
-                handle._finish(EXIT_UNKNOWN)
+                handle.settle()
                 self._mark_done(job, handle.status, handle.returncode, handle.reason)
                 ended += 1
         if adopted or ended or any(j.status != PENDING for j in self.jobs):
