@@ -56,9 +56,16 @@ directory and a backend.  The *Scheduler* plans in pure functions and
 executes with one main thread (directories, starts, state) and pool threads
 that only wait for commands and record their ends.
 
+Each run's command runs under a tiny ``sh`` supervisor that leads its
+process group and records the end itself if exp is gone, so a scheduler
+killed with ``kill -9`` loses nothing: the next one adopts what still runs.
+A running scheduler owns its base directory (an flock in ``.exp_state/``)
+and takes commands (``exp kill``, ``retry``, ``shutdown``, a second ``run``)
+as files in ``.exp_state/commands/``.
+
 Sections (``grep -n '^# ====' exp.py``): constants, exceptions, utilities,
 platform, files, metrics CSV, store, backend, experiment and runs, inside a
-training script, config, planning, scheduler, listing, CLI.
+training script, config, GPUs, planning, scheduler, listing, CLI.
 """
 from __future__ import annotations
 
