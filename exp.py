@@ -3218,15 +3218,22 @@ class RunHandle:
             if entry is not None and entry.get("ended_at"):  # and has recorded it (exp was gone then)
                 ended = entry.get("exit_code")
                 self.returncode = ended if _is_int(ended) else None
-                st = entry.get("status")
-                self.status = st if isinstance(st, str) and st in STATUSES else ERROR
-                self.reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
-                self.experiment.status = self.status
-                self._done.set()
-                return
-            status_code = read_exit_status(self.log_path)
-            code = None if status_code is None else (
-                -(status_code - 128) if 128 < status_code < 160 else status_code)
+                if self._stop_requested:
+                    # A stop this exp asked for (its supervisor, started by a
+                    # scheduler now dead, recorded a plain end): recorded again
+                    # below as exp's stop ("terminated by user", "timeout").
+                    code = self.returncode
+                else:
+                    st = entry.get("status")
+                    self.status = st if isinstance(st, str) and st in STATUSES else ERROR
+                    self.reason = entry.get("reason") if isinstance(entry.get("reason"), str) else None
+                    self.experiment.status = self.status
+                    self._done.set()
+                    return
+            else:
+                status_code = read_exit_status(self.log_path)
+                code = None if status_code is None else (
+                    -(status_code - 128) if 128 < status_code < 160 else status_code)
         if self._stop_requested:
             status, reason = self._stop_status, self._stop_reason
         else:
@@ -4483,6 +4490,7 @@ class Scheduler:
         self._next_state_write = 0.0
         self._state_unwritable = False
         self._draining = False  # shutdown: launch nothing more, exit when the running ones end
+        self._last_id = max((j.id for j in self.jobs), default=0)
         self._replan = True
         self._commands_seen = -1
         self._owner_fd: int | None = None
@@ -4841,11 +4849,18 @@ class Scheduler:
                 except ExpError:
                     run = None
             t0 = time.time()
+            try:  # its duration and timeout count from its start, not from now
+                from datetime import datetime
+
+                t0 = min(t0, datetime.fromisoformat(str(entry.get("started_at"))).timestamp())
+            except ValueError:
+                pass
             handle = RunHandle(job.experiment, run or LocalRun(None, 0), job.run_id,
                                job.experiment.dir.log_path(job.run_id), str(entry.get("started_at") or ""), t0)
             if run is not None and run.poll() is None:
                 job.handle, job.status = handle, RUNNING
-                job.t_started = self._clock()
+                job.t_started = self._clock() - (time.time() - t0)
+                job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
                 self.queue.remove(job)
                 self.running[job.id] = job
                 exact, _ = job.gpu_request()
@@ -4876,7 +4891,11 @@ class Scheduler:
     def _skip_finished(self) -> None:
         """``--resume``: tasks that already finished successfully here (same name, command, params) are done."""
         finished: dict[tuple[Any, ...], list[str]] = {}
+        # A directory a task of this batch already has (recovered after a crash) is not another one's.
+        claimed = {os.path.abspath(j.work_dir) for j in self.jobs if j.work_dir}
         for d in scan(self.config.base_experiment_dir):
+            if d.path in claimed:
+                continue
             meta, _ = d.try_read_metadata()
             if meta and meta.get("status") == FINISHED:
                 key = self._job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
@@ -4987,6 +5006,13 @@ class Scheduler:
                     job.max_attempts = max(job.max_attempts, job.attempt + 1)
                     self.queue.insert(0, job)
                     lines.append(f"queued {label} again (attempt {job.attempt + 1})")
+                    # Its dependents that gave up because of it wait for it again.
+                    for dep in [d for d in self.done if d.reason == f"dependency failed: {job.name}"]:
+                        self.done.remove(dep)
+                        dep.status, dep.reason = PENDING, None
+                        self.queue.append(dep)
+                        self._touch(dep)
+                        lines.append(f"queued {dep.id} {dep.label()} again (it waits for {job.label()})")
                 else:
                     lines.append(f"{label} is {job.status}; only failed or killed tasks can be retried")
             elif action == "rm":
@@ -5035,10 +5061,11 @@ class Scheduler:
         config = load_config(path)
         check_gpu_requests(config, self.gpu_pool)
         new = expand_jobs(config)
-        first = max((j.id for j in self.jobs), default=0)
+        first = self._last_id  # ids are never reused, even after `exp rm`
         order0 = max((j.order for j in self.jobs), default=-1) + 1
         ids = {j.id: first + j.id for j in new}
         now = self._clock()
+        self._last_id += len(new)
         for j in new:
             j.id = ids[j.id]
             j.order += order0
