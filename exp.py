@@ -3283,7 +3283,7 @@ class RunHandle:
         return self.wait()
 
     def kill(self) -> int:
-        """Stop at once with SIGKILL to the whole process group."""
+        """Stop at once: SIGTERM and, with no grace period, SIGKILL to the whole process group."""
         return self.terminate(grace=0)
 
     def _follow(self, grace: float) -> int:

@@ -1,0 +1,601 @@
+"""Crash recovery: runs outlive their scheduler and their ends are still recorded.
+
+Each run's command runs under a small ``sh`` supervisor that leads the run's
+process group, writes ``[exp] exit status N`` into the log when the command
+ends and, when the process that started the run is gone by then, records
+the end in metadata.json itself (``exp.py _record-end``).  A restarted
+``exp run`` adopts runs that still run (the same process: pid and start
+time), takes the ends recorded meanwhile, and goes on with what was pending;
+``run --resume`` skips what already finished.
+
+Everything is real: ``python exp.py run`` in the background, SIGKILLed with
+``os.kill``; experiments are shell one-liners that note each execution in a
+marker file and wait for a gate file, so the test decides when each ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXP_PY, child_env, pid_gone, read_meta, wait_for
+
+import exp
+
+PY = sys.executable
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or exp.fcntl is None,
+    reason="recovery compares start times from /proc and runs commands in POSIX process groups",
+)
+
+
+# ============================================================================
+# Helpers
+# ============================================================================
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def write_config(path: Path, base: Path, experiments: list[dict], **scheduler) -> Path:
+    lines = ["[scheduler]", f"base_experiment_dir = {toml_value(str(base))}", "kill_timeout = 5"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
+    for e in experiments:
+        lines += ["", "[[experiments]]"]
+        sweep = e.pop("sweep", None)
+        lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
+        if sweep:
+            lines += ["[experiments.sweep]"] + [f"{k} = {toml_value(v)}" for k, v in sweep.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+class Marks:
+    """Marker and gate files under ``<tmp>/marks``.
+
+    ``gated(name, code)``: a command that appends its run id to ``<name>.runs``,
+    waits (at most about a minute) for ``<name>.go`` and exits with ``code``.
+    ``quick(name)``: appends to ``<name>.runs`` and exits 0.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "marks"
+        self.dir.mkdir()
+
+    def gated(self, name: str, code: int = 0) -> str:
+        d = self.dir
+        return (f'echo "$EXPERIMENT_RUN_ID" >> "{d}/{name}.runs"; '
+                f'i=0; while [ ! -e "{d}/{name}.go" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; '
+                f"exit {code}")
+
+    def quick(self, name: str) -> str:
+        return f'echo "$EXPERIMENT_RUN_ID $EXPERIMENT_REPEAT" >> "{self.dir}/{name}.runs"'
+
+    def open(self, name: str) -> None:
+        (self.dir / f"{name}.go").touch()
+
+    def runs(self, name: str) -> list[str]:
+        try:
+            return (self.dir / f"{name}.runs").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+
+
+class Sched:
+    """``python exp.py run CONFIG [args]`` in the background, output to files."""
+
+    def __init__(self, config: Path, tmp_path: Path, *args: str, n: int = 1) -> None:
+        self.out_path = tmp_path / f"sched{n}.out"
+        self._out = open(self.out_path, "wb")
+        self.proc = subprocess.Popen([PY, EXP_PY, "run", str(config), *args], cwd=str(tmp_path),
+                                     env=child_env(NO_COLOR="1"), stdin=subprocess.DEVNULL,
+                                     stdout=self._out, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        return self.out_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the scheduler did not exit within {timeout}s; output:\n{self.output()}")
+        self._out.close()
+        return code
+
+    def crash(self) -> None:
+        """SIGKILL the scheduler and reap it (an unreaped zombie would still answer ``kill -0``)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert self.wait() == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._out.close()
+
+
+@pytest.fixture
+def marks(tmp_path) -> Marks:
+    return Marks(tmp_path)
+
+
+@pytest.fixture
+def sched(tmp_path, kill_groups_later):
+    """``sched(config, *args)`` starts a scheduler; all are killed after the test, with their runs."""
+    started: list[Sched] = []
+
+    def make(config: Path, *args: str) -> Sched:
+        s = Sched(config, tmp_path, *args, n=len(started) + 1)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+    # Runs outlive a SIGKILLed scheduler: whatever a failed test left goes too.
+    base = tmp_path / "results"
+    for meta_path in base.glob("*/metadata.json") if base.is_dir() else []:
+        try:
+            for r in json.loads(meta_path.read_text(encoding="utf-8")).get("runs") or []:
+                if isinstance(r.get("pid"), int) and r.get("ended_at") is None:
+                    kill_groups_later.append(r["pid"])
+        except (OSError, ValueError):
+            pass
+
+
+def state(base: Path) -> dict:
+    try:
+        return json.loads((base / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def in_state(base: Path, group: str, name: str) -> dict | None:
+    return next((i for i in state(base).get(group) or [] if i.get("name") == name), None)
+
+
+def dirs_of(base: Path, name: str) -> list[Path]:
+    pat = re.compile(re.escape(name) + r"_\d{4}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?\Z")
+    return sorted(p for p in base.iterdir() if p.is_dir() and pat.match(p.name))
+
+
+def only_dir(base: Path, name: str) -> Path:
+    found = dirs_of(base, name)
+    assert len(found) == 1, (name, found)
+    return found[0]
+
+
+def last_run(work_dir) -> dict:
+    return read_meta(work_dir)["runs"][-1]
+
+
+def log_text(work_dir, run_id: str = "run_0001") -> str:
+    return (Path(work_dir) / "terminal_logs" / f"{run_id}.log").read_text(encoding="utf-8", errors="replace")
+
+
+def wait_running(base: Path, *names: str) -> dict[str, dict]:
+    """Wait until each named task runs with its pid and start time recorded; {name: its metadata run entry}."""
+    def check():
+        found = {}
+        for name in names:
+            item = in_state(base, "running", name)
+            if not item or not item.get("pid") or not item.get("work_dir"):
+                return None
+            meta = exp.ExperimentDir(item["work_dir"]).try_read_metadata()[0] or {}
+            runs = meta.get("runs") or []
+            if not runs or runs[-1].get("pid") != item["pid"] or not runs[-1].get("start_ticks"):
+                return None
+            found[name] = dict(runs[-1], work_dir=item["work_dir"])
+        return found
+    return wait_for(check, 30, what=f"{names} running, their pids recorded")
+
+
+def wait_ended(work_dir, timeout: float = 30) -> dict:
+    """Wait until the last run of ``work_dir`` has its end recorded; its entry."""
+    return wait_for(lambda: (lambda r: r if r.get("ended_at") else None)(last_run(work_dir)),
+                    timeout, what=f"the end of the run in {work_dir}")
+
+
+# ============================================================================
+# The issue's scenario
+# ============================================================================
+
+
+def test_sigkilled_scheduler_restarts_adopts_records_and_continues(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "early", "command": marks.quick("early"), "priority": 10},
+        {"name": "fails", "command": marks.gated("fails", 3), "priority": 5},
+        {"name": "lives", "command": marks.gated("lives", 0), "priority": 5},
+        {"name": "later1", "command": marks.quick("later1")},
+        {"name": "later2", "command": marks.quick("later2")},
+    ], max_concurrent_experiments=2)
+    s1 = sched(cfg)
+    running = wait_running(base, "fails", "lives")
+    kill_groups_later.extend(r["pid"] for r in running.values())
+    wait_for(lambda: in_state(base, "finished", "early"), 30, what="early recorded finished")
+    assert [i["name"] for i in state(base)["pending"]] == ["later1", "later2"]
+    s1.crash()
+
+    # While no scheduler runs, "fails" ends: its supervisor records the end.
+    marks.open("fails")
+    fails_dir = running["fails"]["work_dir"]
+    run = wait_ended(fails_dir)
+    assert (run["status"], run["exit_code"], run["reason"]) == ("error", 3, "exit code 3")
+    meta = read_meta(fails_dir)
+    assert (meta["status"], meta["exit_code"], meta["reason"], meta["pid"]) == ("error", 3, "exit code 3", None)
+    log = log_text(fails_dir)
+    assert "[exp] exit status 3" in log and re.search(r"\[exp\] \S+ run_0001 ended: exit code 3 \(error\)", log), log
+    assert read_meta(running["lives"]["work_dir"])["status"] == "running"
+    wait_for(lambda: pid_gone(running["fails"]["pid"]), 15, what="the supervisor of fails to go")
+
+    s2 = sched(cfg)
+    wait_for(lambda: "adopted" in s2.output(), 30, what="the restarted scheduler to adopt")
+    marks.open("lives")
+    assert s2.wait() == 1  # "fails" failed
+    out = s2.output()
+    assert re.search(r"adopted\s+lives \(pid %d, still running\)" % running["lives"]["pid"], out), out
+    assert "1 adopted, 1 ended meanwhile" in out, out
+    assert not re.search(r"started\s+(early|fails|lives)\b", out), out  # nothing that ran runs again
+
+    # Each experiment ran exactly once, in exactly one directory.
+    for name in ("early", "fails", "lives", "later1", "later2"):
+        assert len(marks.runs(name)) == 1, (name, marks.runs(name))
+        assert len(read_meta(only_dir(base, name))["runs"]) == 1, name
+    assert len([p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 5
+
+    lives = read_meta(running["lives"]["work_dir"])
+    assert (lives["status"], lives["exit_code"], lives["runs"][0]["status"]) == ("finished", 0, "finished")
+    assert "[exp] exit status 0" in log_text(running["lives"]["work_dir"])
+    fails = read_meta(fails_dir)
+    assert (fails["status"], fails["exit_code"], fails["reason"]) == ("error", 3, "exit code 3")
+    for name in ("early", "later1", "later2"):
+        assert read_meta(only_dir(base, name))["status"] == "finished", name
+
+    final = state(base)
+    assert final["summary"]["status_indicator"] == "stopped"
+    assert sorted(i["name"] for i in final["finished"]) == ["early", "later1", "later2", "lives"]
+    assert [(i["name"], i["exit_code"], i["reason"]) for i in final["errors"]] == [("fails", 3, "exit code 3")]
+    assert final["pending"] == [] and final["running"] == []
+
+
+def test_a_live_pid_of_another_process_is_not_adopted(tmp_path, marks, sched, kill_groups_later):
+    """The recorded pid now belongs to someone else (start time differs): not adopted, not signalled."""
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "victim", "command": marks.gated("victim")}])
+    s1 = sched(cfg)
+    run = wait_running(base, "victim")["victim"]
+    kill_groups_later.append(run["pid"])
+    s1.crash()
+    os.killpg(run["pid"], signal.SIGKILL)  # the real run is gone, with its supervisor: nothing records it
+    wait_for(lambda: pid_gone(run["pid"]), 15, what="the run to go")
+
+    # Its pid is reused: another process, alive, in a group of its own.
+    other = subprocess.Popen([PY, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                             stdin=subprocess.DEVNULL)
+    try:
+        kill_groups_later.append(other.pid)
+        work_dir = run["work_dir"]
+        meta = read_meta(work_dir)
+        assert meta["runs"][-1]["start_ticks"] == run["start_ticks"]
+        meta["pid"] = meta["runs"][-1]["pid"] = other.pid  # start_ticks stays the old process's
+        (Path(work_dir) / "metadata.json").write_text(json.dumps(meta), encoding="utf-8")
+        st = state(base)
+        st["running"][0]["pid"] = other.pid
+        (base / ".exp_state" / "scheduler_state.json").write_text(json.dumps(st), encoding="utf-8")
+
+        s2 = sched(cfg)
+        assert s2.wait() == 1
+        out = s2.output()
+        assert "adopted  victim" not in out and "0 adopted, 1 ended meanwhile" in out, out
+        assert other.poll() is None, "exp signalled a process that is not its run"
+        meta = read_meta(work_dir)
+        assert meta["status"] == "error" and meta["exit_code"] is None, meta
+        assert "unknown" in meta["reason"], meta
+        assert len(marks.runs("victim")) == 1 and len(meta["runs"]) == 1  # not run again
+        assert only_dir(base, "victim")
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_run_killed_with_its_supervisor_while_no_scheduler_ran(tmp_path, marks, sched, kill_groups_later):
+    """No exit status line, no record: recorded error (exit code unknown), not rerun, not left running."""
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "doomed", "command": marks.gated("doomed"), "priority": 1},
+        {"name": "after", "command": marks.quick("after")},
+    ])
+    s1 = sched(cfg)
+    run = wait_running(base, "doomed")["doomed"]
+    kill_groups_later.append(run["pid"])
+    s1.crash()
+    os.killpg(run["pid"], signal.SIGKILL)
+    wait_for(lambda: pid_gone(run["pid"]), 15, what="the run to go")
+    assert read_meta(run["work_dir"])["status"] == "running"  # nobody could record it
+    assert "[exp] exit status" not in log_text(run["work_dir"])
+
+    s2 = sched(cfg)
+    assert s2.wait() == 1
+    out = s2.output()
+    assert "0 adopted, 1 ended meanwhile" in out, out
+    meta = read_meta(run["work_dir"])
+    assert (meta["status"], meta["exit_code"], meta["pid"]) == ("error", None, None), meta
+    assert meta["reason"] == "exit code unknown"
+    assert meta["runs"][0]["status"] == "error" and meta["runs"][0]["ended_at"]
+    assert len(marks.runs("doomed")) == 1 and only_dir(base, "doomed")
+    assert len(marks.runs("after")) == 1
+    final = state(base)
+    assert [i["name"] for i in final["errors"]] == ["doomed"] and final["running"] == []
+    assert [i["name"] for i in final["finished"]] == ["after"]
+
+
+def test_an_adopted_run_stopped_by_exp_is_recorded_as_exp_stopped_it(tmp_path, marks, sched, kill_groups_later):
+    """`exp kill` on an adopted run: killed / "terminated by user", not the supervisor's "error", no retry."""
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "hold", "command": marks.gated("hold"),
+                                                    "max_retries": 2}],
+                       auto_restart_on_error=True)
+    s1 = sched(cfg)
+    run = wait_running(base, "hold")["hold"]
+    running_since = time.time()  # it started before this
+    kill_groups_later.append(run["pid"])
+    s1.crash()
+    s2 = sched(cfg)
+    wait_for(lambda: "adopted" in s2.output(), 30, what="the restarted scheduler to adopt")
+    killed_after = time.time()  # it ends after this
+    r = subprocess.run([PY, EXP_PY, "kill", "hold", "--dir", str(base)], cwd=str(tmp_path),
+                       env=child_env(NO_COLOR="1"), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    marks.open("hold")  # a new attempt (there must be none) would end at once
+    assert s2.wait() == 1
+    out = s2.output()
+    assert "retrying" not in out, out
+    meta = read_meta(run["work_dir"])
+    assert (meta["status"], meta["exit_code"], meta["reason"]) == ("killed", -signal.SIGTERM, "terminated by user"), meta
+    assert len(meta["runs"]) == 1 and len(marks.runs("hold")) == 1
+    # The duration counts from the run's start, not from its adoption.
+    assert meta["duration"] == meta["runs"][0]["duration"] >= round(killed_after - running_since, 3) - 0.002
+    assert [(i["name"], i["status"]) for i in state(base)["errors"]] == [("hold", "killed")]
+
+
+def test_an_adopted_run_keeps_its_timeout(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    # Long enough not to expire before the crash; it has mostly passed by the restart.
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "slow", "command": marks.gated("slow"),
+                                                    "timeout": 3}])
+    s1 = sched(cfg)
+    run = wait_running(base, "slow")["slow"]
+    kill_groups_later.append(run["pid"])
+    s1.crash()
+    assert "timeout" not in s1.output(), s1.output()
+    s2 = sched(cfg)  # the gate never opens: only the timeout ends it
+    assert s2.wait() == 1
+    meta = read_meta(run["work_dir"])
+    assert (meta["status"], meta["reason"]) == ("error", "timeout"), (meta, s2.output())
+    assert "adopted" in s2.output()
+
+
+# ============================================================================
+# run --resume
+# ============================================================================
+
+
+def test_resume_skips_what_finished_and_reruns_what_failed(tmp_path, marks, sched):
+    base = tmp_path / "results"
+    flag = tmp_path / "fixed"
+    # Each fails until the flag exists: "bad" always, "rep" in its 3rd repeat, "sw" at x=4.
+    experiments = [
+        {"name": "ok", "command": marks.quick("ok")},
+        {"name": "bad", "command": marks.quick("bad") + f' && [ -e "{flag}" ]'},
+        {"name": "rep", "repeats": 3,
+         "command": marks.quick("rep") + f'; [ "$EXPERIMENT_REPEAT" -ne 3 ] || [ -e "{flag}" ]'},
+        {"name": "sw_{x}", "command": marks.quick("sw{x}") + f'; [ {{x}} -eq 0 ] || [ -e "{flag}" ]',
+         "sweep": {"x": [0, 4]}},
+    ]
+    cfg = write_config(tmp_path / "c.toml", base, [dict(e) for e in experiments], max_concurrent_experiments=2)
+    assert sched(cfg).wait() == 1
+    assert [len(marks.runs(n)) for n in ("ok", "bad", "rep", "sw0", "sw4")] == [1, 1, 3, 1, 1]
+
+    flag.touch()
+    s = sched(cfg, "--resume")
+    assert s.wait() == 0, s.output()
+    out = s.output()
+    assert "--resume: 4 experiment(s) already finished here are skipped" in out, out
+    assert [len(marks.runs(n)) for n in ("ok", "bad", "rep", "sw0", "sw4")] == [1, 2, 4, 1, 2]
+    assert marks.runs("rep")[-1].split()[1] == "3"  # the repeat that failed is the one that ran again
+    assert [len(dirs_of(base, n)) for n in ("ok", "bad", "rep", "sw_0", "sw_4")] == [1, 2, 4, 1, 2]
+    assert not re.search(r"started\s+(ok|sw_0)\b", out), out
+
+    # Matched by command too: a changed command is not "finished before".
+    experiments[0]["command"] = marks.quick("ok") + " # v2"
+    cfg2 = write_config(tmp_path / "c2.toml", base, [dict(e) for e in experiments], max_concurrent_experiments=2)
+    s = sched(cfg2, "--resume")
+    assert s.wait() == 0, s.output()
+    assert "--resume: 6 experiment(s) already finished here are skipped" in s.output(), s.output()
+    assert len(marks.runs("ok")) == 2 and len(marks.runs("bad")) == 2 and len(marks.runs("rep")) == 4
+
+
+# ============================================================================
+# Ends recorded by the supervisor; exit codes through it
+# ============================================================================
+
+
+@pytest.mark.parametrize("how, code, reason", [
+    ("exit 3", 3, "exit code 3"),
+    (f'{PY} -c "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"', -9, "signal SIGKILL"),
+])
+def test_a_background_run_whose_parent_exits_still_gets_its_end(tmp_path, run_py, kill_groups_later, how, code, reason):
+    gate = tmp_path / "go"
+    command = f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; {how}'
+    r = run_py(f"""
+        import json, sys
+        import exp
+        e = exp.Experiment("bg", {command!r}, base_dir=sys.argv[1])
+        h = e.run(background=True)
+        print(json.dumps([e.work_dir, h.pid]))
+    """, tmp_path / "results")
+    assert r.returncode == 0, r.stderr
+    work_dir, pid = json.loads(r.stdout)
+    kill_groups_later.append(pid)
+    assert read_meta(work_dir)["status"] == "running"
+    gate.touch()
+    run = wait_ended(work_dir)
+    wait_for(lambda: pid_gone(pid), 15, what="the supervisor to go")
+    meta = read_meta(work_dir)
+    assert (meta["status"], meta["exit_code"], run["exit_code"]) == ("error", code, code), meta
+    assert meta["reason"].startswith(reason), meta
+    assert meta["pid"] is None and meta["duration"] >= 0
+    log = log_text(work_dir)
+    assert f"[exp] exit status {code if code > 0 else 128 - code}" in log, log
+    assert re.search(r"\[exp\] \S+ run_0001 ended: ", log), log
+
+
+def test_record_end_verb_keeps_an_end_already_recorded(make_exp, tmp_path):
+    e = make_exp("twice", "exit 4")
+    assert e.run() == 4
+    before = read_meta(e.work_dir)
+    r = subprocess.run([PY, "-I", EXP_PY, "_record-end", e.work_dir, "run_0001", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert read_meta(e.work_dir) == before
+    assert log_text(e.work_dir).count(" ended: ") == 1
+
+
+@pytest.mark.parametrize("command, code", [
+    ("exit 5", 5),
+    ("echo before; exit 5; echo after", 5),
+    ("exec sh -c 'exit 7'", 7),
+    ('exec python3 -c "import sys; sys.exit(9)"', 9),
+    ("true", 0),
+])
+def test_exit_and_exec_in_the_command(make_exp, command, code):
+    e = make_exp("codes", command)
+    assert e.run() == code
+    meta = read_meta(e.work_dir)
+    assert (meta["exit_code"], meta["status"]) == (code, "finished" if code == 0 else "error")
+    log = log_text(e.work_dir)
+    assert f"[exp] exit status {code}" in log
+    assert "after" not in [ln for ln in log.splitlines() if not ln.startswith("[exp]")]
+
+
+def test_a_command_that_exits_does_not_skip_its_end_line(make_exp):
+    e = make_exp("lines", "echo out; exit 2")
+    assert e.run() == 2
+    lines = [ln for ln in log_text(e.work_dir).splitlines() if ln.strip()]
+    assert lines[-3:-1] == ["out", "[exp] exit status 2"]
+    assert " ended: exit code 2 (error)" in lines[-1]
+
+
+def test_terminate_and_kill_by_exp_report_the_signal(make_exp, tmp_path):
+    ready = tmp_path / "ready"
+    e = make_exp("term", f'exec sh -c \'touch "{ready}"; exec sleep 60\'')
+    h = e.start()
+    wait_for(ready.exists, 15, what="the command to start")
+    assert h.terminate(grace=10) == -signal.SIGTERM
+    meta = read_meta(e.work_dir)
+    assert (meta["status"], meta["exit_code"]) == ("killed", -signal.SIGTERM)
+    assert "[exp] exit status 143" in log_text(e.work_dir)
+
+    ready2 = tmp_path / "ready2"
+    stubborn = (f'{PY} -c "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); '
+                f'open(\'{ready2}\', \'w\').close(); time.sleep(60)"')
+    e2 = make_exp("stubborn", stubborn)
+    h2 = e2.start()
+    wait_for(ready2.exists, 15, what="the stubborn command to start")
+    assert h2.terminate(grace=0.5) == -signal.SIGKILL
+    meta = read_meta(e2.work_dir)
+    assert (meta["status"], meta["exit_code"]) == ("killed", -signal.SIGKILL)
+
+    # kill(): no grace; a command that dies of the SIGTERM sent first may report that.
+    e3 = make_exp("killed", "sleep 60")
+    h3 = e3.start()
+    assert h3.kill() in (-signal.SIGTERM, -signal.SIGKILL)
+    meta = read_meta(e3.work_dir)
+    assert (meta["status"], meta["exit_code"]) == ("killed", h3.returncode)
+
+
+def test_resume_after_a_crash_does_not_count_a_recovered_run_twice(tmp_path, marks, sched, kill_groups_later):
+    """Repeat 1 ends while the scheduler is dead; `run --resume` must still run repeat 2."""
+    base = tmp_path / "results"
+    gate = marks.dir / "r.go"
+    cfg = write_config(tmp_path / "c.toml", base, [{
+        "name": "r", "repeats": 2,
+        "command": marks.quick("r") + f'; [ "$EXPERIMENT_REPEAT" -ne 1 ] || while [ ! -e "{gate}" ]; do sleep 0.05; done',
+    }])
+    s1 = sched(cfg)
+    run = wait_running(base, "r")["r"]
+    kill_groups_later.append(run["pid"])
+    s1.crash()
+    marks.open("r")
+    assert wait_ended(run["work_dir"])["status"] == "finished"
+    s2 = sched(cfg, "--resume")
+    assert s2.wait() == 0, s2.output()
+    assert [ln.split()[1] for ln in marks.runs("r")] == ["1", "2"], s2.output()
+    assert len(dirs_of(base, "r")) == 2
+    assert sorted(i["repeat"] for i in state(base)["finished"]) == [1, 2]
+
+
+def test_an_end_nobody_recorded_is_taken_from_the_exit_status_line(tmp_path, marks, sched, kill_groups_later):
+    """The scheduler is SIGKILLed but not yet reaped: to its supervisor it still looks alive (``kill -0``
+    succeeds on a zombie), so the supervisor only writes the status line; the restart records that."""
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "three", "command": marks.gated("three", 3)}])
+    s1 = sched(cfg)
+    run = wait_running(base, "three")["three"]
+    kill_groups_later.append(run["pid"])
+    os.kill(s1.pid, signal.SIGKILL)
+    wait_for(lambda: pid_gone(s1.pid), 15, what="the scheduler to die")  # a zombie until reaped
+    marks.open("three")
+    wait_for(lambda: pid_gone(run["pid"]), 15, what="the run to end")
+    assert "[exp] exit status 3" in log_text(run["work_dir"])
+    assert read_meta(run["work_dir"])["status"] == "running"
+    assert s1.wait() == -signal.SIGKILL
+    s2 = sched(cfg)
+    assert s2.wait() == 1
+    assert "0 adopted, 1 ended meanwhile" in s2.output(), s2.output()
+    meta = read_meta(run["work_dir"])
+    assert (meta["status"], meta["exit_code"], meta["reason"]) == ("error", 3, "exit code 3")
+    assert len(marks.runs("three")) == 1 and len(meta["runs"]) == 1
+
+
+def test_a_task_between_attempts_continues_in_its_directory(tmp_path, marks, sched):
+    base = tmp_path / "results"
+    flag = tmp_path / "fixed"
+    cfg = write_config(tmp_path / "c.toml", base, [{
+        "name": "flaky", "command": marks.quick("flaky") + f'; [ -e "{flag}" ]', "max_retries": 1,
+        "delay_seconds": 2}], auto_restart_on_error=True)
+    s1 = sched(cfg)
+    wait_for(lambda: (lambda i: i and i.get("attempt") == 1 and i.get("work_dir"))(in_state(base, "pending", "flaky")),
+             30, what="the first attempt to fail and the retry to wait")
+    s1.crash()
+    assert len(marks.runs("flaky")) == 1
+    flag.touch()
+    s2 = sched(cfg)
+    assert s2.wait() == 0, s2.output()
+    assert re.search(r"started\s+flaky \(attempt 2/2", s2.output()), s2.output()
+    work_dir = only_dir(base, "flaky")
+    meta = read_meta(work_dir)
+    assert [r["status"] for r in meta["runs"]] == ["error", "finished"] and meta["status"] == "finished"
+    assert len(marks.runs("flaky")) == 2
