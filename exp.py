@@ -2961,6 +2961,10 @@ class Experiment:
         updates: dict[str, str | None] = {STANDALONE_ENV: None}
         if self.gpu_ids:
             updates["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpu_ids)
+            if "CUDA_DEVICE_ORDER" not in os.environ:
+                # nvidia-smi numbers GPUs in PCI bus order; CUDA's default is fastest first,
+                # which on a box of mixed GPUs would give a run another card than its ids.
+                updates["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         updates.update(EXPERIMENT_WORK_DIR=self.work_dir, EXPERIMENT_NAME=self.name,
                        EXPERIMENT_RUN_ID=run_id, EXPERIMENT_REPEAT="1", PYTHONUNBUFFERED="1")
         updates.update(self.env)
@@ -3518,9 +3522,15 @@ def _check_int(v: Any, low: int | None = None) -> int:
 
 
 def _check_seconds(v: Any, positive: bool) -> float:
-    ok = _is_num(v) and (v > 0 if positive else v >= 0) and v == v and v != float("inf")
+    import math
+
+    try:
+        f = float(v) if _is_num(v) else float("nan")
+    except OverflowError:
+        f = float("nan")
+    ok = math.isfinite(f) and (f > 0 if positive else f >= 0)
     _expect(ok, "a number of seconds " + ("> 0" if positive else ">= 0"), v)
-    return float(v)
+    return f
 
 
 def _check_env(v: Any) -> dict[str, str]:
@@ -3573,24 +3583,31 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
 
 
 def parse_duration(value: Any) -> float:
-    """``"2h"``, ``"90m"``, ``"30s"``, ``"1h30m"`` or a number of seconds, as seconds (> 0)."""
-    if _is_num(value) and value > 0 and value != float("inf"):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        parts = _DURATION_RE.findall(text)
-        if parts and _DURATION_RE.sub("", text).strip() == "":
-            seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
-            if seconds > 0:
-                return seconds
-        elif re.fullmatch(r"\d+(?:\.\d*)?", text) and float(text) > 0:
-            return float(text)
+    """``"2h"``, ``"90m"``, ``"30s"``, ``"1h30m"`` or a number of seconds, as seconds (> 0, finite)."""
+    import math
+
+    seconds = -1.0
+    try:
+        if _is_num(value):
+            seconds = float(value)
+        elif isinstance(value, str):
+            text = value.strip().lower()
+            parts = _DURATION_RE.findall(text)
+            if parts and _DURATION_RE.sub("", text).strip() == "":
+                seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[unit] for n, unit in parts)
+            elif re.fullmatch(r"\d+(?:\.\d*)?", text):
+                seconds = float(text)
+    except OverflowError:  # more digits than a float holds
+        seconds = -1.0
+    if seconds > 0 and math.isfinite(seconds):
+        return seconds
     raise ConfigError(f'expected a duration such as "2h", "90m", "30s" or a number of seconds > 0, got {value!r}')
 
 
 def _check_mb(v: Any) -> float:
-    _expect(_is_num(v) and v >= 0 and v == v and v != float("inf"), "a number of megabytes >= 0", v)
-    return float(v)
+    f = _check_seconds(v, False) if _is_num(v) else -1.0
+    _expect(f >= 0, "a number of megabytes >= 0", v)
+    return f
 
 
 def _check_names(v: Any) -> list[str]:
@@ -4129,7 +4146,8 @@ def gpu_pool(settings: SchedulerSettings, detected: list[dict[str, Any]] | None 
 def check_gpu_requests(config: BatchConfig, pool: list[int]) -> None:
     """ConfigError (exit 2) when an experiment asks for more GPUs than the pool has, or ids outside it."""
     problems = []
-    where_pool = (f"the pool {pool}" if pool else "no GPUs (no [scheduler] gpus, and nvidia-smi found none)")
+    where_pool = (f"the pool {pool}" if pool else "an empty pool (no [scheduler] gpus, and nvidia-smi "
+                  "found no GPUs)")
     for s in config.experiments:
         if s.gpu_ids:
             outside = [g for g in s.gpu_ids if g not in pool]
@@ -4359,7 +4377,7 @@ def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuP
             continue
         for g in take:
             free[g] -= 1
-        job.gpus = list(take)
+        job.gpus = sorted(take)
         picked.append(job)
         if len(picked) == slots:
             break
@@ -4491,6 +4509,7 @@ class Scheduler:
         self._state_unwritable = False
         self._draining = False  # shutdown: launch nothing more, exit when the running ones end
         self._last_id = max((j.id for j in self.jobs), default=0)
+        self._succeeded: set[int] = set()  # ids that finished successfully (kept even after `exp rm`)
         self._replan = True
         self._commands_seen = -1
         self._owner_fd: int | None = None
@@ -4651,8 +4670,9 @@ class Scheduler:
             if not self._draining and (self._replan or now >= next_replan):
                 self._replan = False
                 next_replan = now + replan_every
+                self._succeeded.update(j.id for j in self.done if j.status == FINISHED)
                 for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
-                                     [j.id for j in self.done if j.status == FINISHED]):
+                                     self._succeeded):
                     self.queue.remove(job)
                     self._launch(pool, job)
             if not self.running and (self._draining or not self.queue):
@@ -5018,7 +5038,10 @@ class Scheduler:
             elif action == "rm":
                 if job in self.queue:
                     self.queue.remove(job)
+                    self._fail_dependents(job)  # they would wait for it for ever
                 elif job in self.done:
+                    if job.status == FINISHED:
+                        self._succeeded.add(job.id)  # its dependents may still start
                     self.done.remove(job)
                 else:
                     lines.append(f"{label} is running; kill it first")
