@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shlex
 import signal
 import subprocess
@@ -269,3 +270,106 @@ def kill_groups_later():
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+# ============================================================================
+# Helpers shared by the test files (batch configs, the CLI, the state file)
+# ============================================================================
+
+
+def toml_value(v) -> str:
+    """``v`` as a TOML value: a boolean, number, string, array or inline table."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def toml_text(scheduler: dict | None = None, experiments=()) -> str:
+    """A batch file: a ``[scheduler]`` table (if given) and one ``[[experiments]]`` per dict.
+
+    An experiment's ``sweep`` dict becomes its ``[experiments.sweep]`` table.
+    """
+    lines = []
+    if scheduler:
+        lines.append("[scheduler]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
+        lines.append("")
+    for e in experiments:
+        sweep = e.get("sweep")
+        lines.append("[[experiments]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in e.items() if k != "sweep"]
+        if sweep:
+            lines.append("[experiments.sweep]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in sweep.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(path, scheduler: dict | None = None, experiments=()) -> pathlib.Path:
+    """Write :func:`toml_text` to ``path`` (its directory created if need be)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(toml_text(scheduler, experiments), encoding="utf-8")
+    return path
+
+
+def write_batch(path, base, experiments, **scheduler) -> pathlib.Path:
+    """A batch file at ``path`` whose experiments go to ``base``, with ``kill_timeout = 5``."""
+    return write_config(path, {"base_experiment_dir": str(base), "kill_timeout": 5, **scheduler}, experiments)
+
+
+def run_exp(*args, cwd=None, env=None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python exp.py ARGS`` with text output; fails the test instead of hanging.
+
+    ``env`` defaults to :func:`child_env`.
+    """
+    try:
+        return subprocess.run(
+            [sys.executable, EXP_PY, *map(str, args)], cwd=str(cwd) if cwd else None, env=env or child_env(),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
+
+
+def read_state(base) -> dict:
+    """The scheduler's state file under ``base``, parsed."""
+    return json.loads((pathlib.Path(base) / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
+
+
+def try_state(base) -> dict | None:
+    """:func:`read_state`, or None while there is no (complete) state file."""
+    try:
+        return read_state(base)
+    except (OSError, ValueError):
+        return None
+
+
+def exp_dirs(base, name) -> list[pathlib.Path]:
+    """Experiment directories of ``name`` under ``base`` (sorted)."""
+    pat = re.compile(re.escape(name) + r"_\d{4}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?\Z")
+    base = pathlib.Path(base)
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir() if p.is_dir() and pat.match(p.name))
+
+
+def fds_under(directory) -> list[str]:
+    """This process's open descriptors on files or directories under ``directory``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (another test's thread)
+            continue
+        if target == str(directory) or target.startswith(str(directory) + os.sep):
+            found.append(target)
+    return found

@@ -29,7 +29,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, child_env, pid_gone, wait_for  # noqa: E402
+from conftest import EXP_PY, child_env, exp_dirs, pid_gone, run_exp, try_state, wait_for  # noqa: E402
+from conftest import write_batch as write_config  # noqa: E402  (a batch file whose experiments go to BASE)
 from conftest import read_meta as meta  # noqa: E402
 
 PY = sys.executable
@@ -44,32 +45,6 @@ pytestmark = pytest.mark.skipif(
 # ============================================================================
 # Helpers
 # ============================================================================
-
-
-def toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def write_config(path, base, experiments, **scheduler):
-    """A batch file at ``path`` whose experiments go to ``base``."""
-    lines = ["[scheduler]", f"base_experiment_dir = {toml_value(str(base))}", "kill_timeout = 5"]
-    lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
-    lines.append("")
-    for e in experiments:
-        lines.append("[[experiments]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
-        lines.append("")
-    path = Path(path)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
 
 
 class Marks:
@@ -208,10 +183,7 @@ def marks(tmp_path):
 
 
 def cli(*args, cwd, timeout=CLI_TIMEOUT, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, EXP_PY, *map(str, args)], cwd=str(cwd), env=env or child_env(NO_COLOR="1"),
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_exp(*args, cwd=cwd, env=env or child_env(NO_COLOR="1"), timeout=timeout)
 
 
 def ok(r: subprocess.CompletedProcess) -> str:
@@ -219,13 +191,6 @@ def ok(r: subprocess.CompletedProcess) -> str:
     assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     return r.stdout
-
-
-def try_state(base):
-    try:
-        return json.loads((Path(base) / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def task(base, tid):
@@ -255,14 +220,6 @@ def wait_owned(base, sched: Sched, timeout=30) -> None:
     st = exp.StateFile(base)
     wait_for(lambda: st.owned() or not sched.alive(), timeout, what="the scheduler to own its directory")
     assert sched.alive(), (sched.stdout(), sched.stderr())
-
-
-def exp_dirs(base, name):
-    pat = re.compile(re.escape(name) + r"_\d{4}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?\Z")
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    return sorted(p for p in base.iterdir() if p.is_dir() and pat.match(p.name))
 
 
 def status_json(base, cwd) -> dict:

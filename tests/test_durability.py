@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import exp
-from conftest import call_with_timeout, linux_only, posix_only, py_cmd, read_meta, wait_for, write_script
+from conftest import call_with_timeout, fds_under, linux_only, posix_only, py_cmd, read_meta, wait_for, write_script
 
 pytestmark = posix_only
 
@@ -96,19 +96,6 @@ def disk(tmp_path):
 def tmp_files(root) -> list[str]:
     """Every ``*.tmp`` file under ``root``."""
     return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".tmp"))
-
-
-def fds_under(directory) -> list[str]:
-    """This process's open descriptors on files under ``directory``."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target == str(directory) or target.startswith(str(directory) + os.sep):
-            found.append(target)
-    return found
 
 
 def csv_records(path) -> list[list[str]]:

@@ -21,8 +21,8 @@ import tracemalloc
 
 import pytest
 
-from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, linux_only, pid_gone, posix_only, py_cmd,
-                      read_meta, wait_for, write_script)
+from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, fds_under, linux_only, pid_gone, posix_only,
+                      py_cmd, read_meta, wait_for, write_script)
 
 import exp
 
@@ -596,19 +596,6 @@ def fill(directory) -> None:
                 f.write(b"\0" * 4096)
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
-
-
-def fds_under(directory) -> list[str]:
-    """This process's open descriptors on files or directories under ``directory``."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target == str(directory) or target.startswith(str(directory) + os.sep):
-            found.append(target)
-    return found
 
 
 def test_append_line_on_a_full_disk_is_all_or_nothing(small_fs):

@@ -28,7 +28,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, child_env, py_cmd, read_meta, wait_for, write_script  # noqa: E402
+from conftest import (EXP_PY, child_env, py_cmd, read_meta, read_state, run_exp, toml_text, try_state,  # noqa: E402
+                      wait_for, write_script)
 
 PY = sys.executable
 CLI_TIMEOUT = 90
@@ -208,13 +209,10 @@ class Rig:
         return recs[0]
 
     def state(self) -> dict:
-        return json.loads((self.base / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
+        return read_state(self.base)
 
     def try_state(self) -> dict | None:
-        try:
-            return self.state()
-        except (OSError, ValueError):
-            return None
+        return try_state(self.base)
 
 
 @pytest.fixture
@@ -222,39 +220,8 @@ def rig(tmp_path):
     return Rig(tmp_path)
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def toml_text(scheduler: dict | None, experiments: list[dict]) -> str:
-    lines = []
-    if scheduler:
-        lines.append("[scheduler]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
-        lines.append("")
-    for e in experiments:
-        lines.append("[[experiments]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
 def cli(*args, cwd, env, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run([PY, EXP_PY, *map(str, args)], cwd=str(cwd), env=env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
+    return run_exp(*args, cwd=cwd, env=env, timeout=timeout)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 
 import exp  # noqa: E402
 from conftest import EXP_PY, call_with_timeout, child_env, posix_only, py_cmd, write_script  # noqa: E402
+from conftest import run_exp as cli  # noqa: E402  (``python exp.py ARGS``; fails the test instead of hanging)
 
 PY = sys.executable
 CLI_TIMEOUT = 60
@@ -41,17 +42,6 @@ STAMP = "2025-01-01__00-00-{:02d}"
 # ============================================================================
 # Helpers
 # ============================================================================
-
-
-def cli(*args, cwd=None, timeout=CLI_TIMEOUT, env=None) -> subprocess.CompletedProcess:
-    """``python exp.py ARGS`` with text output; fails the test instead of hanging."""
-    try:
-        return subprocess.run(
-            [PY, EXP_PY, *map(str, args)], cwd=str(cwd) if cwd else None, env=env or child_env(),
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
 
 
 def ls(base, *args, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:

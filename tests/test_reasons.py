@@ -22,18 +22,13 @@ from pathlib import Path
 import pytest
 
 import exp
-from conftest import EXP_PY, child_env, posix_only, py_cmd, read_meta, wait_for, write_script
+from conftest import posix_only, py_cmd, read_meta, run_exp, wait_for, write_script
 
-PY = sys.executable
 CLI_TIMEOUT = 60
 
 
 def cli(*args, cwd, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run([PY, EXP_PY, *map(str, args)], cwd=str(cwd), env=child_env(),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
+    return run_exp(*args, cwd=cwd, timeout=timeout)
 
 
 def sigkill_reason(pid: int | None) -> str:

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXP_PY, child_env, pid_gone, read_meta, wait_for
+from conftest import EXP_PY, child_env, pid_gone, read_meta, try_state, wait_for
+from conftest import exp_dirs as dirs_of
+from conftest import write_batch as write_config
 
 import exp
 
@@ -40,31 +42,6 @@ pytestmark = pytest.mark.skipif(
 # ============================================================================
 # Helpers
 # ============================================================================
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
-def write_config(path: Path, base: Path, experiments: list[dict], **scheduler) -> Path:
-    lines = ["[scheduler]", f"base_experiment_dir = {toml_value(str(base))}", "kill_timeout = 5"]
-    lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
-    for e in experiments:
-        lines += ["", "[[experiments]]"]
-        sweep = e.pop("sweep", None)
-        lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
-        if sweep:
-            lines += ["[experiments.sweep]"] + [f"{k} = {toml_value(v)}" for k, v in sweep.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 class Marks:
@@ -165,19 +142,11 @@ def sched(tmp_path, kill_groups_later):
 
 
 def state(base: Path) -> dict:
-    try:
-        return json.loads((base / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return try_state(base) or {}
 
 
 def in_state(base: Path, group: str, name: str) -> dict | None:
     return next((i for i in state(base).get(group) or [] if i.get("name") == name), None)
-
-
-def dirs_of(base: Path, name: str) -> list[Path]:
-    pat = re.compile(re.escape(name) + r"_\d{4}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?\Z")
-    return sorted(p for p in base.iterdir() if p.is_dir() and pat.match(p.name))
 
 
 def only_dir(base: Path, name: str) -> Path:

@@ -30,7 +30,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, child_env, linux_only, pid_gone, wait_for, write_script  # noqa: E402
+from conftest import (EXP_PY, child_env, exp_dirs, fds_under, linux_only, pid_gone, read_state,  # noqa: E402
+                      run_exp, toml_text, try_state, wait_for, write_config, write_script)
 from conftest import py_cmd as py  # noqa: E402  (a shell command line running a script with this Python)
 from conftest import read_meta as meta  # noqa: E402
 
@@ -60,50 +61,13 @@ SGR_RE = re.compile(r"\x1b\[[0-9;]*m")  # colour codes
 # ============================================================================
 
 
-def toml_value(v):
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def toml_text(scheduler=None, experiments=()):
-    lines = []
-    if scheduler:
-        lines.append("[scheduler]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
-        lines.append("")
-    for e in experiments:
-        lines.append("[[experiments]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in e.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_config(path, scheduler=None, experiments=()):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(toml_text(scheduler, experiments), encoding="utf-8")
-    return path
-
-
 def cli_env(**overrides):
     """conftest's child_env, and no NO_COLOR unless a test sets it."""
     return child_env(**{"NO_COLOR": None, **overrides})
 
 
 def run_cli(*args, cwd, timeout=CLI_TIMEOUT, env=None):
-    return subprocess.run(
-        [PY, EXP_PY, *map(str, args)], cwd=str(cwd), env=env or cli_env(),
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_exp(*args, cwd=cwd, env=env or cli_env(), timeout=timeout)
 
 
 def _sigint_default():
@@ -165,26 +129,6 @@ def kill_pids(pids):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-
-
-def read_state(base):
-    return json.loads((Path(base) / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
-
-
-def try_state(base):
-    try:
-        return read_state(base)
-    except (OSError, ValueError):
-        return None
-
-
-def exp_dirs(base, name):
-    """Experiment directories of ``name`` under ``base`` (sorted)."""
-    pat = re.compile(re.escape(name) + r"_\d{4}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?\Z")
-    base = Path(base)
-    if not base.is_dir():
-        return []
-    return sorted(p for p in base.iterdir() if p.is_dir() and pat.match(p.name))
 
 
 def the_dir(base, name):
@@ -1154,19 +1098,6 @@ def test_a_batch_command_starts_only_after_its_metadata_says_running(tmp_path, m
     assert exp.Scheduler(exp.load_config(cfg), out=io.StringIO()).run() == 0
     assert sorted(seen) == [("running", "run_0001", "run_0001", "run_0001", "running")] * 3 + [
         ("running", "run_0002", "run_0002", "run_0002", "running")]
-
-
-def fds_under(directory):
-    """This process's open descriptors on files or directories under ``directory``."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # closed meanwhile (another test's thread)
-            continue
-        if target == str(directory) or target.startswith(str(directory) + os.sep):
-            found.append(target)
-    return found
 
 
 # The full-disk cases of a batch (no room for a run's log; no room for its end)

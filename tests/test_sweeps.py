@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, child_env, py_cmd, read_meta, write_script  # noqa: E402
+from conftest import child_env, py_cmd, read_meta, run_exp, write_script  # noqa: E402
 
 PY = sys.executable
 CLI_TIMEOUT = 60
@@ -45,13 +45,7 @@ def problems(body: str, root=None) -> list[str]:
 
 
 def cli(*args, cwd, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(
-            [PY, EXP_PY, *map(str, args)], cwd=str(cwd), env=child_env(NO_COLOR="1"),
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
+    return run_exp(*args, cwd=cwd, env=child_env(NO_COLOR="1"), timeout=timeout)
 
 
 # ============================================================================

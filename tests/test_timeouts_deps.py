@@ -25,9 +25,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, child_env, py_cmd, read_meta, write_script  # noqa: E402
+from conftest import child_env, py_cmd, read_meta, read_state, run_exp, toml_text, write_script  # noqa: E402
 
-PY = sys.executable
 CLI_TIMEOUT = 90
 
 posix_batch = pytest.mark.skipif(
@@ -39,37 +38,6 @@ posix_batch = pytest.mark.skipif(
 # ============================================================================
 # Helpers
 # ============================================================================
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-def toml_text(scheduler: dict | None, experiments: list[dict]) -> str:
-    lines = []
-    if scheduler:
-        lines.append("[scheduler]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in scheduler.items()]
-        lines.append("")
-    for e in experiments:
-        sweep = e.get("sweep")
-        lines.append("[[experiments]]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in e.items() if k != "sweep"]
-        if sweep:
-            lines.append("[experiments.sweep]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in sweep.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def parse(body: str) -> exp.BatchConfig:
@@ -85,12 +53,7 @@ def problems(body: str) -> list[str]:
 
 
 def cli(*args, cwd, timeout=CLI_TIMEOUT) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run([PY, EXP_PY, *map(str, args)], cwd=str(cwd),
-                              env=child_env(NO_COLOR="1", CUDA_VISIBLE_DEVICES=None),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"exp {' '.join(map(str, args))} did not finish within {timeout}s (a hang?)")
+    return run_exp(*args, cwd=cwd, env=child_env(NO_COLOR="1", CUDA_VISIBLE_DEVICES=None), timeout=timeout)
 
 
 # Records its start, sleeps HOLD seconds, records its end; exits CODE (0).
@@ -149,7 +112,7 @@ class Rig:
         return any(r["name"] == name for r in self.records(".start"))
 
     def state(self) -> dict:
-        return json.loads((self.base / ".exp_state" / "scheduler_state.json").read_text(encoding="utf-8"))
+        return read_state(self.base)
 
     def items(self) -> dict[str, list[dict]]:
         """State file items by name (pending, running, finished and errors together)."""
