@@ -59,7 +59,7 @@ of which 1.06 GiB is free. Including non-PyTorch memory, this process has 78.08 
 NCCL_FAILURE = """\
 [rank1]:[E ProcessGroupNCCL.cpp:523] Some NCCL operations have failed or timed out.
 Traceback (most recent call last):
-  File "/work/train_ddp.py", line 40, in <module>
+  File "/home/me/project/train_ddp.py", line 40, in <module>
     dist.all_reduce(t)
   File "/opt/conda/lib/python3.10/site-packages/torch/distributed/c10d_logger.py", line 47, in wrapper
     return func(*args, **kwargs)
