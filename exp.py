@@ -103,7 +103,7 @@ __all__ = [
     # files and platform
     "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
-    "group_alive", "exited_within", "stop_groups",
+    "group_alive", "group_members", "exited_within", "stop_groups",
     # metrics CSV
     "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "metric_column",
     # listing and the CLI
@@ -641,16 +641,31 @@ def group_alive(pgid: int) -> bool:
     known = _GROUP_MEMBERS.get(pgid) or [pgid]
     if any(_live_member(pid, pgid) for pid in known):
         return True
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # macOS: no /proc; trust killpg
+    members = group_members(pgid)
+    if members is None:  # macOS: no /proc; trust killpg
         return True
-    members = [int(p) for p in entries if p.isdigit() and _live_member(int(p), pgid)]
     if members:
         _GROUP_MEMBERS[pgid] = members
     else:
         _GROUP_MEMBERS.pop(pgid, None)
     return bool(members)
+
+
+def group_members(pgid: int) -> list[int] | None:
+    """The live processes of a group, from a scan of /proc (None where there is no /proc).
+
+    They are also remembered (see :func:`group_alive`), so that after the
+    group has gone a reason can still be looked up for its members (the OOM
+    killer names the process it killed, not its group).
+    """
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    members = [int(p) for p in entries if p.isdigit() and _live_member(int(p), pgid)]
+    if members:
+        _GROUP_MEMBERS[pgid] = sorted(set(_GROUP_MEMBERS.get(pgid, [])) | set(members))
+    return members
 
 
 def exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -3204,6 +3219,10 @@ class RunHandle:
                     self.record_pid()
                 except (OSError, ExpError):  # e.g. a full disk: the end still gets recorded
                     pass
+                if self.run.proc is not None:
+                    # Who is in the run's group (the command under its supervisor): if the
+                    # OOM killer takes one of them, the kernel log names that pid.
+                    group_members(self.pid)
         try:
             code: int | None = self.run.wait(timeout)
         except KeyboardInterrupt:
