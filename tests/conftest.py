@@ -5,6 +5,7 @@ real files under ``tmp_path``.  Nothing inside exp is mocked.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -373,3 +374,30 @@ def fds_under(directory) -> list[str]:
         if target == str(directory) or target.startswith(str(directory) + os.sep):
             found.append(target)
     return found
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: str):
+    """Mount a tmpfs of ``size`` (e.g. ``"2m"``) at the directory ``path`` for a full-disk test.
+
+    We are root here and in CI; where mounting is refused the test is skipped,
+    saying why.  A tmpfs that cannot be unmounted afterwards (a file still
+    open there) fails the test.
+    """
+    if not sys.platform.startswith("linux"):
+        pytest.skip("full-disk tests mount a tmpfs, which needs Linux")
+    path = pathlib.Path(path)
+    path.mkdir(exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"full-disk test skipped: cannot run mount ({e})")
+    if r.returncode != 0:
+        pytest.skip(f"full-disk test skipped: mounting a tmpfs was refused ({(r.stderr or r.stdout).strip()})")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+            pytest.fail(f"could not unmount {path}: something still holds a file there open")

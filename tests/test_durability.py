@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import exp
-from conftest import call_with_timeout, fds_under, linux_only, posix_only, py_cmd, read_meta, wait_for, write_script
+from conftest import call_with_timeout, fds_under, tmpfs, linux_only, posix_only, py_cmd, read_meta, wait_for, write_script
 
 pytestmark = posix_only
 
@@ -75,22 +75,8 @@ class Disk:
 @pytest.fixture
 def disk(tmp_path):
     """A 2 MiB tmpfs at ``tmp_path/disk``, unmounted after the test."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("full-disk tests mount a Linux tmpfs")
-    root = tmp_path / "disk"
-    root.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(root)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"full-disk test skipped: cannot run mount ({e})")
-    if r.returncode != 0:
-        pytest.skip(f"full-disk test skipped: mounting a tmpfs was refused ({(r.stderr or r.stdout).strip()})")
-    try:
+    with tmpfs(tmp_path / "disk", "2m") as root:
         yield Disk(root)
-    finally:
-        if subprocess.run(["umount", str(root)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(root)], capture_output=True)
 
 
 def tmp_files(root) -> list[str]:

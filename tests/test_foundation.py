@@ -21,7 +21,7 @@ import tracemalloc
 
 import pytest
 
-from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, fds_under, linux_only, pid_gone, posix_only,
+from conftest import (EXP_PY, ROOT, tmpfs, call_with_timeout, child_env, fds_under, linux_only, pid_gone, posix_only,
                       py_cmd, read_meta, wait_for, write_script)
 
 import exp
@@ -569,23 +569,8 @@ def small_fs(tmp_path):
 
     (The full-disk cases of metadata, state, metrics and batches are in test_durability.py.)
     """
-    if not sys.platform.startswith("linux"):
-        pytest.skip("full-disk tests mount a tmpfs, which needs Linux")
-    mnt = tmp_path / "small_fs"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError) as e:
-        pytest.skip(f"cannot mount a tmpfs for a full-disk test: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a full-disk test: {(r.stderr or r.stdout).strip()}")
-    try:
+    with tmpfs(tmp_path / "small_fs", "256k") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-            pytest.fail(f"could not unmount {mnt}: something still holds a file there open")
 
 
 def fill(directory) -> None:
