@@ -358,11 +358,26 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
 
 
+class _LazyRe:
+    """A regular expression compiled at its first use, so ``import exp`` compiles none of them."""
+
+    __slots__ = ("_args", "_re")
+
+    def __init__(self, pattern: Any, flags: int = 0) -> None:
+        self._args = (pattern, flags)
+        self._re: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._re is None:
+            self._re = re.compile(*self._args)
+        return getattr(self._re, name)
+
+
 # Escape sequences (CSI, OSC, two-byte ESC) and every other control character
 # but tab: what a child prints may colour, move the cursor or retitle the
 # terminal, and none of that belongs in exp's own report lines.
-_ESCAPE_RE = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_ESCAPE_RE = _LazyRe(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROL_RE = _LazyRe(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
@@ -1410,7 +1425,7 @@ def metric_column(path: str, key: str) -> list[Any]:
 # The only code that joins layout names.  Everything else asks an
 # ExperimentDir for a path, a record or a summary.
 
-_DIR_STAMP_RE = re.compile(r"_\d{4}-\d{2}-\d{2}__\d{2}-\d{2}-\d{2}(?:_\d+)?\Z")
+_DIR_STAMP_RE = _LazyRe(r"_\d{4}-\d{2}-\d{2}__\d{2}-\d{2}-\d{2}(?:_\d+)?\Z")
 
 
 def iso_from_old_timestamp(value: Any) -> str | None:
@@ -2363,7 +2378,7 @@ def supervised_command(command: str, recorder: list[str] | None, manager_pid: in
     return "\n".join(lines)
 
 
-_EXIT_STATUS_RE = re.compile(rb"\[exp\] exit status (\d+)[ \t]*$", re.M)
+_EXIT_STATUS_RE = _LazyRe(rb"\[exp\] exit status (\d+)[ \t]*$", re.M)
 
 
 def read_exit_status(log_path: str) -> int | None:
@@ -3598,7 +3613,7 @@ def _check_required_text(check: Callable[[Any], str]) -> Callable[[Any], str]:
     return run
 
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+_DURATION_RE = _LazyRe(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
 
 
 def parse_duration(value: Any) -> float:
@@ -4689,7 +4704,6 @@ class Scheduler:
             if not self._draining and (self._replan or now >= next_replan):
                 self._replan = False
                 next_replan = now + replan_every
-                self._succeeded.update(j.id for j in self.done if j.status == FINISHED)
                 for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
                                      self._succeeded):
                     self.queue.remove(job)
@@ -4821,7 +4835,9 @@ class Scheduler:
                 self.term.event(f"not retrying {job.label()}: exit code {job.exit_code} means "
                                 f"{NOT_RETRIED_EXIT_CODES[job.exit_code]}, which another attempt cannot fix")
             self.done.append(job)
-            if job.status != FINISHED:
+            if job.status == FINISHED:
+                self._succeeded.add(job.id)
+            else:
                 self._fail_dependents(job)
         self._dirty = True
 
@@ -4925,6 +4941,8 @@ class Scheduler:
         if job in self.queue:
             self.queue.remove(job)
         self.done.append(job)
+        if job.status == FINISHED:
+            self._succeeded.add(job.id)
         self._touch(job)
 
     def _skip_finished(self) -> None:
@@ -5059,9 +5077,7 @@ class Scheduler:
                     self.queue.remove(job)
                     self._fail_dependents(job)  # they would wait for it for ever
                 elif job in self.done:
-                    if job.status == FINISHED:
-                        self._succeeded.add(job.id)  # its dependents may still start
-                    self.done.remove(job)
+                    self.done.remove(job)  # a success stays in _succeeded: its dependents may still start
                 else:
                     lines.append(f"{label} is running; kill it first")
                     continue
@@ -5277,7 +5293,7 @@ def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
 #: Metric modes of ``ls --columns NAME:MODE``; ``best`` is ``min`` for names
 #: that look like a loss or an error and ``max`` for anything else.
 METRIC_MODES = ("last", "best", "min", "max")
-_LOWER_IS_BETTER_RE = re.compile(r"loss|err", re.I)
+_LOWER_IS_BETTER_RE = _LazyRe(r"loss|err", re.I)
 #: ``ls`` shows at most this many metric columns unless --columns names them.
 LS_DEFAULT_METRIC_COLUMNS = 6
 #: Sort keys of ``ls --sort`` besides metric names.
