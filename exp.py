@@ -2397,10 +2397,7 @@ def record_orphan_end(work_dir: str, run_id: str, status_code: int) -> None:
     from datetime import datetime
 
     d = ExperimentDir(work_dir)
-    meta, _ = d.try_read_metadata()
-    runs = meta.get("runs") if meta else None
-    entry = next((r for r in runs if isinstance(r, dict) and r.get("id") == run_id), None) if isinstance(
-        runs, list) else None
+    entry = d.run_entry(run_id)
     if entry is not None and entry.get("ended_at"):
         return  # exp recorded it after all
     duration = 0.0
