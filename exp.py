@@ -4230,6 +4230,8 @@ class Job:
         self.gpus: list[int] = []
         #: Clock time at which the running attempt times out (None: no timeout).
         self.deadline: float | None = None
+        #: A stop asked for while the attempt was still starting: (reason, status), applied once it has started.
+        self.stop_request: tuple[str, str] | None = None
         #: Dispatch priority (the spec's, until `exp priority` changes it).
         self.priority = spec.priority
 
@@ -4603,6 +4605,33 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
 
+    def _start_and_wait(self, job: Job) -> tuple[str, Job, Any]:
+        """In a pool thread: start an attempt (its directory, metadata, process), then wait for it.
+
+        Starts run in the pool, not in the main loop, so that the file work of
+        several starts overlaps; ``("started", job, handle)`` is queued as soon
+        as the command runs.  Returns the end's event (see :meth:`_wait`), or
+        ``("unstartable", job, error)``; never raises.
+        """
+        try:
+            if job.experiment is None:
+                # Its metadata.json is first written by the start, still before
+                # the command runs: one rewrite less per experiment.
+                s = job.spec
+                job.experiment = Experiment(
+                    name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
+                    cwd=s.cwd, resume=s.resume, description=s.description,
+                    lark_config=s.lark_config or s.lark_url, env=s.environment,
+                    backend=self.backend, write_metadata=False, params=s.params or None,
+                )
+            if job.gpus or job.spec.gpus:
+                job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
+            handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)})
+        except Exception as e:  # noqa: BLE001 - e.g. cwd removed since validation, disk full
+            return ("unstartable", job, e)
+        self._events.put(("started", job, handle))
+        return self._wait(job, handle)
+
     @staticmethod
     def _wait(job: Job, handle: RunHandle) -> tuple[str, Job, Any]:
         """In a pool thread: wait for a run (which records its end); never raises.
@@ -4737,7 +4766,7 @@ class Scheduler:
                 if ev[0] == "signal":
                     interrupt = True
                 else:
-                    self._handle(ev)
+                    self._dispatch(ev)
                 try:
                     ev = self._events.get_nowait()
                 except queue_mod.Empty:
@@ -4751,38 +4780,37 @@ class Scheduler:
         job.started_at = now_iso()
         job.ended_at = None
         job.exit_code = None
+        job.stop_request = None
         job.t_started = self._clock()
+        job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
         self.running[job.id] = job
         self._dirty = True
-        try:
-            if job.experiment is None:
-                # Its metadata.json is first written by the start, still before
-                # the command runs: one rewrite less per experiment.
-                s = job.spec
-                job.experiment = Experiment(
-                    name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
-                    cwd=s.cwd, resume=s.resume, description=s.description,
-                    lark_config=s.lark_config or s.lark_url, env=s.environment,
-                    backend=self.backend, write_metadata=False, params=s.params or None,
-                )
-            if job.gpus or job.spec.gpus:
-                job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
-            for g in job.gpus:
-                self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
-            handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)})
-        except Exception as e:  # e.g. cwd removed since validation, disk full
-            self._handle(("unstartable", job, e))
-            return
-        job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
+        for g in job.gpus:
+            self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
+        fut = pool.submit(self._start_and_wait, job)
+        fut.add_done_callback(lambda f: self._events.put(f.result()))
+
+    def _dispatch(self, ev: tuple[str, Job, Any]) -> None:
+        if ev[0] == "started":
+            self._started(ev[1], ev[2])
+        else:
+            self._handle(ev)
+
+    def _started(self, job: Job, handle: RunHandle) -> None:
+        assert job.experiment is not None
         job.handle, job.run_id, job.work_dir = handle, handle.run_id, job.experiment.work_dir
         self._touch(job)
+        self._dirty = True
         gpus = ",".join(map(str, job.gpus)) if job.gpus else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
             f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
         )
-        fut = pool.submit(self._wait, job, handle)
-        fut.add_done_callback(lambda f: self._events.put(f.result()))
+        if job.stop_request is not None:  # killed or timed out while it was starting
+            if self._stopping:  # the shutdown stops it with the others; the first reason wins
+                handle.request_stop(*job.stop_request)
+            else:
+                self._stop_jobs([job], *job.stop_request)
 
     def _handle(self, ev: tuple[str, Job, Any]) -> None:
         kind, job, value = ev
@@ -5023,7 +5051,7 @@ class Scheduler:
         if action == "shutdown":
             self._draining = True
             now = bool(body.get("now"))
-            running = [j for j in self.running.values() if j.handle is not None]
+            running = list(self.running.values())
             if now and running:
                 self._stop_jobs(running)
             self.term.event(f"shutdown requested{' (now)' if now else ''}: nothing more starts")
@@ -5041,7 +5069,7 @@ class Scheduler:
         for job in jobs:
             label = f"{job.id} {job.label()}"
             if action == "kill":
-                if job.status == RUNNING and job.handle is not None:
+                if job.status == RUNNING:
                     self._stop_jobs([job])
                     lines.append(f"terminating {label}")
                 elif job in self.queue:
@@ -5098,12 +5126,18 @@ class Scheduler:
             self.term.event(f"{action}: {line}")
         return {"ok": not unknown, "message": "\n".join(lines), "tasks": [j.id for j in jobs]}
 
-    def _stop_jobs(self, jobs: list[Job]) -> None:
-        handles = [j.handle for j in jobs if j.handle is not None]
-        for h in handles:
-            h.request_stop("terminated by user", KILLED)
-        threading.Thread(target=terminate_runs, args=(handles, float(self.config.kill_timeout)),
-                         name="exp-kill", daemon=True).start()
+    def _stop_jobs(self, jobs: list[Job], reason: str = "terminated by user", status: str = KILLED) -> None:
+        """Stop runs (SIGTERM, SIGKILL after kill_timeout, in a thread); one still starting is stopped once started."""
+        handles = []
+        for job in jobs:
+            if job.handle is None:
+                job.stop_request = job.stop_request or (reason, status)
+            else:
+                job.handle.request_stop(reason, status)
+                handles.append(job.handle)
+        if handles:
+            threading.Thread(target=terminate_runs, args=(handles, float(self.config.kill_timeout)),
+                             name="exp-stop", daemon=True).start()
 
     def _add(self, body: dict[str, Any]) -> dict[str, Any]:
         """A second ``exp run`` on this base directory: its experiments join this queue."""
@@ -5155,13 +5189,11 @@ class Scheduler:
     def _check_timeouts(self, now: float) -> None:
         """Stop running jobs past their timeout: SIGTERM now, SIGKILL after kill_timeout (in a thread)."""
         for job in list(self.running.values()):
-            if job.deadline is not None and now >= job.deadline and job.handle is not None:
+            if job.deadline is not None and now >= job.deadline:
                 job.deadline = None
-                job.handle.request_stop("timeout", ERROR)
                 self.term.event(f"{self.term.paint('timeout ', '33')} {job.label()} after "
                                 f"{format_duration(job.spec.timeout)}; stopping it")
-                threading.Thread(target=terminate_runs, args=([job.handle], float(self.config.kill_timeout)),
-                                 name=f"exp-timeout-{job.id}", daemon=True).start()
+                self._stop_jobs([job], "timeout", ERROR)
 
     def _gpu_plan(self, now: float) -> GpuPlan | None:
         """Free GPU capacity now; with gpu_free_memory_mb, nvidia-smi is asked again (GPUs used by others)."""
@@ -5209,9 +5241,12 @@ class Scheduler:
                 return True
             if ev[0] == "signal":
                 return True
-            self._handle(ev)
+            self._dispatch(ev)
             return False
 
+        while any(job.handle is None for job in self.running.values()):  # let starts finish, then stop them
+            if pump(0.05):
+                break
         handles = [job.handle for job in self.running.values() if job.handle is not None]
         terminate_runs(handles, grace, pump)
         while self.running:  # the groups are gone; their ends are being recorded

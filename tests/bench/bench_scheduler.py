@@ -112,6 +112,14 @@ def time_floor(n, limit, tmp):
     return time.perf_counter() - t
 
 
+def time_python_start(env):
+    """A bare interpreter start (`python -c pass`): the part of `exp run` no code in exp.py can change.
+    A .pth file in site-packages that imports packages at every start shows here."""
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+    return time.perf_counter() - t
+
+
 def time_xargs(n, limit):
     cmds = "\n".join("true" for _ in range(n)) + "\n"
     settle()
@@ -137,9 +145,10 @@ def main():
         env = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"), PYTHONPATH=ROOT)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         time_exp_cli(fresh_config(tmp, 5, args.limit), env, as_module=True)
-        cli, mod, inproc, xargs, floor = [], [], [], [], []
+        cli, mod, inproc, xargs, floor, start = [], [], [], [], [], []
         for _ in range(args.repeat):  # interleaved, so drift hits all alike
             xargs.append(time_xargs(args.n, args.limit))
+            start.append(min(time_python_start(env) for _ in range(3)))
             floor.append(time_floor(args.n, args.limit, tmp))
             cli.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env))
             mod.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env, as_module=True))
@@ -151,7 +160,7 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    x, c, m, i, fl = min(xargs), min(cli), min(mod), min(inproc), min(floor)
+    x, c, m, i, fl, st = min(xargs), min(cli), min(mod), min(inproc), min(floor), min(start)
     n = args.n
     ratio = m / x
     overhead_ms = (m - x) / n * 1000
@@ -160,10 +169,14 @@ def main():
     print(f"  python -m exp run:        {m:.3f} s  ({m / n * 1000:.2f} ms per experiment; as the installed `exp`)")
     print(f"  python exp.py run:        {c:.3f} s  ({c / n * 1000:.2f} ms per experiment; exp.py compiled at start)")
     print(f"  Scheduler.run in-process: {i:.3f} s  ({i / n * 1000:.2f} ms per experiment)")
+    print(f"  python -c pass:           {st:.3f} s  (interpreter start-up, included in both `run` lines)")
     print(f"  layout floor (Python):    {fl:.3f} s  ({fl / n * 1000:.2f} ms per experiment: mkdirs, log, "
           f"metadata, sh -c; nothing else)")
     print(f"  ratio exp / xargs: {ratio:.2f}x (python exp.py: {c / x:.2f}x); in-process / xargs: {i / x:.2f}x; "
           f"floor / xargs: {fl / x:.2f}x; in-process / floor: {i / fl:.2f}x")
+    if st > 0.1:
+        print(f"note: a bare interpreter start takes {st * 1000:.0f} ms here (a .pth file in site-packages "
+              "importing packages at start-up?); it counts against exp and not against xargs")
     if fl / x > 1.5:
         print(f"note: creating files is slow on this disk right now (the layout floor alone is {fl / x:.1f}x "
               "xargs); see this script's docstring")
