@@ -101,7 +101,7 @@ __all__ = [
     "check_experiment_path", "find_resume_dir", "Launch", "LocalBackend", "LocalRun", "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
     # files and platform
-    "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail",
+    "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail", "read_tail_span",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
     "group_alive", "group_members", "exited_within", "stop_groups",
     # metrics CSV
@@ -111,7 +111,13 @@ __all__ = [
     "build_listing", "group_rows", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
     # small helpers
     "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
-    "clean_line", "json_safe", "git_info",
+    "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff",
+    # the dashboard (exp see)
+    "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
+    "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
+    "redact_secrets", "system_info", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
+    "FILE_TREE_MAX", "COMPARE_MAX",
     # errors
     "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
     "MetricError", "UnavailableError",
@@ -121,7 +127,7 @@ __all__ = [
     "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
     "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "REPORT_LINE_WIDTH",
     "STATE_WRITE_INTERVAL", "COMMAND_POLL_INTERVAL", "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
-    "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "STATE_DIR", "STATE_FILE", "LOG_EXT",
+    "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "CODE_DIFF_FILE", "CODE_DIFF_MAX_BYTES", "STATE_DIR", "STATE_FILE", "LOG_EXT",
     "METRICS_EXT", "EXIT_STATUS_TEXT", "supervised_command", "read_exit_status", "record_end_command", "record_orphan_end", "RECORD_END_VERB",
     "__version__",
 ]
@@ -164,6 +170,9 @@ REPORT_LINE_WIDTH = 200
 METADATA_FILE = "metadata.json"
 LOGS_DIR = "terminal_logs"
 METRICS_DIR = "metrics"
+#: ``git diff HEAD`` of a dirty work tree, saved in the experiment directory when a run starts.
+CODE_DIFF_FILE = "code.diff"
+CODE_DIFF_MAX_BYTES = 1 << 20
 STATE_DIR = ".exp_state"
 STATE_FILE = "scheduler_state.json"
 #: In STATE_DIR: the lock a running scheduler holds, and the command files sent to it.
@@ -521,6 +530,67 @@ def git_info(cwd: str) -> dict[str, Any] | None:
     return info
 
 
+_DIFF_CACHE: dict[str, tuple[float, bytes | None]] = {}
+_DIFF_CUT_NOTE = "# exp: cut at {} bytes; the diff is longer\n"
+_DIFF_UNTRACKED = "# exp: untracked files (not in the diff above):\n"
+
+
+def git_code_diff(cwd: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> bytes | None:
+    """What :data:`CODE_DIFF_FILE` holds for a dirty work tree: ``git diff HEAD``, cut at ``max_bytes``
+    (with a note saying so), then the untracked files by name.  None when clean, not in git, or git fails.
+
+    Kept a few seconds per cwd, like :func:`git_info`.  Never raises.
+    """
+    hit = _DIFF_CACHE.get(cwd)
+    if hit and time.monotonic() - hit[0] < _GIT_CACHE_SECONDS:
+        return hit[1]
+    out: bytes | None = None
+    try:
+        import subprocess
+
+        proc = subprocess.Popen(["git", "diff", "HEAD", "--no-color", "--no-ext-diff"], cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        with proc.stdout:
+            diff = proc.stdout.read(max_bytes + 1)
+            cut = len(diff) > max_bytes
+        if cut:
+            proc.kill()  # a huge diff (data files under git): what was read is enough
+        proc.wait(timeout=30)
+        if cut or proc.returncode == 0:
+            untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=cwd,
+                                       capture_output=True, timeout=30, stdin=subprocess.DEVNULL).stdout
+            names = [n.decode("utf-8", "replace") for n in untracked.split(b"\0") if n][:1000]
+            if diff or names:
+                if cut:
+                    diff = diff[:max_bytes]
+                    diff = diff[:diff.rfind(b"\n") + 1] + _DIFF_CUT_NOTE.format(max_bytes).encode()
+                if names:
+                    diff += (_DIFF_UNTRACKED + "".join(f"#   {clean_line(n)}\n" for n in names)).encode("utf-8")
+                out = diff
+    except Exception:  # noqa: BLE001 - no git, a timeout: no code.diff, the run goes on
+        out = None
+    _DIFF_CACHE[cwd] = (time.monotonic(), out)
+    return out
+
+
+def read_code_diff(work_dir: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> dict[str, Any]:
+    """An experiment's :data:`CODE_DIFF_FILE` as ``{text, truncated, untracked}`` (text None: there is none)."""
+    try:
+        with _open_regular(os.path.join(work_dir, CODE_DIFF_FILE), "rb") as f:
+            data = f.read(max_bytes + 64 * 1024)
+    except OSError:
+        return {"text": None, "truncated": False, "untracked": []}
+    text = data.decode("utf-8", "replace")
+    untracked: list[str] = []
+    head, sep, tail = text.partition(_DIFF_UNTRACKED)
+    if sep:
+        untracked = [ln[4:] for ln in tail.splitlines() if ln.startswith("#   ")]
+        text = head
+    truncated = "# exp: cut at " in text[-200:] or len(data) > max_bytes + 64 * 1024 - 1
+    return {"text": text, "truncated": truncated, "untracked": untracked}
+
+
 _USER: list[str | None] = []
 _HOST: list[str] = []
 
@@ -861,23 +931,28 @@ def read_tail(path: str, lines: int, max_bytes: int | None = None) -> bytes:
     last line without one counts as a line) or ``max_bytes``, so memory stays
     bounded on a 1 GiB log.  A missing file reads as ``b""``.
     """
+    return read_tail_span(path, lines, max_bytes)[0]
+
+
+def read_tail_span(path: str, lines: int, max_bytes: int | None = None) -> tuple[bytes, int]:
+    """:func:`read_tail`, and the file offset where those bytes end (the size it had when read)."""
     if max_bytes is None:
         max_bytes = TAIL_MAX_BYTES  # read at call time, so the tunable can be changed
     if lines <= 0:
-        return b""
+        return b"", 0
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return b""
+        return b"", 0
     try:
         import stat
 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return b""
+            return b"", 0
         end = st.st_size
         if end == 0:
-            return b""
+            return b"", 0
         # A final line break ends the last line; it does not start another.
         want = lines + (1 if os.pread(fd, 1, end - 1) == b"\n" else 0)
         chunks: list[bytes] = []
@@ -906,7 +981,7 @@ def read_tail(path: str, lines: int, max_bytes: int | None = None) -> bytes:
         # max_bytes reached inside a line: start at the next whole line, if any.
         first = data.find(b"\n")
         data = data[first + 1:] if 0 <= first < len(data) - 1 else data
-    return data
+    return data, end
 
 
 def tail_lines(path: str, n: int = 10, max_bytes: int | None = None, skip_prefix: str | None = None) -> list[str]:
@@ -1966,6 +2041,10 @@ class ExperimentDir:
 
         return self.update_metadata(update, initial, sync=False)
 
+    def write_code_diff(self, diff: bytes) -> None:
+        """Save :data:`CODE_DIFF_FILE` (see :func:`git_code_diff`); StorageError on failure."""
+        write_atomic(os.path.join(self.path, CODE_DIFF_FILE), diff, sync=False)
+
     def record_pid(self, run_id: str, pid: int, start_ticks: int | None = None) -> None:
         """The run's pid (and its start time, which tells a reused pid apart on adoption)."""
         def update(m: dict[str, Any]) -> None:
@@ -2103,6 +2182,7 @@ class ExperimentDir:
         params = m.get("params")
         code = m.get("exit_code")
         pid = m.get("pid")
+        git = m.get("git")
         return {
             "name": text("name") or _name_from_dir(os.path.basename(self.path)),
             "dir": os.path.basename(self.path),
@@ -2126,6 +2206,7 @@ class ExperimentDir:
             "reason": text("reason"),
             "cause": text("cause"),
             "last_metrics": {k: json_safe(v) for k, v in last.items() if _is_num(v)},
+            "dirty": bool(isinstance(git, dict) and git.get("dirty") is True),
         }
 
 
@@ -2260,6 +2341,25 @@ class StateFile:
         write_atomic(os.path.join(self.commands_dir, cid + COMMAND_EXT), _json().dumps(body).encode("utf-8"),
                      sync=False)
         return cid
+
+    def send_command(self, action: str, timeout: float = 30.0, **args: Any) -> dict[str, Any]:
+        """Post a command and wait for the scheduler's answer.
+
+        UnavailableError when no scheduler runs for this directory; ExpError
+        when it does not answer within ``timeout`` (the command is withdrawn).
+        """
+        if not self.owned():
+            raise UnavailableError(f"no scheduler is running for {self.base_dir}; start one with "
+                                   "`exp run config.toml`")
+        cid = self.post_command(action, **args)
+        res = self.result(cid, timeout=timeout, alive=self.owned)
+        if res is None:
+            try:  # so that no later scheduler of this directory acts on it
+                os.unlink(os.path.join(self.commands_dir, cid + COMMAND_EXT))
+            except OSError:
+                pass
+            raise ExpError(f"the scheduler of {self.base_dir} did not answer (is it still running? see `exp status`)")
+        return res
 
     def pending_commands(self) -> list[tuple[str, dict[str, Any] | None]]:
         """Commands not yet answered, oldest first: (id, body or None when unreadable)."""
@@ -3062,7 +3162,17 @@ class Experiment:
     def _record_start(self, rid: str, started: str, pid: int | None) -> None:
         self.status = RUNNING
         fields = self._static_fields()
-        fields.update(exp_version=__version__, git=git_info(self.cwd) if os.path.isdir(self.cwd) else None)
+        git = git_info(self.cwd) if os.path.isdir(self.cwd) else None
+        if git and git.get("dirty"):
+            # What the code was, beyond the commit: the page's "what changed" shows it.
+            diff = git_code_diff(self.cwd)
+            if diff is not None:
+                try:
+                    self.dir.write_code_diff(diff)
+                    git = dict(git, code_diff=CODE_DIFF_FILE)
+                except StorageError as e:
+                    self._warn(f"{CODE_DIFF_FILE} not saved: {e}")
+        fields.update(exp_version=__version__, git=git)
         try:
             self.dir.record_start(rid, started, pid, fields, self._initial_metadata)
         except MetadataError as e:  # kept aside and rewritten: say so, and go on
@@ -5456,7 +5566,7 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
         for (r, vals), why in zip(items, reasons):
             started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
             params = (format_params(r.get("params") or {}) or "-",) if swept else ()
-            table.append((r["name"] or "?", r["status"] or "?", started, format_duration(r["duration"]),
+            table.append(((r["name"] or "?") + (" *" if r.get("dirty") else ""), r["status"] or "?", started, format_duration(r["duration"]),
                           str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), *params, rel(r),
                           *((why or "-",) if reason_label else ())))
         return table
@@ -5527,7 +5637,1297 @@ def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: lis
                    **kwargs: Any) -> str:
     """``exp ls``'s table as text (every metric column unless ``columns`` picks some)."""
     cols = columns if columns is not None else [(k, "last") for k in default_columns(rows)]
-    return _table(build_listing(rows, cols, base_dir, **kwargs))
+    text = _table(build_listing(rows, cols, base_dir, **kwargs))
+    if not kwargs.get("group") and any(r.get("dirty") for r in rows):
+        text += f"\n* started from a work tree with uncommitted changes (its {CODE_DIFF_FILE} has the diff)"
+    return text
+
+
+# ============================================================================
+# Dashboard (exp see): readers for the page, the experiment index, the server
+# ============================================================================
+#
+# Three layers, so that each can be tested on its own:
+#   * pure readers (read_log_chunk, read_metrics_chunk, preview_file, query_experiments,
+#     compare_experiments, ...) that take paths and plain values and return JSON-able dicts;
+#   * Dashboard: one base directory, the experiment index, and the mapping from an API
+#     route's parameters to those readers (every id and path checked to stay inside DIR);
+#   * DashboardServer and its handler: HTTP, tokens, Host/Origin checks, headers.  The
+#     handler only parses a request and writes a response.
+
+DASHBOARD_PORT = 6066
+DASHBOARD_PAGE = "exp_ui.html"
+#: Seconds an index snapshot is served before the directories' mtimes are checked again.
+DASHBOARD_INDEX_TTL = 0.5
+DASHBOARD_MAX_BODY = 1 << 20
+PREVIEW_MAX_BYTES = 256 << 10
+LOG_CHUNK_DEFAULT = 64 << 10
+LOG_CHUNK_MAX = 4 << 20
+LOG_TAIL_MAX_LINES = 10000
+METRICS_CHUNK_DEFAULT = 8 << 20
+FILE_TREE_MAX = 2000
+COMPARE_MAX = 50
+_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+                ".webp": "image/webp", ".bmp": "image/bmp"}
+#: Dict keys whose values the dashboard never serves (an old metadata.json may hold anything).
+_SECRET_FIELD_RE = _LazyRe(r"secret|token|passw|pwd|credential|api_?key|access_?key|private_?key|cookie|bearer|"
+                           r"^auth", re.I)
+_PARAM_FILTER_RE = _LazyRe(r"^\s*([^=<>!]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*$")
+_EXP_SORT_FIELDS = ("name", "status", "created_at", "started_at", "ended_at", "duration", "runs", "exit_code")
+
+
+class DashboardError(ExpError):
+    """A request the dashboard refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _not_found(what: str = "not found") -> DashboardError:
+    return DashboardError(404, what)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of JSON-like ``value`` without secrets: ``lark_config`` dropped, secret-looking keys ``"***"``.
+
+    ``environment`` is redacted by :func:`redact_env` (variable names); any
+    other key that looks like a secret, at any depth, has its value hidden.
+    """
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        key = str(k)
+        if key == "lark_config":
+            continue
+        if key == "environment" and isinstance(v, dict):
+            out[key] = redact_secrets(redact_env(v))
+        elif _SECRET_FIELD_RE.search(key) and not isinstance(v, (dict, list)) and v is not None:
+            out[key] = "***"
+        else:
+            out[key] = redact_secrets(v)
+    return out
+
+
+def resolve_inside(root: str, rel: str) -> str | None:
+    """``root/rel`` with every symlink resolved, if that stays inside ``root``; else None.
+
+    ``root`` must already be a real path.  Refused outright: NUL, backslashes,
+    absolute paths, ``~`` and any ``..`` component (whatever they would
+    resolve to).  Decoding is the caller's: a still-encoded ``%2e%2e`` is just
+    a name that does not exist.
+    """
+    if not isinstance(rel, str) or "\x00" in rel or "\\" in rel or rel.startswith(("/", "~")):
+        return None
+    if any(part == ".." for part in rel.split("/")):
+        return None
+    path = os.path.realpath(os.path.join(root, rel))
+    if path != root and not path.startswith(root.rstrip(os.sep) + os.sep):
+        return None
+    return path
+
+
+def _utf8_end(data: bytes) -> int:
+    """The length of ``data`` without a UTF-8 character cut at its end."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        b = data[n - back]
+        if b & 0xC0 == 0x80:  # a continuation byte: keep looking for the lead byte
+            continue
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return n - back if back < need else n
+    return n
+
+
+def _utf8_start(data: bytes) -> int:
+    """How many continuation bytes ``data`` starts with (an offset inside a character; at most 3)."""
+    i = 0
+    while i < min(3, len(data)) and data[i] & 0xC0 == 0x80:
+        i += 1
+    return i
+
+
+def read_log_chunk(path: str, offset: int = 0, max_bytes: int = LOG_CHUNK_DEFAULT) -> dict[str, Any]:
+    """Bytes ``[offset, offset + max_bytes)`` of a log as text, never cut inside a UTF-8 character.
+
+    For following a growing log: pass ``next_offset`` back.  An offset past
+    the end (the log was rewritten) reads from 0 with ``reset``.  A missing
+    log reads as empty.
+    """
+    max_bytes = max(1, min(int(max_bytes), LOG_CHUNK_MAX))
+    try:
+        f = _open_regular(path, "rb")
+    except FileNotFoundError:
+        return {"size": 0, "offset": 0, "next_offset": 0, "text": "", "eof": True, "reset": offset > 0}
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        reset = offset > size
+        if reset or offset < 0:
+            offset = 0
+        data = os.pread(f.fileno(), min(max_bytes, size - offset), offset)
+    skip = _utf8_start(data) if offset else 0
+    end = _utf8_end(data)
+    text = data[skip:end].decode("utf-8", "replace")
+    return {"size": size, "offset": offset + skip, "next_offset": offset + end, "text": text,
+            "eof": offset + end >= size, "reset": reset}
+
+
+def read_log_tail(path: str, lines: int) -> dict[str, Any]:
+    """The last ``lines`` lines of a log (read backwards from the end), with the offset to follow from."""
+    lines = max(1, min(int(lines), LOG_TAIL_MAX_LINES))
+    data, end = read_tail_span(path, lines, max_bytes=TAIL_MAX_BYTES)
+    cut = _utf8_end(data)
+    start = end - len(data)
+    skip = _utf8_start(data) if start else 0
+    return {"size": end, "offset": start + skip, "next_offset": start + cut,
+            "text": data[skip:cut].decode("utf-8", "replace"), "eof": True, "reset": False,
+            "truncated_before": start + skip > 0}
+
+
+def _json_number(v: Any) -> Any:
+    """A metric cell for JSON: finite numbers as they are, NaN and infinities as None, text as text."""
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return None
+    return v
+
+
+def _csv_safe_cut(data: bytes) -> int:
+    """Where the last complete CSV record of ``data`` ends: after a line break outside quotes (0: none)."""
+    quotes_before = data.count(b'"')
+    end = len(data)
+    for _ in range(64):
+        i = data.rfind(b"\n", 0, end)
+        if i < 0:
+            return 0
+        quotes_before -= data.count(b'"', i + 1, end)
+        if quotes_before % 2 == 0:
+            return i + 1
+        end = i
+    return 0
+
+
+def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
+                       max_bytes: int = METRICS_CHUNK_DEFAULT) -> dict[str, Any]:
+    """Rows of a metrics CSV from byte ``offset``, as columns; for following a growing file cheaply.
+
+    ``file_id`` (from the previous answer) names the file and its header: when
+    exp has rewritten the CSV with new columns, or replaced it, the ids differ
+    and the answer starts again from the first row with ``reset``.  A torn
+    last row (being written) is left for the next call.
+    """
+    import zlib
+
+    empty = {"file_id": "", "reset": bool(offset), "names": [], "columns": {}, "rows": 0, "offset": 0,
+             "next_offset": 0, "size": 0, "eof": True}
+    try:
+        f = _open_regular(path, "rb")
+    except FileNotFoundError:
+        return empty
+    with f:
+        st = os.fstat(f.fileno())
+        head = f.readline(1 << 20)
+        if not head.endswith(b"\n"):
+            return dict(empty, size=st.st_size, reset=False)
+        fid = f"{st.st_ino:x}-{zlib.crc32(head):08x}"
+        start = len(head)
+        reset = bool(offset) and (file_id != fid or offset > st.st_size or offset < start)
+        if reset or offset < start:
+            offset = start
+        max_bytes = max(1 << 16, min(int(max_bytes), 64 << 20))
+        data = os.pread(f.fileno(), min(max_bytes, st.st_size - offset), offset)
+    cut = _csv_safe_cut(data)
+    names: list[str] = next(_csv_module().reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
+    columns: dict[str, list[Any]] = {n: [] for n in names}
+    rows = 0
+    if cut:
+        import io
+
+        width = len(names)
+        lists = [columns[n] for n in names]
+        for rec in _csv_module().reader(io.StringIO(data[:cut].decode("utf-8", "replace"), newline="")):
+            if len(rec) != width:
+                continue
+            rows += 1
+            for lst, cell in zip(lists, rec):
+                lst.append(_json_number(parse_metric(cell)))
+    return {"file_id": fid, "reset": reset, "names": names, "columns": columns, "rows": rows, "offset": offset,
+            "next_offset": offset + cut, "size": st.st_size, "eof": offset + len(data) >= st.st_size}
+
+
+def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
+    """Per numeric column of a metrics CSV: final, min, max and count (one streamed pass)."""
+    csv = _csv_module()
+    try:
+        f = _open_regular(path, encoding="utf-8", errors="replace", newline="")
+    except OSError:
+        return {}
+    stats: dict[str, dict[str, Any]] = {}
+    with f:
+        reader = csv.reader(f)
+        header: list[str] = next(reader, [])
+        for rec in reader:
+            if len(rec) != len(header):
+                continue
+            for name, cell in zip(header, rec):
+                v = parse_metric(cell)
+                if not _is_num(v) or v != v or v in (float("inf"), float("-inf")):
+                    continue
+                s = stats.get(name)
+                if s is None:
+                    stats[name] = {"final": v, "min": v, "max": v, "count": 1}
+                else:
+                    s["final"] = v
+                    s["count"] += 1
+                    if v < s["min"]:
+                        s["min"] = v
+                    if v > s["max"]:
+                        s["max"] = v
+    return stats
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better (its name looks like a loss, an error, a time)."""
+    return bool(_LOWER_IS_BETTER_RE.search(metric))
+
+
+def file_kind(name: str, head: bytes) -> str:
+    """``image``, ``binary``, ``csv``, ``json`` or ``text`` for a file's name and first bytes."""
+    ext = os.path.splitext(name)[1].lower()
+    if ext in _IMAGE_TYPES:
+        return "image"
+    sample = head[:8192]
+    if b"\x00" in sample:
+        return "binary"
+    try:
+        sample[:_utf8_end(sample)].decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    if ext in (".csv", ".tsv"):
+        return "csv"
+    if ext in (".json", ".jsonl"):
+        return "json"
+    return "text"
+
+
+def _iso_ts(text: Any) -> float | None:
+    """Seconds since the epoch of an ISO-8601 time (a naive one is local time), or None."""
+    from datetime import datetime
+
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.strip().replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class _IndexEntry:
+    __slots__ = ("key", "row", "created", "text")
+
+    def __init__(self, key: Any, row: dict[str, Any]) -> None:
+        self.key = key
+        self.row = row
+        self.created = _iso_ts(row.get("created_at")) or 0.0
+        self.text = " ".join(t for t in (row.get("name"), row.get("description")) if t).lower()
+
+
+class ExperimentIndex:
+    """Summaries of every experiment under a base directory, kept current by mtimes.
+
+    A refresh lists a directory again only when its mtime changed, and reads
+    an experiment's metadata again only when its ``metadata.json`` changed (or,
+    while it runs, its metrics file); at most every :data:`DASHBOARD_INDEX_TTL`
+    seconds, whoever asks.  Thread-safe.
+    """
+
+    def __init__(self, base_dir: str, ttl: float = DASHBOARD_INDEX_TTL) -> None:
+        self.root = os.path.realpath(base_dir)
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._entries: dict[str, _IndexEntry] = {}
+        self._listings: dict[str, tuple[int, list[str]]] = {}
+        self._checked = -1e18
+        self._snapshot: list[_IndexEntry] = []
+
+    def entries(self) -> list[_IndexEntry]:
+        with self._lock:
+            if time.monotonic() - self._checked >= self.ttl:
+                self._refresh()
+                self._checked = time.monotonic()
+            return self._snapshot
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [e.row for e in self.entries()]
+
+    def _subdirs(self, path: str) -> list[str]:
+        """The visible subdirectories of ``path``, re-listed only when its mtime changed."""
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            self._listings.pop(path, None)
+            return []
+        cached = self._listings.get(path)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        names = []
+        try:
+            with os.scandir(path) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if entry.is_dir():
+                            names.append(entry.name)
+                    except OSError:
+                        continue
+        except OSError:
+            return []
+        self._listings[path] = (mtime, names)
+        return names
+
+    def _refresh(self) -> None:
+        seen: dict[str, _IndexEntry] = {}
+        self._visit(self.root, "", 2, seen)
+        self._entries = seen
+        self._snapshot = sorted(seen.values(), key=lambda e: (e.created, e.row["id"]), reverse=True)
+
+    def _visit(self, path: str, rel: str, depth: int, seen: dict[str, _IndexEntry]) -> None:
+        for name in self._subdirs(path):
+            sub = os.path.join(path, name)
+            rid = f"{rel}{name}"
+            try:
+                st = os.stat(os.path.join(sub, METADATA_FILE))
+            except FileNotFoundError:
+                if depth > 1:
+                    self._visit(sub, rid + "/", depth - 1, seen)
+                continue
+            except OSError:
+                st = None  # unreadable: still an experiment; summary() says why
+            old = self._entries.get(rid)
+            key: Any = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+            if old is not None and old.row.get("status") == RUNNING:
+                rid_run = old.row.get("current_run_id")
+                if rid_run:
+                    try:
+                        m = os.stat(ExperimentDir(sub).metrics_path(rid_run))
+                        key = (key, m.st_size, m.st_mtime_ns)
+                    except OSError:
+                        pass
+            if old is not None and key is not None and old.key == key:
+                seen[rid] = old
+                continue
+            d = ExperimentDir(sub)
+            row = d.summary()
+            row["id"] = rid
+            row["params"] = redact_secrets(row["params"])
+            if row.get("status") == RUNNING and row.get("current_run_id"):
+                try:
+                    m = os.stat(d.metrics_path(row["current_run_id"]))
+                    key = (key, m.st_size, m.st_mtime_ns)
+                except OSError:
+                    pass
+            seen[rid] = _IndexEntry(key, row)
+
+
+def _parse_param_filter(text: str) -> tuple[str, str, str]:
+    m = _PARAM_FILTER_RE.match(text)
+    if not m:
+        raise DashboardError(400, f"bad param filter {text!r}: write KEY=VALUE, KEY!=VALUE, KEY>=NUMBER, ...")
+    key, op, value = m.groups()
+    if op in (">=", "<=", ">", "<"):
+        try:
+            float(value)
+        except ValueError:
+            raise DashboardError(400, f"bad param filter {text!r}: {op} needs a number") from None
+    return key, op, value
+
+
+def _param_matches(params: Mapping[str, Any], key: str, op: str, value: str) -> bool:
+    if key not in params:
+        return op == "!="
+    v = params[key]
+    if op in ("=", "!="):
+        text = json_safe(v) if not isinstance(v, str) else v
+        if isinstance(v, bool):
+            text = str(v).lower()
+        equal = str(text) == value or (_is_num(v) and not isinstance(v, bool) and _num_equal(v, value))
+        return equal if op == "=" else not equal
+    if not _is_num(v) or isinstance(v, bool):
+        return False
+    x = float(value)
+    return {">=": v >= x, "<=": v <= x, ">": v > x, "<": v < x}[op]
+
+
+def _num_equal(v: float, text: str) -> bool:
+    try:
+        return float(text) == float(v)
+    except ValueError:
+        return False
+
+
+def _one(query: Mapping[str, list[str]], key: str, default: str | None = None) -> str | None:
+    values = query.get(key)
+    return values[-1] if values else default
+
+
+def _int_param(query: Mapping[str, list[str]], key: str, default: int, lo: int, hi: int) -> int:
+    text = _one(query, key)
+    if text is None or text == "":
+        return default
+    try:
+        n = int(text)
+    except ValueError:
+        raise DashboardError(400, f"{key} must be an integer, got {text!r}") from None
+    return max(lo, min(hi, n))
+
+
+def _split_list(query: Mapping[str, list[str]], key: str) -> list[str]:
+    return [t.strip() for v in query.get(key, []) for t in v.split(",") if t.strip()]
+
+
+def query_experiments(entries: list[_IndexEntry], query: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Filter, sort and page the index for ``GET /api/experiments`` (see the README's dashboard section)."""
+    name = _one(query, "name")
+    try:
+        pattern = re.compile(name) if name else None
+    except re.error as e:
+        raise DashboardError(400, f"invalid name regular expression {name!r}: {e}") from None
+    tags = _split_list(query, "tags") + _split_list(query, "tag")
+    words = (_one(query, "q") or "").lower().split()
+    statuses = set(_split_list(query, "status"))
+    params = [_parse_param_filter(p) for p in query.get("param", []) if p.strip()]
+    bounds = []
+    for key in ("since", "until"):
+        text = _one(query, key)
+        if text:
+            ts = _iso_ts(text)
+            if ts is None:
+                raise DashboardError(400, f"{key} must be an ISO date or time such as 2026-12-01T10:00, got {text!r}")
+            bounds.append((key, ts))
+    dirty = _one(query, "dirty") in ("1", "true", "yes")
+    sort = _one(query, "sort") or "-created_at"
+    offset = _int_param(query, "offset", 0, 0, 1 << 40)
+    limit = _int_param(query, "limit", 50, 1, 1000)
+    desc = sort.startswith("-")
+    field = sort.lstrip("-+")
+    if not (field in _EXP_SORT_FIELDS or field.startswith(("metric:", "param:"))):
+        raise DashboardError(400, f"cannot sort by {field!r}: use one of {', '.join(_EXP_SORT_FIELDS)}, "
+                                  "metric:NAME or param:NAME")
+
+    statuses_all: dict[str, int] = {}
+    metric_names: set[str] = set()
+    param_names: set[str] = set()
+    all_tags: set[str] = set()
+    kept: list[_IndexEntry] = []
+    for ent in entries:
+        r = ent.row
+        st = r.get("status") or "unknown"
+        statuses_all[st] = statuses_all.get(st, 0) + 1
+        metric_names.update(r["last_metrics"])
+        param_names.update(r["params"])
+        all_tags.update(r["tags"])
+        if statuses and st not in statuses:
+            continue
+        if pattern is not None and not pattern.search(r.get("name") or ""):
+            continue
+        if tags and not all(t in r["tags"] for t in tags):
+            continue
+        if words and not all(w in ent.text for w in words):
+            continue
+        if dirty and not r.get("dirty"):
+            continue
+        if params and not all(_param_matches(r["params"], k, op, v) for k, op, v in params):
+            continue
+        if any((ent.created < ts) if key == "since" else (ent.created > ts) for key, ts in bounds):
+            continue
+        kept.append(ent)
+
+    if field == "created_at":
+        def value(e: _IndexEntry) -> Any:
+            return e.created or None
+    elif field.startswith("metric:"):
+        mname = field[7:]
+
+        def value(e: _IndexEntry) -> Any:
+            return e.row["last_metrics"].get(mname)
+    elif field.startswith("param:"):
+        pname = field[6:]
+
+        def value(e: _IndexEntry) -> Any:
+            return e.row["params"].get(pname)
+    else:
+        def value(e: _IndexEntry) -> Any:
+            return e.row.get(field)
+    present = [(value(e), e) for e in kept]
+    missing = [e for v, e in present if v is None or v == ""]
+    present = [(v, e) for v, e in present if not (v is None or v == "")]
+    present.sort(key=lambda p: (_sort_key(p[0]), p[1].row["id"]), reverse=desc)
+    ordered = [e for _, e in present] + missing
+    return {
+        "total": len(ordered), "offset": offset, "limit": limit,
+        "items": [e.row for e in ordered[offset:offset + limit]],
+        "metric_names": sorted(metric_names), "param_names": sorted(param_names), "tags": sorted(all_tags),
+        "statuses": statuses_all, "scanned": len(entries),
+    }
+
+
+def _state_job(job: Any, root: str) -> dict[str, Any] | None:
+    """A job of the state file as the page gets it: no environment, secrets redacted, its experiment id."""
+    if not isinstance(job, dict):
+        return None
+    out = {k: v for k, v in job.items() if k not in ("environment", "lark_config")}
+    out = redact_secrets(out)
+    wd = job.get("work_dir")
+    exp_id = None
+    if isinstance(wd, str) and wd:
+        real = os.path.realpath(wd)
+        if real.startswith(root.rstrip(os.sep) + os.sep) and ExperimentDir.is_experiment(real):
+            exp_id = os.path.relpath(real, root).replace(os.sep, "/")
+    out["exp_id"] = exp_id
+    return json_safe(out)
+
+
+def system_info(base_dir: str, gpus: list[dict[str, Any]] | None, running: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load, memory, disk of ``base_dir`` and the GPUs with the running tasks that hold each."""
+    import shutil
+
+    info: dict[str, Any] = {"hostname": _hostname(), "cpus": os.cpu_count()}
+    try:
+        info["load"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        info["load"] = None
+    mem: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                key, _, rest = line.partition(b":")
+                if key in (b"MemTotal", b"MemAvailable"):
+                    mem["total" if key == b"MemTotal" else "available"] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    info["memory"] = mem or None
+    probe = base_dir
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        du = shutil.disk_usage(probe)
+        info["disk"] = {"path": base_dir, "total": du.total, "free": du.free}
+    except OSError:
+        info["disk"] = None
+    holders: dict[int, list[dict[str, Any]]] = {}
+    for job in running:
+        ids = job.get("assigned_gpus") or job.get("gpu_ids") or []
+        for g in ids if isinstance(ids, list) else []:
+            if _is_int(g):
+                holders.setdefault(int(g), []).append(
+                    {"task": job.get("id"), "name": job.get("name"), "exp_id": job.get("exp_id")})
+    info["gpus"] = [dict(g, holders=holders.get(g["index"], [])) for g in gpus or []]
+    info["gpu_error"] = None if gpus is not None else "nvidia-smi not found or failed"
+    return info
+
+
+class Dashboard:
+    """The dashboard's API over one base directory: each ``api_*`` takes query values, returns a JSON-able dict.
+
+    Every experiment id and file path is resolved (symlinks too) and must stay
+    inside the base directory, else :class:`DashboardError` 404.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str] = DEFAULT_BASE_DIR) -> None:
+        self.base_dir = os.path.abspath(os.fspath(base_dir))
+        self.root = os.path.realpath(self.base_dir)
+        self.index = ExperimentIndex(self.root)
+        self.state = StateFile(self.base_dir)
+        self._gpus: tuple[float, list[dict[str, Any]] | None] | None = None
+        self._gpu_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lookups
+
+    def experiment(self, exp_id: str | None) -> ExperimentDir:
+        """The experiment directory named by ``exp_id`` (its path under the base directory)."""
+        if not exp_id:
+            raise DashboardError(400, "missing id: the experiment's directory relative to the base directory")
+        path = resolve_inside(self.root, exp_id)
+        if path is None or path == self.root or not ExperimentDir.is_experiment(path):
+            raise _not_found()
+        return ExperimentDir(path)
+
+    def _exp_id(self, d: ExperimentDir) -> str:
+        return os.path.relpath(d.path, self.root).replace(os.sep, "/")
+
+    def _run(self, d: ExperimentDir, run_id: str | None) -> str:
+        """A run of ``d`` named by ``run_id`` (default: its current run); 404 when it has no such run."""
+        if run_id:
+            if not _RUN_ID_RE.match(run_id):
+                raise _not_found()
+            return run_id
+        meta, _ = d.try_read_metadata()
+        rid = (meta or {}).get("current_run_id")
+        if isinstance(rid, str) and _RUN_ID_RE.match(rid):
+            return rid
+        runs = d.runs()
+        if not runs:
+            raise _not_found("this experiment has no run yet")
+        return runs[-1]
+
+    def _file(self, d: ExperimentDir, rel: str | None) -> str:
+        if not rel:
+            raise DashboardError(400, "missing path")
+        path = resolve_inside(os.path.realpath(d.path), rel)
+        if path is None or not os.path.exists(path):
+            raise _not_found()
+        return path
+
+    # ------------------------------------------------------------------ endpoints
+
+    def api_health(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        return {"ok": True, "version": __version__, "base_dir": self.base_dir, "exists": os.path.isdir(self.root)}
+
+    def api_state(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        groups = ("pending", "running", "finished", "errors")
+        out: dict[str, Any] = {"base_dir": self.base_dir, "exists": os.path.isdir(self.root), "updated_at": now_iso(),
+                               "scheduler": None, "state_error": None}
+        try:
+            state = self.state.read()
+        except MetadataError as e:
+            state, out["state_error"] = None, str(e)
+        for g in groups:
+            items = state.get(g) if state else None
+            out[g] = [j for j in (_state_job(x, self.root) for x in (items if isinstance(items, list) else []))
+                      if j is not None]
+        out["counts"] = {g: len(out[g]) for g in groups}
+        out["counts"]["total"] = sum(out["counts"].values())
+        if state:
+            summary: dict[str, Any] = state["summary"] if isinstance(state.get("summary"), dict) else {}
+            keep = ("status_indicator", "pid", "host", "config_path", "started_at", "updated_at",
+                    "max_concurrent_experiments", "gpus", "gpu_use")
+            sched = {k: summary.get(k) for k in keep}
+            sched["alive"] = self.state.owned()
+            out["scheduler"] = json_safe(redact_secrets(sched))
+        return out
+
+    def api_experiments(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        return query_experiments(self.index.entries(), q)
+
+    def api_experiment(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        d = self.experiment(_one(q, "id"))
+        exp_id = self._exp_id(d)
+        summary = dict(d.summary(), id=exp_id)
+        summary["params"] = redact_secrets(summary["params"])
+        meta, why = d.try_read_metadata()
+        runs = []
+        entries = (meta or {}).get("runs")
+        by_id = {r.get("id"): r for r in entries if isinstance(r, dict)} if isinstance(entries, list) else {}
+        for rid in sorted(set(d.runs()) | {k for k in by_id if isinstance(k, str) and _RUN_ID_RE.match(k)}):
+            r = by_id.get(rid, {})
+            item = {k: r.get(k) for k in ("status", "started_at", "ended_at", "exit_code", "duration", "reason")}
+            for key, path in (("log", d.log_path(rid)), ("metrics", d.metrics_path(rid))):
+                try:
+                    size = os.stat(path).st_size
+                    item[key], item[key + "_size"] = os.path.relpath(path, d.path).replace(os.sep, "/"), size
+                except OSError:
+                    item[key], item[key + "_size"] = None, 0
+            runs.append(dict(item, run_id=rid))
+        files, truncated = self._tree(d.path)
+        return {"id": exp_id, "summary": summary, "metadata": json_safe(redact_secrets(meta)) if meta else None,
+                "metadata_error": why, "runs": runs, "files": files, "files_truncated": truncated,
+                "code_diff": os.path.isfile(os.path.join(d.path, CODE_DIFF_FILE))}
+
+    @staticmethod
+    def _tree(top: str) -> tuple[list[dict[str, Any]], bool]:
+        """Files under an experiment directory, depth first, at most FILE_TREE_MAX (symlinks not followed)."""
+        out: list[dict[str, Any]] = []
+
+        def walk(path: str, rel: str) -> bool:
+            try:
+                with os.scandir(path) as it:
+                    items = sorted(it, key=lambda e: e.name)
+            except OSError:
+                return True
+            for e in items:
+                if len(out) >= FILE_TREE_MAX:
+                    return False
+                try:
+                    st = e.stat(follow_symlinks=False)
+                    kind = "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file"
+                except OSError:
+                    continue
+                out.append({"path": rel + e.name, "type": kind, "size": st.st_size if kind == "file" else 0,
+                            "mtime": st.st_mtime})
+                if kind == "dir" and not walk(e.path, rel + e.name + "/"):
+                    return False
+            return True
+
+        complete = walk(top, "")
+        return out, not complete
+
+    def api_log(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        d = self.experiment(_one(q, "id"))
+        rid = self._run(d, _one(q, "run"))
+        path = d.log_path(rid)
+        if _one(q, "tail") is not None:
+            out = read_log_tail(path, _int_param(q, "tail", 200, 1, LOG_TAIL_MAX_LINES))
+        else:
+            out = read_log_chunk(path, _int_param(q, "offset", 0, 0, 1 << 62),
+                                 _int_param(q, "max_bytes", LOG_CHUNK_DEFAULT, 1, LOG_CHUNK_MAX))
+        return dict(out, run_id=rid)
+
+    def api_metrics(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        d = self.experiment(_one(q, "id"))
+        rid = self._run(d, _one(q, "run"))
+        out = read_metrics_chunk(d.metrics_path(rid), _int_param(q, "offset", 0, 0, 1 << 62), _one(q, "file_id") or "",
+                                 _int_param(q, "max_bytes", METRICS_CHUNK_DEFAULT, 1, 64 << 20))
+        return dict(out, run_id=rid)
+
+    def _is_metadata(self, d: ExperimentDir, path: str) -> bool:
+        return os.path.dirname(path) == os.path.realpath(d.path) and os.path.basename(path).startswith(METADATA_FILE)
+
+    def _metadata_text(self, path: str) -> str:
+        """A metadata file as served: redacted JSON, or nothing at all when it cannot be parsed (it may hold secrets)."""
+        try:
+            return dumps_json(json_safe(redact_secrets(read_json_file(path)))) + "\n"
+        except (OSError, ValueError):
+            return "(not shown: this metadata file cannot be parsed, and it may hold secrets)\n"
+
+    def api_file(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        d = self.experiment(_one(q, "id"))
+        rel = _one(q, "path")
+        path = self._file(d, rel)
+        from urllib.parse import urlencode
+
+        st = os.stat(path)
+        out: dict[str, Any] = {"path": rel, "size": st.st_size, "mtime": st.st_mtime, "text": None,
+                               "truncated": False, "entries": None,
+                               "raw_url": "/api/raw?" + urlencode({"id": self._exp_id(d), "path": rel})}
+        if os.path.isdir(path):
+            entries = []
+            with os.scandir(path) as it:
+                for e in sorted(it, key=lambda e: e.name)[:FILE_TREE_MAX]:
+                    try:
+                        kind = "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file"
+                        size = e.stat(follow_symlinks=False).st_size if kind == "file" else 0
+                    except OSError:
+                        continue
+                    entries.append({"name": e.name, "type": kind, "size": size})
+            return dict(out, type="dir", kind="dir", entries=entries, raw_url=None)
+        if self._is_metadata(d, path):
+            text = self._metadata_text(path)
+            return dict(out, type="file", kind="json", text=text, size=len(text.encode()))
+        try:
+            with _open_regular(path, "rb") as f:
+                data = f.read(PREVIEW_MAX_BYTES + 1)
+        except OSError as e:
+            raise DashboardError(404, f"cannot read {rel}: {e.strerror or e}") from None
+        kind = file_kind(path, data)
+        out.update(type="file", kind=kind)
+        if kind in ("text", "csv", "json"):
+            cut = data[:PREVIEW_MAX_BYTES]
+            out.update(text=cut[:_utf8_end(cut)].decode("utf-8", "replace"), truncated=len(data) > PREVIEW_MAX_BYTES)
+        return out
+
+    def raw_file(self, q: Mapping[str, list[str]]) -> tuple[str, str, bool, Any]:
+        """(path, content type, as attachment, an open binary file or bytes) for ``GET /api/raw``."""
+        d = self.experiment(_one(q, "id"))
+        path = self._file(d, _one(q, "path"))
+        if os.path.isdir(path):
+            raise DashboardError(400, "a directory has no raw content; see /api/file")
+        download = _one(q, "download") in ("1", "true", "yes")
+        if self._is_metadata(d, path):
+            return path, "application/json; charset=utf-8", download, self._metadata_text(path).encode("utf-8")
+        ctype = _IMAGE_TYPES.get(os.path.splitext(path)[1].lower())
+        try:
+            f = _open_regular(path, "rb")
+        except OSError as e:
+            raise DashboardError(404, f"cannot read it: {e.strerror or e}") from None
+        if ctype is None:
+            return path, "application/octet-stream", True, f
+        return path, ctype, download, f
+
+    def _previous(self, d: ExperimentDir, row: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The newest experiment of the same name created before ``row`` (from the index)."""
+        t = _iso_ts(row.get("created_at")) or 0.0
+        best: _IndexEntry | None = None
+        for e in self.index.entries():
+            if e.row["name"] == row["name"] and e.row["id"] != row["id"] and e.created < t:
+                if best is None or e.created > best.created:
+                    best = e
+        return best.row if best is not None else None
+
+    def api_changes(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        d = self.experiment(_one(q, "id"))
+        row = dict(d.summary(), id=self._exp_id(d))
+        against = _one(q, "against")
+        if against:
+            other_dir: ExperimentDir | None = self.experiment(against)
+        else:
+            prev = self._previous(d, row)
+            other_dir = ExperimentDir(prev["work_dir"]) if prev else None
+        meta = d.try_read_metadata()[0] or {}
+        out: dict[str, Any] = {"id": row["id"], "against": None, "against_name": None, "params": [],
+                               "command": None, "git": None, "metrics": []}
+        other_meta: dict[str, Any] = {}
+        other_row: dict[str, Any] = {}
+        if other_dir is not None:
+            other_row = dict(other_dir.summary(), id=self._exp_id(other_dir))
+            other_meta = other_dir.try_read_metadata()[0] or {}
+            out["against"], out["against_name"] = other_row["id"], other_row["name"]
+            a, b = redact_secrets(other_row["params"]), redact_secrets(row["params"])
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k) or (k in a) != (k in b):
+                    out["params"].append({"key": k, "before": a.get(k), "after": b.get(k)})
+            if other_meta.get("command") != meta.get("command"):
+                out["command"] = {"before": other_meta.get("command"), "after": meta.get("command")}
+            ma, mb = other_row["last_metrics"], row["last_metrics"]
+            for k in sorted(set(ma) | set(mb)):
+                va, vb = ma.get(k), mb.get(k)
+                delta = vb - va if _is_num(va) and _is_num(vb) else None
+                out["metrics"].append({"name": k, "before": va, "after": vb, "delta": json_safe(delta)})
+
+        def git(m: Mapping[str, Any]) -> dict[str, Any] | None:
+            g = m.get("git")
+            return {k: g.get(k) for k in ("commit", "branch", "dirty")} if isinstance(g, dict) else None
+
+        ga, gb = git(other_meta) if other_dir is not None else None, git(meta)
+        out["git"] = {"before": ga, "after": gb,
+                      "changed": bool(other_dir is not None and (ga or {}).get("commit") != (gb or {}).get("commit"))}
+        diff = read_code_diff(d.path)
+        out.update(code_diff=diff["text"], code_diff_truncated=diff["truncated"], untracked=diff["untracked"])
+        return json_safe(out)
+
+    def api_compare(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        ids = _split_list(q, "ids")
+        if not ids:
+            raise DashboardError(400, "ids: give the experiments to compare, comma-separated")
+        if len(ids) > COMPARE_MAX:
+            raise DashboardError(400, f"at most {COMPARE_MAX} experiments can be compared at once")
+        exps: list[dict[str, Any]] = []
+        metrics: dict[str, dict[str, Any]] = {}
+        params: list[dict[str, Any]] = []
+        names: dict[str, None] = {}
+        for exp_id in ids:
+            d = self.experiment(exp_id)
+            row = d.summary()
+            p = redact_secrets(row["params"])
+            exps.append({"id": self._exp_id(d), "name": row["name"], "status": row["status"], "tags": row["tags"],
+                         "params": p, "created_at": row["created_at"]})
+            params.append(p)
+            rid = row.get("current_run_id")
+            stats = metrics_stats(d.metrics_path(rid)) if rid else {}
+            for mname, s in stats.items():
+                names.setdefault(mname, None)
+                low = lower_is_better(mname)
+                metrics.setdefault(mname, {})[exps[-1]["id"]] = dict(s, best=s["min"] if low else s["max"])
+        keys = sorted({k for p in params for k in p})
+        differing = [k for k in keys if len({_json().dumps(p.get(k), sort_keys=True, default=str) for p in params}) > 1]
+        return json_safe({"experiments": exps, "param_keys": keys, "differing_params": differing,
+                          "metrics": metrics, "metric_names": list(names),
+                          "lower_is_better": {m: lower_is_better(m) for m in names}})
+
+    def _detected_gpus(self) -> list[dict[str, Any]] | None:
+        with self._gpu_lock:  # nvidia-smi takes a while: once every few seconds, whoever asks
+            if self._gpus is None or time.monotonic() - self._gpus[0] > 3.0:
+                self._gpus = (time.monotonic(), detect_gpus())
+            return self._gpus[1]
+
+    def api_system(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        state = self.api_state(q)
+        return json_safe(system_info(self.base_dir, self._detected_gpus(), state["running"]))
+
+    def api_command(self, body: Any) -> tuple[int, dict[str, Any]]:
+        if not isinstance(body, dict):
+            raise DashboardError(400, "the body must be a JSON object such as {\"action\": \"kill\", \"tasks\": [3]}")
+        action = body.get("action")
+        if action not in ("kill", "retry", "rm", "shutdown", "priority"):
+            raise DashboardError(400, f"unknown action {action!r}: kill, retry, rm, shutdown or priority")
+        tasks = body.get("tasks", [])
+        if not isinstance(tasks, list) or not all(isinstance(t, (int, str)) and not isinstance(t, bool)
+                                                  for t in tasks):
+            raise DashboardError(400, "tasks must be a list of task ids or names")
+        if action != "shutdown" and not tasks:
+            raise DashboardError(400, f"{action} needs tasks")
+        args: dict[str, Any] = {"tasks": tasks}
+        if action == "shutdown":
+            args["now"] = bool(body.get("now"))
+        if action == "priority":
+            if not _is_int(body.get("value")):
+                raise DashboardError(400, "priority needs an integer value")
+            args["value"] = body["value"]
+        try:
+            return 200, self.state.send_command(action, **args)
+        except UnavailableError as e:
+            raise DashboardError(409, str(e)) from None
+
+    GET_ROUTES = {"/api/health": "api_health", "/api/state": "api_state", "/api/experiments": "api_experiments",
+                  "/api/experiment": "api_experiment", "/api/log": "api_log", "/api/metrics": "api_metrics",
+                  "/api/file": "api_file", "/api/changes": "api_changes", "/api/compare": "api_compare",
+                  "/api/system": "api_system"}
+
+
+def _content_security_policy(page: bytes) -> str:
+    """The page's CSP: scripts only the page's own inline ones (by hash), nothing from elsewhere."""
+    import base64
+    import hashlib
+
+    hashes = []
+    for m in re.finditer(rb"<script>(.*?)</script>", page, re.S):
+        digest = base64.b64encode(hashlib.sha256(m.group(1)).digest()).decode()
+        hashes.append(f"'sha256-{digest}'")
+    return ("default-src 'none'; script-src " + (" ".join(hashes) or "'none'") + "; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+_MISSING_PAGE = b"""<!doctype html><meta charset="utf-8"><title>exp</title>
+<p>exp_ui.html was not found next to exp.py, so there is no page to show. Copy exp_ui.html next to exp.py
+(it comes with exp). The JSON API still works: <a href="/api/state">/api/state</a>,
+<a href="/api/experiments">/api/experiments</a>.</p>
+"""
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _dashboard_handler() -> type:
+    from http.server import BaseHTTPRequestHandler
+    from urllib.parse import parse_qs, urlsplit
+
+    class Handler(BaseHTTPRequestHandler):
+        """Thin: checks the request (Host, token, POST rules), calls :class:`Dashboard`, writes JSON."""
+
+        server_version = "exp-dashboard"
+
+        def version_string(self) -> str:
+            return self.server_version
+        protocol_version = "HTTP/1.1"
+        server: Any
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            if self.server.owner.verbose:
+                super().log_message(format, *args)
+
+        # -------------------------------------------------------------- replies
+
+        def _headers(self, status: int, ctype: str, length: int, extra: Mapping[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(length))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("X-Frame-Options", "DENY")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+
+        def _json(self, status: int, obj: Any) -> None:
+            body = _json().dumps(obj, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")
+            self._headers(status, "application/json; charset=utf-8", len(body), {"Cache-Control": "no-store"})
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            # http.server's own errors (a malformed request line, an unknown method) as JSON too.
+            self.close_connection = True
+            try:
+                self._json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+            except OSError:
+                pass
+
+        # -------------------------------------------------------------- checks
+
+        def _host_ok(self) -> bool:
+            """No DNS rebinding: Host must be an IP address, localhost, or the name the server was bound to."""
+            host = (self.headers.get("Host") or "").strip()
+            if not host:
+                return False
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            name = name.strip("[]").lower()
+            return _is_ip(name) or name in self.server.owner.host_names
+
+        def _token_ok(self, query: Mapping[str, list[str]]) -> bool:
+            import hmac
+
+            token = self.server.owner.token
+            if not token:
+                return True
+            given = [query.get("token", [""])[-1], self.headers.get("X-Exp-Token") or ""]
+            auth = self.headers.get("Authorization") or ""
+            if auth.lower().startswith("bearer "):
+                given.append(auth[7:].strip())
+            for part in (self.headers.get("Cookie") or "").split(";"):
+                k, _, v = part.strip().partition("=")
+                if k == "exp_token":
+                    given.append(v)
+            return any(g and hmac.compare_digest(g.encode(), token.encode()) for g in given)
+
+        def _origin_ok(self) -> bool:
+            origin = self.headers.get("Origin")
+            if origin is None:
+                return True  # not a browser (curl, a script): it cannot be a cross-site form
+            host = (self.headers.get("Host") or "").lower()
+            return origin.lower() in (f"http://{host}", f"https://{host}")
+
+        # -------------------------------------------------------------- methods
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._serve()
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._serve()
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._serve()
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self._refuse_method()
+
+        do_DELETE = do_PATCH = do_OPTIONS = do_PUT  # noqa: N815
+
+        def _refuse_method(self) -> None:
+            self.close_connection = True
+            self._json(405, {"error": f"{self.command} is not supported here"})
+
+        def _serve(self) -> None:
+            owner = self.server.owner
+            try:
+                if not self._host_ok():
+                    self.close_connection = True
+                    return self._json(403, {"error": "this Host is not allowed (open the dashboard by its IP "
+                                                     "address or the name it was started with)"})
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query, keep_blank_values=True)
+                if not self._token_ok(query):
+                    self.close_connection = True
+                    return self._json(401, {"error": "a token is needed: open the URL `exp see` printed "
+                                                     "(it ends in ?token=...)"})
+                path = parts.path
+                if self.command == "POST":
+                    return self._post(path)
+                if path in ("/", "/index.html"):
+                    return self._page(query)
+                if path == "/api/raw":
+                    return self._raw(query)
+                route = Dashboard.GET_ROUTES.get(path)
+                if route is None:
+                    return self._json(404, {"error": "not found"})
+                self._json(200, getattr(owner.dashboard, route)(query))
+            except DashboardError as e:
+                self._json(e.status, {"error": str(e)})
+            except ExpError as e:
+                self._json(400, {"error": str(e)})
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as e:  # noqa: BLE001 - never a traceback to the client; the user sees it
+                owner.report(f"{self.command} {self.path}: {type(e).__name__}: {e}")
+                try:
+                    self._json(500, {"error": f"internal error ({type(e).__name__}); see the terminal of `exp see`"})
+                except OSError:
+                    pass
+
+        def _post(self, path: str) -> None:
+            if path != "/api/command":
+                self._drain()
+                return self._json(404, {"error": "not found"})
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                self.close_connection = True
+                return self._json(403, {"error": "a command must be sent as application/json"})
+            if not self._origin_ok():
+                self.close_connection = True
+                return self._json(403, {"error": "cross-site request refused"})
+            try:
+                length = int(self.headers.get("Content-Length") or "")
+            except ValueError:
+                self.close_connection = True
+                return self._json(411, {"error": "Content-Length is required"})
+            if length > DASHBOARD_MAX_BODY or length < 0:
+                self.close_connection = True
+                return self._json(413, {"error": f"the body is over {DASHBOARD_MAX_BODY} bytes"})
+            raw = self.rfile.read(length)
+            try:
+                body = _json().loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                return self._json(400, {"error": f"the body is not JSON: {e}"})
+            status, result = self.server.owner.dashboard.api_command(body)
+            self._json(status, result)
+
+        def _drain(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or "0")
+            except ValueError:
+                length = 0
+            if 0 < length <= DASHBOARD_MAX_BODY:
+                self.rfile.read(length)
+            elif length:
+                self.close_connection = True
+
+        def _page(self, query: Mapping[str, list[str]]) -> None:
+            owner = self.server.owner
+            page, csp = owner.page()
+            extra = {"Cache-Control": "no-store", "Content-Security-Policy": csp}
+            token = query.get("token", [""])[-1]
+            if owner.token and token:
+                extra["Set-Cookie"] = f"exp_token={owner.token}; HttpOnly; SameSite=Strict; Path=/"
+            self._headers(200, "text/html; charset=utf-8", len(page), extra)
+            if self.command != "HEAD":
+                self.wfile.write(page)
+
+        def _raw(self, query: Mapping[str, list[str]]) -> None:
+            path, ctype, attach, content = self.server.owner.dashboard.raw_file(query)
+            from urllib.parse import quote
+
+            extra = {"Cache-Control": "no-store", "Content-Security-Policy": "default-src 'none'; sandbox"}
+            if attach:
+                extra["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(os.path.basename(path))}"
+            if isinstance(content, bytes):
+                self._headers(200, ctype, len(content), extra)
+                if self.command != "HEAD":
+                    self.wfile.write(content)
+                return
+            with content as f:
+                size = os.fstat(f.fileno()).st_size
+                self._headers(200, ctype, size, extra)
+                left = size
+                while left > 0 and self.command != "HEAD":
+                    chunk = f.read(min(1 << 20, left))
+                    if not chunk:  # shrank meanwhile: the length promised cannot be kept
+                        self.close_connection = True
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
+    return Handler
+
+
+class DashboardServer:
+    """``exp see``: the dashboard over HTTP for one base directory.
+
+    ``port=0`` takes a free port; a busy one is skipped for the next free one.
+    Off loopback a token is required (one is generated when not given) and
+    then every request must carry it.  ``start()`` serves in a background
+    thread, ``serve_forever()`` in this one; ``close()`` stops either.
+    """
+
+    def __init__(self, base_dir: str | os.PathLike[str] = DEFAULT_BASE_DIR, host: str = "127.0.0.1",
+                 port: int = DASHBOARD_PORT, token: str | None = None, page_path: str | None = None,
+                 verbose: bool = False) -> None:
+        import secrets
+        from http.server import ThreadingHTTPServer
+
+        require_posix()
+        if token is not None and (not token or any(c.isspace() or c in ";," for c in token)):
+            raise ExpError("--token must be a non-empty string without spaces, ',' or ';'")
+        self.dashboard = Dashboard(base_dir)
+        self.host = host
+        self.token = token if token is not None else (None if _is_loopback(host) else secrets.token_urlsafe(18))
+        self.verbose = verbose
+        self.page_path = page_path or os.path.join(os.path.dirname(os.path.abspath(__file__)), DASHBOARD_PAGE)
+        self._page: tuple[Any, bytes, str] | None = None
+        names = {"localhost", host.strip("[]").lower()}
+        if not _is_loopback(host):
+            import socket
+
+            names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
+        self.host_names = names
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = 128
+            address_family = __import__("socket").AF_INET6 if ":" in host else __import__("socket").AF_INET
+
+        handler = _dashboard_handler()
+        last: OSError | None = None
+        for p in ([port] if port == 0 else range(port, port + 50)):
+            try:
+                self.httpd = Server((host.strip("[]"), p), handler)
+                break
+            except OSError as e:
+                import errno
+
+                if e.errno not in (errno.EADDRINUSE, errno.EACCES):
+                    raise ExpError(f"cannot serve on {host}:{p}: {e.strerror or e}") from None
+                last = e
+        else:
+            raise ExpError(f"ports {port}-{port + 49} on {host} are all taken ({last}); pick one with --port")
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.port = self.httpd.server_address[1]
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else _hostname()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        from urllib.parse import quote
+
+        return f"http://{host}:{self.port}/" + (f"?token={quote(self.token)}" if self.token else "")
+
+    def page(self) -> tuple[bytes, str]:
+        """exp_ui.html and its CSP, re-read when the file changes (a note page when it is missing)."""
+        try:
+            st = os.stat(self.page_path)
+            key: Any = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if self._page is None or self._page[0] != key:
+            try:
+                with open(self.page_path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                data, key = _MISSING_PAGE, None
+            self._page = (key, data, _content_security_policy(data))
+        return self._page[1], self._page[2]
+
+    def report(self, text: str) -> None:
+        print(f"exp see: {text}", file=sys.stderr, flush=True)
+
+    def start(self) -> DashboardServer:
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="exp-dashboard", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.httpd.serve_forever(poll_interval=0.2)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.httpd.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self.httpd.server_close()
+
+    def __enter__(self) -> DashboardServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _wants_browser(host: str) -> bool:
+    return _is_loopback(host) and (sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or
+                                                                     os.environ.get("WAYLAND_DISPLAY")))
 
 
 # ============================================================================
@@ -5609,6 +7009,21 @@ def _build_parser():  # type: ignore[no-untyped-def]
     ls.add_argument("--group", action="store_true",
                     help="one line per experiment name (repeats together): count and mean ± std of each metric")
     ls.set_defaults(func=_cmd_ls)
+
+    see = sub.add_parser("see", help="the web dashboard for a directory of experiments",
+                         description="Serve the dashboard (exp_ui.html and a JSON API under /api/) for DIR. "
+                                     "Off loopback every request needs a token (one is generated and printed "
+                                     "in the URL when --token is not given).")
+    see.add_argument("dir", nargs="?", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
+    see.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface, with a token)")
+    see.add_argument("--port", type=int, default=DASHBOARD_PORT,
+                     help=f"port (default {DASHBOARD_PORT}; the next free one when taken; 0: any free port)")
+    see.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    see.add_argument("--token", help="require this token on every request (default: none on loopback, "
+                                     "a generated one elsewhere)")
+    see.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    see.set_defaults(func=_cmd_see)
     return p
 
 
@@ -5624,18 +7039,7 @@ def _regex(text: str) -> str:
 
 def _send(base: str, action: str, **body: Any) -> dict[str, Any]:
     """Post a command to the scheduler of ``base`` and wait for its answer (ExpError if none)."""
-    state = StateFile(base)
-    if not state.owned():
-        raise ExpError(f"no scheduler is running for {state.base_dir}; start one with `exp run config.toml`")
-    cid = state.post_command(action, **body)
-    res = state.result(cid, timeout=30.0, alive=state.owned)
-    if res is None:
-        try:  # so that no later scheduler of this directory acts on it
-            os.unlink(os.path.join(state.commands_dir, cid + COMMAND_EXT))
-        except OSError:
-            pass
-        raise ExpError(f"the scheduler of {state.base_dir} did not answer (is it still running? see `exp status`)")
-    return res
+    return StateFile(base).send_command(action, **body)
 
 
 def _cmd_control(args: Any) -> int:
@@ -5719,6 +7123,34 @@ def _follow_tasks(base: str, ids: list[int]) -> int:
             print(f"exp: error: the scheduler of {state.base_dir} stopped before every task ended", file=sys.stderr)
             return 1
         time.sleep(0.2)
+
+
+def _cmd_see(args: Any) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ExpError(f"--port must be between 0 and 65535, got {args.port}")
+    server = DashboardServer(args.dir, host=args.host, port=args.port, token=args.token, verbose=args.verbose)
+    base = server.dashboard.base_dir
+    if not os.path.isdir(base):
+        print(f"note: {base} does not exist yet; the dashboard shows its experiments once some are written there",
+              file=sys.stderr)
+    if not os.path.isfile(server.page_path):
+        print(f"note: {server.page_path} is missing, so the page only says so; the JSON API under /api/ works",
+              file=sys.stderr)
+    if args.port and server.port != args.port:
+        print(f"note: port {args.port} is taken; using {server.port}", file=sys.stderr)
+    print(f"exp dashboard for {base}: {server.url}", flush=True)
+    print("press Ctrl-C to stop", flush=True)
+    if not args.no_browser and _wants_browser(args.host):
+        import webbrowser
+
+        threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nexp see: stopped", flush=True)
+    finally:
+        server.close()
+    return 0
 
 
 def _cmd_run(args: Any) -> int:

@@ -915,8 +915,14 @@ def test_module_docstring_shows_the_batch_path_and_the_state_file():
 
 
 def test_layout_names_are_spelt_once():
-    for literal in ('"terminal_logs"', '"metadata.json"', '"metrics"', '".exp_state"', '"scheduler_state.json"'):
-        assert EXP_SOURCE.count(literal) == 1, literal
+    for literal in ('"terminal_logs"', '"metadata.json"', '"metrics"', '".exp_state"', '"scheduler_state.json"',
+                    '"code.diff"'):
+        definitions = re.findall(r"^[A-Z_]+ = " + re.escape(literal) + "$", EXP_SOURCE, re.M)
+        assert len(definitions) == 1, literal
+        others = [ln for ln in EXP_SOURCE.splitlines() if literal in ln and not re.match(r"^[A-Z_]+ = ", ln)]
+        # Elsewhere only "metrics", and only as a key of the dashboard's JSON answers, never in a path.
+        for line in others:
+            assert literal == '"metrics"' and "join(" not in line and "/" not in line, line
     assert EXP_SOURCE.count("'metadata.json'") == 0 and EXP_SOURCE.count("'terminal_logs'") == 0
     # Joined paths spelt out elsewhere would bypass the constants.
     assert not re.search(r"""["'](?:terminal_logs|metrics)/""", EXP_SOURCE)
