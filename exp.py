@@ -5637,10 +5637,14 @@ def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: lis
                    **kwargs: Any) -> str:
     """``exp ls``'s table as text (every metric column unless ``columns`` picks some)."""
     cols = columns if columns is not None else [(k, "last") for k in default_columns(rows)]
-    text = _table(build_listing(rows, cols, base_dir, **kwargs))
-    if not kwargs.get("group") and any(r.get("dirty") for r in rows):
-        text += f"\n* started from a work tree with uncommitted changes (its {CODE_DIFF_FILE} has the diff)"
-    return text
+    return _table(build_listing(rows, cols, base_dir, **kwargs)) + ("" if kwargs.get("group") else _dirty_note(rows))
+
+
+def _dirty_note(rows: list[dict[str, Any]]) -> str:
+    """The footnote for the `` *`` that ``exp ls`` puts after a dirty experiment's name ("" if none)."""
+    if not any(r.get("dirty") for r in rows):
+        return ""
+    return f"\n* started from a work tree with uncommitted changes (its {CODE_DIFF_FILE} holds the diff)"
 
 
 # ============================================================================
@@ -7211,7 +7215,8 @@ def _cmd_ls(args: Any) -> int:
         print(_json().dumps(json_safe(out), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     if rows:
-        print(_table(build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)))
+        print(_table(build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group))
+              + ("" if args.group else _dirty_note(rows)))
     elif everything:
         used = [f"--{k} {getattr(args, k)}" for k in ("status", "tag", "name") if getattr(args, k)]
         print(f"no experiments under {args.dir} match {' '.join(used)} ({len(everything)} experiment(s) there)")
