@@ -2154,15 +2154,16 @@ class ExperimentDir:
     def last_metrics(self, run_id: str) -> dict[str, Any]:
         return last_metrics_row(self.metrics_path(run_id))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, unreadable: str | None = None) -> dict[str, Any]:
         """What ``exp ls --json`` prints for this directory (and the dashboard serves).
 
         Never raises: unreadable metadata gives ``status: "unreadable"`` and
-        ``error`` saying why.  Values come checked, never trusted (a
-        hand-edited file may hold anything); non-finite numbers become
-        ``"nan"``/``"inf"`` strings so the result is strict JSON.
+        ``error`` saying why (``unreadable`` gives that reason without reading
+        anything).  Values come checked, never trusted (a hand-edited file may
+        hold anything); non-finite numbers become ``"nan"``/``"inf"`` strings
+        so the result is strict JSON.
         """
-        meta, why = self.try_read_metadata()
+        meta, why = self.try_read_metadata() if unreadable is None else (None, unreadable)
         m: dict[str, Any] = meta or {}
 
         def text(key: str) -> str | None:
@@ -5734,6 +5735,26 @@ def resolve_inside(root: str, rel: str) -> str | None:
     return path
 
 
+def _within(path: str, root: str) -> bool:
+    """Whether ``path``, every symlink resolved, is ``root`` (a real path) or inside it."""
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def dashboard_summary(d: ExperimentDir) -> dict[str, Any]:
+    """:meth:`ExperimentDir.summary` as the dashboard serves it: secrets redacted, and nothing read
+    through a symlink that leads out of the experiment directory."""
+    real = os.path.realpath(d.path)
+    if not _within(d.metadata_path, real):
+        return d.summary(unreadable=f"{METADATA_FILE} points outside the experiment directory; not read")
+    row = d.summary()
+    rid = row.get("current_run_id")
+    if rid and row["last_metrics"] and not _within(d.metrics_path(rid), real):
+        row["last_metrics"] = {}
+    row["params"] = redact_secrets(row["params"])
+    return row
+
+
 def _utf8_end(data: bytes) -> int:
     """The length of ``data`` without a UTF-8 character cut at its end."""
     n = len(data)
@@ -5983,7 +6004,7 @@ class ExperimentIndex:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if entry.is_dir():
+                        if entry.is_dir() and (not entry.is_symlink() or _within(entry.path, self.root)):
                             names.append(entry.name)
                     except OSError:
                         continue
@@ -6024,9 +6045,8 @@ class ExperimentIndex:
                 seen[rid] = old
                 continue
             d = ExperimentDir(sub)
-            row = d.summary()
+            row = dashboard_summary(d)
             row["id"] = rid
-            row["params"] = redact_secrets(row["params"])
             if row.get("status") == RUNNING and row.get("current_run_id"):
                 try:
                     m = os.stat(d.metrics_path(row["current_run_id"]))
@@ -6264,18 +6284,42 @@ class Dashboard:
 
     def _run(self, d: ExperimentDir, run_id: str | None) -> str:
         """A run of ``d`` named by ``run_id`` (default: its current run); 404 when it has no such run."""
+        runs = d.runs()
+        meta = self._meta(d)
         if run_id:
-            if not _RUN_ID_RE.match(run_id):
+            listed = meta.get("runs")
+            known = set(runs) | {r.get("id") for r in (listed if isinstance(listed, list) else [])
+                                 if isinstance(r, dict)}
+            if not _RUN_ID_RE.match(run_id) or run_id not in known:
                 raise _not_found()
             return run_id
-        meta, _ = d.try_read_metadata()
-        rid = (meta or {}).get("current_run_id")
+        rid = meta.get("current_run_id")
         if isinstance(rid, str) and _RUN_ID_RE.match(rid):
             return rid
-        runs = d.runs()
         if not runs:
             raise _not_found("this experiment has no run yet")
         return runs[-1]
+
+    @staticmethod
+    def _meta(d: ExperimentDir) -> dict[str, Any]:
+        """``d``'s metadata ({} when unreadable, or when it is a symlink leading out of ``d``)."""
+        if not _within(d.metadata_path, os.path.realpath(d.path)):
+            return {}
+        return d.try_read_metadata()[0] or {}
+
+    @staticmethod
+    def _code_diff(d: ExperimentDir) -> dict[str, Any]:
+        """:func:`read_code_diff`, unless code.diff is a symlink leading out of ``d``."""
+        if not _within(os.path.join(d.path, CODE_DIFF_FILE), os.path.realpath(d.path)):
+            return {"text": None, "truncated": False, "untracked": []}
+        return read_code_diff(d.path)
+
+    @staticmethod
+    def _inside(d: ExperimentDir, path: str) -> str:
+        """``path`` (one of ``d``'s own files, which may not exist yet) if it stays inside ``d``; else 404."""
+        if not _within(path, os.path.realpath(d.path)):
+            raise _not_found()
+        return path
 
     def _file(self, d: ExperimentDir, rel: str | None) -> str:
         if not rel:
@@ -6319,9 +6363,9 @@ class Dashboard:
     def api_experiment(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
         exp_id = self._exp_id(d)
-        summary = dict(d.summary(), id=exp_id)
-        summary["params"] = redact_secrets(summary["params"])
-        meta, why = d.try_read_metadata()
+        summary = dict(dashboard_summary(d), id=exp_id)
+        meta = self._meta(d)
+        why = summary["error"] if summary["status"] == UNREADABLE else None
         runs = []
         entries = (meta or {}).get("runs")
         by_id = {r.get("id"): r for r in entries if isinstance(r, dict)} if isinstance(entries, list) else {}
@@ -6330,15 +6374,15 @@ class Dashboard:
             item = {k: r.get(k) for k in ("status", "started_at", "ended_at", "exit_code", "duration", "reason")}
             for key, path in (("log", d.log_path(rid)), ("metrics", d.metrics_path(rid))):
                 try:
-                    size = os.stat(path).st_size
+                    size = os.stat(self._inside(d, path)).st_size
                     item[key], item[key + "_size"] = os.path.relpath(path, d.path).replace(os.sep, "/"), size
-                except OSError:
+                except (OSError, DashboardError):
                     item[key], item[key + "_size"] = None, 0
             runs.append(dict(item, run_id=rid))
         files, truncated = self._tree(d.path)
         return {"id": exp_id, "summary": summary, "metadata": json_safe(redact_secrets(meta)) if meta else None,
                 "metadata_error": why, "runs": runs, "files": files, "files_truncated": truncated,
-                "code_diff": os.path.isfile(os.path.join(d.path, CODE_DIFF_FILE))}
+                "code_diff": self._code_diff(d)["text"] is not None}
 
     @staticmethod
     def _tree(top: str) -> tuple[list[dict[str, Any]], bool]:
@@ -6371,7 +6415,7 @@ class Dashboard:
     def api_log(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
         rid = self._run(d, _one(q, "run"))
-        path = d.log_path(rid)
+        path = self._inside(d, d.log_path(rid))
         if _one(q, "tail") is not None:
             out = read_log_tail(path, _int_param(q, "tail", 200, 1, LOG_TAIL_MAX_LINES))
         else:
@@ -6382,7 +6426,7 @@ class Dashboard:
     def api_metrics(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
         rid = self._run(d, _one(q, "run"))
-        out = read_metrics_chunk(d.metrics_path(rid), _int_param(q, "offset", 0, 0, 1 << 62), _one(q, "file_id") or "",
+        out = read_metrics_chunk(self._inside(d, d.metrics_path(rid)), _int_param(q, "offset", 0, 0, 1 << 62), _one(q, "file_id") or "",
                                  _int_param(q, "max_bytes", METRICS_CHUNK_DEFAULT, 1, 64 << 20))
         return dict(out, run_id=rid)
 
@@ -6462,28 +6506,28 @@ class Dashboard:
 
     def api_changes(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
-        row = dict(d.summary(), id=self._exp_id(d))
+        row = dict(dashboard_summary(d), id=self._exp_id(d))
         against = _one(q, "against")
         if against:
             other_dir: ExperimentDir | None = self.experiment(against)
         else:
             prev = self._previous(d, row)
             other_dir = ExperimentDir(prev["work_dir"]) if prev else None
-        meta = d.try_read_metadata()[0] or {}
+        meta = self._meta(d)
         out: dict[str, Any] = {"id": row["id"], "against": None, "against_name": None, "params": [],
                                "command": None, "git": None, "metrics": []}
         other_meta: dict[str, Any] = {}
         other_row: dict[str, Any] = {}
         if other_dir is not None:
-            other_row = dict(other_dir.summary(), id=self._exp_id(other_dir))
-            other_meta = other_dir.try_read_metadata()[0] or {}
+            other_row = dict(dashboard_summary(other_dir), id=self._exp_id(other_dir))
+            other_meta = self._meta(other_dir)
             out["against"], out["against_name"] = other_row["id"], other_row["name"]
-            a, b = redact_secrets(other_row["params"]), redact_secrets(row["params"])
+            a, b = other_row["params"], row["params"]
             for k in sorted(set(a) | set(b)):
                 if a.get(k) != b.get(k) or (k in a) != (k in b):
                     out["params"].append({"key": k, "before": a.get(k), "after": b.get(k)})
             if other_meta.get("command") != meta.get("command"):
-                out["command"] = {"before": other_meta.get("command"), "after": meta.get("command")}
+                out["command"] = redact_secrets({"before": other_meta.get("command"), "after": meta.get("command")})
             ma, mb = other_row["last_metrics"], row["last_metrics"]
             for k in sorted(set(ma) | set(mb)):
                 va, vb = ma.get(k), mb.get(k)
@@ -6497,7 +6541,7 @@ class Dashboard:
         ga, gb = git(other_meta) if other_dir is not None else None, git(meta)
         out["git"] = {"before": ga, "after": gb,
                       "changed": bool(other_dir is not None and (ga or {}).get("commit") != (gb or {}).get("commit"))}
-        diff = read_code_diff(d.path)
+        diff = self._code_diff(d)
         out.update(code_diff=diff["text"], code_diff_truncated=diff["truncated"], untracked=diff["untracked"])
         return json_safe(out)
 
@@ -6513,13 +6557,14 @@ class Dashboard:
         names: dict[str, None] = {}
         for exp_id in ids:
             d = self.experiment(exp_id)
-            row = d.summary()
-            p = redact_secrets(row["params"])
+            row = dashboard_summary(d)
+            p = row["params"]
             exps.append({"id": self._exp_id(d), "name": row["name"], "status": row["status"], "tags": row["tags"],
                          "params": p, "created_at": row["created_at"]})
             params.append(p)
             rid = row.get("current_run_id")
-            stats = metrics_stats(d.metrics_path(rid)) if rid else {}
+            path = d.metrics_path(rid) if rid else None
+            stats = metrics_stats(path) if path and _within(path, os.path.realpath(d.path)) else {}
             for mname, s in stats.items():
                 names.setdefault(mname, None)
                 low = lower_is_better(mname)
@@ -6685,9 +6730,17 @@ def _dashboard_handler() -> type:
             return any(g and hmac.compare_digest(g.encode(), token.encode()) for g in given)
 
         def _origin_ok(self) -> bool:
+            """The page's own origin, or the token in a header (which another site's page cannot set)."""
             origin = self.headers.get("Origin")
             if origin is None:
-                return True  # not a browser (curl, a script): it cannot be a cross-site form
+                token = self.server.owner.token
+                given = self.headers.get("X-Exp-Token") or ""
+                auth = self.headers.get("Authorization") or ""
+                if auth.lower().startswith("bearer "):
+                    given = given or auth[7:].strip()
+                import hmac
+
+                return bool(token and given and hmac.compare_digest(given.encode(), token.encode()))
             host = (self.headers.get("Host") or "").lower()
             return origin.lower() in (f"http://{host}", f"https://{host}")
 
