@@ -115,7 +115,7 @@ __all__ = [
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
-    "redact_secrets", "system_info", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "redact_secrets", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX",
     # errors
@@ -6898,7 +6898,7 @@ class DashboardServer:
         self.host = host
         self.token = token if token is not None else (None if _is_loopback(host) else secrets.token_urlsafe(18))
         self.verbose = verbose
-        self.page_path = page_path or os.path.join(os.path.dirname(os.path.abspath(__file__)), DASHBOARD_PAGE)
+        self.page_path = page_path or find_page()
         self._page: tuple[Any, bytes, str] | None = None
         names = {"localhost", host.strip("[]").lower()}
         if not _is_loopback(host):
@@ -6980,6 +6980,18 @@ class DashboardServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def find_page() -> str:
+    """Where exp_ui.html is: next to exp.py (a copy, a checkout), else where ``pip install`` puts it."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), DASHBOARD_PAGE)
+    if os.path.isfile(here):
+        return here
+    for prefix in (sys.prefix, sys.base_prefix):
+        installed = os.path.join(prefix, "share", "exp", DASHBOARD_PAGE)
+        if os.path.isfile(installed):
+            return installed
+    return here
 
 
 def _wants_browser(host: str) -> bool:

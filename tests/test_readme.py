@@ -3,8 +3,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -40,6 +42,7 @@ EXPECTED = [
     "python exp.py ls examples/results",
     "python exp.py ls examples/results --json --status finished",
     "python exp.py --help",
+    "python exp.py see ./results",
     "pip install -e .",
     "exp --help",
 ]
@@ -67,7 +70,7 @@ def test_ci_runs_the_readme_test_command():
 def checkout(tmp_path_factory):
     """A copy of the files a user gets, so the commands cannot litter the repository."""
     dest = tmp_path_factory.mktemp("checkout")
-    for name in ("exp.py", "README.md", "LICENSE", "pyproject.toml"):
+    for name in ("exp.py", "exp_ui.html", "README.md", "LICENSE", "pyproject.toml"):
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "examples", dest / "examples",
                     ignore=shutil.ignore_patterns("results", "__pycache__"))
@@ -89,7 +92,7 @@ def as_python(cmd):
 
 
 def test_readme_commands_in_order(checkout):
-    py_cmds = [c for c in EXPECTED if "python " in c and c != TEST_COMMAND]
+    py_cmds = [c for c in EXPECTED if "python " in c and c != TEST_COMMAND and " see " not in c]
     outputs = {}
     for cmd in py_cmds:
         r = sh(as_python(cmd), checkout)
@@ -121,6 +124,23 @@ def test_readme_commands_in_order(checkout):
     assert all("loss" in r["last_metrics"] for r in rows)
     assert "usage: exp" in outputs["python exp.py --help"]
 
+    # The dashboard over what the commands above left in ./results (it serves until Ctrl-C).
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    see = subprocess.Popen(as_python("python exp.py see ./results").split() + ["--port", "0"], cwd=checkout,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = see.stdout.readline().rsplit(" ", 1)[-1].strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        with urllib.request.urlopen(url + "api/experiments", timeout=30) as r:
+            listed = json.loads(r.read())
+        assert listed["total"] == 2 and {i["name"] for i in listed["items"]} == {"train"}
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert b"<script>" in r.read()
+    finally:
+        see.send_signal(signal.SIGINT)
+        out, err = see.communicate(timeout=30)
+    assert see.returncode == 0 and "Traceback" not in err, err
+
 
 def test_pip_install_gives_the_exp_command(checkout, tmp_path):
     env_dir = tmp_path / "venv"
@@ -135,6 +155,20 @@ def test_pip_install_gives_the_exp_command(checkout, tmp_path):
     assert r.stdout.startswith("usage: exp")
     r = sh("exp --version", checkout, env=env)
     assert r.stdout.strip() == f"exp {_version()}"
+
+
+def test_a_regular_install_ships_the_page(checkout, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(checkout)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([str(py), "-c", "import exp; print(exp.__file__); print(exp.find_page())"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    module, page = r.stdout.split()
+    assert "site-packages" in module and os.path.isfile(page), r.stdout + r.stderr
+    assert Path(page).read_bytes() == (ROOT / "exp_ui.html").read_bytes()
 
 
 def _version():
