@@ -42,9 +42,9 @@ EXPECTED = [
     "python exp.py ls examples/results",
     "python exp.py ls examples/results --json --status finished",
     "python exp.py --help",
-    "python exp.py see ./results",
     "pip install -e .",
     "exp --help",
+    "python exp.py see ./results",
 ]
 
 
