@@ -2060,8 +2060,12 @@ class ExperimentDir:
 
     def record_end(self, run_id: str, *, exit_code: int | None, status: str, duration: float,
                    pid: int | None = None, error: str | None = None, reason: str | None = None,
-                   signalled: bool = False, initial: Callable[[], dict[str, Any]] | None = None) -> str | None:
+                   signalled: bool = False, initial: Callable[[], dict[str, Any]] | None = None,
+                   sync: bool = True) -> str | None:
         """A run ended: its ``[exp] ended`` log line, then status, exit code, times and reason in metadata.
+
+        ``sync=False`` leaves the fsync to the caller (:meth:`sync_metadata`),
+        who can then do it after telling others that the run ended.
 
         ``reason`` says why when exp ended it ("timeout", "terminated by user");
         otherwise it is worked out by :func:`end_reason`.  ``signalled``: exp
@@ -2124,10 +2128,21 @@ class ExperimentDir:
                 entry["pid"] = pid
 
         try:
-            self.update_metadata(update, initial)
+            self.update_metadata(update, initial, sync=sync)
         finally:
             self.close()
         return reason if status != FINISHED else None
+
+    def sync_metadata(self) -> None:
+        """fsync metadata.json as it is now (after a ``sync=False`` write); StorageError on failure."""
+        try:
+            fd = os.open(self.metadata_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _storage_error(self.metadata_path, e, "sync") from e
 
     # ------------------------------------------------------------------ runs' files
 
@@ -3180,12 +3195,13 @@ class Experiment:
             self._warn(str(e))
 
     def _record_end(self, rid: str, t0: float, code: int | None, status: str, pid: int | None = None,
-                    reason: str | None = None, signalled: bool = False) -> str | None:
+                    reason: str | None = None, signalled: bool = False, sync: bool = True) -> str | None:
         """Record a run's end; return its reason (see :meth:`ExperimentDir.record_end`)."""
         self.status = status
         try:
             return self.dir.record_end(rid, exit_code=code, status=status, duration=round(time.time() - t0, 3),
-                                       pid=pid, reason=reason, signalled=signalled, initial=self._initial_metadata)
+                                       pid=pid, reason=reason, signalled=signalled, initial=self._initial_metadata,
+                                       sync=sync)
         except MetadataError as e:
             self._warn(str(e))
             return reason
@@ -3280,6 +3296,7 @@ class RunHandle:
         #: Why the end could not be written to metadata.json (a full disk), else None.
         self.record_error: BaseException | None = None
         self._t0 = t0
+        self._sync_end = True
         self._stop_requested = False
         self._stop_reason: str | None = None
         self._stop_status = KILLED
@@ -3309,15 +3326,18 @@ class RunHandle:
                 self._reaper.release()
         return self.returncode if self._done.is_set() else None
 
-    def wait(self, timeout: float | None = None) -> int:
+    def wait(self, timeout: float | None = None, *, sync: bool = True) -> int:
         """Wait for the run to end and its end to be recorded; return the exit code.
 
         Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds, and
         :class:`StorageError` (after the exit code is known: see
         ``returncode``) when the end could not be written to metadata.json.
+        ``sync=False``: the end is written but not fsynced; the caller calls
+        :meth:`sync_end` (a scheduler, once it has moved on).
         """
         import subprocess
 
+        self._sync_end = sync
         if not self._done.is_set():
             if not self._reaper.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
                 raise subprocess.TimeoutExpired(self.experiment.command, timeout)  # type: ignore[arg-type]
@@ -3386,7 +3406,7 @@ class RunHandle:
             status, reason = (FINISHED if code == 0 else ERROR), None
         try:
             self.reason = self.experiment._record_end(self.run_id, self._t0, code, status, self.pid, reason,
-                                                      signalled=self._signalled)
+                                                      signalled=self._signalled, sync=self._sync_end)
         except Exception as e:  # noqa: BLE001 - a full disk: the run still ended
             self.record_error = e
             self.reason = reason
@@ -3406,6 +3426,10 @@ class RunHandle:
         except Exception as e:  # noqa: BLE001 - a daemon thread: no traceback, but not silent
             print(f"exp: warning: the end of {self.run_id} of {self.experiment.name!r} could not be "
                   f"recorded in {self.experiment.work_dir}: {e}", file=sys.stderr)
+
+    def sync_end(self) -> None:
+        """fsync the recorded end (after ``wait(sync=False)``); StorageError on failure."""
+        self.experiment.dir.sync_metadata()
 
     def request_stop(self, reason: str = "terminated by user", status: str = KILLED) -> None:
         """Mark the run as stopped by exp: however it ends now, it is recorded with ``status`` and ``reason``.
@@ -4716,13 +4740,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
 
-    def _start_and_wait(self, job: Job) -> tuple[str, Job, Any]:
+    def _start_and_wait(self, job: Job) -> tuple[str, Job, Any] | None:
         """In a pool thread: start an attempt (its directory, metadata, process), then wait for it.
 
         Starts run in the pool, not in the main loop, so that the file work of
         several starts overlaps; ``("started", job, handle)`` is queued as soon
-        as the command runs.  Returns the end's event (see :meth:`_wait`), or
-        ``("unstartable", job, error)``; never raises.
+        as the command runs, then the end's event (see :meth:`_wait`), and the
+        end is fsynced last.  Returns ``("unstartable", job, error)`` or None;
+        never raises.
         """
         try:
             if job.experiment is None:
@@ -4741,16 +4766,23 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - e.g. cwd removed since validation, disk full
             return ("unstartable", job, e)
         self._events.put(("started", job, handle))
-        return self._wait(job, handle)
+        # The end is reported first and fsynced after, so the next experiment
+        # starts without waiting for the disk (the pool has a thread to spare).
+        self._events.put(self._wait(job, handle, sync=False))
+        try:
+            handle.sync_end()
+        except OSError as e:
+            self._events.put(("warning", job, f"the end of {job.label()} may not be on disk yet: {e}"))
+        return None
 
     @staticmethod
-    def _wait(job: Job, handle: RunHandle) -> tuple[str, Job, Any]:
+    def _wait(job: Job, handle: RunHandle, sync: bool = True) -> tuple[str, Job, Any]:
         """In a pool thread: wait for a run (which records its end); never raises.
 
         Returns ``("exited", job, (exit code, error or None))``.
         """
         try:
-            code = handle.wait()
+            code = handle.wait(sync=sync)
             return ("exited", job, (code, None))
         except BaseException as e:  # noqa: BLE001 - e.g. disk full: the batch goes on, and says so
             return ("exited", job, (handle.returncode, f"its end could not be recorded: {e}"))
@@ -4794,7 +4826,9 @@ class Scheduler:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, on_signal)
         interrupted = False
-        pool = ThreadPoolExecutor(max_workers=self.limit, thread_name_prefix="exp-job")
+        # A thread per running experiment, and as many to spare for the fsyncs
+        # that follow each end (see _start_and_wait).
+        pool = ThreadPoolExecutor(max_workers=2 * self.limit, thread_name_prefix="exp-job")
         try:
             self.write_state()
             try:
@@ -4898,12 +4932,18 @@ class Scheduler:
         self._dirty = True
         for g in job.gpus:
             self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
-        fut = pool.submit(self._start_and_wait, job)
-        fut.add_done_callback(lambda f: self._events.put(f.result()))
+        pool.submit(self._start_and_wait, job).add_done_callback(self._post_result)
+
+    def _post_result(self, fut: Any) -> None:
+        ev = fut.result()
+        if ev is not None:
+            self._events.put(ev)
 
     def _dispatch(self, ev: tuple[str, Job, Any]) -> None:
         if ev[0] == "started":
             self._started(ev[1], ev[2])
+        elif ev[0] == "warning":
+            self.term.event(f"warning: {ev[2]}")
         else:
             self._handle(ev)
 
