@@ -3128,8 +3128,13 @@ class Experiment:
                 env[enc(k)] = enc(v)
         return env
 
-    def start(self, extra_env: Mapping[str, str | None] | None = None) -> RunHandle:
+    def start(self, extra_env: Mapping[str, str | None] | None = None, *,
+              before_spawn: Callable[[], Any] | None = None) -> RunHandle:
         """Start the next run and return its handle, without waiting or following.
+
+        ``before_spawn`` is called once the run's files are ready, just before
+        the command is started (a scheduler starting several at once keeps
+        their commands in dispatch order with it).
 
         ``metadata.json`` says ``running`` (this run, its id) before the
         command starts, so a command that reads it finds itself.  The pid is
@@ -3161,6 +3166,8 @@ class Experiment:
             self._record_start(rid, started, None)
             launch = Launch(command, self.cwd, self.child_env(rid, env_extra), log_path, self.name,
                             supervise=True, recorder=record_end_command(self.work_dir, rid))
+            if before_spawn is not None:
+                before_spawn()
             run = self.backend.start(launch)
         except Exception as e:  # disk full, cwd vanished, no /bin/sh, no memory, ...
             err = e if isinstance(e, ExpError) else ExpError(
@@ -4678,6 +4685,7 @@ class Scheduler:
         self._draining = False  # shutdown: launch nothing more, exit when the running ones end
         self._last_id = max((j.id for j in self.jobs), default=0)
         self._succeeded: set[int] = set()  # ids that finished successfully (kept even after `exp rm`)
+        self._last_spawn: threading.Event | None = None  # set once the last job launched has spawned its command
         self._replan = True
         self._commands_seen = -1
         self._owner_fd: int | None = None
@@ -4740,11 +4748,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- worker side
 
-    def _start_and_wait(self, job: Job) -> tuple[str, Job, Any] | None:
+    def _start_and_wait(self, job: Job, prev: threading.Event | None = None,
+                        spawned: threading.Event | None = None) -> tuple[str, Job, Any] | None:
         """In a pool thread: start an attempt (its directory, metadata, process), then wait for it.
 
         Starts run in the pool, not in the main loop, so that the file work of
-        several starts overlaps; ``("started", job, handle)`` is queued as soon
+        several starts overlaps; each command is started only after ``prev``
+        (the job launched before) has started its own, then ``spawned`` is
+        set.  ``("started", job, handle)`` is queued as soon
         as the command runs, then the end's event (see :meth:`_wait`), and the
         end is fsynced last.  Returns ``("unstartable", job, error)`` or None;
         never raises.
@@ -4762,9 +4773,13 @@ class Scheduler:
                 )
             if job.gpus or job.spec.gpus:
                 job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
-            handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)})
+            handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)},
+                                          before_spawn=None if prev is None else lambda: prev.wait(5.0))
         except Exception as e:  # noqa: BLE001 - e.g. cwd removed since validation, disk full
             return ("unstartable", job, e)
+        finally:
+            if spawned is not None:
+                spawned.set()
         self._events.put(("started", job, handle))
         # The end is reported first and fsynced after, so the next experiment
         # starts without waiting for the disk (the pool has a thread to spare).
@@ -4932,7 +4947,9 @@ class Scheduler:
         self._dirty = True
         for g in job.gpus:
             self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
-        pool.submit(self._start_and_wait, job).add_done_callback(self._post_result)
+        # The files of several starts are made at once, their commands started in dispatch order.
+        prev, self._last_spawn = self._last_spawn, threading.Event()
+        pool.submit(self._start_and_wait, job, prev, self._last_spawn).add_done_callback(self._post_result)
 
     def _post_result(self, fut: Any) -> None:
         ev = fut.result()
@@ -5474,9 +5491,9 @@ def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
 # ============================================================================
 
 #: Metric modes of ``ls --columns NAME:MODE``; ``best`` is ``min`` for names
-#: that look like a loss or an error and ``max`` for anything else.
+#: that look like a loss, an error or a latency, and ``max`` for anything else.
 METRIC_MODES = ("last", "best", "min", "max")
-_LOWER_IS_BETTER_RE = _LazyRe(r"loss|err", re.I)
+_LOWER_IS_BETTER_RE = _LazyRe(r"loss|err|perplexity|ppl|mse|mae|rmse|wer|cer|latency", re.I)
 #: ``ls`` shows at most this many metric columns unless --columns names them.
 LS_DEFAULT_METRIC_COLUMNS = 6
 #: Sort keys of ``ls --sort`` besides metric names.
@@ -5954,7 +5971,7 @@ def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better (its name looks like a loss, an error, a time)."""
+    """Whether a smaller value of ``metric`` is better (its name looks like a loss, an error, a latency)."""
     return bool(_LOWER_IS_BETTER_RE.search(metric))
 
 
@@ -6536,13 +6553,19 @@ class Dashboard:
 
     def _previous(self, d: ExperimentDir, row: Mapping[str, Any]) -> dict[str, Any] | None:
         """The newest experiment of the same name created before ``row`` (from the index)."""
-        t = _iso_ts(row.get("created_at")) or 0.0
-        best: _IndexEntry | None = None
+        def order(created: float, exp_id: str) -> tuple[float, int]:
+            # Times have whole seconds; the same name twice in a second is <stamp>_2, _3, ...
+            m = re.search(r"_(\d+)$", exp_id)
+            return created, int(m.group(1)) if m and _DIR_STAMP_RE.search(exp_id[:m.start()]) else 1
+
+        mine = order(_iso_ts(row.get("created_at")) or 0.0, row["id"])
+        best: tuple[tuple[float, int], _IndexEntry] | None = None
         for e in self.index.entries():
-            if e.row["name"] == row["name"] and e.row["id"] != row["id"] and e.created < t:
-                if best is None or e.created > best.created:
-                    best = e
-        return best.row if best is not None else None
+            if e.row["name"] == row["name"] and e.row["id"] != row["id"]:
+                key = order(e.created, e.row["id"])
+                if key < mine and (best is None or key > best[0]):
+                    best = (key, e)
+        return best[1].row if best is not None else None
 
     def api_changes(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
@@ -7101,8 +7124,9 @@ def _build_parser():  # type: ignore[no-untyped-def]
     ls = sub.add_parser("ls", help="list experiments under a directory, newest first",
                         description="List experiments under DIR (and one level below it), newest first, with "
                                     "their metrics. A metric column shows the current run's last value, or "
-                                    "with :best the best over the run (min for names containing 'loss' or "
-                                    "'err', max otherwise; :min and :max choose).")
+                                    "with :best the best over the run (min for names containing 'loss', "
+                                    "'err', 'ppl', 'perplexity', 'mse', 'mae', 'wer', 'cer' or 'latency', max "
+                                    "otherwise; :min and :max choose).")
     ls.add_argument("dir", nargs="?", default=DEFAULT_BASE_DIR, help="base directory (default ./results)")
     ls.add_argument("--json", action="store_true",
                     help="print JSON for scripts: one summary object per experiment (strict JSON; "
