@@ -506,3 +506,29 @@ def test_fifty_clients_polling_while_a_scheduler_writes(tmp_path):
     assert counts[0] >= 100  # 50 clients, about one round a second each for 6 s
     assert sched.returncode == 0, sched.stderr.read()
     assert len(exp_dirs(base, "job0")) == 1
+
+
+def test_what_changed_finds_the_previous_experiment_even_in_the_same_second(tmp_path):
+    base = tmp_path / "results"
+    make_dir(base, "same", stamp="2026-01-01__00-00-00", params={"lr": 0.1}, command="python a.py")
+    d2 = base / "same_2026-01-01__00-00-00_2"
+    (d2 / "terminal_logs").mkdir(parents=True)
+    (d2 / "metadata.json").write_text(json.dumps({
+        "name": "same", "status": "finished", "created_at": "2026-01-01T00:00:00+00:00", "params": {"lr": 0.2},
+        "command": "python b.py"}))
+    make_dir(base, "same", stamp="2026-01-01__00-00-01", params={"lr": 0.3}, command="python b.py")
+    dash = exp.Dashboard(base)
+    second = dash.api_changes({"id": ["same_2026-01-01__00-00-00_2"]})
+    assert second["against"] == "same_2026-01-01__00-00-00"
+    assert second["params"] == [{"key": "lr", "before": 0.1, "after": 0.2}]
+    assert second["command"] == {"before": "python a.py", "after": "python b.py"}
+    third = dash.api_changes({"id": ["same_2026-01-01__00-00-01"]})
+    assert third["against"] == "same_2026-01-01__00-00-00_2" and third["command"] is None
+    assert dash.api_changes({"id": ["same_2026-01-01__00-00-00"]})["against"] is None
+
+
+def test_best_is_the_minimum_for_losses_errors_and_latencies():
+    for name in ("loss", "val_error", "ppl", "perplexity", "mse", "test_mae", "rmse", "wer", "cer", "latency_ms"):
+        assert exp.lower_is_better(name), name
+    for name in ("acc", "f1", "bleu", "reward", "step"):
+        assert not exp.lower_is_better(name), name

@@ -69,8 +69,14 @@ def ls_json(base, *args, timeout=CLI_TIMEOUT) -> list:
 
 
 def table(text: str) -> list[list[str]]:
-    """The rows of an ``ls`` table, cells split on runs of two or more spaces."""
-    return [re.split(r" {2,}", line.strip()) for line in text.splitlines() if line.strip()]
+    """The rows of an ``ls`` table, cells split on runs of two or more spaces.
+
+    The footnote for dirty experiments (tests run from a checkout with uncommitted
+    changes start dirty experiments) and the `` *`` after their names are left out.
+    """
+    rows = [re.split(r" {2,}", line.strip()) for line in text.splitlines()
+            if line.strip() and not line.startswith("* ")]
+    return [[r[0].removesuffix(" *"), *r[1:]] for r in rows]
 
 
 def table_dicts(text: str) -> list[dict[str, str]]:
