@@ -117,7 +117,7 @@ __all__ = [
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
     "redact_secrets", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
-    "FILE_TREE_MAX", "COMPARE_MAX",
+    "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
     # errors
     "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
     "MetricError", "UnavailableError",
@@ -950,27 +950,31 @@ def read_tail_span(path: str, lines: int, max_bytes: int | None = None) -> tuple
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return b"", 0
-        end = st.st_size
-        if end == 0:
-            return b"", 0
-        # A final line break ends the last line; it does not start another.
-        want = lines + (1 if os.pread(fd, 1, end - 1) == b"\n" else 0)
-        chunks: list[bytes] = []
-        pos, found, got = end, 0, 0
-        block = 65536
-        while pos > 0 and got < max_bytes:
-            n = min(block, pos, max_bytes - got)
-            pos -= n
-            chunk = os.pread(fd, n, pos)
-            chunks.append(chunk)
-            got += len(chunk)
-            found += chunk.count(b"\n")
-            if found >= want:
-                break
-            block = min(block * 2, 1 << 20)
-        data = b"".join(reversed(chunks))
+        return _read_tail_fd(fd, st.st_size, lines, max_bytes), st.st_size
     finally:
         os.close(fd)
+
+
+def _read_tail_fd(fd: int, end: int, lines: int, max_bytes: int) -> bytes:
+    """:func:`read_tail` of an open regular file whose size is ``end``."""
+    if end == 0 or lines <= 0:
+        return b""
+    # A final line break ends the last line; it does not start another.
+    want = lines + (1 if os.pread(fd, 1, end - 1) == b"\n" else 0)
+    chunks: list[bytes] = []
+    pos, found, got = end, 0, 0
+    block = 65536
+    while pos > 0 and got < max_bytes:
+        n = min(block, pos, max_bytes - got)
+        pos -= n
+        chunk = os.pread(fd, n, pos)
+        chunks.append(chunk)
+        got += len(chunk)
+        found += chunk.count(b"\n")
+        if found >= want:
+            break
+        block = min(block * 2, 1 << 20)
+    data = b"".join(reversed(chunks))
     if found >= want:
         # Drop everything before the line break that starts the wanted lines.
         cut = len(data)
@@ -981,7 +985,7 @@ def read_tail_span(path: str, lines: int, max_bytes: int | None = None) -> tuple
         # max_bytes reached inside a line: start at the next whole line, if any.
         first = data.find(b"\n")
         data = data[first + 1:] if 0 <= first < len(data) - 1 else data
-    return data, end
+    return data
 
 
 def tail_lines(path: str, n: int = 10, max_bytes: int | None = None, skip_prefix: str | None = None) -> list[str]:
@@ -1419,15 +1423,20 @@ def _strict_rows(text: str) -> list[dict[str, Any]] | None:
 def last_metrics_row(path: str) -> dict[str, Any]:
     """The last complete row of a metrics CSV, reading only its header and its tail."""
     try:
-        with _open_regular(path, "rb") as f:
-            head = f.readline(1 << 20)
+        f = _open_regular(path, "rb")
     except OSError:
         return {}
-    if not head.endswith(b"\n"):
-        return {}
-    header_line = head.decode("utf-8", "replace")
+    with f:
+        head = f.readline(1 << 20)
+        if not head.endswith(b"\n"):
+            return {}
+        size = os.fstat(f.fileno()).st_size
+        return _last_row(f.fileno(), size, head.decode("utf-8", "replace"))
+
+
+def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
     for n in (2, 16, 256):
-        tail = read_tail(path, n, max_bytes=TAIL_MAX_BYTES)
+        tail = _read_tail_fd(fd, size, n, TAIL_MAX_BYTES)
         cut = tail.rfind(b"\n")
         if cut < 0:
             return {}
@@ -1457,8 +1466,7 @@ def last_metrics_row(path: str) -> dict[str, Any]:
     # Not found near the end (a last cell of many lines, or a row torn inside
     # a quoted cell): read from the start, which tells exactly, if not too big.
     try:
-        with _open_regular(path, "rb") as f:
-            data = f.read(TAIL_MAX_BYTES + 1)
+        data = os.pread(fd, TAIL_MAX_BYTES + 1, 0)
     except OSError:
         return {}
     if len(data) > TAIL_MAX_BYTES:
@@ -5721,12 +5729,14 @@ DASHBOARD_PORT = 6066
 DASHBOARD_PAGE = "exp_ui.html"
 #: Seconds an index snapshot is served before the directories' mtimes are checked again.
 DASHBOARD_INDEX_TTL = 0.5
+#: Seconds between full rescans, which also look at experiments that have ended.
+DASHBOARD_FULL_RESCAN = 5.0
 DASHBOARD_MAX_BODY = 1 << 20
 PREVIEW_MAX_BYTES = 256 << 10
 LOG_CHUNK_DEFAULT = 64 << 10
 LOG_CHUNK_MAX = 4 << 20
 LOG_TAIL_MAX_LINES = 10000
-METRICS_CHUNK_DEFAULT = 8 << 20
+METRICS_CHUNK_DEFAULT = 1 << 20
 FILE_TREE_MAX = 2000
 COMPARE_MAX = 50
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -5798,15 +5808,37 @@ def _within(path: str, root: str) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def dashboard_summary(d: ExperimentDir) -> dict[str, Any]:
+def _stays_inside(real_dir: str, rel: str) -> bool:
+    """Whether ``real_dir/rel`` (``real_dir`` a real path) is read without a symlink leading out of it.
+
+    One ``lstat`` per component; a full resolution only when one is a symlink.
+    A missing file stays inside (there is nothing to read through it).
+    """
+    import stat
+
+    path = real_dir
+    for part in rel.split("/"):
+        path = os.path.join(path, part)
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if stat.S_ISLNK(mode):
+            return _within(path, real_dir)
+    return True
+
+
+def dashboard_summary(d: ExperimentDir, real: str | None = None) -> dict[str, Any]:
     """:meth:`ExperimentDir.summary` as the dashboard serves it: secrets redacted, and nothing read
-    through a symlink that leads out of the experiment directory."""
-    real = os.path.realpath(d.path)
-    if not _within(d.metadata_path, real):
+    through a symlink that leads out of the experiment directory (``real``: its real path, when known)."""
+    real = real or os.path.realpath(d.path)
+    if not _stays_inside(real, METADATA_FILE):
         return d.summary(unreadable=f"{METADATA_FILE} points outside the experiment directory; not read")
     row = d.summary()
     rid = row.get("current_run_id")
-    if rid and row["last_metrics"] and not _within(d.metrics_path(rid), real):
+    if rid and row["last_metrics"] and not _stays_inside(real, os.path.relpath(d.metrics_path(rid), d.path)):
         row["last_metrics"] = {}
     row["params"] = redact_secrets(row["params"])
     return row
@@ -5918,7 +5950,7 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
         reset = bool(offset) and (file_id != fid or offset > st.st_size or offset < start)
         if reset or offset < start:
             offset = start
-        max_bytes = max(1 << 16, min(int(max_bytes), 64 << 20))
+        max_bytes = max(1 << 16, min(int(max_bytes), 16 << 20))
         data = os.pread(f.fileno(), min(max_bytes, st.st_size - offset), offset)
     cut = _csv_safe_cut(data)
     names: list[str] = next(_csv_module().reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
@@ -6007,13 +6039,41 @@ def _iso_ts(text: Any) -> float | None:
 
 
 class _IndexEntry:
-    __slots__ = ("key", "row", "created", "text")
+    __slots__ = ("key", "row", "created", "text", "live")
 
     def __init__(self, key: Any, row: dict[str, Any]) -> None:
         self.key = key
         self.row = row
         self.created = _iso_ts(row.get("created_at")) or 0.0
         self.text = " ".join(t for t in (row.get("name"), row.get("description")) if t).lower()
+        # What may change any moment: checked at every refresh (the rest at full ones).
+        self.live = row.get("status") not in (FINISHED, ERROR, KILLED)
+
+
+class IndexSnapshot:
+    """One state of an :class:`ExperimentIndex`: entries newest first, and what they hold in all.
+
+    A new snapshot (a new ``version``) is made only when something changed, so
+    answers computed from one can be cached by its version.
+    """
+
+    __slots__ = ("version", "entries", "statuses", "metric_names", "param_names", "tags")
+
+    def __init__(self, version: int, entries: list[_IndexEntry]) -> None:
+        self.version = version
+        self.entries = entries
+        self.statuses: dict[str, int] = {}
+        metrics: set[str] = set()
+        params: set[str] = set()
+        tags: set[str] = set()
+        for e in entries:
+            r = e.row
+            st = r.get("status") or "unknown"
+            self.statuses[st] = self.statuses.get(st, 0) + 1
+            metrics.update(r["last_metrics"])
+            params.update(r["params"])
+            tags.update(r["tags"])
+        self.metric_names, self.param_names, self.tags = sorted(metrics), sorted(params), sorted(tags)
 
 
 class ExperimentIndex:
@@ -6021,31 +6081,53 @@ class ExperimentIndex:
 
     A refresh lists a directory again only when its mtime changed, and reads
     an experiment's metadata again only when its ``metadata.json`` changed (or,
-    while it runs, its metrics file); at most every :data:`DASHBOARD_INDEX_TTL`
-    seconds, whoever asks.  Thread-safe.
+    while it runs, its metrics file).  Refreshes come at most every ``ttl``
+    seconds, whoever asks; they look at experiments that have not ended every
+    time, and at the ended ones (which rarely change) every ``full_every``
+    seconds.  A request that finds a refresh under way is answered from the
+    snapshot before it instead of waiting.  Thread-safe.
     """
 
-    def __init__(self, base_dir: str, ttl: float = DASHBOARD_INDEX_TTL) -> None:
+    def __init__(self, base_dir: str, ttl: float = DASHBOARD_INDEX_TTL,
+                 full_every: float = DASHBOARD_FULL_RESCAN) -> None:
         self.root = os.path.realpath(base_dir)
         self.ttl = ttl
+        self.full_every = full_every
         self._lock = threading.Lock()
         self._entries: dict[str, _IndexEntry] = {}
         self._listings: dict[str, tuple[int, list[str]]] = {}
         self._checked = -1e18
-        self._snapshot: list[_IndexEntry] = []
+        self._full_at = -1e18
+        self._snapshot: IndexSnapshot | None = None
+
+    def snapshot(self) -> IndexSnapshot:
+        snap = self._snapshot
+        if snap is not None and time.monotonic() - self._checked < self.ttl:
+            return snap
+        if not self._lock.acquire(blocking=snap is None):
+            assert snap is not None
+            return snap  # another request is refreshing it
+        try:
+            now = time.monotonic()
+            if self._snapshot is None or now - self._checked >= self.ttl:
+                full = now - self._full_at >= self.full_every
+                self._refresh(full)
+                self._checked = time.monotonic()
+                if full:
+                    self._full_at = self._checked
+            assert self._snapshot is not None
+            return self._snapshot
+        finally:
+            self._lock.release()
 
     def entries(self) -> list[_IndexEntry]:
-        with self._lock:
-            if time.monotonic() - self._checked >= self.ttl:
-                self._refresh()
-                self._checked = time.monotonic()
-            return self._snapshot
+        return self.snapshot().entries
 
     def rows(self) -> list[dict[str, Any]]:
         return [e.row for e in self.entries()]
 
-    def _subdirs(self, path: str) -> list[str]:
-        """The visible subdirectories of ``path``, re-listed only when its mtime changed."""
+    def _subdirs(self, path: str) -> list[tuple[str, bool]]:
+        """The visible subdirectories of ``path`` (name, is a symlink), re-listed only when its mtime changed."""
         try:
             mtime = os.stat(path).st_mtime_ns
         except OSError:
@@ -6053,7 +6135,7 @@ class ExperimentIndex:
             return []
         cached = self._listings.get(path)
         if cached is not None and cached[0] == mtime:
-            return cached[1]
+            return cached[1]  # type: ignore[return-value]
         names = []
         try:
             with os.scandir(path) as it:
@@ -6061,56 +6143,66 @@ class ExperimentIndex:
                     if entry.name.startswith("."):
                         continue
                     try:
-                        if entry.is_dir() and (not entry.is_symlink() or _within(entry.path, self.root)):
-                            names.append(entry.name)
+                        link = entry.is_symlink()
+                        if entry.is_dir() and (not link or _within(entry.path, self.root)):
+                            names.append((entry.name, link))
                     except OSError:
                         continue
         except OSError:
             return []
-        self._listings[path] = (mtime, names)
+        self._listings[path] = (mtime, names)  # type: ignore[assignment]
         return names
 
-    def _refresh(self) -> None:
+    def _refresh(self, full: bool) -> None:
         seen: dict[str, _IndexEntry] = {}
-        self._visit(self.root, "", 2, seen)
-        self._entries = seen
-        self._snapshot = sorted(seen.values(), key=lambda e: (e.created, e.row["id"]), reverse=True)
+        changed = self._visit(self.root, "", 2, seen, full)
+        if changed or self._snapshot is None or len(seen) != len(self._entries):
+            self._entries = seen
+            entries = sorted(seen.values(), key=lambda e: (e.created, e.row["id"]), reverse=True)
+            self._snapshot = IndexSnapshot((self._snapshot.version + 1) if self._snapshot else 1, entries)
 
-    def _visit(self, path: str, rel: str, depth: int, seen: dict[str, _IndexEntry]) -> None:
-        for name in self._subdirs(path):
+    def _visit(self, path: str, rel: str, depth: int, seen: dict[str, _IndexEntry], full: bool) -> bool:
+        changed = False
+        for name, link in self._subdirs(path):
             sub = os.path.join(path, name)
             rid = f"{rel}{name}"
+            old = self._entries.get(rid)
+            if old is not None and not full and not old.live:
+                seen[rid] = old
+                continue
             try:
                 st = os.stat(os.path.join(sub, METADATA_FILE))
             except FileNotFoundError:
                 if depth > 1:
-                    self._visit(sub, rid + "/", depth - 1, seen)
+                    changed = self._visit(sub, rid + "/", depth - 1, seen, full) or changed
                 continue
             except OSError:
                 st = None  # unreadable: still an experiment; summary() says why
-            old = self._entries.get(rid)
-            key: Any = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
-            if old is not None and old.row.get("status") == RUNNING:
-                rid_run = old.row.get("current_run_id")
-                if rid_run:
-                    try:
-                        m = os.stat(ExperimentDir(sub).metrics_path(rid_run))
-                        key = (key, m.st_size, m.st_mtime_ns)
-                    except OSError:
-                        pass
-            if old is not None and key is not None and old.key == key:
+            meta_key = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
+            key: Any = meta_key
+            run = old.row.get("current_run_id") if old is not None else None
+            if old is not None and old.row.get("status") == RUNNING and run:
+                # A running experiment's last metrics change without its metadata.
+                key = (meta_key, _size_mtime(ExperimentDir(sub).metrics_path(run)))
+            if old is not None and meta_key is not None and old.key == key:
                 seen[rid] = old
                 continue
             d = ExperimentDir(sub)
-            row = dashboard_summary(d)
+            row = dashboard_summary(d, real=os.path.realpath(sub) if link or rel else os.path.join(self.root, name))
             row["id"] = rid
-            if row.get("status") == RUNNING and row.get("current_run_id"):
-                try:
-                    m = os.stat(d.metrics_path(row["current_run_id"]))
-                    key = (key, m.st_size, m.st_mtime_ns)
-                except OSError:
-                    pass
+            run = row.get("current_run_id")
+            key = (meta_key, _size_mtime(d.metrics_path(run))) if row.get("status") == RUNNING and run else meta_key
             seen[rid] = _IndexEntry(key, row)
+            changed = True
+        return changed
+
+
+def _size_mtime(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _parse_param_filter(text: str) -> tuple[str, str, str]:
@@ -6169,8 +6261,13 @@ def _split_list(query: Mapping[str, list[str]], key: str) -> list[str]:
     return [t.strip() for v in query.get(key, []) for t in v.split(",") if t.strip()]
 
 
-def query_experiments(entries: list[_IndexEntry], query: Mapping[str, list[str]]) -> dict[str, Any]:
-    """Filter, sort and page the index for ``GET /api/experiments`` (see the README's dashboard section)."""
+def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Filter, sort and page the index for ``GET /api/experiments`` (see the README's dashboard section).
+
+    ``entries`` newest first (as a snapshot keeps them).
+    """
+    snap = entries if isinstance(entries, IndexSnapshot) else IndexSnapshot(0, entries)
+    entries = snap.entries
     name = _one(query, "name")
     try:
         pattern = re.compile(name) if name else None
@@ -6198,18 +6295,10 @@ def query_experiments(entries: list[_IndexEntry], query: Mapping[str, list[str]]
         raise DashboardError(400, f"cannot sort by {field!r}: use one of {', '.join(_EXP_SORT_FIELDS)}, "
                                   "metric:NAME or param:NAME")
 
-    statuses_all: dict[str, int] = {}
-    metric_names: set[str] = set()
-    param_names: set[str] = set()
-    all_tags: set[str] = set()
     kept: list[_IndexEntry] = []
     for ent in entries:
         r = ent.row
         st = r.get("status") or "unknown"
-        statuses_all[st] = statuses_all.get(st, 0) + 1
-        metric_names.update(r["last_metrics"])
-        param_names.update(r["params"])
-        all_tags.update(r["tags"])
         if statuses and st not in statuses:
             continue
         if pattern is not None and not pattern.search(r.get("name") or ""):
@@ -6242,16 +6331,22 @@ def query_experiments(entries: list[_IndexEntry], query: Mapping[str, list[str]]
     else:
         def value(e: _IndexEntry) -> Any:
             return e.row.get(field)
-    present = [(value(e), e) for e in kept]
-    missing = [e for v, e in present if v is None or v == ""]
-    present = [(v, e) for v, e in present if not (v is None or v == "")]
-    present.sort(key=lambda p: (_sort_key(p[0]), p[1].row["id"]), reverse=desc)
-    ordered = [e for _, e in present] + missing
+    if field == "created_at" and desc:
+        ordered = kept  # the index's own order (created, then id, newest first): nothing to sort
+        missing_created = [e for e in kept if not e.created]
+        if missing_created:
+            ordered = [e for e in kept if e.created] + missing_created
+    else:
+        present = [(value(e), e) for e in kept]
+        missing = [e for v, e in present if v is None or v == ""]
+        present = [(v, e) for v, e in present if not (v is None or v == "")]
+        present.sort(key=lambda p: (_sort_key(p[0]), p[1].row["id"]), reverse=desc)
+        ordered = [e for _, e in present] + missing
     return {
         "total": len(ordered), "offset": offset, "limit": limit,
         "items": [e.row for e in ordered[offset:offset + limit]],
-        "metric_names": sorted(metric_names), "param_names": sorted(param_names), "tags": sorted(all_tags),
-        "statuses": statuses_all, "scanned": len(entries),
+        "metric_names": snap.metric_names, "param_names": snap.param_names, "tags": snap.tags,
+        "statuses": snap.statuses, "scanned": len(entries),
     }
 
 
@@ -6324,6 +6419,9 @@ class Dashboard:
         self.state = StateFile(self.base_dir)
         self._gpus: tuple[float, list[dict[str, Any]] | None] | None = None
         self._gpu_lock = threading.Lock()
+        # Answers that many polling pages ask for alike, until what they come from changes.
+        self._queries: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._state: tuple[Any, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ lookups
 
@@ -6392,8 +6490,19 @@ class Dashboard:
         return {"ok": True, "version": __version__, "base_dir": self.base_dir, "exists": os.path.isdir(self.root)}
 
     def api_state(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
+        # Rebuilt only when the state file changed; "alive" and the time are fresh on every call.
+        key = _size_mtime(self.state.path), os.path.isdir(self.root)
+        cached = self._state
+        if cached is None or cached[0] != key:
+            cached = self._state = (key, self._read_state())
+        out = dict(cached[1], updated_at=now_iso())
+        if out["scheduler"] is not None:
+            out["scheduler"] = dict(out["scheduler"], alive=self.state.owned())
+        return out
+
+    def _read_state(self) -> dict[str, Any]:
         groups = ("pending", "running", "finished", "errors")
-        out: dict[str, Any] = {"base_dir": self.base_dir, "exists": os.path.isdir(self.root), "updated_at": now_iso(),
+        out: dict[str, Any] = {"base_dir": self.base_dir, "exists": os.path.isdir(self.root), "updated_at": None,
                                "scheduler": None, "state_error": None}
         try:
             state = self.state.read()
@@ -6409,13 +6518,19 @@ class Dashboard:
             summary: dict[str, Any] = state["summary"] if isinstance(state.get("summary"), dict) else {}
             keep = ("status_indicator", "pid", "host", "config_path", "started_at", "updated_at",
                     "max_concurrent_experiments", "gpus", "gpu_use")
-            sched = {k: summary.get(k) for k in keep}
-            sched["alive"] = self.state.owned()
-            out["scheduler"] = json_safe(redact_secrets(sched))
+            out["scheduler"] = json_safe(redact_secrets({k: summary.get(k) for k in keep}))
         return out
 
     def api_experiments(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
-        return query_experiments(self.index.entries(), q)
+        snap = self.index.snapshot()
+        key = (snap.version, tuple(sorted((k, tuple(v)) for k, v in q.items() if k != "token")))
+        hit = self._queries.get(key)
+        if hit is None:
+            hit = query_experiments(snap, q)
+            if len(self._queries) >= 64:
+                self._queries.clear()
+            self._queries[key] = hit
+        return hit
 
     def api_experiment(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
@@ -6484,7 +6599,7 @@ class Dashboard:
         d = self.experiment(_one(q, "id"))
         rid = self._run(d, _one(q, "run"))
         out = read_metrics_chunk(self._inside(d, d.metrics_path(rid)), _int_param(q, "offset", 0, 0, 1 << 62), _one(q, "file_id") or "",
-                                 _int_param(q, "max_bytes", METRICS_CHUNK_DEFAULT, 1, 64 << 20))
+                                 _int_param(q, "max_bytes", METRICS_CHUNK_DEFAULT, 1, 16 << 20))
         return dict(out, run_id=rid)
 
     def _is_metadata(self, d: ExperimentDir, path: str) -> bool:
@@ -6728,6 +6843,9 @@ def _dashboard_handler() -> type:
         """Thin: checks the request (Host, token, POST rules), calls :class:`Dashboard`, writes JSON."""
 
         server_version = "exp-dashboard"
+        # Headers and body go out in separate writes: without this, a kept-alive
+        # connection waits ~40 ms per answer (Nagle's algorithm meets delayed ACKs).
+        disable_nagle_algorithm = True
 
         def version_string(self) -> str:
             return self.server_version

@@ -215,7 +215,7 @@ def test_the_index_rereads_only_the_experiments_that_changed(tmp_path, monkeypat
         return real(self)
 
     monkeypatch.setattr(exp.ExperimentDir, "summary", counting)
-    index = exp.ExperimentIndex(str(base), ttl=0)
+    index = exp.ExperimentIndex(str(base), ttl=0, full_every=0)
     rows = index.rows()
     assert len(rows) == 21 and len(calls) == 21
     assert "group/nested_2026-01-01__00-00-00" in {r["id"] for r in rows}
@@ -532,3 +532,26 @@ def test_best_is_the_minimum_for_losses_errors_and_latencies():
         assert exp.lower_is_better(name), name
     for name in ("acc", "f1", "bleu", "reward", "step"):
         assert not exp.lower_is_better(name), name
+
+
+def test_ended_experiments_are_rechecked_at_full_rescans_and_running_ones_always(tmp_path, monkeypatch):
+    base = tmp_path / "results"
+    done = make_dir(base, "done", stamp="2026-01-01__00-00-00")
+    live = make_dir(base, "live", stamp="2026-01-01__00-00-01", status="running", metrics=[{"step": 0}])
+    index = exp.ExperimentIndex(str(base), ttl=0, full_every=3600)
+    first = index.snapshot()
+    assert {r["name"]: r["status"] for r in index.rows()} == {"done": "finished", "live": "running"}
+    assert index.snapshot() is first  # nothing changed: the same snapshot, the same version
+    with open(live / "metrics" / "run_0001.csv", "a") as f:
+        f.write("1\n")
+    snap = index.snapshot()
+    assert snap.version == first.version + 1
+    assert next(r for r in snap.entries if r.row["name"] == "live").row["last_metrics"] == {"step": 1}
+    meta = json.loads((done / "metadata.json").read_text())
+    (done / "metadata.json").write_text(json.dumps(dict(meta, status="running")))
+    assert index.snapshot() is snap  # an ended one waits for the next full rescan
+    index.full_every = 0
+    assert {r["name"]: r["status"] for r in index.rows()} == {"done": "running", "live": "running"}
+    make_dir(base, "new", stamp="2026-01-02__00-00-00")
+    index.full_every = 3600
+    assert index.rows()[0]["name"] == "new"  # a new directory shows at once
