@@ -6846,6 +6846,7 @@ def _dashboard_handler() -> type:
         # Headers and body go out in separate writes: without this, a kept-alive
         # connection waits ~40 ms per answer (Nagle's algorithm meets delayed ACKs).
         disable_nagle_algorithm = True
+        timeout = 120  # a kept-alive connection idle this long is closed (its thread ends)
 
         def version_string(self) -> str:
             return self.server_version
@@ -7088,11 +7089,30 @@ class DashboardServer:
             names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
         self.host_names = names
 
+        import socket
+
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
             request_queue_size = 128
-            address_family = __import__("socket").AF_INET6 if ":" in host else __import__("socket").AF_INET
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            # Kept-alive connections outlive serve_forever(): close() ends them too.
+            connections: set[Any] = set()
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                self.connections.add(request)
+                super().process_request(request, client_address)
+
+            def shutdown_request(self, request: Any) -> None:
+                self.connections.discard(request)
+                super().shutdown_request(request)
+
+            def close_connections(self) -> None:
+                for conn in list(self.connections):
+                    try:
+                        conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
 
         handler = _dashboard_handler()
         last: OSError | None = None
@@ -7109,6 +7129,7 @@ class DashboardServer:
         else:
             raise ExpError(f"ports {port}-{port + 49} on {host} are all taken ({last}); pick one with --port")
         self.httpd.owner = self  # type: ignore[attr-defined]
+        self.httpd.connections = set()  # one set per server, not per class
         self.port = self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
 
@@ -7155,6 +7176,7 @@ class DashboardServer:
             self._thread.join(5)
             self._thread = None
         self.httpd.server_close()
+        self.httpd.close_connections()  # type: ignore[attr-defined]
 
     def __enter__(self) -> DashboardServer:
         return self.start()
