@@ -5736,7 +5736,7 @@ PREVIEW_MAX_BYTES = 256 << 10
 LOG_CHUNK_DEFAULT = 64 << 10
 LOG_CHUNK_MAX = 4 << 20
 LOG_TAIL_MAX_LINES = 10000
-METRICS_CHUNK_DEFAULT = 1 << 20
+METRICS_CHUNK_DEFAULT = 512 << 10
 FILE_TREE_MAX = 2000
 COMPARE_MAX = 50
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -6038,16 +6038,58 @@ def _iso_ts(text: Any) -> float | None:
         return None
 
 
+def _intern(v: Any) -> Any:
+    return sys.intern(v) if type(v) is str and len(v) < 64 else v
+
+
 class _IndexEntry:
-    __slots__ = ("key", "row", "created", "text", "live")
+    """One experiment of the index, kept small (10,000 of them stay in memory): the fields that
+    filters and sorts use, the rest of its summary as a tuple, repeated strings shared."""
+
+    __slots__ = ("key", "id", "name", "status", "tags", "params", "metrics", "run", "created", "text", "dirty",
+                 "live", "rest", "work_dir")
+    #: The summary's keys, in summary() order; all but the slots above are in ``rest``.
+    KEYS: tuple[str, ...] = ()
+    REST: tuple[str, ...] = ()
 
     def __init__(self, key: Any, row: dict[str, Any]) -> None:
+        cls = type(self)
+        if not cls.KEYS:
+            cls.KEYS = tuple(row)
+            cls.REST = tuple(k for k in row if k not in ("id", "name", "status", "tags", "params", "last_metrics",
+                                                          "current_run_id", "dirty", "dir", "work_dir"))
         self.key = key
-        self.row = row
+        self.id: str = row["id"]
+        self.work_dir: str = row["work_dir"]
+        self.name: str = _intern(row.get("name") or "")
+        self.status: str | None = _intern(row.get("status"))
+        self.tags = tuple(_intern(t) for t in row["tags"])
+        self.params = {_intern(k): _intern(v) for k, v in row["params"].items()}
+        self.metrics = {_intern(k): v for k, v in row["last_metrics"].items()}
+        self.run: str | None = _intern(row.get("current_run_id"))
+        self.dirty = bool(row.get("dirty"))
+        self.rest = tuple(_intern(row.get(k)) for k in cls.REST)
         self.created = _iso_ts(row.get("created_at")) or 0.0
         self.text = " ".join(t for t in (row.get("name"), row.get("description")) if t).lower()
         # What may change any moment: checked at every refresh (the rest at full ones).
-        self.live = row.get("status") not in (FINISHED, ERROR, KILLED)
+        self.live = self.status not in (FINISHED, ERROR, KILLED)
+
+    def get(self, field: str) -> Any:
+        """One field of the summary."""
+        if field in ("id", "name", "status", "dirty"):
+            return getattr(self, field)
+        if field in self.REST:
+            return self.rest[self.REST.index(field)]
+        return self.row.get(field)
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The summary dict (as :meth:`ExperimentDir.summary` made it, plus ``id``)."""
+        values = dict(zip(self.REST, self.rest))
+        values.update(id=self.id, name=self.name, status=self.status, tags=list(self.tags), params=dict(self.params),
+                      last_metrics=dict(self.metrics), current_run_id=self.run, dirty=self.dirty,
+                      dir=os.path.basename(self.work_dir), work_dir=self.work_dir)
+        return {k: values[k] for k in self.KEYS if k in values}
 
 
 class IndexSnapshot:
@@ -6067,12 +6109,11 @@ class IndexSnapshot:
         params: set[str] = set()
         tags: set[str] = set()
         for e in entries:
-            r = e.row
-            st = r.get("status") or "unknown"
+            st = e.status or "unknown"
             self.statuses[st] = self.statuses.get(st, 0) + 1
-            metrics.update(r["last_metrics"])
-            params.update(r["params"])
-            tags.update(r["tags"])
+            metrics.update(e.metrics)
+            params.update(e.params)
+            tags.update(e.tags)
         self.metric_names, self.param_names, self.tags = sorted(metrics), sorted(params), sorted(tags)
 
 
@@ -6158,7 +6199,7 @@ class ExperimentIndex:
         changed = self._visit(self.root, "", 2, seen, full)
         if changed or self._snapshot is None or len(seen) != len(self._entries):
             self._entries = seen
-            entries = sorted(seen.values(), key=lambda e: (e.created, e.row["id"]), reverse=True)
+            entries = sorted(seen.values(), key=lambda e: (e.created, e.id), reverse=True)
             self._snapshot = IndexSnapshot((self._snapshot.version + 1) if self._snapshot else 1, entries)
 
     def _visit(self, path: str, rel: str, depth: int, seen: dict[str, _IndexEntry], full: bool) -> bool:
@@ -6180,8 +6221,8 @@ class ExperimentIndex:
                 st = None  # unreadable: still an experiment; summary() says why
             meta_key = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
             key: Any = meta_key
-            run = old.row.get("current_run_id") if old is not None else None
-            if old is not None and old.row.get("status") == RUNNING and run:
+            run = old.run if old is not None else None
+            if old is not None and old.status == RUNNING and run:
                 # A running experiment's last metrics change without its metadata.
                 key = (meta_key, _size_mtime(ExperimentDir(sub).metrics_path(run)))
             if old is not None and meta_key is not None and old.key == key:
@@ -6297,19 +6338,17 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
 
     kept: list[_IndexEntry] = []
     for ent in entries:
-        r = ent.row
-        st = r.get("status") or "unknown"
-        if statuses and st not in statuses:
+        if statuses and (ent.status or "unknown") not in statuses:
             continue
-        if pattern is not None and not pattern.search(r.get("name") or ""):
+        if pattern is not None and not pattern.search(ent.name):
             continue
-        if tags and not all(t in r["tags"] for t in tags):
+        if tags and not all(t in ent.tags for t in tags):
             continue
         if words and not all(w in ent.text for w in words):
             continue
-        if dirty and not r.get("dirty"):
+        if dirty and not ent.dirty:
             continue
-        if params and not all(_param_matches(r["params"], k, op, v) for k, op, v in params):
+        if params and not all(_param_matches(ent.params, k, op, v) for k, op, v in params):
             continue
         if any((ent.created < ts) if key == "since" else (ent.created > ts) for key, ts in bounds):
             continue
@@ -6322,15 +6361,15 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
         mname = field[7:]
 
         def value(e: _IndexEntry) -> Any:
-            return e.row["last_metrics"].get(mname)
+            return e.metrics.get(mname)
     elif field.startswith("param:"):
         pname = field[6:]
 
         def value(e: _IndexEntry) -> Any:
-            return e.row["params"].get(pname)
+            return e.params.get(pname)
     else:
         def value(e: _IndexEntry) -> Any:
-            return e.row.get(field)
+            return e.get(field)
     if field == "created_at" and desc:
         ordered = kept  # the index's own order (created, then id, newest first): nothing to sort
         missing_created = [e for e in kept if not e.created]
@@ -6340,7 +6379,7 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
         present = [(value(e), e) for e in kept]
         missing = [e for v, e in present if v is None or v == ""]
         present = [(v, e) for v, e in present if not (v is None or v == "")]
-        present.sort(key=lambda p: (_sort_key(p[0]), p[1].row["id"]), reverse=desc)
+        present.sort(key=lambda p: (_sort_key(p[0]), p[1].id), reverse=desc)
         ordered = [e for _, e in present] + missing
     return {
         "total": len(ordered), "offset": offset, "limit": limit,
@@ -6421,7 +6460,9 @@ class Dashboard:
         self._gpu_lock = threading.Lock()
         # Answers that many polling pages ask for alike, until what they come from changes.
         self._queries: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._state: tuple[Any, dict[str, Any]] | None = None
+        self._state_json: tuple[Any, bytes] | None = None
 
     # ------------------------------------------------------------------ lookups
 
@@ -6486,6 +6527,39 @@ class Dashboard:
 
     # ------------------------------------------------------------------ endpoints
 
+    def get_json(self, path: str, q: Mapping[str, list[str]]) -> bytes:
+        """The JSON answer to ``GET path?q`` (a route of :attr:`GET_ROUTES`).
+
+        The answers every polling page asks for again and again (the state,
+        the list) are encoded once per change and shared, not once per request.
+        """
+        if path == "/api/state":
+            key = self._state_key()
+            cached = self._state_json
+            if cached is None or cached[0] != key:
+                rest = {k: v for k, v in self.api_state(q).items() if k != "updated_at"}
+                cached = self._state_json = (key, _encode_json(rest))
+            # The time is the one field new in every answer: put in front of the shared rest.
+            return b'{"updated_at": "' + now_iso().encode() + b'", ' + cached[1][1:]
+        if path == "/api/experiments":
+            snap = self.index.snapshot()
+            key = self._query_key(snap, q)
+            body = self._encoded.get(key)
+            if body is None:
+                body = _encode_json(self.api_experiments(q))
+                if len(self._encoded) >= 64:
+                    self._encoded.clear()
+                self._encoded[key] = body
+            return body
+        return _encode_json(getattr(self, self.GET_ROUTES[path])(q))
+
+    @staticmethod
+    def _query_key(snap: IndexSnapshot, q: Mapping[str, list[str]]) -> tuple[Any, ...]:
+        return (snap.version, tuple(sorted((k, tuple(v)) for k, v in q.items() if k != "token")))
+
+    def _state_key(self) -> tuple[Any, ...]:
+        return _size_mtime(self.state.path), os.path.isdir(self.root), self.state.owned()
+
     def api_health(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         return {"ok": True, "version": __version__, "base_dir": self.base_dir, "exists": os.path.isdir(self.root)}
 
@@ -6523,7 +6597,7 @@ class Dashboard:
 
     def api_experiments(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         snap = self.index.snapshot()
-        key = (snap.version, tuple(sorted((k, tuple(v)) for k, v in q.items() if k != "token")))
+        key = self._query_key(snap, q)
         hit = self._queries.get(key)
         if hit is None:
             hit = query_experiments(snap, q)
@@ -6676,8 +6750,8 @@ class Dashboard:
         mine = order(_iso_ts(row.get("created_at")) or 0.0, row["id"])
         best: tuple[tuple[float, int], _IndexEntry] | None = None
         for e in self.index.entries():
-            if e.row["name"] == row["name"] and e.row["id"] != row["id"]:
-                key = order(e.created, e.row["id"])
+            if e.name == row["name"] and e.id != row["id"]:
+                key = order(e.created, e.id)
                 if key < mine and (best is None or key > best[0]):
                     best = (key, e)
         return best[1].row if best is not None else None
@@ -6793,6 +6867,10 @@ class Dashboard:
                   "/api/system": "api_system"}
 
 
+def _encode_json(obj: Any) -> bytes:
+    return _json().dumps(obj, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")
+
+
 def _content_security_policy(page: bytes) -> str:
     """The page's CSP: scripts only the page's own inline ones (by hash), nothing from elsewhere."""
     import base64
@@ -6871,7 +6949,7 @@ def _dashboard_handler() -> type:
             self.end_headers()
 
         def _json(self, status: int, obj: Any) -> None:
-            body = _json().dumps(obj, ensure_ascii=False, allow_nan=False, default=str).encode("utf-8")
+            body = obj if isinstance(obj, bytes) else _encode_json(obj)
             self._headers(status, "application/json; charset=utf-8", len(body), {"Cache-Control": "no-store"})
             if self.command != "HEAD":
                 self.wfile.write(body)
@@ -6969,7 +7047,7 @@ def _dashboard_handler() -> type:
                 route = Dashboard.GET_ROUTES.get(path)
                 if route is None:
                     return self._json(404, {"error": "not found"})
-                self._json(200, getattr(owner.dashboard, route)(query))
+                self._json(200, owner.dashboard.get_json(path, query))
             except DashboardError as e:
                 self._json(e.status, {"error": str(e)})
             except ExpError as e:
@@ -7398,9 +7476,24 @@ def _follow_tasks(base: str, ids: list[int]) -> int:
         time.sleep(0.2)
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives threads malloc arenas of their own (up to 8 per core); a server with a thread per
+    client then keeps many mostly empty ones (about 10 MB for 50 clients).  Two are plenty.
+
+    Only for ``exp see``'s own process: it changes malloc for the whole process.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc (AttributeError)
+    except Exception:  # noqa: BLE001 - an optimisation only
+        pass
+
+
 def _cmd_see(args: Any) -> int:
     if not 0 <= args.port <= 65535:
         raise ExpError(f"--port must be between 0 and 65535, got {args.port}")
+    _limit_malloc_arenas()
     server = DashboardServer(args.dir, host=args.host, port=args.port, token=args.token, verbose=args.verbose)
     base = server.dashboard.base_dir
     if not os.path.isdir(base):
