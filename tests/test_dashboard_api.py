@@ -10,8 +10,6 @@ change files work on their own experiments of a second server.
 """
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
 import re
@@ -33,51 +31,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, pid_gone, read_meta, run_exp, wait_for,  # noqa: E402
-                      write_batch)
+from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, pid_gone, posix_only, read_meta, run_exp,  # noqa: E402
+                      wait_for, write_batch)
+from http_helpers import Resp, request, serving  # noqa: E402
 from test_gpus import FakeSmi, gpu_rows, path_without_nvidia_smi  # noqa: E402
 
-posix_only = pytest.mark.skipif(os.name != "posix" or exp.fcntl is None, reason="exp runs commands only on POSIX")
 
 
 # ============================================================================
 # Client helpers
 # ============================================================================
-
-
-class Resp:
-    def __init__(self, status: int, headers, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-    def json(self):
-        return json.loads(self.body.decode("utf-8"))
-
-    def __repr__(self) -> str:
-        return f"<{self.status} {self.headers.get('Content-Type')} {self.body[:300]!r}>"
-
-
-def request(port: int, method: str, target: str, *, headers: dict | None = None, body: bytes | None = None,
-            host: str | None = None, timeout: float = 30) -> Resp:
-    """One request on its own connection, sent exactly as written (no normalisation of ``target``)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", host if host is not None else f"127.0.0.1:{port}")
-        for k, v in (headers or {}).items():
-            conn.putheader(k, v)
-        if body is not None or method == "POST":
-            conn.putheader("Content-Length", str(len(body or b"")))
-        conn.endheaders()
-        if body:
-            conn.send(body)
-        r = conn.getresponse()
-        return Resp(r.status, r.headers, r.read())
-    finally:
-        conn.close()
 
 
 def url(path: str, params=None) -> str:
@@ -105,16 +68,6 @@ def post(port: int, path: str, payload, *, origin: str | None = "same") -> Resp:
     elif origin:
         headers["Origin"] = origin
     return request(port, "POST", path, headers=headers, body=json.dumps(payload).encode())
-
-
-@contextlib.contextmanager
-def serving(base, **kwargs):
-    srv = exp.DashboardServer(str(base), host=kwargs.pop("host", "127.0.0.1"), port=kwargs.pop("port", 0), **kwargs)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 def ids_of(listing: dict) -> list[str]:

@@ -5,57 +5,33 @@ Needs Debian's `chromium` and `chromium-driver` and the `selenium` package (the 
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
+from browser_helpers import BROWSER_SKIPS, js_errors, new_browser
 from conftest import EXP_PY, child_env, exp_dirs, posix_only, read_meta, wait_for, write_batch
 
 import exp
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 try:
-    from selenium import webdriver
     from selenium.common.exceptions import NoAlertPresentException
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-except ImportError:  # pragma: no cover - said by the skip below
-    webdriver = None
+except ImportError:  # pragma: no cover - said by BROWSER_SKIPS
+    pass
 
-pytestmark = [
-    posix_only,
-    pytest.mark.skipif(webdriver is None, reason="selenium is not installed (pip install -e '.[test]')"),
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)"),
-]
+pytestmark = [posix_only, *BROWSER_SKIPS]
 
 XSS = "<img src=x onerror=alert(1)>"
 
 
 @pytest.fixture(scope="module")
 def browser():
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,720", "--disable-extensions", "--no-first-run"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
+    driver = new_browser()
     yield driver
     driver.quit()
-
-
-def js_errors(driver) -> list[str]:
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
-            and "favicon" not in e["message"]]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from conftest import EXP_PY, child_env, exp_dirs, posix_only, run_exp, wait_for, write_batch
+from conftest import EXP_PY, child_env, exp_dirs, posix_only, run_exp, write_batch
 
 import exp
 
@@ -283,13 +283,18 @@ def git(cwd, *args):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def committed_repo(path, name: str, text: str):
+    """A git work tree at ``path`` with one file committed."""
+    path.mkdir()
+    git(path, "init", "-q")
+    (path / name).write_text(text)
+    git(path, "add", name)
+    git(path, "commit", "-q", "-m", "first")
+    return path
+
+
 def test_a_dirty_work_tree_leaves_code_diff_and_ls_marks_it(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    (repo / "train.py").write_text("lr = 0.1\n")
-    git(repo, "add", "train.py")
-    git(repo, "commit", "-q", "-m", "first")
+    repo = committed_repo(tmp_path / "repo", "train.py", "lr = 0.1\n")
     base = tmp_path / "results"
     clean = exp.Experiment(name="clean", command="true", base_dir=base, cwd=str(repo))
     clean.run()
@@ -317,12 +322,7 @@ def test_a_dirty_work_tree_leaves_code_diff_and_ls_marks_it(tmp_path):
 
 
 def test_a_huge_diff_is_cut_with_a_note(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git(repo, "init", "-q")
-    (repo / "data.txt").write_text("x\n")
-    git(repo, "add", "data.txt")
-    git(repo, "commit", "-q", "-m", "first")
+    repo = committed_repo(tmp_path / "repo", "data.txt", "x\n")
     (repo / "data.txt").write_text("".join(f"line {i} " + "y" * 80 + "\n" for i in range(20000)))  # ~1.8 MB
     out = exp.git_code_diff(str(repo))
     assert out is not None and len(out) <= exp.CODE_DIFF_MAX_BYTES + 200
@@ -464,7 +464,7 @@ def test_fifty_clients_polling_while_a_scheduler_writes(tmp_path):
         try:
             while time.monotonic() < stop_at:
                 paths = ["/api/state", "/api/experiments?limit=50&sort=-metric:loss"]
-                st, body = 200, None
+                body = None
                 for path in paths:
                     conn.request("GET", path)
                     resp = conn.getresponse()

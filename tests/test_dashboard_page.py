@@ -30,29 +30,24 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from browser_helpers import BROWSER_SKIPS, js_errors, new_browser
 from conftest import EXP_PY, ROOT, call_with_timeout, child_env, posix_only, wait_for, write_script
 
 import exp
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 try:
-    from selenium import webdriver
     from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
                                             WebDriverException)
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-except ImportError:  # pragma: no cover - said by the skip below
-    webdriver = None
+except ImportError:  # pragma: no cover - said by BROWSER_SKIPS
+    pass
 
 pytestmark = [
     posix_only,
-    pytest.mark.skipif(webdriver is None, reason="selenium is not installed (pip install -e '.[test]')"),
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                       reason="no chromium/chromedriver on PATH (apt-get install chromium chromium-driver)"),
+    *BROWSER_SKIPS,
     pytest.mark.skipif(shutil.which("git") is None, reason="git is needed for the code-diff fixture"),
 ]
 
@@ -179,16 +174,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     downloads = tmp_path_factory.mktemp("downloads")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,720", "--disable-extensions", "--no-first-run", "--force-device-scale-factor=1"):
-        opts.add_argument(arg)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                           "download.prompt_for_download": False})
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
+    driver = new_browser("--force-device-scale-factor=1", prefs={
+        "download.default_directory": str(downloads), "download.prompt_for_download": False})
     yield driver
     driver.quit()
 
@@ -207,12 +194,6 @@ def _fresh_console(browser):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def js_errors(driver, allow=()) -> list[str]:
-    """SEVERE console entries, except the favicon and the messages that contain one of ``allow``."""
-    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
-            and "favicon" not in e["message"] and not any(a in e["message"] for a in allow)]
 
 
 def open_page(driver, url: str, fragment: str = "") -> None:

@@ -12,7 +12,6 @@ experiment really keeps running.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
 import json
@@ -31,54 +30,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import exp  # noqa: E402
-from conftest import EXP_PY, call_with_timeout, child_env, pid_gone, read_meta, wait_for, write_batch  # noqa: E402
+from conftest import EXP_PY, call_with_timeout, child_env, pid_gone, posix_only, read_meta, wait_for, write_batch  # noqa: E402
+from http_helpers import Resp, request, serving  # noqa: E402
 
-posix_only = pytest.mark.skipif(os.name != "posix" or exp.fcntl is None, reason="exp runs commands only on POSIX")
 
 
 # ============================================================================
 # Client helpers
 # ============================================================================
-
-
-class Resp:
-    def __init__(self, status: int, headers, body: bytes) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8", "replace")
-
-    def json(self):
-        return json.loads(self.body.decode("utf-8"))
-
-    def __repr__(self) -> str:
-        return f"<{self.status} {self.headers.get('Content-Type')} {self.body[:300]!r}>"
-
-
-def request(port: int, method: str, target: str, *, headers: dict | None = None, body: bytes | None = None,
-            host: str | None = None, timeout: float = 30) -> Resp:
-    """One request on its own connection, sent exactly as written; ``host=""`` sends no Host header."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        if host != "":
-            conn.putheader("Host", host if host is not None else f"127.0.0.1:{port}")
-        for k, v in (headers or {}).items():
-            conn.putheader(k, v)
-        if body is not None or method == "POST":
-            conn.putheader("Content-Length", str(len(body or b"")))
-        conn.endheaders()
-        if body:
-            try:
-                conn.send(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the server may answer (413) and close before reading it all
-        r = conn.getresponse()
-        return Resp(r.status, r.headers, r.read())
-    finally:
-        conn.close()
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
@@ -110,16 +69,6 @@ def assert_json_error(r: Resp, *statuses: int) -> dict:
     body = r.json()
     assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
     return body
-
-
-@contextlib.contextmanager
-def serving(base, **kwargs):
-    srv = exp.DashboardServer(str(base), host=kwargs.pop("host", "127.0.0.1"), port=kwargs.pop("port", 0), **kwargs)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 def write_exp(base: Path, rel: str, meta: dict, log: str = "log line\n", csv: str = "step,loss\n1,0.5\n") -> Path:
@@ -323,9 +272,9 @@ def test_an_experiment_dir_symlinked_from_outside_is_not_listed(vault):
 def test_symlinked_files_of_listed_experiments_are_not_read(vault):
     """F's current run's log and metrics, and G's metadata.json, are symlinks out of DIR."""
     bad = []
-    for target in ("/api/experiments?limit=1000", f"/api/experiments?name=^f$", f"/api/experiment?id={F}",
+    for target in ("/api/experiments?limit=1000", "/api/experiments?name=^f$", f"/api/experiment?id={F}",
                    f"/api/log?id={F}&tail=10", f"/api/log?id={F}&offset=0", f"/api/metrics?id={F}",
-                   f"/api/compare?ids={F},{E}", f"/api/changes?id={F}", f"/api/experiments?name=^g$",
+                   f"/api/compare?ids={F},{E}", f"/api/changes?id={F}", "/api/experiments?name=^g$",
                    f"/api/experiment?id={G}", f"/api/file?id={G}&path=metadata.json",
                    f"/api/raw?id={G}&path=metadata.json", f"/api/changes?id={G}", f"/api/compare?ids={G},{E}"):
         r = request(vault.port, "GET", target)
