@@ -75,6 +75,17 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.01, what: str
         time.sleep(interval)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a child that is still running (exp stops its runs on it), SIGKILL it if it lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def read_meta(work_dir) -> dict:
     """The experiment's metadata.json, parsed."""
     with open(os.path.join(work_dir, "metadata.json"), encoding="utf-8") as f:

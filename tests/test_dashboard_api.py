@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 import exp  # noqa: E402
 from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, pid_gone, posix_only, read_meta, run_exp,  # noqa: E402
-                      wait_for, write_batch)
+                      stop_process, wait_for, write_batch)
 from http_helpers import Resp, request, serving  # noqa: E402
 from test_gpus import FakeSmi, gpu_rows, path_without_nvidia_smi  # noqa: E402
 
@@ -762,13 +762,7 @@ def test_live_scheduler_state_system_and_kill(tmp_path, monkeypatch, kill_groups
             r = post(port, "/api/command", {"action": "kill", "tasks": ["waiter"]})
             assert r.status == 409 and "error" in r.json() and "Traceback" not in r.text, r
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
         out.close()
 
 

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from conftest import EXP_PY, call_with_timeout, child_env, pid_gone, posix_only, read_meta, wait_for, write_batch  # noqa: E402
+from conftest import (EXP_PY, call_with_timeout, child_env, pid_gone, posix_only, read_meta,  # noqa: E402
+                      stop_process, wait_for, write_batch)
 from http_helpers import Resp, request, serving  # noqa: E402
 
 
@@ -480,13 +481,7 @@ def test_forged_posts_change_nothing(tmp_path, kill_groups_later):
             wait_for(lambda: read_meta(wd).get("status") == "killed", timeout=20, what="the sleeper to be killed")
             assert proc.wait(30) is not None
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        stop_process(proc)
         out.close()
 
 
