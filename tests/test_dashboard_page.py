@@ -25,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from urllib.parse import parse_qs, urlsplit
 
@@ -1043,3 +1044,31 @@ def test_an_in_process_server_closed_and_reopened_on_its_port(browser, data):
         srv.close()
         if srv2 is not None:
             srv2.close()
+
+
+def test_a_hidden_tab_polls_much_less_and_a_shown_one_at_once(browser, data):
+    open_page(browser, data["url"])
+    until(lambda: browser.find_elements(By.CSS_SELECTOR, "#list-finished [data-task], #count-finished"),
+          what="the dashboard")
+    browser.execute_script("""
+        window.__stateCalls = 0;
+        const real = window.fetch;
+        window.fetch = function (u, o) {
+          if (String(u).includes('/api/state')) window.__stateCalls++;
+          return real.apply(this, arguments);
+        };
+        window.__hidden = false;
+        Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => window.__hidden ? 'hidden' : 'visible'});
+    """)
+    time.sleep(4)
+    visible_calls = browser.execute_script("return window.__stateCalls")
+    browser.execute_script("window.__hidden = true; window.__stateCalls = 0;"
+                           "document.dispatchEvent(new Event('visibilitychange'));")
+    time.sleep(6)
+    hidden_calls = browser.execute_script("return window.__stateCalls")
+    assert visible_calls >= 3 and hidden_calls <= 2, (visible_calls, hidden_calls)
+    browser.execute_script("window.__hidden = false; window.__stateCalls = 0;"
+                           "document.dispatchEvent(new Event('visibilitychange'));")
+    until(lambda: browser.execute_script("return window.__stateCalls") >= 1, timeout=3,
+          what="a poll as soon as the tab is shown again")
+    assert js_errors(browser) == []
