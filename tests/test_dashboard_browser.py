@@ -5,19 +5,23 @@ Needs Debian's `chromium` and `chromium-driver` and the `selenium` package (the 
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
 from browser_helpers import BROWSER_SKIPS, js_errors, new_browser
 from conftest import EXP_PY, child_env, exp_dirs, posix_only, read_meta, wait_for, write_batch
+from test_gpus import FakeSmi
 
 import exp
 
 try:
-    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
 except ImportError:  # pragma: no cover - said by BROWSER_SKIPS
     pass
@@ -54,17 +58,23 @@ def live(tmp_path_factory):
         {"name": "quick", "command": f"{py} {train} 30 0", "tags": ["fast"], "priority": 10},
         {"name": "broken", "command": "echo 'about to fail'; exit 3", "priority": 9},
         {"name": XSS, "command": f"{py} {train} 5 0", "priority": 8},
-        {"name": "long", "command": f"{py} {train} 100000 0.2", "tags": ["slow"], "priority": 1},
-        {"name": "victim", "command": f"{py} {train} 100000 0.2", "priority": 1},
-    ], max_concurrent_experiments=3)
+        {"name": "long", "command": f"{py} {train} 100000 0.2", "tags": ["slow"], "priority": 1, "gpus": 1},
+        {"name": "victim", "command": f"{py} {train} 100000 0.2", "priority": 1, "gpus": 1},
+        {"name": "waiting", "command": "true", "priority": 0, "depends_on": ["long"]},
+    ], max_concurrent_experiments=3, gpus=[0, 1])
     sched = subprocess.Popen([py, EXP_PY, "run", str(cfg)], env=child_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
+    # The dashboard's GPU panel reads nvidia-smi: a fake one on PATH, two 16 GB GPUs in use.
+    fake = FakeSmi(tmp, [(0, "GPU-0aaa", 9000, 16000, 87), (1, "GPU-1bbb", 4000, 16000, 42)])
+    old_path = os.environ["PATH"]
+    os.environ["PATH"] = f"{fake.bin}{os.pathsep}{old_path}"
     srv = exp.DashboardServer(base, port=0).start()
     try:
         wait_for(lambda: len(exp_dirs(base, "long")) == 1 and len(exp_dirs(base, "victim")) == 1, timeout=60,
                  what="the long experiments to start")
         yield {"base": base, "url": srv.url, "server": srv, "sched": sched}
     finally:
+        os.environ["PATH"] = old_path
         srv.close()
         if sched.poll() is None:
             subprocess.run([py, EXP_PY, "shutdown", str(base), "--now"], env=child_env(), capture_output=True,
@@ -95,6 +105,21 @@ def row_named(driver, listing: str, name: str):
         if el.get_attribute("data-name") == name:
             return el
     return None
+
+
+def click_action(driver, listing: str, name: str, action: str) -> None:
+    """Click a row's action button (again if the list was redrawn under it)."""
+    def attempt() -> bool:
+        try:
+            row = row_named(driver, listing, name)
+            if row is None:
+                return False
+            row.find_element(By.CSS_SELECTOR, f'button[data-action="{action}"]').click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    wait_for(attempt, timeout=20, what=f"{action} on {name} in {listing}")
 
 
 def test_the_dashboard_lists_update_live_and_render_a_hostile_name_as_text(browser, live):
@@ -210,3 +235,61 @@ def test_the_page_keeps_to_its_security_rules(live):
     # Nothing from elsewhere: it works offline.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "an external resource"
     assert not re.search(r"""(fetch|open)\(\s*["'`](https?:)?//""", script), "a request to elsewhere"
+
+
+def test_the_gpu_panel_shows_use_memory_and_who_holds_each_gpu(browser, live):
+    open_page(browser, live["url"])
+
+    def panel_text():
+        return browser.find_element(By.ID, "gpu-list").text
+
+    wait_for(lambda: "GPU 0" in panel_text() and "GPU 1" in panel_text(), timeout=20, what="two GPUs in the panel")
+    text = panel_text()
+    assert "87" in text and "42" in text  # utilisation
+    assert "16" in text  # memory total (16000 MB)
+    holders = {"long", "victim"}
+    wait_for(lambda: holders & set(panel_text().replace("held by", " ").split()), timeout=20,
+             what="a running experiment named as a GPU's holder")
+    assert js_errors(browser) == []
+
+
+def test_retry_priority_and_shutdown_are_confirmed_and_reach_the_scheduler(browser, live):
+    open_page(browser, live["url"])
+
+    def confirm(value=None):
+        dialog_ok = wait_for(lambda: [b for b in browser.find_elements(By.ID, "confirm-ok") if b.is_displayed()],
+                             timeout=5, what="the confirmation dialog")[0]
+        if value is not None:
+            box = browser.find_element(By.ID, "confirm-input")
+            box.clear()
+            box.send_keys(str(value))
+        dialog_ok.click()
+
+    # Priority of the pending task (it waits for long, which runs for ever).
+    click_action(browser, "pending", "waiting", "priority")
+    confirm(7)
+    state = lambda: json.loads(urllib.request.urlopen(live["url"] + "api/state", timeout=10).read())  # noqa: E731
+    wait_for(lambda: [j["priority"] for j in state()["pending"] if j["name"] == "waiting"] == [7], timeout=15,
+             what="the new priority in the scheduler's state")
+    # Retry of the failed one: it runs again (and fails again: exit 3).
+    broken = exp_dirs(live["base"], "broken")[0]
+    click_action(browser, "errors", "broken", "retry")
+    confirm()
+    wait_for(lambda: len(read_meta(broken).get("runs") or []) == 2, timeout=20, what="a second run of broken")
+    # Cancelling the dialog does nothing; confirming the shutdown stops the scheduler.
+    browser.find_element(By.ID, "shutdown-btn").click()
+    wait_for(lambda: [b for b in browser.find_elements(By.ID, "confirm-cancel") if b.is_displayed()],
+             timeout=5, what="the dialog")[0].click()
+    time.sleep(0.5)
+    assert live["sched"].poll() is None
+    browser.find_element(By.ID, "shutdown-btn").click()
+    confirm()
+    # A plain shutdown lets the running ones finish; they run for ever, so stop them from the page too.
+    for name in ("long", "victim"):
+        if row_named(browser, "running", name) is not None:
+            click_action(browser, "running", name, "kill")
+            confirm()
+    wait_for(lambda: live["sched"].poll() is not None, timeout=40, what="the scheduler to exit")
+    wait_for(lambda: "not running" in browser.find_element(By.ID, "scheduler-badge").text, timeout=15,
+             what="the badge to say the scheduler stopped")
+    assert js_errors(browser) == []
