@@ -7,8 +7,11 @@ import pytest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+from conftest import wait_for
+
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
 except ImportError:  # pragma: no cover - said by the skip below
     webdriver = None
@@ -40,3 +43,13 @@ def js_errors(driver, allow=()) -> list[str]:
     """SEVERE console entries, except the favicon and the messages that contain one of ``allow``."""
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"
             and "favicon" not in e["message"] and not any(a in e["message"] for a in allow)]
+
+
+def until(predicate, timeout: float = 15.0, what: str = "condition"):
+    """wait_for that treats an element replaced meanwhile (stale, gone) as 'not yet'."""
+    def safe():
+        try:
+            return predicate()
+        except (StaleElementReferenceException, NoSuchElementException):
+            return None
+    return wait_for(safe, timeout=timeout, interval=0.05, what=what)

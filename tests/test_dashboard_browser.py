@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from browser_helpers import BROWSER_SKIPS, js_errors, new_browser
+from browser_helpers import BROWSER_SKIPS, js_errors, new_browser, until
 from conftest import EXP_PY, child_env, exp_dirs, posix_only, read_meta, wait_for, write_batch
 from test_gpus import FakeSmi
 
@@ -88,7 +88,7 @@ def live(tmp_path_factory):
 
 def open_page(driver, url: str, fragment: str = "") -> None:
     driver.get(url + fragment)
-    wait_for(lambda: driver.execute_script("return document.readyState") == "complete", what="the page to load")
+    until(lambda: driver.execute_script("return document.readyState") == "complete", what="the page to load")
 
 
 def count_of(driver, name: str) -> int:
@@ -101,9 +101,12 @@ def task_rows(driver, listing: str) -> list:
 
 
 def row_named(driver, listing: str, name: str):
-    for el in task_rows(driver, listing):
-        if el.get_attribute("data-name") == name:
-            return el
+    try:
+        for el in task_rows(driver, listing):
+            if el.get_attribute("data-name") == name:
+                return el
+    except StaleElementReferenceException:  # the list was redrawn meanwhile: not there yet
+        pass
     return None
 
 
@@ -119,16 +122,16 @@ def click_action(driver, listing: str, name: str, action: str) -> None:
         except StaleElementReferenceException:
             return False
 
-    wait_for(attempt, timeout=20, what=f"{action} on {name} in {listing}")
+    until(attempt, timeout=20, what=f"{action} on {name} in {listing}")
 
 
 def test_the_dashboard_lists_update_live_and_render_a_hostile_name_as_text(browser, live):
     open_page(browser, live["url"])
-    wait_for(lambda: row_named(browser, "running", "long") is not None, timeout=20, what="long in the running list")
-    wait_for(lambda: row_named(browser, "finished", "quick") is not None, timeout=30, what="quick to finish")
-    wait_for(lambda: row_named(browser, "errors", "broken") is not None, timeout=30, what="broken in errors")
+    until(lambda: row_named(browser, "running", "long") is not None, timeout=20, what="long in the running list")
+    until(lambda: row_named(browser, "finished", "quick") is not None, timeout=30, what="quick to finish")
+    until(lambda: row_named(browser, "errors", "broken") is not None, timeout=30, what="broken in errors")
     assert count_of(browser, "errors") >= 1 and count_of(browser, "running") >= 2
-    wait_for(lambda: row_named(browser, "finished", XSS) is not None, timeout=30, what="the hostile name")
+    until(lambda: row_named(browser, "finished", XSS) is not None, timeout=30, what="the hostile name")
     row = row_named(browser, "finished", XSS)
     assert XSS in row.text
     # Shown as text: no element was made from it, and nothing ran.
@@ -143,9 +146,9 @@ def test_the_dashboard_lists_update_live_and_render_a_hostile_name_as_text(brows
 
 def test_a_log_panel_follows_new_lines(browser, live):
     open_page(browser, live["url"])
-    wait_for(lambda: row_named(browser, "running", "long") is not None, timeout=20, what="long running")
+    until(lambda: row_named(browser, "running", "long") is not None, timeout=20, what="long running")
     row_named(browser, "running", "long").find_element(By.CSS_SELECTOR, "button[data-open-log]").click()
-    panel = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#log-panels .log-panel"), timeout=10,
+    panel = until(lambda: browser.find_elements(By.CSS_SELECTOR, "#log-panels .log-panel"), timeout=10,
                      what="a log panel")[0]
 
     def last_step() -> int:
@@ -153,8 +156,8 @@ def test_a_log_panel_follows_new_lines(browser, live):
                  if ln.startswith("line ")]
         return int(lines[-1].split()[1]) if lines else -1
 
-    first = wait_for(lambda: last_step() + 1, timeout=15, what="log lines") - 1
-    wait_for(lambda: last_step() >= first + 5, timeout=20, what="new log lines to arrive in the panel")
+    first = until(lambda: last_step() + 1, timeout=15, what="log lines") - 1
+    until(lambda: last_step() >= first + 5, timeout=20, what="new log lines to arrive in the panel")
     # Follow mode keeps the newest line in view.
     at_bottom = browser.execute_script(
         "const t = arguments[0]; const s = t.closest('.log-scroll') || t;"
@@ -166,15 +169,15 @@ def test_a_log_panel_follows_new_lines(browser, live):
 
 def test_a_chart_draws_every_point_of_a_run(browser, live):
     quick = exp_dirs(live["base"], "quick")[0]
-    wait_for(lambda: read_meta(quick).get("status") == "finished", timeout=30, what="quick to finish")
+    until(lambda: read_meta(quick).get("status") == "finished", timeout=30, what="quick to finish")
     exp_id = quick.name
     open_page(browser, live["url"], f"#view=metrics&id={exp_id}")
     if not browser.find_elements(By.CSS_SELECTOR, "canvas.chart"):
         # Not opened by the link: open it from the row's button.
         open_page(browser, live["url"])
-        wait_for(lambda: row_named(browser, "finished", "quick") is not None, timeout=20, what="quick row")
+        until(lambda: row_named(browser, "finished", "quick") is not None, timeout=20, what="quick row")
         row_named(browser, "finished", "quick").find_element(By.CSS_SELECTOR, "button[data-open-metrics]").click()
-    canvas = wait_for(lambda: [c for c in browser.find_elements(By.CSS_SELECTOR, "canvas.chart")
+    canvas = until(lambda: [c for c in browser.find_elements(By.CSS_SELECTOR, "canvas.chart")
                                if (c.get_attribute("data-points") or "0") != "0"], timeout=15,
                       what="a drawn chart")[0]
     series = int(canvas.get_attribute("data-series"))
@@ -192,7 +195,7 @@ def test_a_query_filters_the_table(browser, live):
     open_page(browser, live["url"], "#view=query")
     for el in browser.find_elements(By.CSS_SELECTOR, '[data-view="query"]')[:1]:
         el.click()
-    name = wait_for(lambda: browser.find_elements(By.ID, "q-name"), timeout=10, what="the query form")[0]
+    name = until(lambda: browser.find_elements(By.ID, "q-name"), timeout=10, what="the query form")[0]
     name.clear()
     name.send_keys("^(long|quick)$")
     browser.find_element(By.ID, "q-submit").click()
@@ -201,7 +204,7 @@ def test_a_query_filters_the_table(browser, live):
         rows = browser.find_elements(By.CSS_SELECTOR, "#query-results tr[data-id]")
         return sorted(r.get_attribute("data-id").split("_20")[0] for r in rows)
 
-    wait_for(lambda: shown() == ["long", "quick"], timeout=10, what="the filtered rows")
+    until(lambda: shown() == ["long", "quick"], timeout=10, what="the filtered rows")
     assert browser.find_element(By.ID, "query-total").text.strip().startswith("2")
     assert js_errors(browser) == []
 
@@ -210,13 +213,13 @@ def test_the_terminate_button_stops_a_running_experiment(browser, live):
     victim = exp_dirs(live["base"], "victim")[0]
     assert read_meta(victim)["status"] == "running"
     open_page(browser, live["url"])
-    row = wait_for(lambda: row_named(browser, "running", "victim"), timeout=20, what="victim running")
+    row = until(lambda: row_named(browser, "running", "victim"), timeout=20, what="victim running")
     row.find_element(By.CSS_SELECTOR, 'button[data-action="kill"]').click()
-    ok = wait_for(lambda: [b for b in browser.find_elements(By.ID, "confirm-ok") if b.is_displayed()], timeout=5,
+    ok = until(lambda: [b for b in browser.find_elements(By.ID, "confirm-ok") if b.is_displayed()], timeout=5,
                   what="the confirmation dialog")[0]
     ok.click()
-    wait_for(lambda: read_meta(victim).get("status") == "killed", timeout=30, what="victim to be killed")
-    wait_for(lambda: row_named(browser, "errors", "victim") is not None
+    until(lambda: read_meta(victim).get("status") == "killed", timeout=30, what="victim to be killed")
+    until(lambda: row_named(browser, "errors", "victim") is not None
              or row_named(browser, "finished", "victim") is not None, timeout=15, what="the list to show it ended")
     assert read_meta(exp_dirs(live["base"], "long")[0])["status"] == "running"  # only that one
     assert js_errors(browser) == []
@@ -243,12 +246,12 @@ def test_the_gpu_panel_shows_use_memory_and_who_holds_each_gpu(browser, live):
     def panel_text():
         return browser.find_element(By.ID, "gpu-list").text
 
-    wait_for(lambda: "GPU 0" in panel_text() and "GPU 1" in panel_text(), timeout=20, what="two GPUs in the panel")
+    until(lambda: "GPU 0" in panel_text() and "GPU 1" in panel_text(), timeout=20, what="two GPUs in the panel")
     text = panel_text()
     assert "87" in text and "42" in text  # utilisation
     assert "16" in text  # memory total (16000 MB)
     holders = {"long", "victim"}
-    wait_for(lambda: holders & set(panel_text().replace("held by", " ").split()), timeout=20,
+    until(lambda: holders & set(panel_text().replace("held by", " ").split()), timeout=20,
              what="a running experiment named as a GPU's holder")
     assert js_errors(browser) == []
 
@@ -257,28 +260,36 @@ def test_retry_priority_and_shutdown_are_confirmed_and_reach_the_scheduler(brows
     open_page(browser, live["url"])
 
     def confirm(value=None):
-        dialog_ok = wait_for(lambda: [b for b in browser.find_elements(By.ID, "confirm-ok") if b.is_displayed()],
-                             timeout=5, what="the confirmation dialog")[0]
-        if value is not None:
-            box = browser.find_element(By.ID, "confirm-input")
-            box.clear()
-            box.send_keys(str(value))
-        dialog_ok.click()
+        def answer() -> bool:
+            try:
+                ok = [b for b in browser.find_elements(By.ID, "confirm-ok") if b.is_displayed()]
+                if not ok:
+                    return False
+                if value is not None:
+                    box = browser.find_element(By.ID, "confirm-input")
+                    box.clear()
+                    box.send_keys(str(value))
+                ok[0].click()
+                return True
+            except StaleElementReferenceException:
+                return False
+
+        until(answer, timeout=5, what="the confirmation dialog")
 
     # Priority of the pending task (it waits for long, which runs for ever).
     click_action(browser, "pending", "waiting", "priority")
     confirm(7)
     state = lambda: json.loads(urllib.request.urlopen(live["url"] + "api/state", timeout=10).read())  # noqa: E731
-    wait_for(lambda: [j["priority"] for j in state()["pending"] if j["name"] == "waiting"] == [7], timeout=15,
+    until(lambda: [j["priority"] for j in state()["pending"] if j["name"] == "waiting"] == [7], timeout=15,
              what="the new priority in the scheduler's state")
     # Retry of the failed one: it runs again (and fails again: exit 3).
     broken = exp_dirs(live["base"], "broken")[0]
     click_action(browser, "errors", "broken", "retry")
     confirm()
-    wait_for(lambda: len(read_meta(broken).get("runs") or []) == 2, timeout=20, what="a second run of broken")
+    until(lambda: len(read_meta(broken).get("runs") or []) == 2, timeout=20, what="a second run of broken")
     # Cancelling the dialog does nothing; confirming the shutdown stops the scheduler.
     browser.find_element(By.ID, "shutdown-btn").click()
-    wait_for(lambda: [b for b in browser.find_elements(By.ID, "confirm-cancel") if b.is_displayed()],
+    until(lambda: [b for b in browser.find_elements(By.ID, "confirm-cancel") if b.is_displayed()],
              timeout=5, what="the dialog")[0].click()
     time.sleep(0.5)
     assert live["sched"].poll() is None
@@ -289,7 +300,7 @@ def test_retry_priority_and_shutdown_are_confirmed_and_reach_the_scheduler(brows
         if row_named(browser, "running", name) is not None:
             click_action(browser, "running", name, "kill")
             confirm()
-    wait_for(lambda: live["sched"].poll() is not None, timeout=40, what="the scheduler to exit")
-    wait_for(lambda: "not running" in browser.find_element(By.ID, "scheduler-badge").text, timeout=15,
+    until(lambda: live["sched"].poll() is not None, timeout=40, what="the scheduler to exit")
+    until(lambda: "not running" in browser.find_element(By.ID, "scheduler-badge").text, timeout=15,
              what="the badge to say the scheduler stopped")
     assert js_errors(browser) == []

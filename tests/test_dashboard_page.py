@@ -31,14 +31,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from browser_helpers import BROWSER_SKIPS, js_errors, new_browser
+from browser_helpers import BROWSER_SKIPS, js_errors, new_browser, until
 from conftest import EXP_PY, ROOT, call_with_timeout, child_env, posix_only, wait_for, write_script
 
 import exp
 
 try:
-    from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
-                                            WebDriverException)
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
     from selenium.webdriver.common.by import By
@@ -202,16 +201,6 @@ def open_page(driver, url: str, fragment: str = "") -> None:
     driver.get("about:blank")
     driver.get(url + fragment)
     wait_for(lambda: driver.execute_script("return document.readyState") == "complete", what="the page to load")
-
-
-def until(predicate, timeout: float = 15.0, what: str = "condition"):
-    """wait_for that treats an element replaced meanwhile (stale, gone) as 'not yet'."""
-    def safe():
-        try:
-            return predicate()
-        except (StaleElementReferenceException, NoSuchElementException):
-            return None
-    return wait_for(safe, timeout=timeout, interval=0.05, what=what)
 
 
 def visible(driver, css: str) -> list:
