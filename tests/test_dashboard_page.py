@@ -48,6 +48,8 @@ except ImportError:  # pragma: no cover - said by BROWSER_SKIPS
 pytestmark = [
     posix_only,
     *BROWSER_SKIPS,
+    pytest.mark.skipif(os.environ.get("EXP_PAGE_TESTS_ONCE") == "1",
+                       reason="CI runs the page's feature tests with its newest Python only (EXP_PAGE_TESTS_ONCE=1)"),
     pytest.mark.skipif(shutil.which("git") is None, reason="git is needed for the code-diff fixture"),
 ]
 
