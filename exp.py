@@ -21,6 +21,7 @@ Command line::
 
     python exp.py run config.toml             # a batch of experiments
     python exp.py ls ./results                # what ran, how it ended
+    python exp.py see ./results               # the web dashboard (exp_ui.html + a JSON API)
 
 Data flow::
 
@@ -28,7 +29,7 @@ Data flow::
                                                                   |
           Scheduler main thread: plan_next() picks jobs for free slots
                                                                   |
-    Experiment(...) --ExperimentDir.create--> <base>/<name>_<YYYY-MM-DD__HH-MM-SS>/
+    pool thread: Experiment(...) --ExperimentDir.create--> <base>/<name>_<YYYY-MM-DD__HH-MM-SS>/
          |                                      metadata.json  (status running, before the command)
          | Experiment.start(): LocalBackend.start(Launch) -> Popen(new session)
          v
@@ -42,7 +43,8 @@ Data flow::
          |
     Scheduler --StateFile.write--> <base>/.exp_state/scheduler_state.json
          |
-    exp ls / dashboard: scan(base) --> ExperimentDir.summary() dicts
+    exp ls: scan(base) --> ExperimentDir.summary() dicts
+    exp see: ExperimentIndex (the same dicts, kept by mtimes) --> Dashboard --> DashboardServer
 
 *Platform* is the one section that touches locks, process groups, pidfds and
 ``/proc``.  *Files* holds the one atomic writer (temp file, checked write,
@@ -53,8 +55,11 @@ commands and stops process groups behind a small public surface
 (``start``/``wait``/``poll``/``terminate``), so a cluster backend can take
 the local one's place.  *Experiment* is the user-facing class over a store
 directory and a backend.  The *Scheduler* plans in pure functions and
-executes with one main thread (directories, starts, state) and pool threads
-that only wait for commands and record their ends.
+executes with one main thread (planning, commands, the state file) and a pool
+thread per running experiment that makes its directory, starts its command
+(in dispatch order), waits for it and records its end.  The *Dashboard*
+serves the store's readers over HTTP: pure readers, a ``Dashboard`` that
+checks every id and path, and a thin handler.
 
 Each run's command runs under a tiny ``sh`` supervisor that leads its
 process group and records the end itself if exp is gone, so a scheduler
@@ -65,7 +70,7 @@ as files in ``.exp_state/commands/``.
 
 Sections (``grep -n '^# ====' exp.py``): constants, exceptions, utilities,
 platform, files, metrics CSV, store, backend, experiment and runs, inside a
-training script, config, GPUs, planning, scheduler, listing, CLI.
+training script, config, GPUs, planning, scheduler, listing, dashboard, CLI.
 """
 from __future__ import annotations
 
