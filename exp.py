@@ -6846,9 +6846,12 @@ class Dashboard:
         if not isinstance(body, dict):
             raise DashboardError(400, "the body must be a JSON object such as {\"action\": \"kill\", \"tasks\": [3]}")
         action = body.get("action")
+        # The page's words for the CLI's commands are accepted too.
+        action = {"terminate": "kill", "remove": "rm"}.get(action, action) if isinstance(action, str) else action
         if action not in ("kill", "retry", "rm", "shutdown", "priority"):
-            raise DashboardError(400, f"unknown action {action!r}: kill, retry, rm, shutdown or priority")
-        tasks = body.get("tasks", [])
+            raise DashboardError(400, f"unknown action {action!r}: kill (or terminate), retry, rm (or remove), "
+                                      "shutdown or priority")
+        tasks = body.get("tasks", [body["task"]] if "task" in body else [])
         if not isinstance(tasks, list) or not all(isinstance(t, (int, str)) and not isinstance(t, bool)
                                                   for t in tasks):
             raise DashboardError(400, "tasks must be a list of task ids or names")

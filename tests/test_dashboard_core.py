@@ -555,3 +555,31 @@ def test_ended_experiments_are_rechecked_at_full_rescans_and_running_ones_always
     make_dir(base, "new", stamp="2026-01-02__00-00-00")
     index.full_every = 3600
     assert index.rows()[0]["name"] == "new"  # a new directory shows at once
+
+
+def test_commands_take_the_pages_words_and_one_task(tmp_path):
+    """terminate/remove name kill/rm; {"task": 3} is [3]; the scheduler's answer comes back."""
+    base = tmp_path / "results"
+    cfg = write_batch(tmp_path / "cfg.toml", base, [
+        {"name": "sleepy", "command": "sleep 60"}, {"name": "later", "command": "true", "depends_on": ["sleepy"]}])
+    sched = subprocess.Popen([sys.executable, EXP_PY, "run", str(cfg)], env=child_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    dash = exp.Dashboard(base)
+    try:
+        deadline = time.monotonic() + 30
+        while not (exp.StateFile(base).owned() and exp_dirs(base, "sleepy")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, answer = dash.api_command({"action": "remove", "task": "later"})
+        assert status == 200 and answer["ok"] and answer["message"] == "removed 2 later", answer
+        status, answer = dash.api_command({"action": "terminate", "tasks": ["sleepy"]})
+        assert status == 200 and answer["ok"] and "terminating" in answer["message"], answer
+        sched.wait(30)
+        with pytest.raises(exp.DashboardError) as ei:
+            dash.api_command({"action": "explode", "tasks": [1]})
+        assert ei.value.status == 400 and "terminate" in str(ei.value)
+    finally:
+        if sched.poll() is None:
+            sched.kill()
+            sched.wait()
+    meta = json.loads((exp_dirs(base, "sleepy")[0] / "metadata.json").read_text())
+    assert meta["status"] == "killed"
