@@ -120,7 +120,7 @@ __all__ = [
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
-    "redact_secrets", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "redact_secrets", "redact_command", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
     # errors
@@ -2320,12 +2320,18 @@ class StateFile:
         """
         os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None
+        # owned() takes a shared lock for an instant (a dashboard polls it): try for a
+        # little while before concluding that another scheduler holds the directory.
+        for attempt in range(20):
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if attempt == 19:
+                    os.close(fd)
+                    return None
+                time.sleep(0.01)
         # Commands still waiting were sent to an earlier owner that ended
         # before acting on them: answered, never acted on (a stale `shutdown`
         # would otherwise stop this scheduler before it starts anything).
@@ -5748,7 +5754,11 @@ _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"
                 ".webp": "image/webp", ".bmp": "image/bmp"}
 #: Dict keys whose values the dashboard never serves (an old metadata.json may hold anything).
 _SECRET_FIELD_RE = _LazyRe(r"secret|token|passw|pwd|credential|api_?key|access_?key|private_?key|cookie|bearer|"
-                           r"^auth", re.I)
+                           r"session|^auth|(^|_)key$|(^|_)pat$", re.I)
+# In a command line: NAME=value with a secret-looking NAME, and --token VALUE style options.
+_COMMAND_SECRET_RE = _LazyRe(r"(?<![\w-])([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
+_COMMAND_OPTION_RE = _LazyRe(r"(--?[A-Za-z0-9_-]*(?:token|secret|passw|api[-_]?key|access[-_]?key)[A-Za-z0-9_-]*)"
+                             r"(=|\s+)(\S+)", re.I)
 _PARAM_FILTER_RE = _LazyRe(r"^\s*([^=<>!]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*$")
 _EXP_SORT_FIELDS = ("name", "status", "created_at", "started_at", "ended_at", "duration", "runs", "exit_code")
 
@@ -5780,13 +5790,23 @@ def redact_secrets(value: Any) -> Any:
         key = str(k)
         if key == "lark_config":
             continue
-        if key == "environment" and isinstance(v, dict):
+        if key in ("environment", "env") and isinstance(v, dict):
             out[key] = redact_secrets(redact_env(v))
-        elif _SECRET_FIELD_RE.search(key) and not isinstance(v, (dict, list)) and v is not None:
-            out[key] = "***"
+        elif _SECRET_FIELD_RE.search(key) and v is not None:
+            out[key] = "***"  # whatever it holds, a list or a table too
+        elif key == "command" and isinstance(v, str):
+            out[key] = redact_command(v)
         else:
             out[key] = redact_secrets(v)
     return out
+
+
+def redact_command(command: str) -> str:
+    """``command`` with the values of ``SECRET_NAME=value`` and ``--token value`` style arguments as ``***``."""
+    def env(m: re.Match[str]) -> str:
+        return f"{m.group(1)}=***" if _SECRET_KEY_RE.search(m.group(1)) else m.group(0)
+
+    return _COMMAND_OPTION_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", _COMMAND_SECRET_RE.sub(env, command))
 
 
 def resolve_inside(root: str, rel: str) -> str | None:
@@ -5876,7 +5896,7 @@ def read_log_chunk(path: str, offset: int = 0, max_bytes: int = LOG_CHUNK_DEFAUL
     the end (the log was rewritten) reads from 0 with ``reset``.  A missing
     log reads as empty.
     """
-    max_bytes = max(1, min(int(max_bytes), LOG_CHUNK_MAX))
+    max_bytes = max(4, min(int(max_bytes), LOG_CHUNK_MAX))  # 4: a whole UTF-8 character always fits
     try:
         f = _open_regular(path, "rb")
     except FileNotFoundError:
@@ -5956,8 +5976,13 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
         if reset or offset < start:
             offset = start
         max_bytes = max(1 << 16, min(int(max_bytes), 16 << 20))
-        data = os.pread(f.fileno(), min(max_bytes, st.st_size - offset), offset)
-    cut = _csv_safe_cut(data)
+        while True:
+            data = os.pread(f.fileno(), min(max_bytes, st.st_size - offset), offset)
+            cut = _csv_safe_cut(data)
+            # A record longer than the window: widen it rather than never move on.
+            if cut or offset + len(data) >= st.st_size or max_bytes >= 64 << 20:
+                break
+            max_bytes *= 4
     names: list[str] = next(_csv_module().reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
     columns: dict[str, list[Any]] = {n: [] for n in names}
     rows = 0
@@ -6315,6 +6340,8 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
     snap = entries if isinstance(entries, IndexSnapshot) else IndexSnapshot(0, entries)
     entries = snap.entries
     name = _one(query, "name")
+    if name and len(name) > 500:
+        raise DashboardError(400, "the name regular expression is longer than 500 characters")
     try:
         pattern = re.compile(name) if name else None
     except re.error as e:
@@ -6355,6 +6382,8 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
             continue
         if params and not all(_param_matches(ent.params, k, op, v) for k, op, v in params):
             continue
+        if bounds and not ent.created:
+            continue  # no creation time: outside any time range
         if any((ent.created < ts) if key == "since" else (ent.created > ts) for key, ts in bounds):
             continue
         kept.append(ent)
@@ -6464,10 +6493,10 @@ class Dashboard:
         self._gpus: tuple[float, list[dict[str, Any]] | None] | None = None
         self._gpu_lock = threading.Lock()
         # Answers that many polling pages ask for alike, until what they come from changes.
-        self._queries: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._encoded: dict[tuple[Any, ...], bytes] = {}
         self._state: tuple[Any, dict[str, Any]] | None = None
         self._state_json: tuple[Any, bytes] | None = None
+        self._owned: tuple[float, Any, bool] | None = None
 
     # ------------------------------------------------------------------ lookups
 
@@ -6563,7 +6592,16 @@ class Dashboard:
         return (snap.version, tuple(sorted((k, tuple(v)) for k, v in q.items() if k != "token")))
 
     def _state_key(self) -> tuple[Any, ...]:
-        return _size_mtime(self.state.path), os.path.isdir(self.root), self.state.owned()
+        return _size_mtime(self.state.path), os.path.isdir(self.root), self._alive()
+
+    def _alive(self) -> bool:
+        """StateFile.owned(), asked again only when the state file changed or half a second passed,
+        however many pages poll (each asking takes the owner's lock for an instant)."""
+        stat = _size_mtime(self.state.path)
+        cached = self._owned
+        if cached is None or cached[1] != stat or time.monotonic() - cached[0] > 0.5:
+            cached = self._owned = (time.monotonic(), stat, self.state.owned())
+        return cached[2]
 
     def api_health(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         return {"ok": True, "version": __version__, "base_dir": self.base_dir, "exists": os.path.isdir(self.root)}
@@ -6576,7 +6614,7 @@ class Dashboard:
             cached = self._state = (key, self._read_state())
         out = dict(cached[1], updated_at=now_iso())
         if out["scheduler"] is not None:
-            out["scheduler"] = dict(out["scheduler"], alive=self.state.owned())
+            out["scheduler"] = dict(out["scheduler"], alive=self._alive())
         return out
 
     def _read_state(self) -> dict[str, Any]:
@@ -6601,15 +6639,7 @@ class Dashboard:
         return out
 
     def api_experiments(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
-        snap = self.index.snapshot()
-        key = self._query_key(snap, q)
-        hit = self._queries.get(key)
-        if hit is None:
-            hit = query_experiments(snap, q)
-            if len(self._queries) >= 64:
-                self._queries.clear()
-            self._queries[key] = hit
-        return hit
+        return query_experiments(self.index.snapshot(), q)
 
     def api_experiment(self, q: Mapping[str, list[str]]) -> dict[str, Any]:
         d = self.experiment(_one(q, "id"))
@@ -6681,8 +6711,10 @@ class Dashboard:
                                  _int_param(q, "max_bytes", METRICS_CHUNK_DEFAULT, 1, 16 << 20))
         return dict(out, run_id=rid)
 
-    def _is_metadata(self, d: ExperimentDir, path: str) -> bool:
-        return os.path.dirname(path) == os.path.realpath(d.path) and os.path.basename(path).startswith(METADATA_FILE)
+    @staticmethod
+    def _is_metadata(d: ExperimentDir, path: str) -> bool:
+        # Any metadata.json* at any depth (a copy, one kept aside) is served redacted.
+        return os.path.basename(path).startswith(METADATA_FILE)
 
     def _metadata_text(self, path: str) -> str:
         """A metadata file as served: redacted JSON, or nothing at all when it cannot be parsed (it may hold secrets)."""
@@ -6903,8 +6935,8 @@ _MISSING_PAGE = b"""<!doctype html><meta charset="utf-8"><title>exp</title>
 def _is_loopback(host: str) -> bool:
     import ipaddress
 
-    if host in ("localhost", ""):
-        return True
+    if host == "localhost":
+        return True  # "" is every interface, not loopback
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -7046,6 +7078,10 @@ def _dashboard_handler() -> type:
                     return self._json(401, {"error": "a token is needed: open the URL `exp see` printed "
                                                      "(it ends in ?token=...)"})
                 path = parts.path
+                if path.startswith("/api/") and self.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+                    # A page of another site making the browser call the API (a GET too can cost).
+                    self.close_connection = True
+                    return self._json(403, {"error": "cross-site request refused"})
                 if self.command == "POST":
                     return self._post(path)
                 if path in ("/", "/index.html"):
@@ -7202,7 +7238,7 @@ class DashboardServer:
 
         handler = _dashboard_handler()
         last: OSError | None = None
-        for p in ([port] if port == 0 else range(port, port + 50)):
+        for p in ([port] if port == 0 else range(port, min(port + 50, 65536))):
             try:
                 self.httpd = Server((host.strip("[]"), p), handler)
                 break

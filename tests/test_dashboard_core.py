@@ -583,3 +583,91 @@ def test_commands_take_the_pages_words_and_one_task(tmp_path):
             sched.wait()
     meta = json.loads((exp_dirs(base, "sleepy")[0] / "metadata.json").read_text())
     assert meta["status"] == "killed"
+
+
+def test_secrets_under_any_shape_and_in_command_lines_are_hidden():
+    meta = {"token": ["t1", "t2"], "secrets": {"a": "S1"}, "env": {"OPENAI_KEY": "S2", "HOME": "/h"},
+            "params": {"OPENAI_KEY": "S3", "keyframes": 4, "hf_pat": "S4"},
+            "command": "HF_TOKEN=S5 WANDB_API_KEY=S6 python train.py --lr 0.1 --api-key S7 --token=S8 x=1"}
+    out = exp.redact_secrets(meta)
+    text = json.dumps(out)
+    for s in ("t1", "t2", "S1", "S2", "S3", "S4", "S5", "S6", "S7", "S8"):
+        assert s not in text, s
+    assert out["params"]["keyframes"] == 4 and out["env"]["HOME"] == "/h"
+    assert out["command"] == "HF_TOKEN=*** WANDB_API_KEY=*** python train.py --lr 0.1 --api-key *** --token=*** x=1"
+
+
+def test_an_empty_host_is_every_interface_and_needs_a_token(tmp_path):
+    srv = exp.DashboardServer(tmp_path, host="", port=0)
+    try:
+        assert srv.token and "?token=" in srv.url
+    finally:
+        srv.close()
+
+
+def test_a_nested_metadata_copy_is_served_redacted_and_cross_site_api_calls_are_refused(tmp_path):
+    base = tmp_path / "results"
+    d = make_dir(base, "n")
+    (d / "backup").mkdir()
+    (d / "backup" / "metadata.json").write_text(json.dumps({"name": "n", "app_secret": "NESTED-SECRET"}))
+    srv = exp.DashboardServer(base, port=0).start()
+    try:
+        for path in ("api/file?id=" + d.name + "&path=backup/metadata.json",
+                     "api/raw?id=" + d.name + "&path=backup/metadata.json"):
+            with urllib.request.urlopen(srv.url + path, timeout=10) as r:
+                assert b"NESTED-SECRET" not in r.read()
+        status, body = get(srv.url + "api/experiments", {"Sec-Fetch-Site": "cross-site"})
+        assert status == 403 and "cross-site" in body["error"]
+        assert get(srv.url + "api/experiments", {"Sec-Fetch-Site": "same-origin"})[0] == 200
+        with urllib.request.urlopen(urllib.request.Request(srv.url, headers={"Sec-Fetch-Site": "cross-site"}),
+                                    timeout=10) as r:
+            assert r.status == 200  # following a link to the page itself is fine
+    finally:
+        srv.close()
+
+
+def test_tiny_windows_still_move_forward(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_bytes("€€€\n".encode())
+    c = exp.read_log_chunk(str(log), 0, 1)
+    assert c["next_offset"] > 0 and c["text"]
+    csv_path = tmp_path / "m.csv"
+    big = "x" * (200 << 10)
+    csv_path.write_text(f"step,note\n0,{big}\n1,short\n")
+    first = exp.read_metrics_chunk(str(csv_path), 0, "", max_bytes=64 << 10)
+    assert first["rows"] >= 1 and first["columns"]["note"][0] == big
+
+
+def test_a_time_range_leaves_out_experiments_without_a_creation_time(tmp_path):
+    base = tmp_path / "results"
+    make_dir(base, "dated", stamp="2026-01-02__00-00-00")
+    d = make_dir(base, "undated", stamp="2026-01-03__00-00-00")
+    meta = json.loads((d / "metadata.json").read_text())
+    meta.pop("created_at")
+    (d / "metadata.json").write_text(json.dumps(meta))
+    entries = exp.ExperimentIndex(str(base), ttl=0).entries()
+    assert {e.name for e in entries} == {"dated", "undated"}
+    for bound in ({"since": ["2025-01-01"]}, {"until": ["2027-01-01"]}):
+        assert [i["name"] for i in exp.query_experiments(entries, bound)["items"]] == ["dated"], bound
+
+
+def test_a_scheduler_starts_while_someone_probes_whether_one_runs(tmp_path):
+    import fcntl
+
+    state = exp.StateFile(tmp_path)
+    os.makedirs(os.path.dirname(state.lock_path), exist_ok=True)
+    fd = os.open(state.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # what owned() holds for an instant
+
+    def release():
+        time.sleep(0.05)
+        os.close(fd)
+
+    t = threading.Thread(target=release)
+    t.start()
+    try:
+        owner = state.acquire()
+        assert owner is not None and owner >= 0
+        os.close(owner)
+    finally:
+        t.join()
