@@ -5513,6 +5513,12 @@ def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
 #: that look like a loss, an error or a latency, and ``max`` for anything else.
 METRIC_MODES = ("last", "best", "min", "max")
 _LOWER_IS_BETTER_RE = _LazyRe(r"loss|err|perplexity|ppl|mse|mae|rmse|wer|cer|latency", re.I)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` is better (its name looks like a loss, an error, a latency)."""
+    return bool(_LOWER_IS_BETTER_RE.search(metric))
+
 #: ``ls`` shows at most this many metric columns unless --columns names them.
 LS_DEFAULT_METRIC_COLUMNS = 6
 #: Sort keys of ``ls --sort`` besides metric names.
@@ -5565,7 +5571,7 @@ def metric_value(row: Mapping[str, Any], key: str, mode: str = "last") -> Any:
     if not values:
         return None
     if mode == "best":
-        mode = "min" if _LOWER_IS_BETTER_RE.search(key) else "max"
+        mode = "min" if lower_is_better(key) else "max"
     return min(values) if mode == "min" else max(values)
 
 
@@ -6032,11 +6038,6 @@ def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
     return stats
 
 
-def lower_is_better(metric: str) -> bool:
-    """Whether a smaller value of ``metric`` is better (its name looks like a loss, an error, a latency)."""
-    return bool(_LOWER_IS_BETTER_RE.search(metric))
-
-
 def file_kind(name: str, head: bytes) -> str:
     """``image``, ``binary``, ``csv``, ``json`` or ``text`` for a file's name and first bytes."""
     ext = os.path.splitext(name)[1].lower()
@@ -6266,6 +6267,24 @@ class ExperimentIndex:
             seen[rid] = _IndexEntry(key, row)
             changed = True
         return changed
+
+
+def _list_dir(path: str) -> list[dict[str, Any]]:
+    """A directory's entries by name: ``{name, type (file, dir or link; links not followed), size, mtime}``."""
+    out: list[dict[str, Any]] = []
+    try:
+        with os.scandir(path) as it:
+            items = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return out
+    for e in items:
+        try:
+            st = e.stat(follow_symlinks=False)
+            kind = "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file"
+        except OSError:
+            continue
+        out.append({"name": e.name, "type": kind, "size": st.st_size if kind == "file" else 0, "mtime": st.st_mtime})
+    return out
 
 
 def _size_mtime(path: str) -> tuple[int, int] | None:
@@ -6671,22 +6690,12 @@ class Dashboard:
         out: list[dict[str, Any]] = []
 
         def walk(path: str, rel: str) -> bool:
-            try:
-                with os.scandir(path) as it:
-                    items = sorted(it, key=lambda e: e.name)
-            except OSError:
-                return True
-            for e in items:
+            for item in _list_dir(path):
                 if len(out) >= FILE_TREE_MAX:
                     return False
-                try:
-                    st = e.stat(follow_symlinks=False)
-                    kind = "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file"
-                except OSError:
-                    continue
-                out.append({"path": rel + e.name, "type": kind, "size": st.st_size if kind == "file" else 0,
-                            "mtime": st.st_mtime})
-                if kind == "dir" and not walk(e.path, rel + e.name + "/"):
+                name = item.pop("name")
+                out.append(dict(item, path=rel + name))
+                if item["type"] == "dir" and not walk(os.path.join(path, name), rel + name + "/"):
                     return False
             return True
 
@@ -6734,15 +6743,7 @@ class Dashboard:
                                "truncated": False, "entries": None,
                                "raw_url": "/api/raw?" + urlencode({"id": self._exp_id(d), "path": rel})}
         if os.path.isdir(path):
-            entries = []
-            with os.scandir(path) as it:
-                for e in sorted(it, key=lambda e: e.name)[:FILE_TREE_MAX]:
-                    try:
-                        kind = "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file"
-                        size = e.stat(follow_symlinks=False).st_size if kind == "file" else 0
-                    except OSError:
-                        continue
-                    entries.append({"name": e.name, "type": kind, "size": size})
+            entries = [{k: e[k] for k in ("name", "type", "size")} for e in _list_dir(path)[:FILE_TREE_MAX]]
             return dict(out, type="dir", kind="dir", entries=entries, raw_url=None)
         if self._is_metadata(d, path):
             text = self._metadata_text(path)
