@@ -1397,7 +1397,7 @@ class MetricsWriter:
             w.writerow(rec + [""] * (width - len(rec)))
         w.writerow([row.get(k, "") for k in header])
         # sync=False: a metrics rewrite is as durable as the appends around it.
-        write_atomic(self.path, out.getvalue().encode("utf-8"), sync=False)
+        ours = write_atomic(self.path, out.getvalue().encode("utf-8"), sync=False)
         # Keep the lock on the old inode until we leave; switch to the new file.
         new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
         if fcntl is not None:
@@ -1406,8 +1406,16 @@ class MetricsWriter:
         self._fd = new_fd
         if fcntl is not None:
             fcntl.flock(new_fd, fcntl.LOCK_EX)  # released by write_row's finally
-        self._header, self._columns = header, set(header)
-        self._size = self._end = os.fstat(new_fd).st_size
+        st = os.fstat(new_fd)
+        if (st.st_ino, st.st_dev) == (ours.st_ino, ours.st_dev) and st.st_nlink:
+            self._header, self._columns = header, set(header)
+            self._size = self._end = st.st_size
+        else:
+            # Between our rename and our lock another writer replaced the file
+            # (adding its own column): our header is not that file's, and rows
+            # written with it would have the wrong width.  Read it on the next row.
+            self._header, self._columns = [], set()
+            self._size = self._end = -1
 
 
 def _strict_rows(text: str) -> list[dict[str, Any]] | None:

@@ -502,7 +502,8 @@ def test_shutdown_now_kills_the_running_tasks(tmp_path, start, marks):
         m = meta(exp_dirs(base, name)[0])
         assert m["status"] == "killed" and m["reason"] == "terminated by user"
     assert not marks.path("a.go").exists() and exp_dirs(base, "c") == []
-    assert marks.order() == ["a", "b"]
+    # a and b ran side by side, so either may have written its mark first.
+    assert sorted(marks.order()) == ["a", "b"]
 
 
 def test_shutdown_of_an_idle_lingering_scheduler(tmp_path, start, marks):

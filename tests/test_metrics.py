@@ -340,10 +340,44 @@ def test_concurrent_writer_processes(make_exp, tmp_path):
 
 
 @posix_only
-@pytest.mark.parametrize("shared", [True, False], ids=["one-writer", "writer-per-thread"])
-def test_concurrent_writer_threads(tmp_path, shared):
-    path = tmp_path / "metrics" / "run_0001.csv"
-    writers, n = 4, 500
+def test_a_file_replaced_between_a_rewrite_and_its_lock_is_followed(tmp_path, monkeypatch):
+    """A rewrite renames its new file, then opens and locks it: in between, a
+    second writer can replace that file with one of a wider header.  The first
+    writer must read the header of the file it ends up on, or its later rows
+    would have too few fields (and readers drop such rows)."""
+    path = tmp_path / "m.csv"
+    a, b = exp.MetricsWriter(path), exp.MetricsWriter(path)
+    a.write_row({"step": "0", "loss": "1.0"})
+    real_write_atomic = exp.write_atomic
+    injected = []
+
+    def write_then_let_b_in(target, data, **kw):
+        st = real_write_atomic(target, data, **kw)
+        if not injected:  # a's rename is done, a holds no lock on the new file yet
+            injected.append(True)
+            t = threading.Thread(target=b.write_row, args=({"step": "1", "acc": "0.5"},))
+            t.start()
+            t.join(10)
+        return st
+
+    monkeypatch.setattr(exp, "write_atomic", write_then_let_b_in)
+    a.write_row({"step": "2", "loss": "0.5", "lr": "0.1"})  # a new column: a rewrite
+    monkeypatch.setattr(exp, "write_atomic", real_write_atomic)
+    assert injected
+    for i in range(3, 6):
+        a.write_row({"step": str(i), "loss": "0.25", "lr": "0.1"})
+    b.write_row({"step": "6", "acc": "0.75"})
+    a.close()
+    b.close()
+    records = records_of(path.read_text(encoding="utf-8"))
+    assert records[0] == ["step", "loss", "lr", "acc"]
+    assert all(len(r) == 4 for r in records), records
+    rows = exp.read_metrics(path)
+    assert [r["step"] for r in rows] == [0, 2, 1, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows] == [None, 0.1, None, 0.1, 0.1, 0.1, None]
+
+
+def _writer_threads_once(path, writers, n, shared):
     common = exp.MetricsWriter(path) if shared else None
     errors = []
     start = threading.Barrier(writers)
@@ -373,3 +407,17 @@ def test_concurrent_writer_threads(tmp_path, shared):
     assert errors == []
     with open(path, encoding="utf-8", newline="") as f:
         check_concurrent_csv(f.read(), writers, n, "t")
+
+
+@posix_only
+def test_concurrent_writer_threads_many_rounds(tmp_path):
+    """Short rounds of four writers, each adding its own column: many chances
+    for one writer's rewrite to meet another's (a lost-rows race once hid here)."""
+    for r in range(40):
+        _writer_threads_once(tmp_path / f"r{r}" / "m.csv", 4, 60, shared=False)
+
+
+@posix_only
+@pytest.mark.parametrize("shared", [True, False], ids=["one-writer", "writer-per-thread"])
+def test_concurrent_writer_threads(tmp_path, shared):
+    _writer_threads_once(tmp_path / "metrics" / "run_0001.csv", 4, 500, shared)
