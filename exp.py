@@ -123,6 +123,14 @@ __all__ = [
     "redact_secrets", "redact_command", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
+    # Lark/Feishu: settings, client, outbox sender, notifications
+    "LarkError", "LarkClient", "LarkSync", "Notifier", "notify", "post_webhook", "parse_lark_url", "check_lark_config",
+    "merge_lark_layers", "lark_settings", "lark_missing", "lark_public", "lark_base_url", "lark_sign", "lark_value",
+    "lark_date_ms", "lark_pending", "check_notify", "notification_card", "run_card", "batch_card", "log_cause",
+    "LARK_DOMAINS", "LARK_BATCH_MAX", "LARK_LINGER", "LARK_HTTP_TIMEOUT", "LARK_ATTEMPTS", "LARK_UPLOAD_MAX",
+    "LARK_TOKEN_MARGIN", "LARK_READ_ONLY_TYPES", "LARK_TOKEN_CODES", "LARK_RETRY_CODES", "LARK_OPTIONS",
+    "WEBHOOK_PER_SECOND", "WEBHOOK_PER_MINUTE", "WEBHOOK_MAX_BYTES", "NOTIFY_EVENTS", "WEBHOOK_ENV",
+    "WEBHOOK_SECRET_ENV", "LARK_DIR", "LARK_OUTBOX_EXT", "LARK_CURSOR_EXT",
     # errors
     "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
     "MetricError", "UnavailableError",
@@ -178,6 +186,10 @@ METRICS_DIR = "metrics"
 #: ``git diff HEAD`` of a dirty work tree, saved in the experiment directory when a run starts.
 CODE_DIFF_FILE = "code.diff"
 CODE_DIFF_MAX_BYTES = 1 << 20
+#: Lark sync, per run: the outbox of rows to send (JSON lines) and its cursor.
+LARK_DIR = "lark"
+LARK_OUTBOX_EXT = ".outbox.jsonl"
+LARK_CURSOR_EXT = ".cursor.json"
 STATE_DIR = ".exp_state"
 STATE_FILE = "scheduler_state.json"
 #: In STATE_DIR: the lock a running scheduler holds, and the command files sent to it.
@@ -1114,8 +1126,9 @@ def _csv_cell(text: str) -> str:
 def format_metric(key: str, value: Any) -> str:
     """Turn one metric value into its CSV text (unquoted).
 
-    int, float (``nan``, ``inf``, ``-inf``), bool, str, None (empty) and any
-    object with ``.item()`` (torch/numpy scalars) are accepted; anything else
+    int, float (``nan``, ``inf``, ``-inf``), bool, str, None (empty),
+    datetime/date (ISO 8601) and any object with ``.item()`` (torch/numpy
+    scalars) are accepted; anything else
     raises MetricError (a TypeError) naming the key.
     """
     t = type(value)
@@ -1135,6 +1148,8 @@ def format_metric(key: str, value: Any) -> str:
         return format_metric(key, float(value))
     if isinstance(value, str):
         return str(value)
+    if hasattr(value, "isoformat") and type(value).__module__ == "datetime":  # datetime, date, time
+        return str(value.isoformat())
     item = getattr(value, "item", None)
     if callable(item):
         try:
@@ -1876,6 +1891,23 @@ class ExperimentDir:
 
     def metrics_path(self, run_id: str) -> str:
         return os.path.join(self.path, METRICS_DIR, run_id + METRICS_EXT)
+
+    def lark_outbox_path(self, run_id: str) -> str:
+        """A run's rows waiting for (or already given to) Lark, one JSON object a line."""
+        return os.path.join(self.path, LARK_DIR, run_id + LARK_OUTBOX_EXT)
+
+    def lark_cursor_path(self, run_id: str) -> str:
+        """How far a run's outbox has been sent, and the batch in flight."""
+        return os.path.join(self.path, LARK_DIR, run_id + LARK_CURSOR_EXT)
+
+    def lark_runs(self) -> list[str]:
+        """Run ids that have a Lark outbox, oldest first."""
+        try:
+            names = os.listdir(os.path.join(self.path, LARK_DIR))
+        except OSError:
+            return []
+        return sorted(n[: -len(LARK_OUTBOX_EXT)] for n in names
+                      if n.endswith(LARK_OUTBOX_EXT) and _RUN_ID_RE.match(n[: -len(LARK_OUTBOX_EXT)]))
 
     def run_numbers(self) -> set[int]:
         nums = set()
@@ -2757,6 +2789,26 @@ def _lenient_gpu_ids(value: Any) -> list[int] | None:
         return None
 
 
+def _is_same_file(stream: Any, path: str) -> bool:
+    """Whether a stream writes to the file at ``path`` (a run's stderr is its log)."""
+    try:
+        a, b = os.fstat(stream.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
+
+
+def _stored_lark(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The secret-free Lark settings kept in metadata.json (``{}`` if none, or unreadable)."""
+    stored = meta.get("lark")
+    if not isinstance(stored, dict):
+        return {}
+    try:
+        return merge_lark_layers({k: v for k, v in stored.items() if k != "app_secret"})
+    except ConfigError:
+        return {}
+
+
 def _stored_env(meta: Mapping[str, Any]) -> dict[str, str | None]:
     """The environment an experiment ran with, less the redacted secrets."""
     stored = meta.get("environment")
@@ -2827,6 +2879,9 @@ class Experiment:
             raise ConfigError(f"params must be a dict of names to values, got {type(params).__name__}")
         self.params: dict[str, Any] = dict(params or {})
         self.lark_config = lark_config
+        # Checked now (a typo is a ConfigError before anything runs); only
+        # its secret-free part is ever written (metadata.json "lark").
+        self._lark: dict[str, Any] = merge_lark_layers(lark_config)
         self.backend = backend or LocalBackend()
         if base_dir is None:
             base_dir = DEFAULT_BASE_DIR
@@ -2852,6 +2907,8 @@ class Experiment:
                 self.params = dict(meta["params"])
             if env is None:  # keep the variables it ran with, except redacted secrets
                 self.env = _stored_env(meta)
+            if lark_config is None:
+                self._lark = _stored_lark(meta)
             self.current_run_id = meta.get("current_run_id")
             self.created_at = (meta.get("created_at") or iso_from_old_timestamp(meta.get("timestamp"))
                                or now_iso())
@@ -2910,6 +2967,7 @@ class Experiment:
         self.env = _stored_env(meta)
         self.params = dict(meta["params"]) if isinstance(meta.get("params"), dict) else {}
         self.lark_config = None
+        self._lark = _stored_lark(meta)
         self.backend = LocalBackend()
         self._pending = {}
         self._ok_keys = set()
@@ -2944,6 +3002,7 @@ class Experiment:
             "cwd": self.cwd,
             "environment": redact_env(self.env),
             "params": self.params,
+            "lark": lark_public(self._lark),
         }
 
     def _initial_metadata(self) -> dict[str, Any]:
@@ -2971,7 +3030,8 @@ class Experiment:
 
     def _warn(self, message: str) -> None:
         """Say something the user must know but that must not stop the run: stderr and the run's log."""
-        print(f"exp: warning: {message}", file=sys.stderr)
+        if not (self.current_run_id and _is_same_file(sys.stderr, self.dir.log_path(self.current_run_id))):
+            print(f"exp: warning: {message}", file=sys.stderr)  # (a run's own stderr is that log)
         if self.current_run_id:
             try:
                 self.dir.append_log(self.current_run_id, f"warning: {message}")
@@ -3059,13 +3119,15 @@ class Experiment:
         With nothing pending this does nothing and notes it in the run's log.
         A row that cannot be written (a full disk) raises :class:`StorageError`
         and stays pending, so the next ``save_row()`` writes it with any new
-        values.  ``lark=True`` (syncing to a Lark Bitable) is not available yet.
+        values.
+
+        ``lark=True`` also queues the row for the Lark/Feishu table of the
+        experiment's ``lark_config`` (``lark_config`` here overrides it, key
+        by key): it goes into the run's outbox on disk, and a background
+        thread sends it; this call never waits on the network.  Settings that
+        are incomplete are one warning in the run's log, and the rows wait in
+        the outbox for ``exp lark-sync``.
         """
-        if lark:
-            raise UnavailableError(
-                "save_row(lark=True): syncing metrics to Lark is not implemented in this version "
-                "of exp; call save_row() without lark to write the CSV"
-            )
         rid = self._require_run()
         if not self._pending:
             try:
@@ -3078,8 +3140,50 @@ class Experiment:
                 self._writer.close()
             self._writer = MetricsWriter(self.dir.metrics_path(rid))
             self._writer_run = rid
+        if lark:
+            settings = self._lark_settings(lark_config)  # a bad option: ConfigError, before anything is written
         self._writer.write_row(self._pending)
-        self._pending = {}
+        row, self._pending = self._pending, {}
+        if lark:
+            self._lark_queue(rid, row, settings)
+
+    def _lark_settings(self, lark_config: Any) -> dict[str, Any]:
+        key = None if lark_config is None else repr(lark_config)
+        cached = getattr(self, "_lark_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        settings = lark_settings(self._lark, lark_config)
+        self._lark_cache = (key, settings)
+        return settings
+
+    def _lark_queue(self, rid: str, row: Mapping[str, str], settings: Mapping[str, Any]) -> None:
+        """Put a saved row into the run's outbox and wake its sender; never raises for the network."""
+        outbox = self.__dict__.get("_outbox")
+        if outbox is None or outbox.path != self.dir.lark_outbox_path(rid):
+            if outbox is not None:
+                outbox.close()
+            outbox = self._outbox = _Outbox(self.dir.lark_outbox_path(rid))
+        try:
+            outbox.append([_lark_row(row)])
+        except OSError as e:
+            self._warn_once(f"lark: row not queued for Lark ({e}); it is in the CSV")
+            return
+        missing = lark_missing(settings)
+        if missing:
+            self._warn_once(f"lark: settings lack {', '.join(missing)}, so rows are not sent; they are kept in "
+                            f"{self.dir.lark_outbox_path(rid)}. To send them, {_LARK_HOWTO}, then run: "
+                            f"python exp.py lark-sync {self.work_dir}")
+            return
+        try:
+            _lark_sender(self.dir, rid, settings, self.name, self._warn).notify()
+        except ExpError as e:
+            self._warn_once(f"lark: {e}")
+
+    def _warn_once(self, message: str) -> None:
+        said = self.__dict__.setdefault("_warned", set())
+        if message not in said:
+            said.add(message)
+            self._warn(message)
 
     def metrics(self, run_id: int | str | None = None) -> list[dict[str, Any]]:
         """Rows of a run's metrics CSV (default: current run), numbers parsed back."""
@@ -3138,6 +3242,10 @@ class Experiment:
         updates.update(EXPERIMENT_WORK_DIR=self.work_dir, EXPERIMENT_NAME=self.name,
                        EXPERIMENT_RUN_ID=run_id, EXPERIMENT_REPEAT="1", PYTHONUNBUFFERED="1")
         updates.update(self.env)
+        # The app's credentials reach the command through its environment only.
+        for key, names in _LARK_ENV.items():
+            if self._lark.get(key):
+                updates[names[0]] = str(self._lark[key])
         updates.update(_validate_env(extra_env, "extra_env"))
         # os.environ keeps the environment as bytes in ``_data``: copying that is
         # a plain dict copy, where dict(os.environ) decodes every variable, which
@@ -3239,6 +3347,29 @@ class Experiment:
         except MetadataError as e:
             self._warn(str(e))
             return reason
+        finally:
+            if self._lark.get("mode") == "summary":
+                self._lark_summary_end(rid, status)
+
+    def _lark_summary_end(self, rid: str, status: str) -> None:
+        """Summary mode: the run's record gets its final status and duration, from a thread."""
+        settings = lark_settings(self._lark)
+        if lark_missing(settings):
+            return
+
+        def send() -> None:
+            try:
+                LarkSync(self.dir, settings, warn=self._warn, context={"name": self.name}).summary_update(rid, status)
+            except Exception as e:  # noqa: BLE001 - reported, never raised into the run's end
+                self._warn(f"lark: the summary record of {rid} was not updated: {e}")
+
+        t = threading.Thread(target=send, name=f"exp-lark-end-{rid}", daemon=True)
+        t.start()
+        _LARK_FINAL.append((t, float(settings.get("flush_timeout", 10.0))))
+        if len(_LARK_FINAL) == 1:
+            import atexit
+
+            atexit.register(_join_lark_final)
 
     def _record_unstartable(self, rid: str | None, e: BaseException) -> None:
         """A start failed: the metadata says so (status error), even if it was never written."""
@@ -3596,6 +3727,14 @@ def load_experiment(standalone: bool = False) -> Experiment:
                 raise NoExperimentContext(f"EXPERIMENT_RUN_ID={rid!r} is not a run id like 'run_0001'") from None
         if "EXPERIMENT_NAME" in os.environ:
             e.name = os.environ["EXPERIMENT_NAME"]
+        if e._lark.get("mode") == "summary" and e.current_run_id:
+            # Summary mode: the run's record is created as the run starts, then updated by save_row(lark=True).
+            settings = lark_settings(e._lark)
+            if not lark_missing(settings):
+                try:
+                    _lark_sender(e.dir, e.current_run_id, settings, e.name, e._warn).notify()
+                except ExpError as err:
+                    e._warn(f"lark: {err}")
         return e
     flag = os.environ.get(STANDALONE_ENV, "").strip().lower()
     if standalone or flag in ("1", "true", "yes", "on"):
@@ -3649,8 +3788,11 @@ SCHEDULER_FIELDS: tuple[Field, ...] = (
     Field("linger_when_idle", "bool", False,
           "stay alive (status `awaiting_shutdown`) after the queue drains, until Ctrl-C"),
     Field("kill_timeout", "seconds>=0", DEFAULT_KILL_GRACE, "seconds between SIGTERM and SIGKILL on shutdown"),
-    Field("lark_url", "text", None, "a Lark/Feishu Bitable URL, stored for Lark sync"),
-    Field("lark_config", "lark", None, "Lark/Feishu settings (a table or a URL), stored for Lark sync"),
+    Field("lark_url", "lark_url", None, "a Lark/Feishu Base URL: where `save_row(lark=True)` sends rows"),
+    Field("lark_config", "lark", None, "Lark/Feishu settings (a table or a URL); see *Lark/Feishu*"),
+    Field("notify", "notify", None,
+          '`{ lark_webhook = "https://…/open-apis/bot/v2/hook/…", secret = "…", on = ["error", "finished", "done"] }`: '
+          "group-chat messages when an experiment ends and when the batch is done"),
     Field("gpus", "gpu_ids", None,
           "the GPU pool, e.g. `[0, 1, 2, 3]`; default: detected with `nvidia-smi` (within a set "
           "`CUDA_VISIBLE_DEVICES`), none without it"),
@@ -3676,8 +3818,9 @@ EXPERIMENT_FIELDS: tuple[Field, ...] = (
           "extra attempts when `auto_restart_on_error` (else a warning); each is a new run in the same "
           "directory; exit code 127 (command not found) is not retried"),
     Field("delay_seconds", "seconds>=0", 0.0, "wait this long before each attempt, without holding a slot"),
-    Field("lark_url", "text", None, "overrides `[scheduler] lark_url`"),
-    Field("lark_config", "lark", None, "overrides `[scheduler] lark_config`"),
+    Field("lark_url", "lark_url", None, "overrides `[scheduler] lark_url`"),
+    Field("lark_config", "lark", None, "overrides `[scheduler] lark_config`, key by key"),
+    Field("notify", "notify", None, "overrides `[scheduler] notify`, key by key"),
     Field("gpus", "int>=0", 0, "how many GPUs (any free ones of the pool); `gpu_ids` asks for exact ones"),
     Field("timeout", "duration", None,
           '`"2h"`, `"90m"`, `"30s"` or seconds: SIGTERM then SIGKILL after `kill_timeout`; ends `error` (timeout)'),
@@ -3751,7 +3894,18 @@ def _check_env(v: Any) -> dict[str, str]:
 
 def _check_lark(v: Any) -> Any:
     _expect(isinstance(v, (dict, str)), "a table or a URL string", v)
+    check_lark_config(v)  # its _Problems name each bad key
     return v
+
+
+def _check_lark_url(v: Any) -> str:
+    _expect(isinstance(v, str), "a Base URL string", v)
+    parse_lark_url(v)
+    return str(v)
+
+
+def _check_notify(v: Any) -> dict[str, Any]:
+    return check_notify(v)
 
 
 def _check_tags(v: Any) -> list[str]:
@@ -3851,6 +4005,8 @@ _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "gpu_ids": lambda v: _check_gpu_ids(v),
     "env": _check_env,
     "lark": _check_lark,
+    "lark_url": _check_lark_url,
+    "notify": _check_notify,
     "duration": parse_duration,
     "mb": _check_mb,
     "names": _check_names,
@@ -3870,6 +4026,7 @@ class SchedulerSettings:
     kill_timeout: float
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
+    notify: dict[str, Any] | None
     gpus: list[int] | None
     jobs_per_gpu: int
     gpu_free_memory_mb: float | None
@@ -3905,6 +4062,7 @@ class ExperimentSpec:
     delay_seconds: float
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
+    notify: dict[str, Any] | None
     gpus: int
     timeout: float | None
     depends_on: list[str]
@@ -4431,6 +4589,18 @@ class Job:
             what = "" if self.exit_code is None else f"exit code {self.exit_code}"
         return ", ".join(x for x in (what, self.error) if x)
 
+    def summary_for_card(self) -> dict[str, Any]:
+        """What a notification says of an ended attempt (see :func:`run_card`)."""
+        log = self.handle.log_path if self.handle is not None else None
+        tail = "\n".join(tail_lines(log, 15, max_bytes=65536, skip_prefix=LOG_MARK)) if log else ""
+        metrics = {}
+        if self.experiment is not None and self.run_id:
+            metrics = last_metrics_row(self.experiment.dir.metrics_path(self.run_id))
+        reason = self.reason if self.status == KILLED else (self.outcome() or self.reason)
+        return {"name": self.label(), "status": self.status, "reason": reason,
+                "duration": self.duration, "host": _hostname(), "gpus": list(self.gpus), "metrics": metrics,
+                "log_tail": tail, "path": self.work_dir, "attempt": self.attempt, "attempts": self.max_attempts}
+
     def retryable(self) -> bool:
         """Whether another attempt could help: a failed run, attempts left, not "command not found"."""
         return (self.status == ERROR and self.attempt < self.max_attempts
@@ -4716,6 +4886,7 @@ class Scheduler:
         self._replan = True
         self._commands_seen = -1
         self._owner_fd: int | None = None
+        self._notifiers: dict[tuple[Any, Any], Notifier] = {}
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
@@ -4791,16 +4962,22 @@ class Scheduler:
             if job.experiment is None:
                 # Its metadata.json is first written by the start, still before
                 # the command runs: one rewrite less per experiment.
-                s = job.spec
+                s, top = job.spec, self.config.scheduler
                 job.experiment = Experiment(
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
-                    lark_config=s.lark_config or s.lark_url, env=s.environment,
-                    backend=self.backend, write_metadata=False, params=s.params or None,
+                    lark_config=merge_lark_layers(top.lark_url, top.lark_config, s.lark_url, s.lark_config),
+                    env=s.environment, backend=self.backend, write_metadata=False, params=s.params or None,
                 )
             if job.gpus or job.spec.gpus:
                 job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
-            handle = job.experiment.start({"EXPERIMENT_REPEAT": str(job.repeat)},
+            extra = {"EXPERIMENT_REPEAT": str(job.repeat)}
+            notify = self._notify_settings(job)
+            if notify.get("lark_webhook"):  # for exp.notify() in the script; through the environment only
+                extra[WEBHOOK_ENV] = notify["lark_webhook"]
+                if notify.get("secret"):
+                    extra[WEBHOOK_SECRET_ENV] = notify["secret"]
+            handle = job.experiment.start(extra,
                                           before_spawn=None if prev is None else lambda: prev.wait(5.0))
         except Exception as e:  # noqa: BLE001 - e.g. cwd removed since validation, disk full
             return ("unstartable", job, e)
@@ -4882,6 +5059,7 @@ class Scheduler:
             self._status_indicator = SCHEDULER_STOPPED
             self.write_state()
             self._print_summary(interrupted)
+            self._notify_done(interrupted)
         finally:
             pool.shutdown(wait=False)
             for sig, handler in old_handlers.items():
@@ -5059,7 +5237,54 @@ class Scheduler:
                 self._succeeded.add(job.id)
             else:
                 self._fail_dependents(job)
+            self._notify_end(job)
         self._dirty = True
+
+    # ---------------------------------------------------------------- notifications
+
+    def _notify_settings(self, job: Job) -> dict[str, Any]:
+        return _notify_settings(self.config.scheduler.notify, job.spec.notify)
+
+    def _notifier(self, settings: Mapping[str, Any]) -> Notifier | None:
+        url = settings.get("lark_webhook")
+        if not url:
+            return None
+        key = (url, settings.get("secret"))
+        if key not in self._notifiers:
+            self._notifiers[key] = Notifier(url, settings.get("secret"),
+                                            report=lambda m: self.term.event(f"warning: {m}"))
+        return self._notifiers[key]
+
+    def _notify_end(self, job: Job) -> None:
+        """Queue the card of an experiment that ended, if its ``notify.on`` asks for it; never raises."""
+        settings = self._notify_settings(job)
+        event = "finished" if job.status == FINISHED else "error"
+        notifier = self._notifier(settings)
+        if notifier is None or event not in settings.get("on", NOTIFY_EVENTS):
+            return
+        try:
+            notifier.send(run_card(job.summary_for_card()))
+        except Exception as e:  # noqa: BLE001 - a notification never affects scheduling
+            self.term.event(f"warning: notification for {job.label()} not built: {e}")
+
+    def _notify_done(self, interrupted: bool) -> None:
+        """One message when the whole batch has ended (``done``), then wait for the queues to empty."""
+        by_key: dict[tuple[Any, Any], dict[str, Any]] = {}
+        for job in self.jobs:
+            st = self._notify_settings(job)
+            if st.get("lark_webhook") and "done" in st.get("on", NOTIFY_EVENTS):
+                by_key.setdefault((st["lark_webhook"], st.get("secret")), st)
+        counts: dict[str, int] = {}
+        for job in self.jobs:
+            counts[job.status] = counts.get(job.status, 0) + 1
+        failed = [j.label() for j in self.jobs if j.status in (ERROR, KILLED)]
+        for st in by_key.values():
+            notifier = self._notifier(st)
+            if notifier is not None:
+                notifier.send(batch_card(self.config.path, counts, failed, interrupted,
+                                         self._clock() - self._t0, _hostname()))
+        for notifier in self._notifiers.values():
+            notifier.close(timeout=15.0)
 
     # ---------------------------------------------------------------- crash recovery
 
@@ -5511,6 +5736,1315 @@ def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
         "  ".join(c.rjust(w) if i in right and n else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
         for n, r in enumerate(rows)
     )
+
+
+# ============================================================================
+# Lark / Feishu: settings, the Open API client, the outbox sender, notifications
+# ============================================================================
+#
+# Facts about the API (paths, envelopes, codes, limits) follow the vendor's
+# documentation; where it is silent or contradicts itself, the safe choice is
+# taken and the comment says so.  The training loop only ever appends a line
+# to a run's outbox: a thread sends it, in batches, with retries, and a
+# process that dies leaves the outbox for the next run or ``exp lark-sync``.
+# Every batch carries a client_token recorded *before* it is sent, so a retry
+# (or a later process) replays it instead of adding the rows twice.
+
+LARK_DOMAINS = {"feishu": "https://open.feishu.cn", "lark": "https://open.larksuite.com"}
+#: Records per batch_create.  Newer docs allow 1,000; older ones and the error text say 500.
+LARK_BATCH_MAX = 500
+#: After a first new row, a sender waits this long for more before it sends: fewer, larger requests.
+LARK_LINGER = 0.5
+#: Seconds one HTTP request may take before it counts as failed (and is retried).
+LARK_HTTP_TIMEOUT = 30.0
+#: Attempts of one request (retryable failures only) before the sender backs off for longer.
+LARK_ATTEMPTS = 6
+#: Bigger files need the chunked upload API; a larger attachment is dropped with a warning.
+LARK_UPLOAD_MAX = 20 << 20
+#: A cached tenant token is replaced this many seconds before it expires.
+LARK_TOKEN_MARGIN = 300.0
+#: Field types a record cannot write: lookup, formula, and the system fields.
+LARK_READ_ONLY_TYPES = frozenset({19, 20, 1001, 1002, 1003, 1004, 1005})
+#: Tokens rejected as missing, malformed, invalid or expired: fetch a new one and retry once.
+LARK_TOKEN_CODES = frozenset({99991661, 99991663, 99991664, 99991671})
+#: Codes worth retrying: rate limits, write conflicts, not ready, timeouts, the catch-all, upload "can retry".
+LARK_RETRY_CODES = frozenset({99991400, 1254290, 1254291, 1254607, 1255040, 1254002, 1061045})
+#: Notifications: the bot's limits (per second, per minute) and its largest body.
+WEBHOOK_PER_SECOND, WEBHOOK_PER_MINUTE = 5, 100
+WEBHOOK_MAX_BYTES = 20 * 1024
+#: When notifications are sent: a run that failed, one that finished, the end of the whole batch.
+NOTIFY_EVENTS = ("error", "finished", "done")
+
+_LARK_ENV = {"app_id": ("LARK_APP_ID", "FEISHU_APP_ID"), "app_secret": ("LARK_APP_SECRET", "FEISHU_APP_SECRET")}
+WEBHOOK_ENV, WEBHOOK_SECRET_ENV = "LARK_WEBHOOK", "LARK_WEBHOOK_SECRET"
+
+
+class LarkError(ExpError):
+    """A Lark/Feishu API call failed; ``code`` is the API's code (or None), ``retryable`` says whether trying later may help."""
+
+    def __init__(self, message: str, *, code: int | None = None, status: int | None = None,
+                 retryable: bool = False, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.code, self.status, self.retryable, self.wait = code, status, retryable, wait
+
+
+def _lark_text(v: Any) -> str:
+    _expect(isinstance(v, str) and bool(v.strip()), "a non-empty string", v)
+    return str(v).strip()
+
+
+def _lark_domain(v: Any) -> str:
+    if isinstance(v, str) and v.strip().lower() in LARK_DOMAINS:
+        return v.strip().lower()
+    if isinstance(v, str) and re.match(r"https?://[^/\s]+/?\Z", v.strip()):
+        return v.strip().rstrip("/")
+    raise ConfigError(f'expected "feishu", "lark" or a base URL such as "https://open.feishu.cn", got {v!r}')
+
+
+def _lark_seconds(v: Any) -> float:
+    _expect(_is_num(v) and 0 <= v < float("inf"), "a number of seconds >= 0", v)
+    return float(v)
+
+
+def _lark_mode(v: Any) -> str:
+    _expect(v in ("rows", "summary"), '"rows" or "summary"', v)
+    return str(v)
+
+
+def _lark_extra(v: Any) -> dict[str, Any]:
+    _expect(isinstance(v, dict) and all(isinstance(k, str) and k.strip() for k in v)
+            and all(isinstance(x, (str, int, float, bool)) for x in v.values()),
+            'a table of field names to values, e.g. { project = "llm", run = "{run_id}" }', v)
+    return dict(v)
+
+
+#: Keys of ``lark_config``: what each takes, and a line of help (README table).
+LARK_OPTIONS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "url": (_lark_text, "a Base URL (`…/base/<app_token>?table=…&view=…`) or a wiki URL (`…/wiki/<node>?table=…`)"),
+    "app_id": (_lark_text, "the app's id (or `LARK_APP_ID` / `FEISHU_APP_ID`)"),
+    "app_secret": (_lark_text, "the app's secret (or `LARK_APP_SECRET` / `FEISHU_APP_SECRET`); never written to disk"),
+    "app_token": (_lark_text, "the Base's token (from the URL)"),
+    "table_id": (_lark_text, "the table (`tbl…`, the URL's `table=`)"),
+    "view_id": (_lark_text, "the view (`vew…`, the URL's `view=`); kept for reference"),
+    "domain": (_lark_domain, '`"feishu"` (default), `"lark"`, or a base URL of the Open API (a proxy)'),
+    "auto_create_fields": (_check_bool, "create a column the table lacks (number or text); default true"),
+    "flush_timeout": (_lark_seconds, "seconds a process spends at exit sending what is left; default 10"),
+    "mode": (_lark_mode, '`"rows"` (one record per row, default) or `"summary"` (one record per run, updated)'),
+    "extra_fields": (_lark_extra, "fixed fields added to every record; `{name}`, `{run_id}`, `{host}` in a string are filled in"),
+}
+
+
+def parse_lark_url(url: str) -> dict[str, str]:
+    """The table a Base or wiki URL names: ``app_token`` (or ``wiki_token``), ``table_id``, ``view_id``, ``domain``.
+
+    ``https://x.feishu.cn/base/<app_token>?table=tbl…&view=vew…``, the same
+    under ``/wiki/<node_token>`` (resolved to its Base later, over the API),
+    and Lark's ``larksuite.com`` forms.  Any other host is taken as the API's
+    own base URL (a proxy, or a test server).
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    hint = ("expected a Base URL such as https://example.feishu.cn/base/<app_token>?table=<table_id> "
+            "or a wiki URL https://example.feishu.cn/wiki/<node_token>?table=<table_id>")
+    if not isinstance(url, str):
+        raise ConfigError(f"Lark URL: {hint}, got {url!r}")
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"Lark URL {url!r}: {hint}")
+    segs = [s for s in parts.path.split("/") if s]
+    out: dict[str, str] = {}
+    for kind, key in (("base", "app_token"), ("wiki", "wiki_token")):
+        if kind in segs and segs.index(kind) + 1 < len(segs):
+            out[key] = segs[segs.index(kind) + 1]
+            break
+    else:
+        if any(s in segs for s in ("docx", "docs", "sheets")):
+            raise ConfigError(f"Lark URL {url!r}: a Base inside a document or sheet has no token in its URL; "
+                              "open the Base on its own (or its wiki page) and copy that URL")
+        raise ConfigError(f"Lark URL {url!r}: {hint}")
+    query = parse_qs(parts.query)
+    for param, key in (("table", "table_id"), ("view", "view_id")):
+        if query.get(param) and query[param][0].strip():
+            out[key] = query[param][0].strip()
+    host = parts.hostname.lower()
+    if host.endswith(("larksuite.com", "larksuite.cn")):
+        out["domain"] = "lark"
+    elif host.endswith(("feishu.cn", "feishu.net", "larkoffice.com")):
+        # larkoffice.com serves Feishu tenants too (the docs use it as an alias).
+        out["domain"] = "feishu"
+    else:
+        out["domain"] = f"{parts.scheme}://{parts.netloc}"
+    return out
+
+
+def check_lark_config(value: Any, where: str = "lark_config") -> dict[str, Any]:
+    """One layer of Lark settings (a dict or a URL string) checked; ConfigError names every bad key."""
+    if isinstance(value, str):
+        value = {"url": value}
+    import collections.abc
+
+    if not isinstance(value, collections.abc.Mapping):
+        raise ConfigError(f"{where}: expected a table of settings or a Base URL string, got {type(value).__name__}")
+    out: dict[str, Any] = {}
+    problems: list[tuple[str | None, str]] = []
+    for key, v in value.items():
+        if key not in LARK_OPTIONS:
+            problems.append((None, _unknown_key("", str(key), LARK_OPTIONS).lstrip(": ")))
+            continue
+        try:
+            out[key] = LARK_OPTIONS[key][0](v)
+        except ConfigError as e:
+            problems.append((str(key), str(e)))
+    if "url" in out:
+        try:
+            parse_lark_url(out["url"])
+        except ConfigError as e:
+            problems.append(("url", str(e)))
+    if problems:
+        err = _Problems(problems)
+        err.args = ("; ".join(f"{where}.{k}: {m}" if k else f"{where}: {m}" for k, m in problems),)
+        raise err
+    return out
+
+
+def merge_lark_layers(*layers: Any) -> dict[str, Any]:
+    """Merge layers of ``lark_config`` (dicts, URL strings or None), later winning, in the config's own terms.
+
+    A layer's ``url`` replaces the whole address (``url``, ``app_token``,
+    ``table_id``, ``view_id``) of the layers before it; ``extra_fields``
+    merge key by key.  Each layer is checked (ConfigError names bad keys).
+    """
+    out: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None or layer == "" or layer == {}:
+            continue
+        checked = check_lark_config(layer)
+        if "url" in checked:
+            for k in ("url", "app_token", "table_id", "view_id"):
+                out.pop(k, None)
+        extra = checked.pop("extra_fields", None)
+        out.update(checked)
+        if extra is not None:
+            out["extra_fields"] = {**out.get("extra_fields", {}), **extra}
+    return out
+
+
+def lark_settings(*layers: Any, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings a sync uses: layers merged (see :func:`merge_lark_layers`), the URL parsed.
+
+    ``app_id``/``app_secret`` come from ``LARK_APP_ID``/``LARK_APP_SECRET``
+    (or the ``FEISHU_`` names) unless a layer gives them.  Keys given beside a
+    ``url`` override what the URL says (``domain`` pointing at a proxy, say).
+    """
+    env = os.environ if environ is None else environ
+    merged = merge_lark_layers(*layers)
+    out: dict[str, Any] = {}
+    for key, names in _LARK_ENV.items():
+        for name in names:
+            if env.get(name, "").strip():
+                out[key] = env[name].strip()
+                break
+    if "url" in merged:
+        out.update(parse_lark_url(merged["url"]))
+    out.update((k, v) for k, v in merged.items() if k != "url")
+    if "app_token" in merged:
+        out.pop("wiki_token", None)
+    return out
+
+
+def lark_missing(settings: Mapping[str, Any]) -> list[str]:
+    """The settings a sync still needs (empty when it can run)."""
+    missing = [k for k in ("app_id", "app_secret") if not settings.get(k)]
+    if not settings.get("app_token") and not settings.get("wiki_token"):
+        missing.append("app_token")
+    if not settings.get("table_id"):
+        missing.append("table_id")
+    return missing
+
+
+def lark_public(settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What of the settings may be written down: everything but the secret."""
+    if not settings:
+        return None
+    return {k: v for k, v in settings.items() if k != "app_secret"}
+
+
+def lark_base_url(domain: str | None) -> str:
+    d = (domain or "feishu").strip()
+    return LARK_DOMAINS.get(d.lower(), d).rstrip("/")
+
+
+def lark_sign(timestamp: str, secret: str) -> str:
+    """A bot webhook's signature: HMAC-SHA256 keyed by ``"<timestamp>\\n<secret>"`` over nothing, base64."""
+    import base64
+    import hashlib
+    import hmac
+
+    digest = hmac.new(f"{timestamp}\n{secret}".encode(), b"", hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+# ---------------------------------------------------------------- values and fields
+
+
+def lark_date_ms(value: Any) -> int:
+    """Epoch milliseconds from a datetime, an ISO 8601 string or a number (seconds, or ms if very large)."""
+    from datetime import date, datetime
+
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a date")
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, date):
+        return int(datetime(value.year, value.month, value.day).timestamp() * 1000)
+    if isinstance(value, (int, float)):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("not a finite number")
+        # Seconds and milliseconds since 1970 do not overlap before the year 5138.
+        return int(value * 1000) if abs(value) < 1e11 else int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith(("Z", "z")):
+            text = text[:-1] + "+00:00"
+        return int(datetime.fromisoformat(text).timestamp() * 1000)
+    raise ValueError(f"{type(value).__name__} is not a date")
+
+
+def lark_value(value: Any, field_type: int) -> Any:
+    """``value`` as a field of ``field_type`` takes it (JSON-ready); ValueError says why it cannot.
+
+    Attachments (type 17) are not handled here: they need an upload first.
+    """
+    import math
+
+    if field_type == 1 or field_type == 3:  # text, single select
+        if isinstance(value, float) and not math.isfinite(value):
+            return repr(value)
+        return value if isinstance(value, str) else ("True" if value is True else "False" if value is False
+                                                        else format_metric("", value))
+    if field_type == 2:  # number (also progress, currency, rating)
+        if isinstance(value, bool):
+            return int(value)
+        if isinstance(value, str):
+            value = float(value.strip())
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{type(value).__name__} is not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("a number field cannot hold nan or inf")
+        return value
+    if field_type == 4:  # multi select
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [lark_value(v, 1) for v in items]
+    if field_type == 5:
+        return lark_date_ms(value)
+    if field_type == 7:  # checkbox
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on", "1.0"):
+            return True
+        if text in ("0", "false", "no", "off", "0.0", ""):
+            return False
+        raise ValueError("not true or false")
+    if field_type == 13:  # phone
+        phone = value if isinstance(value, str) else str(value) if _is_int(value) else None
+        if phone is None or not re.fullmatch(r"\+?\d*", phone) or len(phone) > 64:
+            raise ValueError("a phone field takes digits, optionally after +, at most 64")
+        return phone
+    if field_type == 15:  # URL: an object, a plain string is refused by the API
+        if isinstance(value, dict) and isinstance(value.get("link"), str):
+            return {"text": str(value.get("text") or value["link"]), "link": value["link"]}
+        if isinstance(value, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", value.strip()):
+            return {"text": value.strip(), "link": value.strip()}
+        raise ValueError("a URL field takes a link such as https://...")
+    if field_type in (11, 23):  # a person, a group chat: their ids
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [{"id": str(v)} for v in items]
+    if field_type in (18, 21):  # links to other records: record ids
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        return [str(v) for v in items]
+    if field_type == 22:  # location: "lng,lat"
+        return str(value)
+    raise ValueError(f"exp cannot write fields of type {field_type}")
+
+
+def _lark_row(text_or_row: Any) -> dict[str, Any]:
+    """A row as the outbox keeps it: CSV texts become numbers and booleans again."""
+    return {k: parse_metric(v) if isinstance(v, str) else v for k, v in text_or_row.items()}
+
+
+# ---------------------------------------------------------------- the HTTP client
+
+_LARK_TOKENS: dict[tuple[str, str], tuple[str, float]] = {}
+_LARK_WIKI: dict[tuple[str, str], str] = {}
+_LARK_CACHE_LOCK = threading.Lock()
+
+
+class LarkClient:
+    """The Open API over urllib: a cached tenant token, retries with backoff, JSON in and out.
+
+    ``call`` returns a response's ``data`` or raises :class:`LarkError`
+    (``retryable`` when the attempts ran out on a failure that may pass).
+    """
+
+    TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
+
+    def __init__(self, domain: str | None, app_id: str, app_secret: str, *, timeout: float = LARK_HTTP_TIMEOUT,
+                 attempts: int = LARK_ATTEMPTS, sleep: Callable[[float], Any] = time.sleep) -> None:
+        self.base = lark_base_url(domain)
+        self.app_id, self._secret = app_id, app_secret
+        self.timeout, self.attempts, self.sleep = timeout, max(1, attempts), sleep
+        self.requests = 0  # HTTP requests made, for reports and the benchmark
+
+    def __repr__(self) -> str:  # never shows the secret
+        return f"LarkClient({self.base!r}, app_id={self.app_id!r})"
+
+    def _http(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
+              raw: bytes | None = None, content_type: str | None = None,
+              token: str | None = None) -> tuple[int, Any, dict[str, Any]]:
+        """One request: (HTTP status, headers, JSON body).  Transport failures raise a retryable LarkError."""
+        import http.client
+        import json
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
+        url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers = {"User-Agent": f"exp/{__version__}"}
+        data = raw
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            headers["Content-Type"] = "application/json; charset=utf-8"
+        elif content_type:
+            headers["Content-Type"] = content_type
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(url, data=data, method=method, headers=headers)
+        self.requests += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                status, hdrs, text = resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as e:
+            status, hdrs = e.code, e.headers
+            try:
+                text = e.read()
+            except (OSError, http.client.HTTPException):
+                text = b""
+        except (OSError, http.client.HTTPException, ValueError) as e:  # refused, reset, timed out, dropped
+            reason = getattr(e, "reason", None) or e
+            raise LarkError(f"Lark {method} {path}: {type(e).__name__}: {reason}", retryable=True) from None
+        try:
+            payload = json.loads(text.decode("utf-8")) if text else None
+        except (UnicodeDecodeError, ValueError):
+            payload = None
+        if not isinstance(payload, dict):
+            raise LarkError(f"Lark {method} {path}: HTTP {status} without a JSON answer", status=status,
+                            retryable=status >= 500 or status == 429)
+        return status, hdrs, payload
+
+    def token(self, *, fresh: bool = False) -> str:
+        """The tenant access token, cached per app for the process and renewed before it expires."""
+        key = (self.base, self.app_id)
+        with _LARK_CACHE_LOCK:
+            cached = _LARK_TOKENS.get(key)
+            if fresh:
+                _LARK_TOKENS.pop(key, None)
+            elif cached and cached[1] - LARK_TOKEN_MARGIN > time.time():
+                return cached[0]
+        payload = self._retrying("POST", self.TOKEN_PATH, body={"app_id": self.app_id, "app_secret": self._secret},
+                                 auth=False)
+        tok, expire = payload.get("tenant_access_token"), payload.get("expire")
+        if not isinstance(tok, str) or not tok:
+            raise LarkError("Lark returned no tenant_access_token; check the domain setting")
+        life = float(expire) if isinstance(expire, (int, float)) and not isinstance(expire, bool) else 7200.0
+        with _LARK_CACHE_LOCK:
+            _LARK_TOKENS[key] = (tok, time.time() + life)
+        return tok
+
+    def call(self, method: str, path: str, *, query: Mapping[str, str] | None = None, body: Any = None,
+             raw: bytes | None = None, content_type: str | None = None) -> dict[str, Any]:
+        """An authorised call; returns its ``data``."""
+        payload = self._retrying(method, path, query=query, body=body, raw=raw, content_type=content_type, auth=True)
+        data = payload.get("data")
+        return data if isinstance(data, dict) else {}
+
+    def _retrying(self, method: str, path: str, *, auth: bool, **kw: Any) -> dict[str, Any]:
+        import random
+
+        refreshed = False
+        attempt = 0
+        while True:
+            try:
+                token = self.token() if auth else None
+                status, headers, payload = self._http(method, path, token=token, **kw)
+                code = payload.get("code", payload.get("StatusCode"))
+                if code == 0:
+                    return payload
+                msg = str(payload.get("msg") or payload.get("StatusMessage") or "")[:300]
+                if auth and code in LARK_TOKEN_CODES and not refreshed:
+                    # Drop the cached token (a retry with it would fail again), fetch one, retry once.
+                    refreshed = True
+                    self.token(fresh=True)
+                    continue
+                if not auth and code in (10014, 99991543, 10003):
+                    raise LarkError(f"Lark rejected the app's credentials (code {code}: {msg}); check app_id and "
+                                    "app_secret (LARK_APP_ID / LARK_APP_SECRET)", code=code, status=status)
+                wait = None
+                if status == 429 or code == 99991400:
+                    try:
+                        wait = float(headers.get("x-ogw-ratelimit-reset") or "")
+                    except (TypeError, ValueError):
+                        wait = None
+                retry = code in LARK_RETRY_CODES or status >= 500 or status == 429
+                raise LarkError(f"Lark {method} {path}: code {code}: {msg}" + (f" (HTTP {status})" if status != 200 else ""),
+                                code=code if isinstance(code, int) else None, status=status, retryable=retry, wait=wait)
+            except LarkError as e:
+                if not e.retryable:
+                    raise
+                attempt += 1
+                if attempt >= self.attempts:
+                    raise
+                # Exponential backoff with full jitter; the rate limiter's own reset time when it gives one.
+                delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                if e.wait is not None:
+                    delay = max(0.0, min(e.wait, 120.0)) + random.uniform(0.0, 0.2)
+                self.sleep(delay)
+
+    # ---- the calls exp makes
+
+    def app_token(self, settings: Mapping[str, Any]) -> str:
+        """The Base's token: given, or looked up from a wiki node (cached for the process)."""
+        if settings.get("app_token"):
+            return str(settings["app_token"])
+        node = str(settings["wiki_token"])
+        key = (self.base, node)
+        with _LARK_CACHE_LOCK:
+            if key in _LARK_WIKI:
+                return _LARK_WIKI[key]
+        data = self.call("GET", "/open-apis/wiki/v2/spaces/get_node", query={"token": node})
+        info = data.get("node") or {}
+        if info.get("obj_type") != "bitable" or not info.get("obj_token"):
+            raise LarkError(f"the wiki page {node} holds a {info.get('obj_type') or 'page'}, not a Base; "
+                            "use the URL of a Base")
+        with _LARK_CACHE_LOCK:
+            _LARK_WIKI[key] = str(info["obj_token"])
+        return _LARK_WIKI[key]
+
+    def list_fields(self, app_token: str, table_id: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        page: str | None = None
+        path = f"/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/fields"
+        while True:
+            query = {"page_size": "100"}
+            if page:
+                query["page_token"] = page
+            data = self.call("GET", path, query=query)
+            items.extend(i for i in data.get("items") or [] if isinstance(i, dict))
+            page = data.get("page_token")
+            if not data.get("has_more") or not page:
+                return items
+
+    def create_field(self, app_token: str, table_id: str, name: str, field_type: int) -> dict[str, Any]:
+        data = self.call("POST", f"/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/fields",
+                         body={"field_name": name, "type": field_type})
+        return data.get("field") or {"field_name": name, "type": field_type}
+
+    def batch_create(self, app_token: str, table_id: str, records: list[dict[str, Any]],
+                     client_token: str) -> list[dict[str, Any]]:
+        data = self.call("POST", f"/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/records/batch_create",
+                         query={"client_token": client_token}, body={"records": records})
+        return data.get("records") or []
+
+    def create_record(self, app_token: str, table_id: str, fields: dict[str, Any], client_token: str) -> str:
+        data = self.call("POST", f"/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/records",
+                         query={"client_token": client_token}, body={"fields": fields})
+        record = data.get("record") or {}
+        rid = record.get("record_id") or record.get("id")
+        if not rid:
+            raise LarkError("Lark created a record but returned no record_id")
+        return str(rid)
+
+    def update_record(self, app_token: str, table_id: str, record_id: str, fields: dict[str, Any]) -> None:
+        self.call("PUT", f"/open-apis/bitable/v1/apps/{app_token}/tables/{table_id}/records/{record_id}",
+                  body={"fields": fields})
+
+    def upload(self, app_token: str, path: str) -> str:
+        """Upload a local file into the Base (upload_all, at most 20 MiB); its file_token."""
+        import mimetypes
+        import uuid
+        import zlib
+
+        with open(path, "rb") as f:
+            content = f.read(LARK_UPLOAD_MAX + 1)
+        if len(content) > LARK_UPLOAD_MAX:
+            raise LarkError(f"{path} is larger than {LARK_UPLOAD_MAX >> 20} MiB, the most one upload takes")
+        name = os.path.basename(path)[:250]
+        kind = "bitable_image" if (mimetypes.guess_type(name)[0] or "").startswith("image/") else "bitable_file"
+        boundary = uuid.uuid4().hex
+        parts = []
+        for key, val in (("file_name", name), ("parent_type", kind), ("parent_node", app_token),
+                         ("size", str(len(content))), ("checksum", str(zlib.adler32(content)))):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{val}\r\n'.encode())
+        safe = name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe}"\r\n'
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        data = self.call("POST", "/open-apis/drive/v1/medias/upload_all", raw=b"".join(parts),
+                         content_type=f"multipart/form-data; boundary={boundary}")
+        tok = data.get("file_token")
+        if not tok:
+            raise LarkError("Lark accepted an upload but returned no file_token")
+        return str(tok)
+
+
+# ---------------------------------------------------------------- the outbox and its sender
+
+
+class _Outbox:
+    """Appends rows to one run's outbox through a descriptor kept open: one write() a row.
+
+    A torn last line (a process killed mid-write) is cut when the file is
+    opened.  Appends of whole lines through O_APPEND do not interleave, so
+    forked DataLoader workers may share the outbox; a forked child opens its own.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._pid = os.getpid()
+
+    def _open(self) -> int:
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd = os.open(self.path, flags, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                tail = _read_tail_fd(fd, size, 1, TAIL_MAX_BYTES)
+                cut = tail.rfind(b"\n")
+                os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else 0)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        """Append rows, all or nothing (StorageError on a full disk)."""
+        import json
+
+        data = "".join(json.dumps(r, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+                       for r in rows).encode("utf-8")
+        if self._pid != os.getpid():
+            self._fd, self._pid = None, os.getpid()
+        if self._fd is None:
+            self._fd = self._open()
+        append_checked(self._fd, data, None, self.path)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+
+def _read_outbox(path: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Up to ``limit`` complete rows of an outbox from byte ``offset``; and the offset after them."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    try:
+        f = _open_regular(path, "rb")
+    except FileNotFoundError:
+        return rows, offset
+    with f:
+        f.seek(offset)
+        end = offset
+        for line in f:
+            if not line.endswith(b"\n") or len(rows) >= limit:
+                break  # a torn last line is not a row (yet)
+            end += len(line)
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # unreadable: skipped, never resent forever
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows, end
+
+
+def lark_pending(exp_dir: ExperimentDir, run_id: str) -> int:
+    """Rows of a run's outbox not yet confirmed by Lark."""
+    cursor = _read_cursor(exp_dir, run_id)
+    count = 0
+    try:
+        f = _open_regular(exp_dir.lark_outbox_path(run_id), "rb")
+    except OSError:
+        return 0
+    with f:
+        f.seek(int(cursor.get("offset") or 0))
+        for line in f:
+            count += line.endswith(b"\n")
+    return count
+
+
+def _read_cursor(exp_dir: ExperimentDir, run_id: str) -> dict[str, Any]:
+    try:
+        data = read_json(exp_dir.lark_cursor_path(run_id))
+    except (OSError, ValueError, ExpError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class LarkSync:
+    """Sends one experiment's outboxes to its table: the work of the sender thread and of ``lark-sync``.
+
+    One sender at a time per experiment directory (a lock on its ``lark``
+    folder), so a training process and ``exp lark-sync`` never send the same
+    rows.  Warnings (a column dropped, a cell that cannot be converted) go to
+    ``warn`` once each.
+    """
+
+    def __init__(self, exp_dir: ExperimentDir, settings: Mapping[str, Any], *,
+                 warn: Callable[[str], Any] | None = None, client: LarkClient | None = None,
+                 context: Mapping[str, Any] | None = None) -> None:
+        self.dir = exp_dir
+        self.settings = dict(settings)
+        missing = lark_missing(self.settings)
+        if missing:
+            raise ConfigError(f"Lark settings lack {', '.join(missing)}: " + _LARK_HOWTO)
+        self.client = client or LarkClient(self.settings.get("domain"), self.settings["app_id"],
+                                           self.settings["app_secret"])
+        self.table_id = str(self.settings["table_id"])
+        self.mode = self.settings.get("mode", "rows")
+        self.auto_create = self.settings.get("auto_create_fields", True)
+        self.context = dict(context or {})
+        self._warn_fn = warn or (lambda m: print(f"exp: warning: {m}", file=sys.stderr))
+        self._warned: set[str] = set()
+        self._fields: dict[str, dict[str, Any]] | None = None
+        self._dropped: set[str] = set()
+        self._app_token: str | None = None
+        self._uploads: dict[str, str] = {}
+        self._tlock: FileLock | None = None
+        self.sent = 0
+        os.makedirs(os.path.join(exp_dir.path, LARK_DIR), exist_ok=True)
+        self._lock = FileLock(os.path.join(exp_dir.path, LARK_DIR))
+
+    def warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._warn_fn(f"lark: {message}")
+
+    @property
+    def app_token(self) -> str:
+        if self._app_token is None:
+            self._app_token = self.client.app_token(self.settings)
+        return self._app_token
+
+    # ---- fields
+
+    def fields(self, refresh: bool = False) -> dict[str, dict[str, Any]]:
+        if self._fields is None or refresh:
+            self._fields = {str(f.get("field_name", "")): f
+                            for f in self.client.list_fields(self.app_token, self.table_id)}
+        return self._fields
+
+    def _field_for(self, name: str, value: Any) -> dict[str, Any] | None:
+        fields = self.fields()
+        if name in fields:
+            return fields[name]
+        if name in self._dropped:
+            return None
+        if not self.auto_create:
+            self._dropped.add(name)
+            self.warn(f"the table has no column {name!r} and auto_create_fields is false: that column is not sent")
+            return None
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            field = self.client.create_field(self.app_token, self.table_id, name, 2 if numeric else 1)
+        except LarkError as e:
+            if e.code == 1254014:  # created meanwhile by someone else
+                fields = self.fields(refresh=True)
+                if name in fields:
+                    return fields[name]
+            if e.retryable:
+                raise
+            self._dropped.add(name)
+            self.warn(f"could not create column {name!r} ({e}): that column is not sent")
+            return None
+        fields[name] = field
+        return field
+
+    def record_fields(self, row: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+        """A row as a record's fields: names the table knows, values its field types take."""
+        out: dict[str, Any] = {}
+        extra = self.settings.get("extra_fields") or {}
+        subst = {"{name}": str(self.context.get("name", "")), "{run_id}": run_id,
+                 "{host}": str(self.context.get("host", "")), "{work_dir}": self.dir.path}
+        cells: list[tuple[str, Any]] = []
+        for k, v in extra.items():
+            if isinstance(v, str):
+                for pat, rep in subst.items():
+                    v = v.replace(pat, rep)
+            cells.append((k, v))
+        cells.extend(row.items())
+        for key, value in cells:
+            name = key.strip()  # the server strips field names
+            if not name or value is None or value == "":
+                continue
+            field = self._field_for(name, value)
+            if field is None:
+                continue
+            ftype = field.get("type")
+            if ftype in LARK_READ_ONLY_TYPES:
+                self.warn(f"column {name!r} is read-only (type {ftype}) in the table: not sent")
+                continue
+            try:
+                if ftype == 17:
+                    out[name] = self._attachments(value)
+                else:
+                    out[name] = lark_value(value, int(ftype or 1))
+            except (ValueError, TypeError, OSError, LarkError) as e:
+                if isinstance(e, LarkError) and e.retryable:
+                    raise
+                self.warn(f"{name}={str(value)[:80]!r} cannot go into a field of type {ftype} ({e}): that cell is not sent")
+        return out
+
+    def _attachments(self, value: Any) -> list[dict[str, str]]:
+        out = []
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(item, dict) and item.get("file_token"):
+                out.append({"file_token": str(item["file_token"])})
+                continue
+            path = os.path.expanduser(str(item))
+            if not os.path.isfile(path):
+                raise ValueError(f"{path} is not a file to attach")
+            if path not in self._uploads:
+                self._uploads[path] = self.client.upload(self.app_token, path)
+            out.append({"file_token": self._uploads[path]})
+        return out
+
+    # ---- sending
+
+    def runs_pending(self) -> list[str]:
+        return [r for r in self.dir.lark_runs() if lark_pending(self.dir, r)]
+
+    def pump(self, run_id: str) -> int:
+        """Send one batch of a run's outbox (or the batch in flight); the rows confirmed (0: none left)."""
+        with self._lock:
+            cursor = _read_cursor(self.dir, run_id)
+            if self.mode == "summary":
+                return self._pump_summary(run_id, cursor)
+            batch = cursor.get("batch")
+            if not isinstance(batch, dict):
+                offset = int(cursor.get("offset") or 0)
+                rows, end = _read_outbox(self.dir.lark_outbox_path(run_id), offset, LARK_BATCH_MAX)
+                if not rows:
+                    return 0
+                import uuid
+
+                records = [{"fields": f} for f in (self.record_fields(r, run_id) for r in rows) if f]
+                # Recorded before the request: a retry, or the next process after a kill,
+                # sends the same records with the same token, and the server keeps one copy.
+                batch = {"token": str(uuid.uuid4()), "end": end, "rows": len(rows), "records": records}
+                cursor["batch"] = batch
+                self._save_cursor(run_id, cursor, sync=True)
+            if batch["records"]:
+                try:
+                    with self._table_lock():
+                        self.client.batch_create(self.app_token, self.table_id, batch["records"], batch["token"])
+                except LarkError as e:
+                    if not e.retryable and e.code not in (1254608,):
+                        # Nothing was written: rebuild the batch from the rows, with fresh field
+                        # names and types (a column deleted or retyped meanwhile).
+                        cursor.pop("batch", None)
+                        self._save_cursor(run_id, cursor)
+                        self._fields = None
+                    raise
+            cursor.pop("batch", None)
+            cursor["offset"] = batch["end"]
+            cursor["rows"] = int(cursor.get("rows") or 0) + batch["rows"]
+            self._save_cursor(run_id, cursor)
+            self.sent += batch["rows"]
+            return int(batch["rows"])
+
+    def _table_lock(self) -> Any:
+        """One write at a time to a table from this machine (the API asks for it: concurrent writes conflict)."""
+        import contextlib
+        import hashlib
+        import tempfile
+
+        if self._tlock is None:
+            key = f"{self.client.base}|{self.app_token}|{self.table_id}".encode()
+            uid = os.getuid() if hasattr(os, "getuid") else 0
+            path = os.path.join(tempfile.gettempdir(), f"exp-lark-{uid}-{hashlib.sha1(key).hexdigest()[:16]}.lock")
+            self._tlock = FileLock(path)
+        lock = self._tlock
+
+        @contextlib.contextmanager
+        def held() -> Iterator[None]:
+            try:
+                lock.__enter__()
+            except OSError:  # no lock to be had (a read-only /tmp): go on unserialised
+                yield
+                return
+            try:
+                yield
+            finally:
+                lock.__exit__()
+
+        return held()
+
+    def _save_cursor(self, run_id: str, cursor: dict[str, Any], sync: bool = False) -> None:
+        write_json_atomic(self.dir.lark_cursor_path(run_id), cursor, sync=sync)
+
+    def summary_fields(self, run_id: str, last: Mapping[str, Any], status: str | None = None) -> dict[str, Any]:
+        """The run's record in summary mode: who and what it is, and each metric's last value."""
+        meta: dict[str, Any] = {}
+        try:
+            meta = self.dir.read_metadata()
+        except ExpError:
+            pass
+        run = next((r for r in meta.get("runs") or [] if isinstance(r, dict) and r.get("id") == run_id), {})
+        row: dict[str, Any] = {"name": meta.get("name") or self.context.get("name"), "run": run_id,
+                               "status": status or run.get("status") or RUNNING,
+                               "tags": ", ".join(t for t in meta.get("tags") or [] if isinstance(t, str)) or None,
+                               "host": meta.get("hostname"), "start": run.get("started_at")}
+        if run.get("duration") is not None:
+            row["duration"] = run["duration"]
+        elif run.get("started_at"):
+            from datetime import datetime
+
+            try:
+                row["duration"] = round(time.time() - datetime.fromisoformat(run["started_at"]).timestamp(), 1)
+            except ValueError:
+                pass
+        params = meta.get("params")
+        if isinstance(params, dict):
+            row.update({str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
+        row.update(last)
+        return self.record_fields(row, run_id)
+
+    def _pump_summary(self, run_id: str, cursor: dict[str, Any], status: str | None = None) -> int:
+        import uuid
+
+        offset = int(cursor.get("offset") or 0)
+        rows, end = _read_outbox(self.dir.lark_outbox_path(run_id), offset, 100_000)
+        if not rows and cursor.get("record_id") and status is None:
+            return 0
+        last = dict(cursor.get("last") or {})
+        for r in rows:
+            last.update({k: v for k, v in r.items() if v is not None and v != ""})
+        fields = self.summary_fields(run_id, last, status)
+        if not cursor.get("record_id"):
+            if not cursor.get("create_token"):
+                cursor["create_token"] = str(uuid.uuid4())
+                self._save_cursor(run_id, cursor, sync=True)
+            with self._table_lock():
+                cursor["record_id"] = self.client.create_record(self.app_token, self.table_id, fields,
+                                                                cursor["create_token"])
+        else:
+            with self._table_lock():
+                self.client.update_record(self.app_token, self.table_id, cursor["record_id"], fields)
+        cursor.update(offset=end, rows=int(cursor.get("rows") or 0) + len(rows), last=last)
+        self._save_cursor(run_id, cursor)
+        self.sent += len(rows)
+        return max(1, len(rows)) if rows else 0
+
+    def summary_update(self, run_id: str, status: str | None = None) -> None:
+        """Create or update a run's summary record now (the run's start, its end)."""
+        with self._lock:
+            self._pump_summary(run_id, _read_cursor(self.dir, run_id), status or RUNNING)
+
+    def drain(self, run_ids: Iterable[str] | None = None, deadline: float | None = None) -> tuple[int, int]:
+        """Send until the outboxes are empty or ``deadline`` (time.time()) passes: (sent, left)."""
+        sent = 0
+        runs = list(run_ids) if run_ids is not None else self.dir.lark_runs()
+        for rid in runs:
+            while deadline is None or time.time() < deadline:
+                n = self.pump(rid)
+                if not n:
+                    break
+                sent += n
+        return sent, sum(lark_pending(self.dir, r) for r in runs)
+
+
+_LARK_HOWTO = ("give them in lark_config (app_id, app_token, table_id, or a Base URL as `url`), and the secret "
+               "in LARK_APP_SECRET (or FEISHU_APP_SECRET)")
+
+
+class _LarkSender:
+    """The background thread of a training process: sends its experiment's outboxes as rows come."""
+
+    def __init__(self, sync: LarkSync, run_id: str, flush_timeout: float, warn: Callable[[str], Any]) -> None:
+        self.sync, self.run_id, self.flush_timeout, self._warn = sync, run_id, flush_timeout, warn
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._stop = False
+        self._failed: str | None = None
+        self._thread = threading.Thread(target=self._loop, name=f"exp-lark-{run_id}", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        failures = 0
+        first = True
+        while True:
+            self._wake.wait()
+            if not self._stop:
+                time.sleep(LARK_LINGER)  # let rows gather into one request
+            self._wake.clear()
+            try:
+                # Older runs' leftovers first (a run killed mid-sync), then this run's rows.
+                runs = [r for r in self.sync.runs_pending() if r != self.run_id] if first else []
+                if self.sync.mode == "summary" and first:
+                    self.sync.summary_update(self.run_id)
+                first = False
+                for rid in runs + [self.run_id]:
+                    while self.sync.pump(rid):
+                        failures = 0
+                self._idle.set()
+            except LarkError as e:
+                failures += 1
+                if not e.retryable and failures >= 3:
+                    self._failed = str(e)
+                    self._warn(f"lark: syncing stopped after repeated errors ({e}); the rows stay in "
+                               f"{self.sync.dir.lark_outbox_path(self.run_id)}; fix the cause and run: "
+                               f"python exp.py lark-sync {self.sync.dir.path}")
+                    self._idle.set()
+                    return
+                if failures == 1:
+                    self._warn(f"lark: {e}; retrying")
+                self._wake.set()
+                time.sleep(min(60.0, 2.0 ** failures))
+            except Exception as e:  # noqa: BLE001 - a sender must never take the training down
+                self._failed = f"{type(e).__name__}: {e}"
+                self._warn(f"lark: syncing stopped: {self._failed}; the rows stay in the outbox; run: "
+                           f"python exp.py lark-sync {self.sync.dir.path}")
+                self._idle.set()
+                return
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait (at most ``timeout``, default ``flush_timeout``) until the outbox is sent; the rows left."""
+        self._stop = True
+        self._wake.set()
+        limit = self.flush_timeout if timeout is None else timeout
+        deadline = time.time() + limit
+        while time.time() < deadline and self._thread.is_alive():
+            if self._idle.wait(min(0.05, max(0.0, deadline - time.time()))) and not self._wake.is_set():
+                break
+        return lark_pending(self.sync.dir, self.run_id)
+
+
+_LARK_SENDERS: dict[tuple[str, str], _LarkSender] = {}
+_LARK_FINAL: list[tuple[threading.Thread, float]] = []
+
+
+def _join_lark_final() -> None:
+    for t, timeout in list(_LARK_FINAL):
+        t.join(timeout)
+_LARK_SENDERS_LOCK = threading.Lock()
+
+
+def _lark_sender(exp_dir: ExperimentDir, run_id: str, settings: Mapping[str, Any], name: str,
+                 warn: Callable[[str], Any]) -> _LarkSender:
+    key = (exp_dir.path, run_id)
+    with _LARK_SENDERS_LOCK:
+        sender = _LARK_SENDERS.get(key)
+        if sender is None:
+            # Imported here, once: an import in the sender's thread would hold the
+            # GIL in bursts while the training loop runs.
+            import http.client  # noqa: F401
+            import json  # noqa: F401
+            import urllib.request  # noqa: F401
+            import uuid  # noqa: F401
+
+            sync = LarkSync(exp_dir, settings, warn=warn, context={"name": name, "host": _hostname()})
+            sender = _LarkSender(sync, run_id, float(settings.get("flush_timeout", 10.0)), warn)
+            if not _LARK_SENDERS:
+                import atexit
+
+                atexit.register(_flush_lark_senders)
+            _LARK_SENDERS[key] = sender
+    return sender
+
+
+def _flush_lark_senders() -> None:
+    """At exit: give each sender ``flush_timeout`` to finish, then say what is left and how to send it."""
+    with _LARK_SENDERS_LOCK:
+        senders = list(_LARK_SENDERS.values())
+    for s in senders:
+        left = s.flush()
+        if left:
+            s._warn(f"lark: {left} row{'s' if left != 1 else ''} not sent yet; they are kept in "
+                    f"{s.sync.dir.lark_outbox_path(s.run_id)}; send them with: "
+                    f"python exp.py lark-sync {s.sync.dir.path}")
+
+
+# ---------------------------------------------------------------- notifications
+
+
+def _notify_settings(*layers: Any, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Merge ``notify`` tables (later wins) over ``LARK_WEBHOOK``/``LARK_WEBHOOK_SECRET``."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {"on": list(NOTIFY_EVENTS)}
+    if env.get(WEBHOOK_ENV, "").strip():
+        out["lark_webhook"] = env[WEBHOOK_ENV].strip()
+    if env.get(WEBHOOK_SECRET_ENV, "").strip():
+        out["secret"] = env[WEBHOOK_SECRET_ENV].strip()
+    for layer in layers:
+        if layer:
+            out.update(check_notify(layer))
+    return out
+
+
+def check_notify(v: Any) -> dict[str, Any]:
+    """A ``notify`` table checked: ``lark_webhook`` (URL), ``secret``, ``on`` (a list of NOTIFY_EVENTS)."""
+    if not isinstance(v, dict):
+        raise ConfigError(f'expected a table such as {{ lark_webhook = "https://...", on = ["error"] }}, got {v!r}')
+    problems: list[tuple[str | None, str]] = []
+    out: dict[str, Any] = {}
+    for key, val in v.items():
+        if key == "lark_webhook":
+            if not (isinstance(val, str) and re.match(r"https?://\S+\Z", val.strip())):
+                problems.append((key, f"expected the bot's webhook URL (https://.../open-apis/bot/v2/hook/...), got {val!r}"))
+            else:
+                out[key] = val.strip()
+        elif key == "secret":
+            if not isinstance(val, str):
+                problems.append((key, f"expected a string, got {type(val).__name__}"))
+            else:
+                out[key] = val
+        elif key == "on":
+            if not (isinstance(val, list) and all(x in NOTIFY_EVENTS for x in val)):
+                problems.append((key, f"expected a list of {', '.join(map(repr, NOTIFY_EVENTS))}, got {val!r}"))
+            else:
+                out[key] = list(val)
+        else:
+            problems.append((None, _unknown_key("notify", str(key), ("lark_webhook", "secret", "on"))))
+    if problems:
+        raise _Problems(problems)
+    return out
+
+
+_NOTIFY_COLORS = {FINISHED: "green", ERROR: "red", KILLED: "orange", "done": "blue"}
+
+
+def _trim_to(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return "…" + data[len(data) - limit + 3:].decode("utf-8", "ignore")
+
+
+def notification_card(title: str, status: str, lines: list[tuple[str, str]], log_tail: str = "",
+                      max_bytes: int = WEBHOOK_MAX_BYTES) -> dict[str, Any]:
+    """An interactive card: a coloured title, ``key: value`` lines, the log's last lines; trimmed to fit.
+
+    Everything is ``plain_text``: names, paths and log lines are shown as
+    they are, never read as markup.
+    """
+    import json
+
+    def build(tail: str, width: int) -> dict[str, Any]:
+        body = "\n".join(f"{k}: {v[:width]}" for k, v in lines if v)
+        elements: list[dict[str, Any]] = [{"tag": "div", "text": {"tag": "plain_text", "content": body}}]
+        if tail:
+            elements.append({"tag": "hr"})
+            elements.append({"tag": "div", "text": {"tag": "plain_text", "content": tail}})
+        return {"msg_type": "interactive", "card": {
+            "config": {"wide_screen_mode": True},
+            "header": {"title": {"tag": "plain_text", "content": title[:200]},
+                       "template": _NOTIFY_COLORS.get(status, "grey")},
+            "elements": elements}}
+
+    # Room for the signature fields a signed message adds.
+    budget = max_bytes - 200
+    tail, width = log_tail, 2000
+    while True:
+        card = build(tail, width)
+        size = len(json.dumps(card, ensure_ascii=False).encode("utf-8"))
+        if size <= budget:
+            return card
+        if tail:
+            tail = _trim_to(tail, max(0, len(tail.encode("utf-8")) - (size - budget) - 64))
+            if len(tail) < 8:
+                tail = ""
+        elif width > 40:
+            width //= 2
+        else:
+            return build("", 40)
+
+
+class Notifier:
+    """Sends bot messages from a queue on its own thread, within the bot's rate limits; never raises.
+
+    Failures are reported through ``report`` (the scheduler's output).
+    """
+
+    def __init__(self, webhook: str, secret: str | None = None, *,
+                 report: Callable[[str], Any] | None = None, timeout: float = 10.0) -> None:
+        import collections
+        import queue
+
+        self.webhook, self._secret, self.timeout = webhook, secret, timeout
+        self.report = report or (lambda m: print(f"exp: {m}", file=sys.stderr))
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._sent: collections.deque[float] = collections.deque()
+        self.sent = self.failed = 0
+        self._thread = threading.Thread(target=self._loop, name="exp-notify", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return "Notifier(<webhook>)"
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._queue.put(message)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Send what is queued (at most ``timeout`` seconds), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _throttle(self) -> None:
+        # A sliding window per second and per minute, as the bot's limits are stated.
+        while True:
+            now = time.monotonic()
+            while self._sent and now - self._sent[0] > 60:
+                self._sent.popleft()
+            recent = sum(1 for t in self._sent if now - t < 1.0)
+            if len(self._sent) < WEBHOOK_PER_MINUTE and recent < WEBHOOK_PER_SECOND:
+                self._sent.append(now)
+                return
+            if len(self._sent) >= WEBHOOK_PER_MINUTE:
+                time.sleep(max(0.01, 60 - (now - self._sent[0]) + 0.01))
+            else:
+                time.sleep(max(0.01, 1.0 - (now - self._sent[-WEBHOOK_PER_SECOND]) + 0.01))
+
+    def _loop(self) -> None:
+        while True:
+            message = self._queue.get()
+            if message is None:
+                return
+            self._throttle()
+            try:
+                post_webhook(self.webhook, message, self._secret, timeout=self.timeout)
+                self.sent += 1
+            except LarkError as e:
+                self.failed += 1
+                self.report(f"notification not sent: {e}")
+
+
+def post_webhook(url: str, message: dict[str, Any], secret: str | None = None, *, timeout: float = 10.0) -> None:
+    """POST one message to a bot webhook, signed when ``secret`` is set; LarkError on failure."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = dict(message)
+    if secret:
+        ts = str(int(time.time()))  # a string, as the official examples send it
+        body.update(timestamp=ts, sign=lark_sign(ts, secret))
+    data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    req = urllib.request.Request(url, data=data, method="POST",
+                                 headers={"Content-Type": "application/json; charset=utf-8"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            text = resp.read()
+    except urllib.error.HTTPError as e:
+        raise LarkError(f"webhook answered HTTP {e.code}", status=e.code) from None
+    except (OSError, ValueError) as e:
+        raise LarkError(f"webhook unreachable: {getattr(e, 'reason', None) or e}", retryable=True) from None
+    try:
+        payload = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise LarkError("webhook answered without JSON") from None
+    code = payload.get("code", payload.get("StatusCode")) if isinstance(payload, dict) else None
+    if code != 0:
+        msg = payload.get("msg") or payload.get("StatusMessage") if isinstance(payload, dict) else ""
+        raise LarkError(f"webhook refused the message (code {code}: {msg})", code=code)
+
+
+def notify(text: str, *, webhook: str | None = None, secret: str | None = None) -> bool:
+    """Send a text message to the Lark/Feishu group bot; from a training script, say.
+
+    The webhook comes from ``webhook`` or ``LARK_WEBHOOK`` (the scheduler sets
+    it for its experiments when ``notify`` is configured), the signing secret
+    from ``secret`` or ``LARK_WEBHOOK_SECRET``.  A failure is a warning on
+    stderr and False, never an exception; no webhook at all is a ConfigError.
+    """
+    url = webhook or os.environ.get(WEBHOOK_ENV, "").strip()
+    if not url:
+        raise ConfigError(f"exp.notify(): no webhook; pass webhook=... or set {WEBHOOK_ENV} "
+                          "(or [scheduler] notify = {{ lark_webhook = ... }})")
+    if secret is None:
+        secret = os.environ.get(WEBHOOK_SECRET_ENV) or None
+    message = {"msg_type": "text", "content": {"text": _trim_to(str(text), WEBHOOK_MAX_BYTES - 400)}}
+    try:
+        post_webhook(url, message, secret)
+        return True
+    except LarkError as e:
+        print(f"exp: warning: notification not sent: {e}", file=sys.stderr)
+        return False
+
+
+#: One line for a failure cause recognised in a log's last lines.
+_LOG_CAUSES = (
+    (r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", "CUDA out of memory"),
+    (r"NCCL (?:error|WARN)|ncclInternalError|ncclSystemError|NCCL communicator", "NCCL error"),
+    (r"\bloss\b[^\n]{0,40}\bnan\b|\bnan\b[^\n]{0,20}\bloss\b|NaN loss|non-finite loss", "NaN loss"),
+    (r"^\s*Killed\s*$|\bKilled\b", "Killed"),
+)
+
+
+def run_card(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The card of an experiment that ended: name, status and why, duration, host, GPUs, metrics, log, path."""
+    status = str(info.get("status") or "")
+    reason = str(info.get("reason") or "")
+    cause = log_cause(str(info.get("log_tail") or "")) if status != FINISHED else None
+    if cause and cause.lower() not in reason.lower():
+        reason = f"{reason}; {cause}" if reason else cause
+    word = {FINISHED: "finished", ERROR: "failed", KILLED: "killed"}.get(status, status)
+    metrics = info.get("metrics") or {}
+    lines = [("status", word + (f" ({reason})" if reason and status != FINISHED else "")),
+             ("duration", format_duration(info.get("duration"))),
+             ("host", str(info.get("host") or "")),
+             ("GPUs", ",".join(map(str, info.get("gpus") or [])) or "none"),
+             ("last values", ", ".join(f"{k}={v}" for k, v in list(metrics.items())[:20])),
+             ("path", str(info.get("path") or ""))]
+    if int(info.get("attempts") or 1) > 1:
+        lines.insert(1, ("attempt", f"{info.get('attempt')}/{info.get('attempts')}"))
+    return notification_card(f"{info.get('name')} {word}", status, lines, str(info.get("log_tail") or ""))
+
+
+def batch_card(source: str, counts: Mapping[str, int], failed: list[str], interrupted: bool,
+               seconds: float, host: str) -> dict[str, Any]:
+    """The one message at the end of a batch: how many finished, failed, were killed; which failed."""
+    total = sum(counts.values())
+    parts = [f"{counts[k]} {k}" for k in (FINISHED, ERROR, KILLED, PENDING) if counts.get(k)]
+    lines = [("experiments", f"{total}: " + ", ".join(parts)), ("took", format_duration(seconds)),
+             ("host", host), ("config", source)]
+    if failed:
+        lines.append(("failed", ", ".join(failed[:30]) + (f" and {len(failed) - 30} more" if len(failed) > 30 else "")))
+    status = ERROR if failed or interrupted else "done"
+    title = f"batch {'interrupted' if interrupted else 'done'}: {os.path.basename(source)}"
+    return notification_card(title, status, lines)
+
+
+def log_cause(tail: str) -> str | None:
+    """A one-line cause recognised in a log's last lines (CUDA out of memory, NCCL error, NaN loss, Killed)."""
+    for pattern, cause in _LOG_CAUSES:
+        if re.search(pattern, tail, re.I | re.M):
+            return cause
+    return None
 
 
 # ============================================================================
@@ -7428,6 +8962,17 @@ def _build_parser():  # type: ignore[no-untyped-def]
                                      "a generated one elsewhere)")
     see.add_argument("--verbose", action="store_true", help="log every request to stderr")
     see.set_defaults(func=_cmd_see)
+
+    lk = sub.add_parser("lark-sync", help="send the rows still waiting in Lark outboxes",
+                        description="Send what save_row(lark=True) queued but could not send (a process that was "
+                                    "killed, timed out at exit, or had no secret) for experiment directories, or "
+                                    "every experiment under a results directory. The secret comes from "
+                                    "LARK_APP_SECRET (or FEISHU_APP_SECRET); the table from each experiment's "
+                                    "stored settings, or --url.")
+    lk.add_argument("paths", nargs="+", metavar="PATH", help="an experiment directory or a results directory")
+    lk.add_argument("--url", help="send to this Base URL instead of the stored table")
+    lk.add_argument("--domain", help='"feishu", "lark" or the API\'s base URL (overrides the stored one)')
+    lk.set_defaults(func=_cmd_lark_sync)
     return p
 
 
@@ -7590,6 +9135,59 @@ def _cmd_run(args: Any) -> int:
         print(format_plan(config))
         return 0
     return Scheduler(config, gpus=pool, resume=args.resume).run()
+
+
+def _cmd_lark_sync(args: Any) -> int:
+    override: dict[str, Any] = {}
+    if args.url:
+        override["url"] = args.url
+    if args.domain:
+        override["domain"] = args.domain
+    check_lark_config(override, "option")
+    dirs: list[ExperimentDir] = []
+    for path in args.paths:
+        if ExperimentDir.is_experiment(path):
+            dirs.append(ExperimentDir(path))
+        elif os.path.isdir(path):
+            dirs.extend(scan(path))
+        else:
+            raise ConfigError(f"{path} is not a directory; pass experiment directories or a results directory")
+    failed = total = 0
+    for d in dirs:
+        runs = [r for r in d.lark_runs() if lark_pending(d, r)]
+        if not runs:
+            continue
+        try:
+            meta = d.read_metadata()
+        except ExpError as e:
+            print(f"exp: {d.path}: cannot read its metadata ({e}); skipped", file=sys.stderr)
+            failed += 1
+            continue
+        name = meta.get("name") if isinstance(meta.get("name"), str) else os.path.basename(d.path)
+        settings = lark_settings(_stored_lark(meta), override)
+        missing = lark_missing(settings)
+        if missing:
+            print(f"exp: {name}: not sent, the settings lack {', '.join(missing)}; {_LARK_HOWTO}", file=sys.stderr)
+            failed += 1
+            continue
+        def warn(message: str, who: str = str(name)) -> None:
+            print(f"exp: warning: {who}: {message}", file=sys.stderr)
+
+        sync = LarkSync(d, settings, warn=warn, context={"name": name, "host": meta.get("hostname") or ""})
+        for rid in runs:
+            try:
+                sent, _ = sync.drain([rid])
+            except LarkError as e:
+                print(f"exp: {name} {rid}: {e}", file=sys.stderr)
+                sent = 0
+            left = lark_pending(d, rid)
+            total += sent
+            failed += bool(left)
+            print(f"{name} {rid}: sent {sent} row{'s' if sent != 1 else ''}"
+                  + (f", {left} left" if left else "") + f" ({d.path})")
+    if not total and not failed:
+        print("nothing to send: no rows are waiting in the given directories")
+    return 1 if failed else 0
 
 
 def _cmd_ls(args: Any) -> int:

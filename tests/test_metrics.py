@@ -213,14 +213,16 @@ def test_save_row_with_nothing_pending_is_a_noop_with_a_warning(running_exp):
     assert text_of(e) == "x\n1\n"
 
 
-def test_save_row_lark_is_not_implemented(running_exp):
+def test_save_row_lark_without_settings_keeps_the_row_and_warns_once(running_exp, capfd):
     e = running_exp
-    e.upd_row(x=1)
-    with pytest.raises(NotImplementedError, match=r"save_row\(lark=True\): syncing metrics to Lark is not implemented"):
-        e.save_row(lark=True)
-    assert not os.path.exists(e.metrics_path)
-    e.save_row()  # the row is still pending
-    assert e.metrics() == [{"x": 1}]
+    for i in range(3):
+        e.upd_row(x=i)
+        e.save_row(lark=True)  # no lark_config at all: never an exception in the training loop
+    assert e.metrics() == [{"x": 0}, {"x": 1}, {"x": 2}]
+    log = e.read_log()
+    assert log.count("settings lack app_id, app_secret, app_token, table_id") == 1
+    assert exp.lark_pending(e.dir, "run_0001") == 3  # kept for lark-sync
+    assert "lark-sync" in capfd.readouterr().err
 
 
 def test_save_row_before_any_run_says_what_to_do(make_exp):
