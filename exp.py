@@ -186,6 +186,9 @@ METRICS_DIR = "metrics"
 #: ``git diff HEAD`` of a dirty work tree, saved in the experiment directory when a run starts.
 CODE_DIFF_FILE = "code.diff"
 CODE_DIFF_MAX_BYTES = 1 << 20
+#: Batch scripts a cluster backend submitted, per run (``slurm/run_0001.sbatch``).
+SLURM_DIR = "slurm"
+SLURM_SCRIPT_EXT = ".sbatch"
 #: Lark sync, per run: the outbox of rows to send (JSON lines) and its cursor.
 LARK_DIR = "lark"
 LARK_OUTBOX_EXT = ".outbox.jsonl"
@@ -1892,6 +1895,21 @@ class ExperimentDir:
     def metrics_path(self, run_id: str) -> str:
         return os.path.join(self.path, METRICS_DIR, run_id + METRICS_EXT)
 
+    def slurm_script_path(self, run_id: str) -> str:
+        """The batch script a run was submitted with (Slurm backend)."""
+        return os.path.join(self.path, SLURM_DIR, run_id + SLURM_SCRIPT_EXT)
+
+    def record_backend(self, run_id: str, record: Mapping[str, Any]) -> None:
+        """A run's record from a backend that is not local (a Slurm job id, its node and state), fsynced."""
+        def update(m: dict[str, Any]) -> None:
+            for r in m.get("runs") or []:
+                if isinstance(r, dict) and r.get("id") == run_id:
+                    r["backend"] = dict(record)
+            if m.get("current_run_id") == run_id and record.get("job_id"):
+                m["job_id"] = record.get("job_id")
+
+        self.update_metadata(update)
+
     def lark_outbox_path(self, run_id: str) -> str:
         """A run's rows waiting for (or already given to) Lark, one JSON object a line."""
         return os.path.join(self.path, LARK_DIR, run_id + LARK_OUTBOX_EXT)
@@ -2520,10 +2538,12 @@ class Launch:
     background run's parent exited.
     """
 
-    __slots__ = ("command", "cwd", "env", "log_path", "name", "supervise", "recorder")
+    __slots__ = ("command", "cwd", "env", "log_path", "name", "supervise", "recorder", "script_path", "tag",
+                 "on_submit")
 
     def __init__(self, command: str, cwd: str, env: dict[bytes, bytes], log_path: str, name: str = "",
-                 supervise: bool = False, recorder: list[str] | None = None) -> None:
+                 supervise: bool = False, recorder: list[str] | None = None, script_path: str | None = None,
+                 tag: str | None = None, on_submit: Callable[[dict[str, Any]], Any] | None = None) -> None:
         self.command = command
         self.cwd = cwd
         self.env = env
@@ -2531,6 +2551,12 @@ class Launch:
         self.name = name
         self.supervise = supervise
         self.recorder = recorder
+        #: Where a backend that submits a script keeps it (Slurm), and what marks the submission
+        #: (``<work_dir>:<run_id>``) so that one whose record was lost can be found.
+        self.script_path = script_path
+        self.tag = tag
+        #: Called with the run's record as soon as it has one (before anything else can fail).
+        self.on_submit = on_submit
 
 
 def supervised_command(command: str, recorder: list[str] | None, manager_pid: int) -> str:
@@ -2646,6 +2672,10 @@ class LocalRun:
         """SIGTERM the whole process group, SIGKILL after ``grace`` seconds; returns when it is gone."""
         stop_groups([self.pgid], grace)
 
+    def outcome(self) -> tuple[str, str | None] | None:
+        """(status, reason) when the backend knows better than the exit code: never, for a local run."""
+        return None
+
     def record(self) -> dict[str, Any]:
         """What a later process needs to find this run again (see :meth:`LocalBackend.attach`)."""
         if self.start_ticks is None and self.proc is not None and self.proc.returncode is None:
@@ -2663,6 +2693,16 @@ class LocalBackend:
     """Runs commands on this machine, each in a new session, output appended to its log."""
 
     name = "local"
+    #: GPUs are this machine's: the scheduler hands them out (CUDA_VISIBLE_DEVICES).
+    allocates_gpus = False
+
+    def for_job(self, options: Mapping[str, Any] | None, gpus: int = 0, timeout: float | None = None) -> LocalBackend:
+        """The backend for one experiment: the same (a local run has no per-job options)."""
+        return self
+
+    def find(self, tag: str, log_path: str | None = None) -> LocalRun | None:
+        """A run started for ``tag`` whose record was never written: none (a local start writes it at once)."""
+        return None
 
     def start(self, launch: Launch) -> LocalRun:
         """Start ``launch.command`` with ``sh -c``; raise ExpError (with the cause) if it cannot start."""
@@ -2707,6 +2747,389 @@ class LocalBackend:
     def stop(self, runs: Iterable[LocalRun], grace: float, idle: Callable[[float], bool] | None = None) -> list[int]:
         """Stop many runs under one grace period (see :func:`stop_groups`); return groups left alive."""
         return stop_groups([r.pgid for r in runs], grace, idle)
+
+
+# ---------------------------------------------------------------- Slurm
+#
+# Each run is one batch job: a script kept in the experiment directory (read
+# it, resubmit it), submitted with ``sbatch --parsable`` under the run's own
+# environment, its output appended to the run's log.  One poller thread asks
+# Slurm about every job this process watches with one ``squeue`` per poll (the
+# exit code of a job that ended: one ``scontrol show job`` for that job, once),
+# backing off while nothing changes.
+
+#: Keys of ``[scheduler.slurm]`` / ``[experiments.slurm]``: the sbatch option each becomes.
+SLURM_OPTIONS = {"partition": "--partition", "account": "--account", "qos": "--qos", "time": "--time",
+                 "mem": "--mem", "cpus_per_task": "--cpus-per-task", "constraint": "--constraint",
+                 "extra": None}
+#: Seconds between polls of Slurm: the first, and the longest after backing off.
+SLURM_POLL_MIN, SLURM_POLL_MAX = 0.5, 5.0
+#: Job states after which a job does not run again.
+SLURM_ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                         "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"})
+#: A job that ended in one of these states: exp's status and reason (None: the exit code says).
+SLURM_OUTCOMES: dict[str, tuple[str, str | None]] = {
+    "COMPLETED": (FINISHED, None), "FAILED": (ERROR, None),
+    "CANCELLED": (KILLED, "cancelled in Slurm"), "TIMEOUT": (ERROR, "timeout (Slurm time limit)"),
+    "OUT_OF_MEMORY": (ERROR, "out of memory (Slurm)"), "NODE_FAIL": (ERROR, "node failure (Slurm)"),
+    "PREEMPTED": (ERROR, "preempted (Slurm)"), "BOOT_FAIL": (ERROR, "node boot failure (Slurm)"),
+    "DEADLINE": (ERROR, "deadline passed (Slurm)"), "SPECIAL_EXIT": (ERROR, "special exit (Slurm)"),
+    "REVOKED": (ERROR, "revoked (Slurm)"),
+}
+#: Marks a job exp submitted: ``--comment exp:<work_dir>:<run_id>`` finds it again after a crash.
+SLURM_TAG_PREFIX = "exp:"
+
+
+def _slurm_time(seconds: float) -> str:
+    """``--time`` for a timeout in seconds: whole minutes, rounded up (Slurm's granularity)."""
+    minutes = max(1, int(-(-seconds // 60)))
+    return f"{minutes // 1440}-{minutes % 1440 // 60:02d}:{minutes % 60:02d}:00"
+
+
+def slurm_script(launch: Launch, options: Mapping[str, Any], gpus: int = 0, timeout: float | None = None) -> str:
+    """The batch script of a run: #SBATCH lines, then the command under a shell that notes its exit status.
+
+    The command's environment is the one sbatch exports (the run's own,
+    given to sbatch), so the script itself holds no variables (no secrets).
+    """
+    import shlex
+
+    lines = ["#!/bin/sh", f"#SBATCH --job-name={_slurm_safe(launch.name or 'exp')}",
+             f"#SBATCH --comment={_slurm_safe(SLURM_TAG_PREFIX + (launch.tag or ''))}",
+             f"#SBATCH --output={launch.log_path}", "#SBATCH --open-mode=append",
+             f"#SBATCH --chdir={launch.cwd}"]
+    if gpus:
+        lines.append(f"#SBATCH --gres=gpu:{int(gpus)}")
+    if timeout and not options.get("time"):
+        lines.append(f"#SBATCH --time={_slurm_time(timeout)}")
+    for key, flag in SLURM_OPTIONS.items():
+        value = options.get(key)
+        if flag and value not in (None, ""):
+            lines.append(f"#SBATCH {flag}={value}")
+    for extra in options.get("extra") or []:
+        lines.append(f"#SBATCH {extra}")
+    mark = f"{LOG_MARK} {EXIT_STATUS_TEXT}"
+    lines += ["", f"sh -c {shlex.quote(launch.command)} </dev/null", "code=$?",
+              f'echo "{mark} $code"', 'exit "$code"', ""]
+    return "\n".join(lines)
+
+
+def _slurm_safe(text: str) -> str:
+    # One #SBATCH line, no shell: only a line break (or NUL) could break out of it.
+    return re.sub(r"[\r\n\0]", " ", text)
+
+
+def _slurm_cmd(args: list[str], *, timeout: float = 30.0, env: Mapping[bytes, bytes] | None = None,
+               cwd: str | None = None) -> Any:
+    import subprocess
+
+    _SLURM_POLLER.commands += 1
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
+                          stdin=subprocess.DEVNULL)
+
+
+class _SlurmJob:
+    __slots__ = ("state", "node", "exit_code", "reason", "seen")
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.node: str | None = None
+        self.exit_code: int | None = None
+        self.reason: str | None = None
+        self.seen = False  # squeue listed it at least once
+
+
+class _SlurmPoller:
+    """Polls Slurm for every job this process watches: one squeue per poll, from one thread."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, _SlurmJob] = {}
+        self.commands = 0  # Slurm commands run (sbatch, squeue, scontrol, sacct, scancel)
+        self.polls = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._interval = SLURM_POLL_MIN
+
+    def watch(self, job_id: str) -> _SlurmJob:
+        with self._cond:
+            job = self.jobs.setdefault(job_id, _SlurmJob())
+            self._interval = SLURM_POLL_MIN
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="exp-slurm-poll", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            return job
+
+    def kick(self) -> None:
+        """Poll soon (after a submission or scancel)."""
+        with self._cond:
+            self._interval = SLURM_POLL_MIN
+            self._cond.notify_all()
+
+    def wait_end(self, job_id: str, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            job = self.jobs[job_id]
+            while job.state not in SLURM_ENDED:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                live = [j for j, s in self.jobs.items() if s.state not in SLURM_ENDED]
+                if not live:
+                    self._thread = None
+                    return
+            changed = self._poll(live)
+            with self._cond:
+                self._interval = SLURM_POLL_MIN if changed else min(SLURM_POLL_MAX, self._interval * 1.5)
+                self._cond.notify_all()
+                self._cond.wait(self._interval)
+
+    def _poll(self, ids: list[str]) -> bool:
+        import subprocess
+
+        self.polls += 1
+        try:
+            r = _slurm_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%N|%r"])
+            ok, out = r.returncode == 0, r.stdout
+        except (OSError, subprocess.SubprocessError):
+            ok, out = False, ""
+        listed: dict[str, tuple[str, str]] = {}
+        for line in out.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 3:
+                listed[parts[0].strip()] = (parts[1].strip().split()[0] if parts[1].strip() else "", parts[2].strip())
+        changed = False
+        for jid in ids:
+            job = self.jobs[jid]
+            if jid in listed:
+                state, node = listed[jid]
+                job.seen = True
+                if node and node not in ("(null)", "n/a"):
+                    job.node = node
+                state = state.rstrip("+")
+                if state in SLURM_ENDED:
+                    self._ended(jid, job, state)
+                    changed = True
+                elif state != job.state:
+                    job.state, changed = state, True
+            elif ok:
+                # Not listed (MinJobAge passed, or a squeue that ignores -t all): ask scontrol, then sacct.
+                if self._ended(jid, job, None):
+                    changed = True
+        return changed
+
+    def _ended(self, jid: str, job: _SlurmJob, state: str | None) -> bool:
+        """Fill in a job's end (state and exit code) from scontrol, else sacct; False if unknown yet."""
+        import subprocess
+
+        code = None
+        try:
+            r = _slurm_cmd(["scontrol", "-o", "show", "job", jid])
+            if r.returncode == 0:
+                m = re.search(r"\bJobState=(\S+)", r.stdout)
+                e = re.search(r"\bExitCode=(\d+):(\d+)", r.stdout)
+                n = re.search(r"\bNodeList=(\S+)", r.stdout)
+                if m:
+                    state = state or m.group(1)
+                if e:
+                    code = int(e.group(1)) if int(e.group(2)) == 0 else -int(e.group(2))
+                if n and n.group(1) not in ("(null)", ""):
+                    job.node = n.group(1)
+            elif state is None:
+                r = _slurm_cmd(["sacct", "-n", "-P", "-X", "-j", jid, "-o", "State,ExitCode,NodeList"])
+                if r.returncode == 0 and r.stdout.strip():
+                    st, ec, node = (r.stdout.strip().splitlines()[0].split("|") + ["", "", ""])[:3]
+                    state = st.split()[0] if st else None
+                    a, _, b = ec.partition(":")
+                    if a.isdigit():
+                        code = int(a) if b in ("", "0") else -int(b) if b.isdigit() else int(a)
+                    job.node = node or job.node
+        except (OSError, subprocess.SubprocessError):
+            pass
+        if state is None or state.rstrip("+") not in SLURM_ENDED:
+            return False
+        state = state.rstrip("+")
+        with self._cond:
+            job.exit_code = code
+            job.state = state
+        return True
+
+
+_SLURM_POLLER = _SlurmPoller()
+
+
+class SlurmRun:
+    """A run submitted by :class:`SlurmBackend`: a batch job, followed through the shared poller."""
+
+    backend = "slurm"
+    proc = None
+    pid = None
+
+    def __init__(self, job_id: str, log_path: str | None = None) -> None:
+        self.job_id = job_id
+        self.log_path = log_path
+        self._job = _SLURM_POLLER.watch(job_id)
+
+    @property
+    def state(self) -> str | None:
+        return self._job.state
+
+    @property
+    def node(self) -> str | None:
+        return self._job.node
+
+    def _code(self) -> int:
+        job = self._job
+        if job.exit_code is not None:
+            return job.exit_code
+        # Slurm did not say (sacct absent, the job long gone): the script's own line in the log.
+        status = read_exit_status(self.log_path) if self.log_path else None
+        if status is not None:
+            return -(status - 128) if 128 < status < 160 else status
+        return 0 if job.state == "COMPLETED" else EXIT_UNKNOWN
+
+    def poll(self) -> int | None:
+        return self._code() if self._job.state in SLURM_ENDED else None
+
+    def exited_within(self, timeout: float) -> bool:
+        return _SLURM_POLLER.wait_end(self.job_id, timeout)
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        if not _SLURM_POLLER.wait_end(self.job_id, timeout):
+            raise subprocess.TimeoutExpired(f"slurm job {self.job_id}", timeout)  # type: ignore[arg-type]
+        return self._code()
+
+    def outcome(self) -> tuple[str, str | None] | None:
+        """(status, reason) as Slurm tells it, once the job has ended; None before."""
+        if self._job.state not in SLURM_ENDED:
+            return None
+        status, reason = SLURM_OUTCOMES.get(self._job.state, (ERROR, self._job.state.lower()))
+        if status == FINISHED and self._code() != 0:
+            status = ERROR
+        return status, reason
+
+    def terminate(self, grace: float = DEFAULT_KILL_GRACE) -> None:
+        SlurmBackend().stop([self], grace)
+
+    def record(self) -> dict[str, Any]:
+        return {"backend": self.backend, "job_id": self.job_id, "node": self._job.node, "state": self._job.state}
+
+    def __repr__(self) -> str:
+        return f"SlurmRun(job_id={self.job_id!r})"
+
+
+class SlurmBackend:
+    """Runs each command as a Slurm batch job (see the section's comment); the same surface as :class:`LocalBackend`."""
+
+    name = "slurm"
+    #: Slurm gives jobs their GPUs (``--gres``): the scheduler keeps no GPU pool of its own.
+    allocates_gpus = True
+
+    def __init__(self, options: Mapping[str, Any] | None = None, gpus: int = 0, timeout: float | None = None) -> None:
+        self.options = dict(options or {})
+        self.gpus = int(gpus or 0)
+        self.timeout = timeout
+
+    def for_job(self, options: Mapping[str, Any] | None, gpus: int = 0, timeout: float | None = None) -> SlurmBackend:
+        """This backend with one experiment's options (``[experiments.slurm]`` over ``[scheduler.slurm]``)."""
+        return SlurmBackend({**self.options, **(options or {})}, gpus, timeout)
+
+    def start(self, launch: Launch) -> SlurmRun:
+        """Write the batch script, submit it; ExpError naming Slurm's own message if it cannot be."""
+        import subprocess
+
+        if not launch.script_path:
+            raise ExpError("a Slurm run needs a place for its batch script (Launch.script_path)")
+        script = slurm_script(launch, self.options, self.gpus, self.timeout)
+        try:
+            os.makedirs(os.path.dirname(launch.script_path), exist_ok=True)
+        except OSError as e:
+            raise _storage_error(launch.script_path, e, "create the directory of") from e
+        write_atomic(launch.script_path, script.encode("utf-8"), sync=False)
+        env = dict(launch.env)
+        if self.gpus:
+            env.pop(b"CUDA_VISIBLE_DEVICES", None)  # Slurm sets it for the GPUs it gives
+        # The identifying options again as arguments: a path with spaces would not survive an #SBATCH line.
+        args = ["sbatch", "--parsable", f"--job-name={_slurm_safe(launch.name or 'exp')}",
+                f"--comment={_slurm_safe(SLURM_TAG_PREFIX + (launch.tag or ''))}", f"--output={launch.log_path}",
+                "--open-mode=append", f"--chdir={launch.cwd}", launch.script_path]
+        try:
+            r = _slurm_cmd(args, env=env, cwd=launch.cwd, timeout=60)
+        except FileNotFoundError:
+            raise ExpError("sbatch not found: this machine has no Slurm client. Run exp on a login node of "
+                           'the cluster, or use [scheduler] backend = "local"') from None
+        except subprocess.TimeoutExpired:
+            raise ExpError("sbatch did not answer within 60 s; is the Slurm controller up? (squeue says)") from None
+        if r.returncode != 0:
+            msg = " ".join((r.stderr or r.stdout).split())[:500] or f"exit status {r.returncode}"
+            raise ExpError(f"Slurm refused the job ({msg}); see {launch.script_path}")
+        job_id = r.stdout.strip().split(";")[0]
+        if not job_id.isdigit() and not re.fullmatch(r"\d+(_\d+)?", job_id):
+            raise ExpError(f"sbatch answered {r.stdout.strip()!r}, not a job id")
+        run = SlurmRun(job_id, launch.log_path)
+        if launch.on_submit is not None:
+            launch.on_submit(run.record())
+        _SLURM_POLLER.kick()
+        return run
+
+    def attach(self, record: Mapping[str, Any]) -> SlurmRun:
+        """A run from its :meth:`SlurmRun.record` (a scheduler that restarted adopts its jobs by id)."""
+        job_id = record.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            raise ExpError(f"cannot attach to a Slurm run without a job id: {dict(record)!r}")
+        return SlurmRun(job_id, record.get("log_path") if isinstance(record.get("log_path"), str) else None)
+
+    def find(self, tag: str, log_path: str | None = None) -> SlurmRun | None:
+        """A job submitted for ``tag`` (``<work_dir>:<run_id>``) whose id was never written down (a crash)."""
+        import subprocess
+
+        try:
+            r = _slurm_cmd(["squeue", "-h", "-t", "all", "-o", "%i|%k"])
+        except (OSError, subprocess.SubprocessError):
+            return None
+        want = SLURM_TAG_PREFIX + tag
+        for line in r.stdout.splitlines():
+            jid, _, comment = line.partition("|")
+            if comment.strip() == want:
+                return SlurmRun(jid.strip(), log_path)
+        return None
+
+    def stop(self, runs: Iterable[Any], grace: float, idle: Callable[[float], bool] | None = None) -> list[int]:
+        """``scancel`` the jobs (SIGTERM, then Slurm's KillWait), wait up to ``grace`` + 30 s for them to end."""
+        import subprocess
+
+        runs = [r for r in runs if isinstance(r, SlurmRun)]
+        if not runs:
+            return []
+        try:
+            _slurm_cmd(["scancel", *[r.job_id for r in runs]])
+        except (OSError, subprocess.SubprocessError):
+            pass
+        _SLURM_POLLER.kick()
+        deadline = time.monotonic() + grace + 30
+        left = [int(r.job_id) for r in runs if not r.exited_within(max(0.0, deadline - time.monotonic()))
+                and r.job_id.isdigit()]
+        return left
+
+
+def slurm_stats() -> dict[str, int]:
+    """Slurm commands this process ran, and polls made (the benchmark reports them)."""
+    return {"commands": _SLURM_POLLER.commands, "polls": _SLURM_POLLER.polls}
+
+
+def make_backend(settings: SchedulerSettings) -> LocalBackend | SlurmBackend:
+    """The backend ``[scheduler] backend`` names."""
+    if settings.backend == "slurm":
+        return SlurmBackend(settings.slurm)
+    return LocalBackend()
 
 
 # ============================================================================
@@ -3300,7 +3723,9 @@ class Experiment:
         try:
             self._record_start(rid, started, None)
             launch = Launch(command, self.cwd, self.child_env(rid, env_extra), log_path, self.name,
-                            supervise=True, recorder=record_end_command(self.work_dir, rid))
+                            supervise=True, recorder=record_end_command(self.work_dir, rid),
+                            script_path=self.dir.slurm_script_path(rid), tag=f"{self.work_dir}:{rid}",
+                            on_submit=lambda record: self.dir.record_backend(rid, record))
             if before_spawn is not None:
                 before_spawn()
             run = self.backend.start(launch)
@@ -3448,7 +3873,7 @@ class RunHandle:
     status ``running``.
     """
 
-    def __init__(self, experiment: Experiment, run: LocalRun, run_id: str, log_path: str,
+    def __init__(self, experiment: Experiment, run: LocalRun | SlurmRun, run_id: str, log_path: str,
                  started_at: str, t0: float) -> None:
         self.experiment = experiment
         self.run = run
@@ -3476,6 +3901,8 @@ class RunHandle:
         """Write the run's pid into metadata.json now (once; later calls do nothing)."""
         if not self._pid_recorded:
             self._pid_recorded = True
+            if self.pid is None:  # a batch job: its id was recorded at submission
+                return
             ticks = self.run.record().get("start_ticks") if self.run.proc is not None else None
             self.experiment.dir.record_pid(self.run_id, self.pid, ticks)
 
@@ -3527,7 +3954,7 @@ class RunHandle:
                     self.record_pid()
                 except (OSError, ExpError):  # e.g. a full disk: the end still gets recorded
                     pass
-                if self.run.proc is not None:
+                if self.run.proc is not None and self.pid is not None:
                     # Who is in the run's group (the command under its supervisor): if the
                     # OOM killer takes one of them, the kernel log names that pid.
                     group_members(self.pid)
@@ -3565,10 +3992,18 @@ class RunHandle:
                 status_code = read_exit_status(self.log_path)
                 code = None if status_code is None else (
                     -(status_code - 128) if 128 < status_code < 160 else status_code)
+        outcome = self.run.outcome()
         if self._stop_requested:
             status, reason = self._stop_status, self._stop_reason
+        elif outcome is not None:  # what the cluster says: a time limit, out of memory, a node failure
+            status, reason = outcome
         else:
             status, reason = (FINISHED if code == 0 else ERROR), None
+        if outcome is not None:
+            try:
+                self.experiment.dir.record_backend(self.run_id, self.run.record())
+            except (OSError, ExpError):
+                pass
         try:
             self.reason = self.experiment._record_end(self.run_id, self._t0, code, status, self.pid, reason,
                                                       signalled=self._signalled, sync=self._sync_end)
@@ -3683,7 +4118,7 @@ def terminate_runs(handles: Iterable[RunHandle], grace: float = DEFAULT_KILL_GRA
     called while waiting (see :func:`stop_groups`).  Returns the process
     groups still alive at the end (normally none).
     """
-    by_backend: dict[int, tuple[Any, list[LocalRun]]] = {}
+    by_backend: dict[int, tuple[Any, list[Any]]] = {}
     for h in handles:
         h.request_stop()
         backend = h.experiment.backend
@@ -3793,6 +4228,11 @@ SCHEDULER_FIELDS: tuple[Field, ...] = (
     Field("notify", "notify", None,
           '`{ lark_webhook = "https://…/open-apis/bot/v2/hook/…", secret = "…", on = ["error", "finished", "done"] }`: '
           "group-chat messages when an experiment ends and when the batch is done"),
+    Field("backend", "backend", "local",
+          '`"local"` (this machine) or `"slurm"` (each experiment is a batch job; see *Running on a Slurm cluster*)'),
+    Field("slurm", "slurm", {},
+          "`[scheduler.slurm]`: sbatch options for every experiment: `partition`, `account`, `qos`, `time`, `mem`, "
+          '`cpus_per_task`, `constraint`, `extra = ["--exclusive"]`'),
     Field("gpus", "gpu_ids", None,
           "the GPU pool, e.g. `[0, 1, 2, 3]`; default: detected with `nvidia-smi` (within a set "
           "`CUDA_VISIBLE_DEVICES`), none without it"),
@@ -3821,6 +4261,7 @@ EXPERIMENT_FIELDS: tuple[Field, ...] = (
     Field("lark_url", "lark_url", None, "overrides `[scheduler] lark_url`"),
     Field("lark_config", "lark", None, "overrides `[scheduler] lark_config`, key by key"),
     Field("notify", "notify", None, "overrides `[scheduler] notify`, key by key"),
+    Field("slurm", "slurm", {}, "`[experiments.slurm]`: overrides `[scheduler.slurm]` key by key"),
     Field("gpus", "int>=0", 0, "how many GPUs (any free ones of the pool); `gpu_ids` asks for exact ones"),
     Field("timeout", "duration", None,
           '`"2h"`, `"90m"`, `"30s"` or seconds: SIGTERM then SIGKILL after `kill_timeout`; ends `error` (timeout)'),
@@ -3906,6 +4347,39 @@ def _check_lark_url(v: Any) -> str:
 
 def _check_notify(v: Any) -> dict[str, Any]:
     return check_notify(v)
+
+
+def _check_backend(v: Any) -> str:
+    _expect(v in ("local", "slurm"), '"local" or "slurm"', v)
+    return str(v)
+
+
+def _check_slurm(v: Any) -> dict[str, Any]:
+    _expect(isinstance(v, dict), 'a table such as { partition = "gpu", time = "1-00:00:00" }', v)
+    problems: list[tuple[str | None, str]] = []
+    out: dict[str, Any] = {}
+    for key, val in v.items():
+        if key not in SLURM_OPTIONS:
+            problems.append((None, _unknown_key("slurm", str(key), SLURM_OPTIONS).split(": ", 1)[1]))
+        elif key == "extra":
+            if not (isinstance(val, list) and all(isinstance(x, str) and x.startswith("-") and "\n" not in x
+                                                  for x in val)):
+                problems.append((key, f'expected a list of sbatch options such as ["--exclusive"], got {val!r}'))
+            else:
+                out[key] = list(val)
+        elif key == "cpus_per_task":
+            if not (_is_int(val) and val >= 1):
+                problems.append((key, f"expected an integer >= 1, got {val!r}"))
+            else:
+                out[key] = val
+        elif not (isinstance(val, (str, int)) and not isinstance(val, bool) and str(val).strip()
+                  and not re.search(r"[\s\0]", str(val))):
+            problems.append((key, f"expected a value without spaces, such as \"gpu\", got {val!r}"))
+        else:
+            out[key] = str(val)
+    if problems:
+        raise _Problems(problems)
+    return out
 
 
 def _check_tags(v: Any) -> list[str]:
@@ -4007,6 +4481,8 @@ _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "lark": _check_lark,
     "lark_url": _check_lark_url,
     "notify": _check_notify,
+    "backend": _check_backend,
+    "slurm": _check_slurm,
     "duration": parse_duration,
     "mb": _check_mb,
     "names": _check_names,
@@ -4027,6 +4503,8 @@ class SchedulerSettings:
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
     notify: dict[str, Any] | None
+    backend: str
+    slurm: dict[str, Any]
     gpus: list[int] | None
     jobs_per_gpu: int
     gpu_free_memory_mb: float | None
@@ -4063,6 +4541,7 @@ class ExperimentSpec:
     lark_url: str | None
     lark_config: dict[str, Any] | str | None
     notify: dict[str, Any] | None
+    slurm: dict[str, Any]
     gpus: int
     timeout: float | None
     depends_on: list[str]
@@ -4398,6 +4877,11 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
             except ConfigError as e:
                 errors.append(f"{where}.name: {e}")
         specs.append(ExperimentSpec(i, values))
+    if settings.backend == "slurm":
+        for spec in specs:
+            if spec.gpu_ids:
+                errors.append(f"experiments[{spec.index}] ({spec.name}): gpu_ids names GPUs of this machine; with "
+                              'backend = "slurm" ask for a number of GPUs with gpus = N (Slurm picks them)')
     if not errors:
         # A sweep's points share their table's depends_on: one message each, not one per point.
         errors.extend(dict.fromkeys(check_dependencies(specs)))
@@ -4494,7 +4978,12 @@ def detect_gpus(env: Mapping[str, str] | None = None) -> list[dict[str, Any]] | 
 
 
 def gpu_pool(settings: SchedulerSettings, detected: list[dict[str, Any]] | None | bool = False) -> list[int]:
-    """The scheduler's GPU ids: ``[scheduler] gpus``, else what nvidia-smi reports (once), else none."""
+    """The scheduler's GPU ids: ``[scheduler] gpus``, else what nvidia-smi reports (once), else none.
+
+    None with ``backend = "slurm"``: Slurm hands out the cluster's GPUs.
+    """
+    if settings.backend == "slurm":
+        return []
     if settings.gpus is not None:
         return list(settings.gpus)
     found = detect_gpus() if detected is False else detected
@@ -4502,7 +4991,12 @@ def gpu_pool(settings: SchedulerSettings, detected: list[dict[str, Any]] | None 
 
 
 def check_gpu_requests(config: BatchConfig, pool: list[int]) -> None:
-    """ConfigError (exit 2) when an experiment asks for more GPUs than the pool has, or ids outside it."""
+    """ConfigError (exit 2) when an experiment asks for more GPUs than the pool has, or ids outside it.
+
+    With ``backend = "slurm"`` the cluster has the GPUs, not this machine: Slurm checks (at sbatch).
+    """
+    if config.scheduler.backend == "slurm":
+        return
     problems = []
     where_pool = (f"the pool {pool}" if pool else "an empty pool (no [scheduler] gpus, and nvidia-smi "
                   "found no GPUs)")
@@ -4621,6 +5115,8 @@ class Job:
             "error": self.error, "reason": self.reason, "params": s.params, "gpus": s.gpus,
             "assigned_gpus": self.gpus, "timeout": s.timeout, "depends_on": s.depends_on,
             "deps": self.deps,
+            # A cluster job: its id, node and state (Slurm), as last seen.
+            "job": self.handle.run.record() if self.handle is not None and self.handle.pid is None else None,
         }
 
 
@@ -4737,7 +5233,7 @@ def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuP
             take = exact
             if not fits:
                 reserved.update(exact)
-        elif count:
+        elif count and gpus is not None:
             avail = sorted((g for g in pool if free.get(g, 0) > 0 and g not in reserved), key=lambda g: -free[g])
             fits = len(avail) >= count
             take = avail[:count]
@@ -4858,8 +5354,12 @@ class Scheduler:
         self.resume = resume
         self.limit = int(config.max_concurrent_experiments)
         #: The GPU pool: ``gpus``, else [scheduler] gpus, else detected once, here.
-        self.gpu_pool = list(gpus) if gpus is not None else gpu_pool(config.scheduler)
-        check_gpu_requests(config, self.gpu_pool)
+        self.backend = make_backend(config.scheduler)
+        if self.backend.allocates_gpus:  # the cluster gives each job its GPUs
+            self.gpu_pool: list[int] = []
+        else:
+            self.gpu_pool = list(gpus) if gpus is not None else gpu_pool(config.scheduler)
+            check_gpu_requests(config, self.gpu_pool)
         self.gpu_use: dict[int, int] = {g: 0 for g in self.gpu_pool}
         self.jobs = expand_jobs(config)
         self.queue: list[Job] = list(self.jobs)
@@ -4867,7 +5367,6 @@ class Scheduler:
         self.done: list[Job] = []
         self.state = StateFile(config.base_experiment_dir)
         self.state_path = self.state.path
-        self.backend = LocalBackend()
         self.term = _Terminal(out or sys.stdout)
         self._clock = clock
         self._events: Any = None
@@ -4967,7 +5466,8 @@ class Scheduler:
                     name=s.name, command=s.command, base_dir=s.base_dir, tags=s.tags, gpu_ids=s.gpu_ids,
                     cwd=s.cwd, resume=s.resume, description=s.description,
                     lark_config=merge_lark_layers(top.lark_url, top.lark_config, s.lark_url, s.lark_config),
-                    env=s.environment, backend=self.backend, write_metadata=False, params=s.params or None,
+                    env=s.environment, backend=self._backend_for(job), write_metadata=False,
+                    params=s.params or None,
                 )
             if job.gpus or job.spec.gpus:
                 job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
@@ -5242,6 +5742,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------- notifications
 
+    def _backend_for(self, job: Job) -> Any:
+        return self.backend.for_job(job.spec.slurm, job.spec.gpus, job.spec.timeout)
+
     def _notify_settings(self, job: Job) -> dict[str, Any]:
         return _notify_settings(self.config.scheduler.notify, job.spec.notify)
 
@@ -5331,7 +5834,7 @@ class Scheduler:
             if job.work_dir is None or not ExperimentDir.is_experiment(job.work_dir):
                 continue  # never started: it waits in the queue as before
             job.experiment = Experiment.load(job.work_dir)
-            job.experiment.backend = self.backend
+            job.experiment.backend = self._backend_for(job)
             if status != RUNNING or job.run_id is None:
                 continue  # between attempts: the next one goes in the same directory
             entry = job.experiment.dir.run_entry(job.run_id) or {}
@@ -5340,14 +5843,22 @@ class Scheduler:
                 ended += 1
                 continue
             pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
-            run = None
+            run: Any = None
             meta = job.experiment.dir.try_read_metadata()[0] or {}
-            if _is_int(pid):
-                try:
+            log = job.experiment.dir.log_path(job.run_id)
+            record = entry.get("backend")
+            try:
+                if isinstance(record, dict) and record.get("backend") == self.backend.name:
+                    run = self.backend.attach({**record, "log_path": log})  # a cluster job, by its id
+                elif _is_int(pid):
                     run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
                                                "host": meta.get("hostname")})
-                except ExpError:
-                    run = None
+                else:  # submitted, but the scheduler died before it wrote the job down
+                    run = self.backend.find(f"{job.work_dir}:{job.run_id}", log)
+                    if run is not None:
+                        job.experiment.dir.record_backend(job.run_id, run.record())
+            except ExpError:
+                run = None
             t0 = time.time()
             try:  # its duration and timeout count from its start, not from now
                 from datetime import datetime
@@ -5368,7 +5879,8 @@ class Scheduler:
                 for g in job.gpus:
                     self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
                 adopted += 1
-                self.term.event(f"adopted  {job.label()} (pid {pid}, still running) -> {_short_path(job.work_dir)}")
+                what = f"pid {pid}" if run.pid is not None else f"job {run.record().get('job_id')}"
+                self.term.event(f"adopted  {job.label()} ({what}, still running) -> {_short_path(job.work_dir)}")
             else:  # gone, and nothing recorded its end: the supervisor's status line, if any
                 handle.settle()
                 self._mark_done(job, handle.status, handle.returncode, handle.reason)
@@ -5568,7 +6080,8 @@ class Scheduler:
             return {"ok": False, "message": f"the scheduler of {self.state.base_dir} is shutting down (exp shutdown); "
                                             "run this again once it has exited"}
         config = load_config(path)
-        check_gpu_requests(config, self.gpu_pool)
+        if not self.backend.allocates_gpus:
+            check_gpu_requests(config, self.gpu_pool)
         new = expand_jobs(config)
         first = self._last_id  # ids are never reused, even after `exp rm`
         order0 = max((j.order for j in self.jobs), default=-1) + 1
