@@ -130,7 +130,10 @@ __all__ = [
     "LARK_DOMAINS", "LARK_BATCH_MAX", "LARK_LINGER", "LARK_HTTP_TIMEOUT", "LARK_ATTEMPTS", "LARK_UPLOAD_MAX",
     "LARK_TOKEN_MARGIN", "LARK_READ_ONLY_TYPES", "LARK_TOKEN_CODES", "LARK_RETRY_CODES", "LARK_OPTIONS",
     "WEBHOOK_PER_SECOND", "WEBHOOK_PER_MINUTE", "WEBHOOK_MAX_BYTES", "NOTIFY_EVENTS", "WEBHOOK_ENV",
-    "WEBHOOK_SECRET_ENV", "LARK_DIR", "LARK_OUTBOX_EXT", "LARK_CURSOR_EXT",
+    "WEBHOOK_SECRET_ENV", "LARK_DIR", "LARK_OUTBOX_EXT", "LARK_CURSOR_EXT", "LARK_CELL_CODES", "LARK_PERMANENT_CODES",
+    # the Slurm backend
+    "SlurmBackend", "SlurmRun", "slurm_script", "slurm_stats", "make_backend", "SLURM_OPTIONS", "SLURM_POLL_MIN",
+    "SLURM_POLL_MAX", "SLURM_ENDED", "SLURM_OUTCOMES", "SLURM_TAG_PREFIX", "SLURM_DIR", "SLURM_SCRIPT_EXT",
     # errors
     "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
     "MetricError", "UnavailableError",
@@ -3598,9 +3601,14 @@ class Experiment:
                             f"python exp.py lark-sync {self.work_dir}")
             return
         try:
-            _lark_sender(self.dir, rid, settings, self.name, self._warn).notify()
+            sender = _lark_sender(self.dir, rid, settings, self.name, self._warn)
         except ExpError as e:
             self._warn_once(f"lark: {e}")
+            return
+        if sender.sync.settings != settings:
+            self._warn_once("lark: save_row(lark_config=...) changed the settings during the run; one run's rows "
+                            "all go to the table its first save_row(lark=True) named")
+        sender.notify()
 
     def _warn_once(self, message: str) -> None:
         said = self.__dict__.setdefault("_warned", set())
@@ -3775,6 +3783,42 @@ class Experiment:
         finally:
             if self._lark.get("mode") == "summary":
                 self._lark_summary_end(rid, status)
+            elif not self.__dict__.get("_in_process"):
+                self._lark_after_run(rid)
+
+    def _lark_after_run(self, rid: str) -> None:
+        """Rows a run left in its outbox (killed mid-sync): send them from here, or say how."""
+        if not os.path.exists(self.dir.lark_outbox_path(rid)):
+            return
+        pending = lark_pending(self.dir, rid)
+        if not pending:
+            return
+        settings = lark_settings(self._lark)
+        hint = f"python exp.py lark-sync {self.work_dir}"
+        if lark_missing(settings):
+            self._warn(f"lark: {pending} row{'s' if pending != 1 else ''} of {rid} not sent to Lark; they are kept "
+                       f"in {self.dir.lark_outbox_path(rid)}; send them with: {hint}")
+            return
+        wait = max(30.0, float(settings.get("flush_timeout", 10.0)))
+
+        def send() -> None:
+            try:
+                _, left = LarkSync(self.dir, settings, warn=self._warn,
+                                   context={"name": self.name, "cwd": self.cwd}).drain([rid], time.time() + wait)
+            except Exception as e:  # noqa: BLE001 - reported, never raised into the run's end
+                left = lark_pending(self.dir, rid)
+                self._warn(f"lark: {e}")
+            if left:
+                self._warn(f"lark: {left} row{'s' if left != 1 else ''} of {rid} not sent to Lark; they are kept in "
+                           f"{self.dir.lark_outbox_path(rid)}; send them with: {hint}")
+
+        t = threading.Thread(target=send, name=f"exp-lark-after-{rid}", daemon=True)
+        t.start()
+        _LARK_FINAL.append((t, wait))
+        if len(_LARK_FINAL) == 1:
+            import atexit
+
+            atexit.register(_join_lark_final)
 
     def _lark_summary_end(self, rid: str, status: str) -> None:
         """Summary mode: the run's record gets its final status and duration, from a thread."""
@@ -3790,6 +3834,9 @@ class Experiment:
 
         t = threading.Thread(target=send, name=f"exp-lark-end-{rid}", daemon=True)
         t.start()
+        if self.__dict__.get("_in_process"):  # this process is ending: no later exit handler would wait
+            t.join(float(settings.get("flush_timeout", 10.0)))
+            return
         _LARK_FINAL.append((t, float(settings.get("flush_timeout", 10.0))))
         if len(_LARK_FINAL) == 1:
             import atexit
@@ -3849,6 +3896,8 @@ class Experiment:
 
         sys.excepthook = hook
         sys.exit = exit_  # type: ignore[assignment]
+
+        self._in_process = True
 
         def finish() -> None:
             try:
@@ -5784,10 +5833,13 @@ class Scheduler:
         for st in by_key.values():
             notifier = self._notifier(st)
             if notifier is not None:
+                # More cards than the bot's limits let through in time: the summary goes instead of them.
+                dropped = notifier.drop_queued() if notifier.pending() > 40 else 0
                 notifier.send(batch_card(self.config.path, counts, failed, interrupted,
-                                         self._clock() - self._t0, _hostname()))
+                                         self._clock() - self._t0, _hostname(), dropped))
+        deadline = time.monotonic() + 15.0
         for notifier in self._notifiers.values():
-            notifier.close(timeout=15.0)
+            notifier.close(timeout=max(0.0, deadline - time.monotonic()))
 
     # ---------------------------------------------------------------- crash recovery
 
@@ -6280,8 +6332,19 @@ LARK_TOKEN_MARGIN = 300.0
 LARK_READ_ONLY_TYPES = frozenset({19, 20, 1001, 1002, 1003, 1004, 1005})
 #: Tokens rejected as missing, malformed, invalid or expired: fetch a new one and retry once.
 LARK_TOKEN_CODES = frozenset({99991661, 99991663, 99991664, 99991671})
-#: Codes worth retrying: rate limits, write conflicts, not ready, timeouts, the catch-all, upload "can retry".
-LARK_RETRY_CODES = frozenset({99991400, 1254290, 1254291, 1254607, 1255040, 1254002, 1061045})
+#: Codes worth retrying: rate limits, write conflicts, not ready, timeouts, the catch-all, upload "can retry",
+#: a request "submitted repeatedly" (the docs say: retry later), a Base being copied, internal errors.
+LARK_RETRY_CODES = frozenset({99991400, 1254290, 1254291, 1254607, 1255040, 1254002, 1061045, 1254608, 1254036,
+                              1255001, 1255002, 1255003, 1255004, 1255005})
+#: A record refused for one of its cells: the field types each code is about (None: it does not say).
+_LARK_CELL_TYPES: dict[int, set[int] | None] = {
+    1254060: {1}, 1254061: {2}, 1254062: {3}, 1254063: {4}, 1254064: {5}, 1254065: {7}, 1254066: {11},
+    1254067: {18}, 1254068: {15}, 1254069: {17}, 1254072: {13}, 1254074: {21}, 1254130: {1},
+    1254303: {17}, 1254106: {17}, 1254015: None}
+LARK_CELL_CODES = frozenset(_LARK_CELL_TYPES)
+#: Errors no retry fixes until someone acts: credentials, a missing Base or table, permissions.
+LARK_PERMANENT_CODES = frozenset({10014, 10003, 99991543, 1254040, 1254041, 1254003, 1254004, 1254302, 1254304,
+                                  1254301, 1254306, 99991672, 99991676, 99991662, 99991673})
 #: Notifications: the bot's limits (per second, per minute) and its largest body.
 WEBHOOK_PER_SECOND, WEBHOOK_PER_MINUTE = 5, 100
 WEBHOOK_MAX_BYTES = 20 * 1024
@@ -6533,6 +6596,8 @@ def lark_value(value: Any, field_type: int) -> Any:
     if field_type == 1 or field_type == 3:  # text, single select
         if isinstance(value, float) and not math.isfinite(value):
             return repr(value)
+        if isinstance(value, str) and len(value) > 100_000:
+            raise ValueError("longer than the 100,000 characters a text cell holds")
         return value if isinstance(value, str) else ("True" if value is True else "False" if value is False
                                                         else format_metric("", value))
     if field_type == 2:  # number (also progress, currency, rating)
@@ -6866,15 +6931,17 @@ class _Outbox:
         self._fd = None
 
 
-def _read_outbox(path: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int]:
-    """Up to ``limit`` complete rows of an outbox from byte ``offset``; and the offset after them."""
+def _read_outbox(path: str, offset: int, limit: int) -> tuple[list[dict[str, Any]], int, list[int]]:
+    """Up to ``limit`` complete rows of an outbox from byte ``offset``: the rows, the offset after
+    them, and the offset after each row."""
     import json
 
     rows: list[dict[str, Any]] = []
+    ends: list[int] = []
     try:
         f = _open_regular(path, "rb")
     except FileNotFoundError:
-        return rows, offset
+        return rows, offset, ends
     with f:
         f.seek(offset)
         end = offset
@@ -6888,7 +6955,8 @@ def _read_outbox(path: str, offset: int, limit: int) -> tuple[list[dict[str, Any
                 continue  # unreadable: skipped, never resent forever
             if isinstance(row, dict):
                 rows.append(row)
-    return rows, end
+                ends.append(end)
+    return rows, end, ends
 
 
 def lark_pending(exp_dir: ExperimentDir, run_id: str) -> int:
@@ -6979,7 +7047,8 @@ class LarkSync:
             return None
         numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
         try:
-            field = self.client.create_field(self.app_token, self.table_id, name, 2 if numeric else 1)
+            with self._table_lock():
+                field = self.client.create_field(self.app_token, self.table_id, name, 2 if numeric else 1)
         except LarkError as e:
             if e.code == 1254014:  # created meanwhile by someone else
                 fields = self.fields(refresh=True)
@@ -7035,11 +7104,17 @@ class LarkSync:
                 out.append({"file_token": str(item["file_token"])})
                 continue
             path = os.path.expanduser(str(item))
-            if not os.path.isfile(path):
-                raise ValueError(f"{path} is not a file to attach")
-            if path not in self._uploads:
-                self._uploads[path] = self.client.upload(self.app_token, path)
-            out.append({"file_token": self._uploads[path]})
+            if not os.path.isabs(path) and self.context.get("cwd"):
+                path = os.path.join(str(self.context["cwd"]), path)
+            try:
+                st = os.stat(path)
+            except OSError:
+                raise ValueError(f"{path} is not a file to attach") from None
+            # The same file unchanged is uploaded once; rewritten (a plot saved each epoch), again.
+            key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+            if key not in self._uploads:
+                self._uploads[key] = self.client.upload(self.app_token, path)
+            out.append({"file_token": self._uploads[key]})
         return out
 
     # ---- sending
@@ -7055,29 +7130,33 @@ class LarkSync:
                 return self._pump_summary(run_id, cursor)
             batch = cursor.get("batch")
             if not isinstance(batch, dict):
-                offset = int(cursor.get("offset") or 0)
-                rows, end = _read_outbox(self.dir.lark_outbox_path(run_id), offset, LARK_BATCH_MAX)
-                if not rows:
+                batch = self._new_batch(run_id, int(cursor.get("offset") or 0), LARK_BATCH_MAX)
+                if batch is None:
                     return 0
-                import uuid
-
-                records = [{"fields": f} for f in (self.record_fields(r, run_id) for r in rows) if f]
                 # Recorded before the request: a retry, or the next process after a kill,
                 # sends the same records with the same token, and the server keeps one copy.
-                batch = {"token": str(uuid.uuid4()), "end": end, "rows": len(rows), "records": records}
                 cursor["batch"] = batch
+                cursor["settings"] = self.public_settings()
                 self._save_cursor(run_id, cursor, sync=True)
-            if batch["records"]:
+            while batch["records"]:
                 try:
                     with self._table_lock():
                         self.client.batch_create(self.app_token, self.table_id, batch["records"], batch["token"])
+                    break
                 except LarkError as e:
-                    if not e.retryable and e.code not in (1254608,):
-                        # Nothing was written: rebuild the batch from the rows, with fresh field
-                        # names and types (a column deleted or retyped meanwhile).
-                        cursor.pop("batch", None)
-                        self._save_cursor(run_id, cursor)
-                        self._fields = None
+                    if e.retryable:
+                        raise
+                    # Refused as a whole (a batch is all or nothing), so nothing was written.
+                    if e.code in LARK_CELL_CODES:
+                        batch = self._narrow(run_id, cursor, batch, e)  # find the row, leave out its bad cells
+                        if batch is None:
+                            return 0
+                        continue
+                    # Otherwise rebuild it from the rows, with fresh field names and types
+                    # (a column deleted or retyped meanwhile).
+                    cursor.pop("batch", None)
+                    self._save_cursor(run_id, cursor)
+                    self._fields = None
                     raise
             cursor.pop("batch", None)
             cursor["offset"] = batch["end"]
@@ -7085,6 +7164,57 @@ class LarkSync:
             self._save_cursor(run_id, cursor)
             self.sent += batch["rows"]
             return int(batch["rows"])
+
+    def public_settings(self) -> dict[str, Any]:
+        """Where this sync sends, without the secret, in lark_config's terms (kept in the cursor for lark-sync)."""
+        out = {k: v for k, v in self.settings.items() if k in LARK_OPTIONS and k != "app_secret"}
+        if self._app_token:
+            out["app_token"] = self._app_token
+        return out
+
+    def _new_batch(self, run_id: str, offset: int, limit: int,
+                   drop: Mapping[int, set[str]] | None = None) -> dict[str, Any] | None:
+        import uuid
+
+        rows, end, ends = _read_outbox(self.dir.lark_outbox_path(run_id), offset, limit)
+        if not rows:
+            return None
+        records = []
+        for i, r in enumerate(rows):
+            fields = self.record_fields(r, run_id)
+            for name in (drop or {}).get(i, ()):
+                fields.pop(name, None)
+            if fields:
+                records.append({"fields": fields})
+        return {"token": str(uuid.uuid4()), "start": offset, "end": end, "ends": ends, "rows": len(rows),
+                "records": records}
+
+    def _narrow(self, run_id: str, cursor: dict[str, Any], batch: dict[str, Any],
+                error: LarkError) -> dict[str, Any] | None:
+        """A batch refused for one bad cell: send its first half, down to the row itself; in that
+        row, leave out the cells of the field types the error names (or the row, if it names none)."""
+        start = int(batch.get("start", cursor.get("offset") or 0))
+        n = int(batch["rows"])
+        if n > 1:
+            new = self._new_batch(run_id, start, max(1, n // 2))
+        else:
+            row = _read_outbox(self.dir.lark_outbox_path(run_id), start, 1)[0]
+            types = _LARK_CELL_TYPES.get(error.code or 0)
+            fields = batch["records"][0]["fields"] if batch["records"] else {}
+            known = self.fields()
+            bad = {k for k in fields if types is None or known.get(k, {}).get("type") in types}
+            if not bad:  # none of its cells is of the type named: the row itself goes
+                bad, types = set(fields), None
+            for k in sorted(bad):
+                self.warn(f"Lark refused {k}={str(fields[k])[:80]!r} ({error}): that cell is not sent")
+            if types is None:
+                self.warn(f"Lark refused a row ({error}): it is not sent; it stays in the CSV")
+            new = self._new_batch(run_id, start, 1, {0: bad})
+        cursor["batch"] = new
+        if new is None:
+            cursor.pop("batch", None)
+        self._save_cursor(run_id, cursor, sync=True)
+        return new
 
     def _table_lock(self) -> Any:
         """One write at a time to a table from this machine (the API asks for it: concurrent writes conflict)."""
@@ -7147,7 +7277,7 @@ class LarkSync:
         import uuid
 
         offset = int(cursor.get("offset") or 0)
-        rows, end = _read_outbox(self.dir.lark_outbox_path(run_id), offset, 100_000)
+        rows, end, _ = _read_outbox(self.dir.lark_outbox_path(run_id), offset, 100_000)
         if not rows and cursor.get("record_id") and status is None:
             return 0
         last = dict(cursor.get("last") or {})
@@ -7209,41 +7339,36 @@ class _LarkSender:
 
     def _loop(self) -> None:
         failures = 0
-        first = True
+        started = False
         while True:
             self._wake.wait()
             if not self._stop:
                 time.sleep(LARK_LINGER)  # let rows gather into one request
             self._wake.clear()
             try:
-                # Older runs' leftovers first (a run killed mid-sync), then this run's rows.
-                runs = [r for r in self.sync.runs_pending() if r != self.run_id] if first else []
-                if self.sync.mode == "summary" and first:
+                if self.sync.mode == "summary" and not started:
                     self.sync.summary_update(self.run_id)
-                first = False
-                for rid in runs + [self.run_id]:
+                started = True
+                # Older runs' leftovers too (a run killed mid-sync), until they are sent.
+                for rid in self.sync.runs_pending() + [self.run_id]:
                     while self.sync.pump(rid):
-                        failures = 0
+                        pass
+                failures = 0
                 self._idle.set()
-            except LarkError as e:
-                failures += 1
-                if not e.retryable and failures >= 3:
-                    self._failed = str(e)
-                    self._warn(f"lark: syncing stopped after repeated errors ({e}); the rows stay in "
-                               f"{self.sync.dir.lark_outbox_path(self.run_id)}; fix the cause and run: "
-                               f"python exp.py lark-sync {self.sync.dir.path}")
-                    self._idle.set()
-                    return
-                if failures == 1:
-                    self._warn(f"lark: {e}; retrying")
-                self._wake.set()
-                time.sleep(min(60.0, 2.0 ** failures))
             except Exception as e:  # noqa: BLE001 - a sender must never take the training down
-                self._failed = f"{type(e).__name__}: {e}"
-                self._warn(f"lark: syncing stopped: {self._failed}; the rows stay in the outbox; run: "
-                           f"python exp.py lark-sync {self.sync.dir.path}")
-                self._idle.set()
-                return
+                failures += 1
+                permanent = not isinstance(e, LarkError) or (not e.retryable and e.code in LARK_PERMANENT_CODES)
+                if failures == 1 or (permanent and failures == 3):
+                    what = e if isinstance(e, LarkError) else f"{type(e).__name__}: {e}"
+                    self._warn(f"lark: {what}; " + (
+                        "syncing waits for this to be fixed, trying again every few minutes; the rows stay in "
+                        f"{self.sync.dir.lark_outbox_path(self.run_id)} (or run: python exp.py lark-sync "
+                        f"{self.sync.dir.path})" if permanent and failures >= 3 else "retrying"))
+                self._failed = str(e)
+                if self._stop and failures >= 3:
+                    self._idle.set()  # exiting: the flush says what is left
+                self._wake.set()
+                time.sleep(300.0 if permanent and failures >= 3 else min(60.0, 2.0 ** failures))
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait (at most ``timeout``, default ``flush_timeout``) until the outbox is sent; the rows left."""
@@ -7254,7 +7379,7 @@ class _LarkSender:
         while time.time() < deadline and self._thread.is_alive():
             if self._idle.wait(min(0.05, max(0.0, deadline - time.time()))) and not self._wake.is_set():
                 break
-        return lark_pending(self.sync.dir, self.run_id)
+        return sum(lark_pending(self.sync.dir, r) for r in self.sync.dir.lark_runs())
 
 
 _LARK_SENDERS: dict[tuple[str, str], _LarkSender] = {}
@@ -7280,7 +7405,8 @@ def _lark_sender(exp_dir: ExperimentDir, run_id: str, settings: Mapping[str, Any
             import urllib.request  # noqa: F401
             import uuid  # noqa: F401
 
-            sync = LarkSync(exp_dir, settings, warn=warn, context={"name": name, "host": _hostname()})
+            sync = LarkSync(exp_dir, settings, warn=warn,
+                            context={"name": name, "host": _hostname(), "cwd": os.getcwd()})
             sender = _LarkSender(sync, run_id, float(settings.get("flush_timeout", 10.0)), warn)
             if not _LARK_SENDERS:
                 import atexit
@@ -7295,10 +7421,11 @@ def _flush_lark_senders() -> None:
     with _LARK_SENDERS_LOCK:
         senders = list(_LARK_SENDERS.values())
     for s in senders:
-        left = s.flush()
+        s.flush()
+        left = sum(lark_pending(s.sync.dir, r) for r in s.sync.dir.lark_runs())
         if left:
             s._warn(f"lark: {left} row{'s' if left != 1 else ''} not sent yet; they are kept in "
-                    f"{s.sync.dir.lark_outbox_path(s.run_id)}; send them with: "
+                    f"{os.path.dirname(s.sync.dir.lark_outbox_path(s.run_id))}; send them with: "
                     f"python exp.py lark-sync {s.sync.dir.path}")
 
 
@@ -7422,10 +7549,32 @@ class Notifier:
     def send(self, message: dict[str, Any]) -> None:
         self._queue.put(message)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued (at most ``timeout`` seconds), then stop."""
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def drop_queued(self) -> int:
+        """Take back the messages not sent yet (a batch end that cannot wait for them); how many."""
+        import queue
+
+        dropped = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return dropped
+            if item is None:
+                self._queue.put(None)
+                return dropped
+            dropped += 1
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Send what is queued (at most ``timeout`` seconds), then stop; the messages left unsent."""
         self._queue.put(None)
         self._thread.join(timeout)
+        left = self.drop_queued() if self._thread.is_alive() else 0
+        if left:
+            self.report(f"{left} notification(s) not sent: the bot's rate limit did not leave time")
+        return left
 
     def _throttle(self) -> None:
         # A sliding window per second and per minute, as the bot's limits are stated.
@@ -7451,7 +7600,7 @@ class Notifier:
             try:
                 post_webhook(self.webhook, message, self._secret, timeout=self.timeout)
                 self.sent += 1
-            except LarkError as e:
+            except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
                 self.failed += 1
                 self.report(f"notification not sent: {e}")
 
@@ -7467,6 +7616,8 @@ def post_webhook(url: str, message: dict[str, Any], secret: str | None = None, *
         ts = str(int(time.time()))  # a string, as the official examples send it
         body.update(timestamp=ts, sign=lark_sign(ts, secret))
     data = json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    import http.client
+
     req = urllib.request.Request(url, data=data, method="POST",
                                  headers={"Content-Type": "application/json; charset=utf-8"})
     try:
@@ -7474,7 +7625,7 @@ def post_webhook(url: str, message: dict[str, Any], secret: str | None = None, *
             text = resp.read()
     except urllib.error.HTTPError as e:
         raise LarkError(f"webhook answered HTTP {e.code}", status=e.code) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:
         raise LarkError(f"webhook unreachable: {getattr(e, 'reason', None) or e}", retryable=True) from None
     try:
         payload = json.loads(text.decode("utf-8"))
@@ -7500,7 +7651,14 @@ def notify(text: str, *, webhook: str | None = None, secret: str | None = None) 
                           "(or [scheduler] notify = {{ lark_webhook = ... }})")
     if secret is None:
         secret = os.environ.get(WEBHOOK_SECRET_ENV) or None
-    message = {"msg_type": "text", "content": {"text": _trim_to(str(text), WEBHOOK_MAX_BYTES - 400)}}
+    import json
+
+    text, limit = str(text), WEBHOOK_MAX_BYTES - 200  # room for a signature
+    message = {"msg_type": "text", "content": {"text": text}}
+    while len(json.dumps(message, ensure_ascii=False).encode("utf-8")) > limit and text:
+        over = len(json.dumps(message, ensure_ascii=False).encode("utf-8")) - limit
+        text = text[: max(0, len(text) - max(over // 2, 16))].rstrip() + "…"  # escapes grow, so step again
+        message = {"msg_type": "text", "content": {"text": text}}
     try:
         post_webhook(url, message, secret)
         return True
@@ -7539,7 +7697,7 @@ def run_card(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def batch_card(source: str, counts: Mapping[str, int], failed: list[str], interrupted: bool,
-               seconds: float, host: str) -> dict[str, Any]:
+               seconds: float, host: str, dropped: int = 0) -> dict[str, Any]:
     """The one message at the end of a batch: how many finished, failed, were killed; which failed."""
     total = sum(counts.values())
     parts = [f"{counts[k]} {k}" for k in (FINISHED, ERROR, KILLED, PENDING) if counts.get(k)]
@@ -7547,6 +7705,8 @@ def batch_card(source: str, counts: Mapping[str, int], failed: list[str], interr
              ("host", host), ("config", source)]
     if failed:
         lines.append(("failed", ", ".join(failed[:30]) + (f" and {len(failed) - 30} more" if len(failed) > 30 else "")))
+    if dropped:
+        lines.append(("not sent", f"{dropped} experiment card(s), over the bot's rate limit"))
     status = ERROR if failed or interrupted else "done"
     title = f"batch {'interrupted' if interrupted else 'done'}: {os.path.basename(source)}"
     return notification_card(title, status, lines)
@@ -9677,17 +9837,22 @@ def _cmd_lark_sync(args: Any) -> int:
             failed += 1
             continue
         name = meta.get("name") if isinstance(meta.get("name"), str) else os.path.basename(d.path)
-        settings = lark_settings(_stored_lark(meta), override)
-        missing = lark_missing(settings)
-        if missing:
-            print(f"exp: {name}: not sent, the settings lack {', '.join(missing)}; {_LARK_HOWTO}", file=sys.stderr)
-            failed += 1
-            continue
+
         def warn(message: str, who: str = str(name)) -> None:
             print(f"exp: warning: {who}: {message}", file=sys.stderr)
 
-        sync = LarkSync(d, settings, warn=warn, context={"name": name, "host": meta.get("hostname") or ""})
         for rid in runs:
+            # The table a run's rows were going to (save_row(lark_config=...) included), then --url.
+            used = _read_cursor(d, rid).get("settings")
+            settings = lark_settings(_stored_lark(meta), _stored_lark({"lark": used}), override)
+            missing = lark_missing(settings)
+            if missing:
+                print(f"exp: {name} {rid}: not sent, the settings lack {', '.join(missing)}; {_LARK_HOWTO}",
+                      file=sys.stderr)
+                failed += 1
+                continue
+            sync = LarkSync(d, settings, warn=warn, context={"name": name, "host": meta.get("hostname") or "",
+                                                              "cwd": meta.get("cwd") or d.path})
             try:
                 sent, _ = sync.drain([rid])
             except LarkError as e:

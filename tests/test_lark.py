@@ -263,7 +263,7 @@ def test_lark_sync_says_what_is_missing_and_rejects_bad_paths(tmp_path, make_exp
 @posix_only
 def test_2000_rows_through_30_percent_failures_and_two_token_expiries_arrive_once_in_order(lark, make_exp, train):
     lark.fault_rate(0.3, seed=7)
-    e = make_exp("faulty", py_cmd(train, 2000, 0.002), lark_config=full_cfg(lark, flush_timeout=120))
+    e = make_exp("faulty", py_cmd(train, 2000, 0.004), lark_config=full_cfg(lark, flush_timeout=120))
     h = e.run(background=True)
     wait_for(lambda: lark.count("/records/batch_create") >= 2, 60, what="two batches")
     lark.expire_tokens()
@@ -313,7 +313,9 @@ def test_flush_timeout_leaves_the_rest_with_a_message_and_a_later_run_resumes(la
     log = e.read_log()
     assert "not sent yet" in log and f"python exp.py lark-sync {e.work_dir}" in log
     lark.delay = 0.0
-    # The next run of the same experiment sends the old run's rows as well as its own.
+    # The next run of the same experiment sends the old run's rows as well as its own,
+    # even when its first attempts fail (more failures than one request retries).
+    lark.fault("code", code=1254290, times=8, path="batch_create")
     again = exp.Experiment(name="slow", command=py_cmd(train, 3), base_dir=e.base_dir, resume=e.work_dir,
                            lark_config=full_cfg(lark, flush_timeout=30), env={"PYTHONPATH": os.path.dirname(EXP_PY)})
     assert run_fg(again) == 0
@@ -343,7 +345,8 @@ def sync_of(e, fake, **more):
 
 
 @pytest.mark.parametrize("kind, code", [("429", None), ("code", 1254290), ("code", 1254291), ("code", 1254607),
-                                        ("code", 1255040), ("code", 1254002), ("5xx", None), ("drop", None),
+                                        ("code", 1255040), ("code", 1254002), ("code", 1254608), ("code", 1254036),
+                                        ("5xx", None), ("drop", None),
                                         ("drop_after", None), ("token", None)])
 def test_each_retryable_failure_is_retried_with_the_same_client_token(queued, lark, kind, code):
     lark.fault(kind, path="batch_create", code=code, reset=1)
@@ -439,6 +442,62 @@ def test_values_are_converted_to_each_field_type(lark, make_exp, tmp_path):
     assert "count='many' cannot go into a field of type 2" in log
 
 
+@posix_only
+def test_a_row_lark_refuses_is_left_out_and_the_rest_still_arrive(lark, make_exp, tmp_path):
+    lark.add_table(APP, "tblGeo", fields=[("Name", 1), ("step", 2), ("where", 22)])
+    script = write_script(tmp_path, "geo.py", """
+        import exp
+        e = exp.load_experiment()
+        for i in range(10):
+            e.upd_row(step=i, where="116.39,39.90" if i != 3 else "the office")
+            e.save_row(lark=True)
+    """)
+    e = make_exp("geo", py_cmd(script), lark_config=full_cfg(lark, url=url_of(lark, table="tblGeo")))
+    assert run_fg(e) == 0
+    got = [r["fields"] for r in lark.records(APP, "tblGeo")]
+    assert [r["step"] for r in got] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert all(r["where"] == "116.39,39.90" for r in got)
+    assert "Lark refused a row" in e.read_log() and [r["step"] for r in e.metrics()] == list(range(10))
+
+
+def test_a_cell_lark_refuses_is_left_out_of_its_row(queued, lark):
+    # The server refuses the batch naming a number cell: exp narrows it down to the row, then sends
+    # that row without its number cells (a text cell stays), and the rest in full.
+    lark.add_table(APP, "tblMixed", fields=[("Name", 1), ("step", 1), ("loss", 2)])
+    lark.fault("code", code=1254061, path="batch_create", times=5)  # 20 -> 10 -> 5 -> 2 -> 1 row
+    s, warnings = sync_of(queued, lark, url=url_of(lark, table="tblMixed"))
+    for _ in range(10):
+        try:
+            s.drain()
+            break
+        except exp.LarkError:
+            pass
+    got = [r["fields"] for r in lark.records(APP, "tblMixed")]
+    assert [r["step"] for r in got] == [str(i) for i in range(20)]
+    assert "loss" not in got[0] and all("loss" in r for r in got[1:])
+    assert any("Lark refused loss='1.0'" in w for w in warnings), warnings
+
+
+@posix_only
+def test_a_rewritten_file_is_uploaded_again(lark, make_exp, tmp_path):
+    lark.add_table(APP, "tblPlots", fields=[("Name", 1), ("step", 2), ("plot", 17)])
+    script = write_script(tmp_path, "plots.py", """
+        import exp, time
+        e = exp.load_experiment()
+        for i in range(2):
+            with open("plot.png", "wb") as f:
+                f.write(b"PNG epoch %d" % i)
+            e.upd_row(step=i, plot="plot.png")  # a relative path, as savefig writes it
+            e.save_row(lark=True)
+            time.sleep(1.5)
+    """)
+    e = make_exp("plots", py_cmd(script), cwd=tmp_path, lark_config=full_cfg(lark, url=url_of(lark, table="tblPlots")))
+    assert run_fg(e) == 0
+    assert [u["data"] for u in lark.uploads] == [b"PNG epoch 0", b"PNG epoch 1"]
+    tokens = [r["fields"]["plot"][0]["file_token"] for r in lark.records(APP, "tblPlots")]
+    assert tokens == [u["file_token"] for u in lark.uploads]
+
+
 def test_lark_value_rules():
     assert exp.lark_value(3, 2) == 3 and exp.lark_value(True, 2) == 1 and exp.lark_value("1e3", 2) == 1000.0
     for bad in (float("nan"), "abc", [1]):
@@ -459,6 +518,8 @@ def test_lark_value_rules():
         exp.lark_value(True, 5)
     with pytest.raises(ValueError):
         exp.lark_value("x", 24)  # a type the API does not take
+    with pytest.raises(ValueError, match="100,000"):
+        exp.lark_value("x" * 100_001, 1)
 
 
 @pytest.mark.parametrize("how", ["created", "off", "refused"])

@@ -219,3 +219,46 @@ def test_an_experiment_stopped_with_exp_kill_is_reported_killed(lark, tmp_path):
     got = by_title(lark)
     assert "terminated by user" in got["sleeper killed"]
     assert lark.messages[0][1]["card"]["header"]["template"] == "orange"
+
+
+def test_a_garbled_answer_is_a_failure_not_an_exception(lark):
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{port}/open-apis/bot/v2/hook/x"
+        assert exp.notify("hello", webhook=url) is False
+        reports = []
+        n = exp.Notifier(url, report=reports.append)
+        n.send({"msg_type": "text", "content": {"text": "one"}})
+        time.sleep(0.5)
+        lark.add_webhook("h1")
+        n.webhook = lark.hook_url("h1")  # the thread lives on and sends the next one
+        n.send({"msg_type": "text", "content": {"text": "two"}})
+        n.close()
+        assert n.failed == 1 and n.sent == 1 and len(reports) == 1
+    finally:
+        srv.close()
+
+
+def test_exp_notify_trims_a_long_text_to_fit(lark):
+    lark.add_webhook("h1", secret=HOOK_SECRET)
+    text = 'quote " tab \t newline \n ' * 2000
+    assert exp.notify(text, webhook=lark.hook_url("h1"), secret=HOOK_SECRET) is True
+    (sent,) = [b["content"]["text"] for _, b, _ in lark.messages]
+    assert sent.endswith("…") and text.startswith(sent[:-1].rstrip())
