@@ -2881,12 +2881,18 @@ class _SlurmPoller:
             return True
 
     def _loop(self) -> None:
+        last = 0.0
         while True:
             with self._cond:
+                # Woken early (a submission, a scancel): still at most one poll per SLURM_POLL_MIN,
+                # so a burst of submissions costs no extra squeue.
+                while time.monotonic() - last < SLURM_POLL_MIN:
+                    self._cond.wait(SLURM_POLL_MIN - (time.monotonic() - last))
                 live = [j for j, s in self.jobs.items() if s.state not in SLURM_ENDED]
                 if not live:
                     self._thread = None
                     return
+            last = time.monotonic()
             changed = self._poll(live)
             with self._cond:
                 self._interval = SLURM_POLL_MIN if changed else min(SLURM_POLL_MAX, self._interval * 1.5)
@@ -3117,10 +3123,21 @@ class SlurmBackend:
         except (OSError, subprocess.SubprocessError):
             pass
         _SLURM_POLLER.kick()
-        deadline = time.monotonic() + grace + 30
-        left = [int(r.job_id) for r in runs if not r.exited_within(max(0.0, deadline - time.monotonic()))
-                and r.job_id.isdigit()]
-        return left
+        deadline = time.monotonic() + grace + 30  # Slurm's own KillWait follows its SIGTERM
+        killed = False
+        while time.monotonic() < deadline:
+            pending = [r for r in runs if r.poll() is None]
+            if not pending:
+                return []
+            if idle is None:
+                pending[0].exited_within(min(0.5, max(0.0, deadline - time.monotonic())))
+            elif idle(0.1) and not killed:  # a second Ctrl-C: now
+                killed = True
+                try:
+                    _slurm_cmd(["scancel", "--signal=KILL", *[r.job_id for r in pending]])
+                except (OSError, subprocess.SubprocessError):
+                    pass
+        return [int(r.job_id) for r in runs if r.poll() is None and r.job_id.isdigit()]
 
 
 def slurm_stats() -> dict[str, int]:
@@ -4167,11 +4184,12 @@ def terminate_runs(handles: Iterable[RunHandle], grace: float = DEFAULT_KILL_GRA
     called while waiting (see :func:`stop_groups`).  Returns the process
     groups still alive at the end (normally none).
     """
-    by_backend: dict[int, tuple[Any, list[Any]]] = {}
+    by_backend: dict[type, tuple[Any, list[Any]]] = {}
     for h in handles:
         h.request_stop()
         backend = h.experiment.backend
-        by_backend.setdefault(id(backend), (backend, []))[1].append(h.run)
+        # One call per kind of backend: a Slurm backend per experiment (its options) still cancels all at once.
+        by_backend.setdefault(type(backend), (backend, []))[1].append(h.run)
     left: list[int] = []
     for backend, runs in by_backend.values():
         left += backend.stop(runs, grace, idle)
@@ -5253,7 +5271,7 @@ class GpuPlan:
 
 
 def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuPlan | None = None,
-              succeeded: Iterable[int] = ()) -> list[Job]:
+              succeeded: Iterable[int] = (), gpus_elsewhere: bool = False) -> list[Job]:
     """Which queued jobs to start now, in dispatch order, up to the free slots.
 
     A job waits while its delay runs, while a job it depends on has not
@@ -5264,6 +5282,7 @@ def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuP
     reservation.  So a lower-priority job never takes a GPU that a waiting
     higher-priority one could use, and priority still decides among the
     startable.  Each picked job gets ``job.gpus`` (least-loaded GPUs first).
+    ``gpus_elsewhere``: a cluster gives jobs their GPUs; here a count of GPUs holds nothing back.
     """
     slots = limit - running
     if slots <= 0:
@@ -5282,7 +5301,7 @@ def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuP
             take = exact
             if not fits:
                 reserved.update(exact)
-        elif count and gpus is not None:
+        elif count and not gpus_elsewhere:
             avail = sorted((g for g in pool if free.get(g, 0) > 0 and g not in reserved), key=lambda g: -free[g])
             fits = len(avail) >= count
             take = avail[:count]
@@ -5645,7 +5664,7 @@ class Scheduler:
                 self._replan = False
                 next_replan = now + replan_every
                 for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
-                                     self._succeeded):
+                                     self._succeeded, gpus_elsewhere=self.backend.allocates_gpus):
                     self.queue.remove(job)
                     self._launch(pool, job)
             if not self.running and (self._draining or not self.queue):

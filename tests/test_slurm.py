@@ -310,3 +310,23 @@ def test_a_killed_scheduler_restarts_and_adopts_its_jobs_without_submitting_twic
     assert m["status"] == "finished" and len(m["runs"]) == 1 and m["runs"][0]["backend"]["job_id"] == job
     assert squeue_comments().count(f"exp:{work}:run_0001") == 1  # submitted once
     assert meta(exp_dirs(base, "after")[0])["status"] == "finished"
+
+
+@needs_slurm
+def test_ctrl_c_cancels_every_submitted_job(tmp_path):
+    base, cfg = batch(tmp_path, [{"name": f"s{i}", "command": "sleep 120"} for i in range(3)],
+                      max_concurrent_experiments=3)
+    proc = start_scheduler(cfg, tmp_path)
+    try:
+        jobs = [running_job(base, "s0"), running_job(base, "s1")]  # two CPUs: the third waits in the queue
+        wait_for(lambda: exp_dirs(base, "s2") and "job_id" in meta(exp_dirs(base, "s2")[0]), 30,
+                 what="the third job to be submitted")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 130
+    finally:
+        stop_process(proc)
+    for i in range(3):
+        m = meta(exp_dirs(base, f"s{i}")[0])
+        assert m["status"] == "killed", m
+        assert job_state(m["runs"][0]["backend"]["job_id"]) == "CANCELLED"
+    assert all(job_state(j) == "CANCELLED" for j in jobs)
