@@ -5890,6 +5890,7 @@ class Scheduler:
                     items.setdefault(self._job_key(it.get("name"), it.get("command"), it.get("params"),
                                                    it.get("repeat")), []).append(it)
         adopted = ended = 0
+        claimed = {str(it.get("work_dir")) for group in items.values() for it in group if it.get("work_dir")}
         for job in list(self.jobs):
             key = self._job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
             if not items.get(key):
@@ -5902,6 +5903,15 @@ class Scheduler:
             if status in (FINISHED, ERROR, KILLED):
                 self._mark_done(job, status, it.get("exit_code"), it.get("reason"))
                 continue
+            if job.work_dir is None and status == PENDING:
+                # Started just before the crash, before the state file said so: a run the
+                # backend can still find (a Slurm job, by its comment) is this job's.
+                found = self._started_unrecorded(job, claimed, str(summary.get("started_at") or ""))
+                if found is not None:
+                    job.work_dir, job.run_id = found
+                    status = RUNNING
+            if job.work_dir is not None:
+                claimed.add(job.work_dir)
             if job.work_dir is None or not ExperimentDir.is_experiment(job.work_dir):
                 continue  # never started: it waits in the queue as before
             job.experiment = Experiment.load(job.work_dir)
@@ -5961,6 +5971,30 @@ class Scheduler:
                             f"{adopted} adopted, {ended} ended meanwhile, {len(self.done)} done, "
                             f"{len(self.queue)} to run")
         self._dirty = True
+
+    def _started_unrecorded(self, job: Job, claimed: set[str], since: str) -> tuple[str, str] | None:
+        """The directory and run of ``job`` if the dead scheduler started it but its state file did not
+        say so yet: created since that scheduler started, running, with a pid or job id, or a run the
+        backend finds (a Slurm job, by its comment)."""
+        for d in scan(job.spec.base_dir, depth=1):
+            if d.path in claimed or not os.path.basename(d.path).startswith(job.spec.name + "_"):
+                continue
+            meta, _ = d.try_read_metadata()
+            rid = meta.get("current_run_id") if meta else None
+            if (not meta or meta.get("status") != RUNNING or not isinstance(rid, str)
+                    or meta.get("name") != job.spec.name or meta.get("command") != job.spec.command
+                    or str(meta.get("created_at") or "") < since):
+                continue
+            entry = d.run_entry(rid) or {}
+            if entry.get("ended_at"):
+                continue
+            if entry.get("pid") or entry.get("backend"):
+                return d.path, rid
+            run = self.backend.find(f"{d.path}:{rid}", d.log_path(rid))
+            if run is not None:
+                d.record_backend(rid, run.record())
+                return d.path, rid
+        return None
 
     def _mark_done(self, job: Job, status: Any, code: Any, reason: Any) -> None:
         job.status = status if isinstance(status, str) and status in STATUSES and status != RUNNING else ERROR

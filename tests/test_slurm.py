@@ -280,7 +280,8 @@ def test_kill_timeout_and_what_slurm_itself_ends(tmp_path):
 
 
 @needs_slurm
-@pytest.mark.parametrize("lost_record", [False, True], ids=["job-id-written", "crash-before-the-write"])
+@pytest.mark.parametrize("lost_record", ["", "metadata", "state"],
+                         ids=["job-id-written", "crash-before-the-metadata-write", "crash-before-the-state-write"])
 def test_a_killed_scheduler_restarts_and_adopts_its_jobs_without_submitting_twice(tmp_path, lost_record):
     gate = tmp_path / "go"
     base, cfg = batch(tmp_path, [{"name": "long", "command": f"while [ ! -e {gate} ]; do sleep 0.2; done; echo done"},
@@ -298,6 +299,14 @@ def test_a_killed_scheduler_restarts_and_adopts_its_jobs_without_submitting_twic
         del m["runs"][0]["backend"]
         m.pop("job_id", None)
         (work / "metadata.json").write_text(json.dumps(m))
+    if lost_record == "state":  # ... and before its state file said the experiment had started
+        path = base / ".exp_state" / "scheduler_state.json"
+        state = json.loads(path.read_text())
+        item = next(t for t in state["running"] if t["name"] == "long")
+        state["running"].remove(item)
+        item.update(status="pending", work_dir=None, run_id=None, started_at=None, pid=None, job=None)
+        state["pending"].insert(0, item)
+        path.write_text(json.dumps(state))
     proc = start_scheduler(cfg, tmp_path)
     try:
         wait_for(lambda: "adopted  long (job " + job in (tmp_path / "sched.out").read_text(), 30,
