@@ -38,6 +38,17 @@ ONCE = os.environ.get("EXP_SLURM_TESTS_ONCE") == "1"
 needs_slurm = pytest.mark.skipif(WHY is not None or ONCE,
                                  reason=WHY or "Slurm tests run once in CI, with the newest Python")
 
+@pytest.fixture(autouse=True)
+def _cancel_leftover_jobs(tmp_path):
+    """A test that fails midway must not leave its jobs holding the test cluster's CPUs."""
+    yield
+    if WHY is None:
+        r = subprocess.run(["squeue", "-h", "-o", "%i|%k"], capture_output=True, text=True, timeout=30)
+        mine = [line.split("|")[0] for line in r.stdout.splitlines() if str(tmp_path) in line]
+        if mine:
+            subprocess.run(["scancel", *mine], timeout=30)
+
+
 METRICS = """
 import exp, os
 e = exp.load_experiment()
