@@ -2679,6 +2679,10 @@ class LocalRun:
         """(status, reason) when the backend knows better than the exit code: never, for a local run."""
         return None
 
+    def queued(self) -> float | None:
+        """Seconds it waited before it ran (a cluster's queue): none, a local command runs at once."""
+        return 0.0
+
     def record(self) -> dict[str, Any]:
         """What a later process needs to find this run again (see :meth:`LocalBackend.attach`)."""
         if self.start_ticks is None and self.proc is not None and self.proc.returncode is None:
@@ -2832,9 +2836,11 @@ def _slurm_cmd(args: list[str], *, timeout: float = 30.0, env: Mapping[bytes, by
 
 
 class _SlurmJob:
-    __slots__ = ("state", "node", "exit_code", "reason", "seen")
+    __slots__ = ("state", "node", "exit_code", "reason", "seen", "submitted", "started")
 
     def __init__(self) -> None:
+        self.submitted = time.monotonic()
+        self.started: float | None = None  # when first seen running (or ended)
         self.state: str | None = None
         self.node: str | None = None
         self.exit_code: int | None = None
@@ -2922,6 +2928,8 @@ class _SlurmPoller:
                 if node and node not in ("(null)", "n/a"):
                     job.node = node
                 state = state.rstrip("+")
+                if state not in ("PENDING", "CONFIGURING", "REQUEUED", "SUSPENDED", "") and job.started is None:
+                    job.started = time.monotonic()
                 if state in SLURM_ENDED:
                     self._ended(jid, job, state)
                     changed = True
@@ -2967,6 +2975,8 @@ class _SlurmPoller:
         with self._cond:
             job.exit_code = code
             job.state = state
+            if job.started is None:
+                job.started = time.monotonic()
         return True
 
 
@@ -3015,6 +3025,11 @@ class SlurmRun:
         if not _SLURM_POLLER.wait_end(self.job_id, timeout):
             raise subprocess.TimeoutExpired(f"slurm job {self.job_id}", timeout)  # type: ignore[arg-type]
         return self._code()
+
+    def queued(self) -> float | None:
+        """Seconds the job waited in Slurm's queue before it ran; None while it still waits."""
+        job = self._job
+        return None if job.started is None else max(0.0, job.started - job.submitted)
 
     def outcome(self) -> tuple[str, str | None] | None:
         """(status, reason) as Slurm tells it, once the job has ended; None before."""
@@ -5122,6 +5137,8 @@ class Job:
         self.stop_request: tuple[str, str] | None = None
         #: Dispatch priority (the spec's, until `exp priority` changes it).
         self.priority = spec.priority
+        #: Whether the deadline has taken the attempt's wait in a cluster's queue into account.
+        self.queue_counted = False
 
     @property
     def name(self) -> str:
@@ -5716,6 +5733,7 @@ class Scheduler:
         job.stop_request = None
         job.t_started = self._clock()
         job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
+        job.queue_counted = False
         self.running[job.id] = job
         self._dirty = True
         for g in job.gpus:
@@ -6225,9 +6243,22 @@ class Scheduler:
                     self.term.event(f"{self.term.paint('skipped ', '31')} {job.label()} ({job.reason})")
 
     def _check_timeouts(self, now: float) -> None:
-        """Stop running jobs past their timeout: SIGTERM now, SIGKILL after kill_timeout (in a thread)."""
+        """Stop running jobs past their timeout: SIGTERM now, SIGKILL after kill_timeout (in a thread).
+
+        A timeout counts the time a job runs: a wait in a cluster's queue is added to its deadline.
+        """
         for job in list(self.running.values()):
             if job.deadline is not None and now >= job.deadline:
+                if job.handle is not None and not job.queue_counted:
+                    waited = job.handle.run.queued()
+                    if waited is None:  # still in the cluster's queue
+                        job.deadline = now + 1.0
+                        continue
+                    job.queue_counted = True
+                    if waited > 0:
+                        job.deadline = job.t_started + waited + float(job.spec.timeout or 0)
+                        if now < job.deadline:
+                            continue
                 job.deadline = None
                 self.term.event(f"{self.term.paint('timeout ', '33')} {job.label()} after "
                                 f"{format_duration(job.spec.timeout)}; stopping it")

@@ -350,3 +350,16 @@ def test_ctrl_c_cancels_every_submitted_job(tmp_path):
         assert m["status"] == "killed", m
         assert job_state(m["runs"][0]["backend"]["job_id"]) == "CANCELLED"
     assert all(job_state(j) == "CANCELLED" for j in jobs)
+
+
+@needs_slurm
+def test_a_timeout_counts_the_run_not_the_wait_in_the_queue(tmp_path):
+    # Two blockers hold both CPUs of the test cluster for about 6 s; the third job waits in
+    # Slurm's queue longer than its timeout, then runs 1 s: it must finish, not time out.
+    base, cfg = batch(tmp_path, [{"name": "block", "command": "sleep 6", "repeats": 2},
+                                 {"name": "patient", "command": "sleep 1", "timeout": "4s"}],
+                      max_concurrent_experiments=3)
+    r = run_exp("run", cfg, cwd=tmp_path, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = meta(exp_dirs(base, "patient")[0])
+    assert m["status"] == "finished"
