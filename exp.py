@@ -9800,12 +9800,18 @@ def _cmd_status(args: Any) -> int:
     who = f"pid {sched['pid']} on {sched['host']}"
     print(f"scheduler: {who}, {'alive' if alive else 'not running'} ({sched['status_indicator']}); "
           f"started {sched['started_at'] or '-'}")
-    rows: list[tuple[str, ...]] = [("id", "name", "status", "GPUs", "attempt", "elapsed", "reason")]
+    # Cluster jobs (Slurm) get a column of their own: job id, node and the cluster's state.
+    jobs = any(isinstance(t.get("job"), dict) for t in tasks)
+    rows: list[tuple[str, ...]] = [("id", "name", "status", "GPUs", "attempt", "elapsed", "reason")
+                                   + (("job",) if jobs else ())]
     for t in tasks:
         gpus = t.get("assigned_gpus") or t.get("gpu_ids") or []
+        job = t.get("job") if isinstance(t.get("job"), dict) else {}
+        where = (f"{job.get('job_id')}" + (f" on {job['node']}" if job.get("node") else "")
+                 + (f" ({job['state']})" if job.get("state") else "")) if job else "-"
         rows.append((str(t.get("id")), str(t.get("name")), str(t.get("status")),
                      ",".join(map(str, gpus)) if gpus else "-", str(t.get("attempt")), t["elapsed"],
-                     str(t.get("reason") or "-")))
+                     str(t.get("reason") or "-")) + ((where,) if jobs else ()))
     print(_table(rows))
     return 0
 

@@ -194,6 +194,8 @@ def test_a_batch_runs_through_slurm_with_metrics_logs_and_gpus(tmp_path):
     state = json.loads((base / ".exp_state" / "scheduler_state.json").read_text())
     done = {t["name"]: t for t in state["finished"] + state["errors"]}
     assert done["ok"]["job"]["job_id"] == job["job_id"] and done["ok"]["job"]["state"] == "COMPLETED"
+    status = run_exp("status", base, cwd=tmp_path).stdout
+    assert f"{job['job_id']} on localhost (COMPLETED)" in status, status
     listing = json.loads(run_exp("ls", base, "--json", cwd=tmp_path).stdout)
     assert sorted((x["name"], x["status"]) for x in listing) == [("fails", "error"), ("gpu", "finished"),
                                                                   ("ok", "finished")]
