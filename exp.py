@@ -1827,7 +1827,9 @@ class ExperimentDir:
         ``mkdir`` is the atomic claim: two processes creating the same name in
         the same second get ``_2``, ``_3``, ... and never share a directory.
         """
-        stamp = time.strftime(TIMESTAMP_FORMAT)
+        # time.time(), not strftime's own clock: that may be the kernel's coarse one, a tick
+        # behind the clock every other timestamp (datetime.now()) reads.
+        stamp = time.strftime(TIMESTAMP_FORMAT, time.localtime(time.time()))
         n = 1
         while True:
             ts = stamp if n == 1 else f"{stamp}_{n}"
