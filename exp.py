@@ -7101,6 +7101,7 @@ class LarkSync:
         self.sent = 0
         os.makedirs(os.path.join(exp_dir.path, LARK_DIR), exist_ok=True)
         self._lock = FileLock(os.path.join(exp_dir.path, LARK_DIR))
+        self._local = threading.local()
 
     def warn(self, message: str) -> None:
         if message not in self._warned:
@@ -7210,7 +7211,7 @@ class LarkSync:
 
     def pump(self, run_id: str) -> int:
         """Send one batch of a run's outbox (or the batch in flight); the rows confirmed (0: none left)."""
-        with self._lock:
+        with self._held():
             cursor = _read_cursor(self.dir, run_id)
             if self.mode == "summary":
                 return self._pump_summary(run_id, cursor)
@@ -7387,20 +7388,47 @@ class LarkSync:
 
     def summary_update(self, run_id: str, status: str | None = None) -> None:
         """Create or update a run's summary record now (the run's start, its end)."""
-        with self._lock:
+        with self._held():
             self._pump_summary(run_id, _read_cursor(self.dir, run_id), status or RUNNING)
 
     def drain(self, run_ids: Iterable[str] | None = None, deadline: float | None = None) -> tuple[int, int]:
         """Send until the outboxes are empty or ``deadline`` (time.time()) passes: (sent, left)."""
         sent = 0
         runs = list(run_ids) if run_ids is not None else self.dir.lark_runs()
-        for rid in runs:
-            while deadline is None or time.time() < deadline:
-                n = self.pump(rid)
-                if not n:
-                    break
-                sent += n
+        # The lock held throughout: a second sender (lark-sync, a parent after a kill) waits and
+        # finds nothing left, instead of taking turns and each fetching a token and the fields.
+        with self._held():
+            for rid in runs:
+                while deadline is None or time.time() < deadline:
+                    n = self.pump(rid)
+                    if not n:
+                        break
+                    sent += n
         return sent, sum(lark_pending(self.dir, r) for r in runs)
+
+    def _held(self) -> Any:
+        """The experiment's sender lock, re-entrant within a thread (drain holds it across pumps)."""
+        import contextlib
+
+        local = self._local
+
+        @contextlib.contextmanager
+        def held() -> Iterator[None]:
+            if getattr(local, "depth", 0):
+                local.depth += 1
+                try:
+                    yield
+                finally:
+                    local.depth -= 1
+                return
+            with self._lock:
+                local.depth = 1
+                try:
+                    yield
+                finally:
+                    local.depth = 0
+
+        return held()
 
 
 _LARK_HOWTO = ("give them in lark_config (app_id, app_token, table_id, or a Base URL as `url`), and the secret "
