@@ -498,6 +498,24 @@ def test_a_rewritten_file_is_uploaded_again(lark, make_exp, tmp_path):
     assert tokens == [u["file_token"] for u in lark.uploads]
 
 
+@posix_only
+def test_an_attachment_over_20_mib_is_left_out_with_a_warning(lark, make_exp, tmp_path):
+    lark.add_table(APP, "tblBig", fields=[("Name", 1), ("step", 2), ("ckpt", 17)])
+    big = tmp_path / "model.bin"
+    with open(big, "wb") as f:
+        f.truncate(exp.LARK_UPLOAD_MAX + 1)
+    script = write_script(tmp_path, "big.py", f"""
+        import exp
+        e = exp.load_experiment()
+        e.upd_row(step=1, ckpt={str(big)!r})
+        e.save_row(lark=True)
+    """)
+    e = make_exp("big", py_cmd(script), lark_config=full_cfg(lark, url=url_of(lark, table="tblBig")))
+    assert run_fg(e) == 0
+    assert [r["fields"] for r in lark.records(APP, "tblBig")] == [{"step": 1}]
+    assert lark.uploads == [] and "larger than 20 MiB" in e.read_log()
+
+
 def test_lark_value_rules():
     assert exp.lark_value(3, 2) == 3 and exp.lark_value(True, 2) == 1 and exp.lark_value("1e3", 2) == 1000.0
     for bad in (float("nan"), "abc", [1]):
