@@ -2838,7 +2838,7 @@ def _slurm_cmd(args: list[str], *, timeout: float = 30.0, env: Mapping[bytes, by
 
 
 class _SlurmJob:
-    __slots__ = ("state", "node", "exit_code", "reason", "seen", "submitted", "started")
+    __slots__ = ("state", "node", "exit_code", "seen", "submitted", "started")
 
     def __init__(self) -> None:
         self.submitted = time.monotonic()
@@ -2846,7 +2846,6 @@ class _SlurmJob:
         self.state: str | None = None
         self.node: str | None = None
         self.exit_code: int | None = None
-        self.reason: str | None = None
         self.seen = False  # squeue listed it at least once
 
 
@@ -3846,13 +3845,7 @@ class Experiment:
                 self._warn(f"lark: {left} row{'s' if left != 1 else ''} of {rid} not sent to Lark; they are kept in "
                            f"{self.dir.lark_outbox_path(rid)}; send them with: {hint}")
 
-        t = threading.Thread(target=send, name=f"exp-lark-after-{rid}", daemon=True)
-        t.start()
-        _LARK_FINAL.append((t, wait))
-        if len(_LARK_FINAL) == 1:
-            import atexit
-
-            atexit.register(_join_lark_final)
+        _lark_in_background(send, f"exp-lark-after-{rid}", wait)
 
     def _lark_summary_end(self, rid: str, status: str) -> None:
         """Summary mode: the run's record gets its final status and duration, from a thread."""
@@ -3866,16 +3859,9 @@ class Experiment:
             except Exception as e:  # noqa: BLE001 - reported, never raised into the run's end
                 self._warn(f"lark: the summary record of {rid} was not updated: {e}")
 
-        t = threading.Thread(target=send, name=f"exp-lark-end-{rid}", daemon=True)
-        t.start()
-        if self.__dict__.get("_in_process"):  # this process is ending: no later exit handler would wait
-            t.join(float(settings.get("flush_timeout", 10.0)))
-            return
-        _LARK_FINAL.append((t, float(settings.get("flush_timeout", 10.0))))
-        if len(_LARK_FINAL) == 1:
-            import atexit
-
-            atexit.register(_join_lark_final)
+        # In-process, this process is ending: no later exit handler would wait for the thread.
+        _lark_in_background(send, f"exp-lark-end-{rid}", float(settings.get("flush_timeout", 10.0)),
+                            join=bool(self.__dict__.get("_in_process")))
 
     def _record_unstartable(self, rid: str | None, e: BaseException) -> None:
         """A start failed: the metadata says so (status error), even if it was never written."""
@@ -4444,7 +4430,7 @@ def _check_slurm(v: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, val in v.items():
         if key not in SLURM_OPTIONS:
-            problems.append((None, _unknown_key("slurm", str(key), SLURM_OPTIONS).split(": ", 1)[1]))
+            problems.append((None, _unknown_key("", str(key), SLURM_OPTIONS)))
         elif key == "extra":
             if not (isinstance(val, list) and all(isinstance(x, str) and x.startswith("-") and "\n" not in x
                                                   for x in val)):
@@ -4691,7 +4677,7 @@ def _unknown_key(where: str, key: str, known: Iterable[str]) -> str:
 
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(sorted(known))})"
-    return f"{where}: unknown key {key!r}{hint}"
+    return (f"{where}: " if where else "") + f"unknown key {key!r}{hint}"
 
 
 def _resolve(base: str, path: str) -> str:
@@ -6551,7 +6537,7 @@ def check_lark_config(value: Any, where: str = "lark_config") -> dict[str, Any]:
     problems: list[tuple[str | None, str]] = []
     for key, v in value.items():
         if key not in LARK_OPTIONS:
-            problems.append((None, _unknown_key("", str(key), LARK_OPTIONS).lstrip(": ")))
+            problems.append((None, _unknown_key("", str(key), LARK_OPTIONS)))
             continue
         try:
             out[key] = LARK_OPTIONS[key][0](v)
@@ -7443,7 +7429,6 @@ class _LarkSender:
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._stop = False
-        self._failed: str | None = None
         self._thread = threading.Thread(target=self._loop, name=f"exp-lark-{run_id}", daemon=True)
         self._thread.start()
 
@@ -7478,7 +7463,6 @@ class _LarkSender:
                         "syncing waits for this to be fixed, trying again every few minutes; the rows stay in "
                         f"{self.sync.dir.lark_outbox_path(self.run_id)} (or run: python exp.py lark-sync "
                         f"{self.sync.dir.path})" if permanent and failures >= 3 else "retrying"))
-                self._failed = str(e)
                 if self._stop and failures >= 3:
                     self._idle.set()  # exiting: the flush says what is left
                 self._wake.set()
@@ -7498,6 +7482,21 @@ class _LarkSender:
 
 _LARK_SENDERS: dict[tuple[str, str], _LarkSender] = {}
 _LARK_FINAL: list[tuple[threading.Thread, float]] = []
+
+
+def _lark_in_background(target: Callable[[], Any], name: str, timeout: float, join: bool = False) -> None:
+    """Run ``target`` on a daemon thread that the process waits for at exit (at most ``timeout``),
+    or right away with ``join``."""
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    if join:
+        t.join(timeout)
+        return
+    _LARK_FINAL.append((t, timeout))
+    if len(_LARK_FINAL) == 1:
+        import atexit
+
+        atexit.register(_join_lark_final)
 
 
 def _join_lark_final() -> None:
@@ -7535,8 +7534,7 @@ def _flush_lark_senders() -> None:
     with _LARK_SENDERS_LOCK:
         senders = list(_LARK_SENDERS.values())
     for s in senders:
-        s.flush()
-        left = sum(lark_pending(s.sync.dir, r) for r in s.sync.dir.lark_runs())
+        left = s.flush()
         if left:
             s._warn(f"lark: {left} row{'s' if left != 1 else ''} not sent yet; they are kept in "
                     f"{os.path.dirname(s.sync.dir.lark_outbox_path(s.run_id))}; send them with: "
@@ -7583,7 +7581,7 @@ def check_notify(v: Any) -> dict[str, Any]:
             else:
                 out[key] = list(val)
         else:
-            problems.append((None, _unknown_key("notify", str(key), ("lark_webhook", "secret", "on"))))
+            problems.append((None, _unknown_key("", str(key), ("lark_webhook", "secret", "on"))))
     if problems:
         raise _Problems(problems)
     return out

@@ -188,7 +188,7 @@ def test_notify_settings_are_checked():
         exp.parse_config('[scheduler]\nnotify = { lark_webhok = "https://x", on = ["fail"] }\n'
                          '[[experiments]]\nname = "a"\ncommand = "true"\n', "c.toml", "/")
     msg = str(info.value)
-    assert "unknown key 'lark_webhok' (did you mean 'lark_webhook'?)" in msg
+    assert "scheduler.notify: unknown key 'lark_webhok' (did you mean 'lark_webhook'?)" in msg
     assert "scheduler.notify.on: expected a list of 'error', 'finished', 'done'" in msg
 
 

@@ -102,7 +102,7 @@ mem = "4 G"
         exp.parse_config(text, "c.toml", str(tmp_path))
     msg = str(info.value)
     assert "scheduler.backend: expected \"local\" or \"slurm\", got 'slrum'" in msg
-    assert "unknown key 'partitoin' (did you mean 'partition'?)" in msg
+    assert "scheduler.slurm: unknown key 'partitoin' (did you mean 'partition'?)" in msg
     assert "scheduler.slurm.cpus_per_task: expected an integer >= 1" in msg
     assert "scheduler.slurm.extra: expected a list of sbatch options" in msg
     assert "experiments[0].slurm.mem: expected a value without spaces" in msg
