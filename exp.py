@@ -377,17 +377,27 @@ def add_conda_no_capture(command: str) -> str:
     return re.sub(r"(?<![\w.-])(conda\s+run)(?=\s)", r"\1 --no-capture-output", command, count=1)
 
 
+_NOW_ISO: list[tuple[int, int, str]] = [(-1, 0, "")]
+
+
 def now_iso() -> str:
     """The local time as ISO 8601 with its UTC offset, to the second."""
     # time, not datetime: importing datetime costs more than this whole function.
     # localtime() without an argument reads a coarser clock than time.time()
     # and can lag it across a second boundary; pass the time explicitly.
-    lt = time.localtime(time.time())
+    # A batch asks several times per experiment: the text is made once a second.
+    sec, zone = int(time.time()), time.timezone  # (time.tzset() changes the zone)
+    cached = _NOW_ISO[0]  # read and replaced whole: threads share it
+    if cached[0] == sec and cached[1] == zone:
+        return cached[2]
+    lt = time.localtime(sec)
     off = lt.tm_gmtoff or 0
     sign = "-" if off < 0 else "+"
     off = abs(off)
     tz = f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}" + (f":{off % 60:02d}" if off % 60 else "")
-    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
+    _NOW_ISO[0] = (sec, zone, text)
+    return text
 
 
 class _LazyRe:
@@ -447,6 +457,24 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+_STRICT_ENCODER: Any = None
+
+
+def _dumps_strict(obj: Any) -> str:
+    """Compact strict JSON of ``obj``, non-finite floats as strings (see :func:`json_safe`).
+
+    ``json_safe`` walks the whole value in Python: it runs only when the C
+    encoder finds a NaN or an infinity, which is rare.
+    """
+    global _STRICT_ENCODER
+    if _STRICT_ENCODER is None:
+        _STRICT_ENCODER = _json().JSONEncoder(ensure_ascii=False, allow_nan=False, default=str)
+    try:
+        return _STRICT_ENCODER.encode(obj)  # type: ignore[no-any-return]
+    except ValueError:
+        return _STRICT_ENCODER.encode(json_safe(obj))  # type: ignore[no-any-return]
+
+
 def _json():
     # json costs a couple of ms at import; `import exp` in a training script
     # should not pay for it before it writes any metadata.
@@ -456,6 +484,8 @@ def _json():
 
 
 _ENCODER: Any = None
+_ENCODE_STR: Any = None
+_ENCODED_KEYS: dict[Any, str] = {}
 
 
 def dumps_json(obj: Any) -> str:
@@ -464,10 +494,12 @@ def dumps_json(obj: Any) -> str:
     Values are encoded by the C encoder (``indent`` would force the much slower
     pure-Python one; metadata is rewritten on every status change).
     """
-    global _ENCODER
+    global _ENCODER, _ENCODE_STR
     if _ENCODER is None:
-        _ENCODER = _json().JSONEncoder(ensure_ascii=False, default=str)
-    enc = _ENCODER.encode
+        json = _json()
+        _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+        _ENCODE_STR = json.encoder.encode_basestring  # what encode() does with a str, minus the call
+    enc, enc_str, keys = _ENCODER.encode, _ENCODE_STR, _ENCODED_KEYS
     if not isinstance(obj, dict):
         return enc(obj) + "\n"
     lines = []
@@ -478,16 +510,23 @@ def dumps_json(obj: Any) -> str:
         if v is None:
             text = "null"
         elif t is str:
-            text = enc(v)
+            text = enc_str(v)
         elif t is bool:
             text = "true" if v else "false"
         elif t is int:
             text = int.__repr__(v)
+        elif t is float and v - v == 0:  # finite (the encoder writes NaN/Infinity for the others)
+            text = float.__repr__(v)
         elif isinstance(v, list) and v and isinstance(v[0], dict):
             text = "[\n    " + ",\n    ".join(enc(x) for x in v) + "\n  ]"
         else:
             text = enc(v)
-        lines.append(f"  {enc(k if type(k) is str else str(k))}: {text}")
+        key = keys.get(k) if type(k) is str else None
+        if key is None:
+            key = enc_str(k if type(k) is str else str(k))
+            if type(k) is str and len(keys) < 512:  # metadata's own keys, not every key a user wrote
+                keys[k] = key
+        lines.append(f"  {key}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
@@ -5345,13 +5384,23 @@ STATE_WRITE_INTERVAL = 0.1
 COMMAND_POLL_INTERVAL = 0.02
 
 
+_SHORT_DIRS: dict[tuple[str, str], str] = {}
+
+
 def _short_path(path: str | None) -> str:
+    """``path`` relative to the current directory when that is shorter."""
     if not path:
         return "-"
+    # A batch names hundreds of directories under one base: relpath is worked out once per parent.
+    head, tail = os.path.split(path)
     try:
-        rel = os.path.relpath(path)
-    except ValueError:
+        key = (os.getcwd(), head)
+        rel_head = _SHORT_DIRS.get(key)
+        if rel_head is None:
+            rel_head = _SHORT_DIRS[key] = os.path.relpath(head) if head else ""
+    except (OSError, ValueError):
         return path
+    rel = os.path.join(rel_head, tail) if rel_head != "." else tail
     return rel if len(rel) < len(path) else path
 
 
@@ -5459,6 +5508,7 @@ class Scheduler:
         self._commands_seen = -1
         self._owner_fd: int | None = None
         self._notifiers: dict[tuple[Any, Any], Notifier] = {}
+        self._notify_cache: dict[int, tuple[ExperimentSpec, dict[str, Any]]] = {}
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
@@ -5470,7 +5520,7 @@ class Scheduler:
         # is rewritten on every transition and must stay cheap for big batches.
         text = self._state_cache.get(job.id)
         if text is None:
-            text = _json().dumps(json_safe(job.to_state()), ensure_ascii=False, default=str)
+            text = _dumps_strict(job.to_state())
             self._state_cache[job.id] = text
         return text
 
@@ -5723,6 +5773,7 @@ class Scheduler:
         job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
         job.queue_counted = False
         self.running[job.id] = job
+        self._touch(job)
         self._dirty = True
         for g in job.gpus:
             self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
@@ -5820,7 +5871,13 @@ class Scheduler:
         return self.backend.for_job(job.spec.slurm, job.spec.gpus, job.spec.timeout)
 
     def _notify_settings(self, job: Job) -> dict[str, Any]:
-        return _notify_settings(self.config.scheduler.notify, job.spec.notify)
+        # Per spec, once: a batch asks at each start and each end.
+        key = id(job.spec)
+        cached = self._notify_cache.get(key)
+        if cached is None or cached[0] is not job.spec:
+            cached = self._notify_cache[key] = (job.spec, _notify_settings(self.config.scheduler.notify,
+                                                                            job.spec.notify))
+        return cached[1]
 
     def _notifier(self, settings: Mapping[str, Any]) -> Notifier | None:
         url = settings.get("lark_webhook")
