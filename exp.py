@@ -5387,17 +5387,19 @@ COMMAND_POLL_INTERVAL = 0.02
 _SHORT_DIRS: dict[tuple[str, str], str] = {}
 
 
-def _short_path(path: str | None) -> str:
-    """``path`` relative to the current directory when that is shorter."""
+def _short_path(path: str | None, cwd: str | None = None) -> str:
+    """``path`` relative to ``cwd`` (default: the current directory) when that is shorter."""
     if not path:
         return "-"
     # A batch names hundreds of directories under one base: relpath is worked out once per parent.
     head, tail = os.path.split(path)
     try:
-        key = (os.getcwd(), head)
+        if cwd is None:
+            cwd = os.getcwd()
+        key = (cwd, head)
         rel_head = _SHORT_DIRS.get(key)
         if rel_head is None:
-            rel_head = _SHORT_DIRS[key] = os.path.relpath(head) if head else ""
+            rel_head = _SHORT_DIRS[key] = os.path.relpath(head, cwd) if head else ""
     except (OSError, ValueError):
         return path
     rel = os.path.join(rel_head, tail) if rel_head != "." else tail
@@ -5509,6 +5511,8 @@ class Scheduler:
         self._owner_fd: int | None = None
         self._notifiers: dict[tuple[Any, Any], Notifier] = {}
         self._notify_cache: dict[int, tuple[ExperimentSpec, dict[str, Any]]] = {}
+        #: What the event lines' paths are relative to (a getcwd per line would cost the main loop).
+        self._cwd = os.getcwd()
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
@@ -5705,13 +5709,17 @@ class Scheduler:
                 fut.add_done_callback(lambda f: self._events.put(f.result()))
         linger = bool(self.config.linger_when_idle)
         replan_every = float(self.config.check_interval)
-        next_replan = 0.0
+        next_replan = next_commands = 0.0
         while True:
             now = self._clock()
-            mtime = self.state.commands_mtime()
-            if mtime != self._commands_seen:
-                self._commands_seen = mtime
-                self._run_commands(pool)
+            # Queue commands are looked for every COMMAND_POLL_INTERVAL, not after every event:
+            # a batch of short experiments handles hundreds a second.
+            if time.monotonic() >= next_commands:
+                next_commands = time.monotonic() + COMMAND_POLL_INTERVAL
+                mtime = self.state.commands_mtime()
+                if mtime != self._commands_seen:
+                    self._commands_seen = mtime
+                    self._run_commands(pool)
             self._check_timeouts(now)
             # Plan after a change, when a delay ends, and every check_interval
             # (GPUs that others were using may be free again).
@@ -5741,7 +5749,7 @@ class Scheduler:
             if self._dirty:
                 timeout = min(timeout, max(0.0, self._next_state_write - self._clock()))
             delay_due = timeout
-            timeout = min(timeout, COMMAND_POLL_INTERVAL)
+            timeout = min(timeout, max(0.0, next_commands - time.monotonic()))
             try:
                 ev = self._events.get(timeout=timeout)
             except queue_mod.Empty:  # a delay ended, a command may have come, or a tick
@@ -5802,7 +5810,7 @@ class Scheduler:
         gpus = ",".join(map(str, job.gpus)) if job.gpus else "-"
         self.term.event(
             f"{self.term.paint('started ', '36')} {job.label()} (attempt {job.attempt}/{job.max_attempts}, "
-            f"GPUs {gpus}) -> {_short_path(job.work_dir)}"
+            f"GPUs {gpus}) -> {_short_path(job.work_dir, self._cwd)}"
         )
         if job.stop_request is not None:  # killed or timed out while it was starting
             if self._stopping:  # the shutdown stops it with the others; the first reason wins
