@@ -5512,7 +5512,10 @@ class Scheduler:
         self._notifiers: dict[tuple[Any, Any], Notifier] = {}
         self._notify_cache: dict[int, tuple[ExperimentSpec, dict[str, Any]]] = {}
         #: What the event lines' paths are relative to (a getcwd per line would cost the main loop).
-        self._cwd = os.getcwd()
+        try:
+            self._cwd: str | None = os.getcwd()
+        except OSError:  # the directory it was started in is gone: paths are shown whole
+            self._cwd = None
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds

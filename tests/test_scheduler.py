@@ -690,6 +690,27 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path):
     assert not (elsewhere / "results").exists()
 
 
+def test_a_batch_started_in_a_directory_since_removed_runs_and_shows_whole_paths(tmp_path):
+    # Event lines show paths relative to where `exp run` started; with that directory gone
+    # (removed by a clean-up script, say) they show them whole, and the batch is unaffected.
+    base = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.toml", {"base_experiment_dir": str(base)},
+                       [{"name": f"e{i}", "command": "true"} for i in range(3)])
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" run "$4"', "sh",
+                        str(gone), PY, EXP_PY, str(cfg)],
+                       env=cli_env(), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert not gone.exists()
+    started = event_lines(r.stdout, "started")
+    assert len(started) == 3 and len(event_lines(r.stdout, "finished")) == 3, r.stdout
+    for i in range(3):
+        d = exp_dirs(base, f"e{i}")
+        assert len(d) == 1 and meta(d[0])["status"] == "finished"
+        assert any(line.endswith(f"-> {d[0]}") for line in started), (d[0], started)
+
+
 def test_concurrency_limit_is_reached_and_never_exceeded(tmp_path):
     script = write_script(tmp_path, "interval.py", INTERVAL_PY)
     (tmp_path / "iv").mkdir()
