@@ -142,7 +142,7 @@ __all__ = [
     "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "FIELD_ALIASES",
     "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
     "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "REPORT_LINE_WIDTH",
-    "STATE_WRITE_INTERVAL", "COMMAND_POLL_INTERVAL", "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
+    "STATE_WRITE_INTERVAL", "STATE_WRITE_SHARE", "STATE_WRITE_MAX_INTERVAL", "COMMAND_POLL_INTERVAL", "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
     "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "CODE_DIFF_FILE", "CODE_DIFF_MAX_BYTES", "STATE_DIR", "STATE_FILE", "LOG_EXT",
     "METRICS_EXT", "EXIT_STATUS_TEXT", "supervised_command", "read_exit_status", "record_end_command", "record_orphan_end", "RECORD_END_VERB",
     "__version__",
@@ -5331,7 +5331,9 @@ def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuP
     slots = limit - running
     if slots <= 0:
         return []
-    ok = set(succeeded)
+    # The scheduler's own set is used as it is: copying it at every plan would cost a batch of
+    # thousands more than the planning itself.
+    ok = succeeded if isinstance(succeeded, (set, frozenset)) else set(succeeded)
     free = dict(gpus.free) if gpus is not None else {}
     pool = gpus.pool if gpus is not None else []
     reserved: set[int] = set()
@@ -5364,7 +5366,7 @@ def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuP
     return picked
 
 
-def next_wakeup(queue: list[Job], now: float, deadlines: Iterable[float] = ()) -> float | None:
+def next_wakeup(queue: Iterable[Job], now: float, deadlines: Iterable[float] = ()) -> float | None:
     """Seconds until the earliest delayed job becomes startable or a running one times out (None if neither)."""
     waits = [j.not_before - now for j in queue if j.not_before > now] + [d - now for d in deadlines]
     return max(0.0, min(waits)) if waits else None
@@ -5376,9 +5378,15 @@ def next_wakeup(queue: list[Job], now: float, deadlines: Iterable[float] = ()) -
 
 #: Least time between two writes of the state file while experiments churn.
 #: Transitions inside the window are coalesced into one write at its end, so
-#: the file is never more than this stale.  Rewriting ~0.5 KB per experiment
+#: a small batch's file is never more than this stale.  Rewriting ~0.5 KB per experiment
 #: on every transition would otherwise dominate batches of short commands.
 STATE_WRITE_INTERVAL = 0.1
+#: A big batch's state file takes longer to write (thousands of jobs: megabytes, fsynced):
+#: the wait after a write is at least this many times what the write took, so the main
+#: loop spends at most about a tenth of its time on the file whatever the batch's size ...
+STATE_WRITE_SHARE = 10
+#: ... and the file is never staler than this.
+STATE_WRITE_MAX_INTERVAL = 2.0
 #: How often a waiting scheduler looks for new command files (one stat of the
 #: commands directory): commands are acted on within this, idle or not.
 COMMAND_POLL_INTERVAL = 0.02
@@ -5456,6 +5464,26 @@ class _Terminal:
         self._write(text + "\n")
 
 
+class _Ended(list):  # type: ignore[type-arg]
+    """The ended jobs of a batch, counting the failed ones as they come and go.
+
+    The progress line shows that count after every event; counting it there
+    would walk every ended job each time, quadratic in a batch of thousands.
+    Jobs enter and leave only through ``append`` and ``remove``, with their
+    final status set.
+    """
+
+    failed = 0
+
+    def append(self, job: Job) -> None:
+        super().append(job)
+        self.failed += job.status != FINISHED
+
+    def remove(self, job: Job) -> None:
+        super().remove(job)
+        self.failed -= job.status != FINISHED
+
+
 class Scheduler:
     """Run a batch: dispatch by priority under a concurrency limit, retry, report.
 
@@ -5488,7 +5516,7 @@ class Scheduler:
         self.jobs = expand_jobs(config)
         self.queue: list[Job] = list(self.jobs)
         self.running: dict[int, Job] = {}
-        self.done: list[Job] = []
+        self.done = _Ended()
         self.state = StateFile(config.base_experiment_dir)
         self.state_path = self.state.path
         self.term = _Terminal(out or sys.stdout)
@@ -5519,6 +5547,9 @@ class Scheduler:
         now = clock()
         for job in self.jobs:
             job.not_before = now + job.spec.delay_seconds
+        #: Whether a queued job can ever wait for a delay (start or retry): if not, no wake-up
+        #: is looked for in the queue, which a batch of thousands would walk after every event.
+        self._may_delay = any(j.spec.delay_seconds for j in self.jobs)
 
     # ---------------------------------------------------------------- state
 
@@ -5540,6 +5571,7 @@ class Scheduler:
         If it cannot be written (a full disk), that is said once and the write
         is tried again later: the experiments matter more than the state file.
         """
+        t0 = time.monotonic()
         groups: dict[str, list[Job]] = {"pending": list(self.queue), "running": list(self.running.values()),
                                         "finished": [], "errors": []}
         for job in self.done:
@@ -5559,16 +5591,19 @@ class Scheduler:
         parts.append('"summary": ' + _json().dumps(summary))
         text = "{" + ",\n".join(parts) + "}\n"
         self._dirty = False
-        self._next_state_write = self._clock() + STATE_WRITE_INTERVAL
         try:
             self.state.write_text(text)
         except OSError as e:
             self._dirty = True
+            self._next_state_write = self._clock() + STATE_WRITE_INTERVAL
             if not self._state_unwritable:
                 self._state_unwritable = True
                 self.term.event(f"warning: cannot write the state file {_short_path(self.state_path)} ({e}); "
                                 "the batch goes on and exp keeps trying")
             return
+        spent = time.monotonic() - t0
+        self._next_state_write = self._clock() + min(STATE_WRITE_MAX_INTERVAL,
+                                                     max(STATE_WRITE_INTERVAL, STATE_WRITE_SHARE * spent))
         if self._state_unwritable:
             self._state_unwritable = False
             self.term.event(f"the state file {_short_path(self.state_path)} is written again")
@@ -5746,7 +5781,8 @@ class Scheduler:
             if self._dirty and self._clock() >= self._next_state_write:
                 self.write_state()
             self._progress()
-            timeout = next_wakeup(self.queue, now, [j.deadline for j in self.running.values() if j.deadline])
+            timeout = next_wakeup(self.queue if self._may_delay else (), now,
+                                  [j.deadline for j in self.running.values() if j.deadline])
             cap = 1.0 if self.term.tty else float(self.config.check_interval)
             timeout = cap if timeout is None else min(timeout, cap)
             if self._dirty:
@@ -6272,6 +6308,7 @@ class Scheduler:
             j.order += order0
             j.deps = [ids[d] for d in j.deps]
             j.not_before = now + j.spec.delay_seconds
+            self._may_delay = self._may_delay or bool(j.spec.delay_seconds)
             self.jobs.append(j)
             self.queue.append(j)
         self.queue.sort(key=lambda j: (-j.priority, j.order))
@@ -6340,7 +6377,7 @@ class Scheduler:
         if not self.term.tty:
             return
         done = len(self.done)
-        failed = sum(1 for j in self.done if j.status != FINISHED)
+        failed = self.done.failed
         names = ", ".join(j.label() for j in self.running.values()) or "-"
         elapsed = format_duration(self._clock() - self._t0)
         self.term.progress(f"[{done}/{len(self.jobs)} done] running: {names} | failed: {failed} | {elapsed}")

@@ -812,6 +812,25 @@ def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
     assert "queued 3 experiment(s)" in s.stdout()
 
 
+def test_a_joined_experiment_with_a_delay_starts_when_its_delay_ends(tmp_path, start, marks):
+    # The running batch has no delays and re-plans only every 30 s: the joined experiment's
+    # delay must still wake the scheduler when it ends, not at the next re-plan.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}],
+                       max_concurrent_experiments=2, check_interval=30)
+    s = start(cfg)
+    marks.wait_started("holder", sched=s)
+    wait_owned(base, s)
+    other = write_config(tmp_path / "other.toml", base, [
+        {"name": "late", "command": marks.hold("late"), "delay_seconds": 1}])
+    t0 = time.monotonic()
+    assert "queued 2 late" in ok(cli("run", other, cwd=tmp_path))
+    marks.wait_started("late", sched=s, timeout=15)
+    assert time.monotonic() - t0 >= 1.0  # not before its delay
+    marks.release("holder", "late")
+    assert s.wait() == 0
+
+
 def test_a_joining_config_with_too_many_gpus_is_refused(tmp_path, start, marks):
     base = tmp_path / "results"
     cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}],

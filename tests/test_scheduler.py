@@ -945,6 +945,32 @@ def test_tty_colours_follow_no_color(tmp_path, no_color):
         assert SGR_RE.search(out), repr(out)  # the control: colours do appear on a TTY
 
 
+def test_tty_progress_line_counts_what_is_done_and_failed(tmp_path):
+    import pty
+
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1}, [
+        {"name": "good", "command": "true", "priority": 3},
+        {"name": "bad", "command": "exit 3", "priority": 2},
+        {"name": "slow", "command": "sleep 0.5", "priority": 1}])
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([PY, EXP_PY, "run", str(cfg)], cwd=str(tmp_path), env=cli_env(TERM="dumb"),
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE)
+    os.close(slave)
+    chunks = []
+    reader = threading.Thread(target=_read_pty, args=(master, chunks), daemon=True)
+    reader.start()
+    try:
+        assert proc.wait(CLI_TIMEOUT) == 1, proc.stderr.read()
+        reader.join(10)
+    finally:
+        os.close(master)
+        proc.stderr.close()
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert "[0/3 done] running: good | failed: 0 |" in out, repr(out)
+    assert "[2/3 done] running: slow | failed: 1 |" in out, repr(out)
+    assert "[1/3 done] running: bad | failed: 0 |" in out, repr(out)
+
+
 # ============================================================================
 # State file
 # ============================================================================
@@ -1172,6 +1198,32 @@ def test_state_file_that_cannot_be_written_is_reported_once_and_the_batch_goes_o
     s = read_state(base)
     assert s["summary"]["finished"] == 2 and s["summary"]["status_indicator"] == "stopped"
     assert [p.name for p in (base / ".exp_state").iterdir()] == ["scheduler_state.json"]  # no temp file left
+
+
+def test_a_state_file_slow_to_write_is_written_less_often(tmp_path, monkeypatch):
+    # A batch of thousands has a state file of megabytes: after each write the scheduler waits
+    # at least STATE_WRITE_SHARE times what it took, so the file cannot take over the main loop.
+    # Here every write takes at least 50 ms.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 2}, [
+        {"name": f"q{i:02d}", "command": "sleep 0.05"} for i in range(40)])
+    starts = []
+    write_text = exp.StateFile.write_text
+
+    def slow(self, text):
+        starts.append(time.monotonic())
+        time.sleep(0.05)
+        write_text(self, text)
+
+    monkeypatch.setattr(exp.StateFile, "write_text", slow)
+    assert exp.Scheduler(exp.load_config(cfg), out=io.StringIO()).run() == 0
+    # The last write (the batch's end) is made at once, whenever it comes.
+    gaps = [b - a for a, b in zip(starts, starts[1:-1])]
+    assert gaps, starts
+    assert min(gaps) >= exp.STATE_WRITE_SHARE * 0.05, gaps
+    assert exp.STATE_WRITE_SHARE * 0.05 < exp.STATE_WRITE_MAX_INTERVAL
+    s = read_state(base)
+    assert s["summary"]["finished"] == 40 and s["summary"]["status_indicator"] == "stopped"
 
 
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])

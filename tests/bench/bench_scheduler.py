@@ -1,6 +1,6 @@
 """Benchmark: the batch scheduler against xargs on 200 trivial commands.
 
-    python tests/bench/bench_scheduler.py [--quick] [--n 200] [--repeat 3]
+    python tests/bench/bench_scheduler.py [--quick] [--n 200] [--repeat 3] [--big 2000]
 
 200 experiments whose command is `true`, two at a time, through
 `python -m exp run config.toml` (what the installed `exp` command does), against
@@ -20,6 +20,10 @@ log and to metadata.json, fsynced), and a one-experiment `exp run` measures
 what a batch pays once (interpreter start-up, imports, config, state file):
 the two together are the lowest ratio any Python runner keeping those
 promises could reach on the machine.
+
+Last, one batch of --big experiments in-process: its time per experiment
+against the small batch's shows whether the scheduler's own bookkeeping
+(the state file, planning, the progress counts) grows with the batch.
 
 The floor also shows the state of the disk.  On ext4 without a journal (as
 on some virtual machines) every inode freed in the last few minutes in a
@@ -187,9 +191,10 @@ def main():
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--limit", type=int, default=2)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--big", type=int, default=2000, help="experiments in the one big in-process batch (0: none)")
     args = p.parse_args()
     if args.quick:
-        args.n, args.repeat = 20, 1
+        args.n, args.repeat, args.big = 20, 1, 0
 
     tmp = tempfile.mkdtemp(prefix="exp-bench-sched-")
     try:
@@ -212,6 +217,7 @@ def main():
         results = os.path.join(os.path.dirname(cfg), "results")
         made = len([d for d in os.listdir(results) if not d.startswith(".")])
         assert made == args.n, f"expected {args.n} experiment directories, found {made}"
+        big = time_exp_inprocess(fresh_config(tmp, args.big, args.limit)) if args.big else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -235,6 +241,10 @@ def main():
           f"floor / xargs: {fl / x:.2f}x; in-process / floor: {i / fl:.2f}x")
     print(f"  lowest in reach here: 1-experiment run + required floor = {(o + rq) / x:.2f}x xargs; "
           f"in-process / required floor: {i / rq:.2f}x")
+    if big is not None:
+        per_small, per_big = i / n * 1000, big / args.big * 1000
+        print(f"  big batch in-process: {args.big} experiments in {big:.3f} s ({per_big:.2f} ms per experiment, "
+              f"{per_big / per_small:.2f}x the {n}-experiment batch's {per_small:.2f} ms)")
     if st > 0.1:
         print(f"note: a bare interpreter start takes {st * 1000:.0f} ms here (a .pth file in site-packages "
               "importing packages at start-up?); it counts against exp and not against xargs")
