@@ -1479,14 +1479,21 @@ class MetricsWriter:
             self._size = self._end = -1
 
 
-def _strict_rows(text: str) -> list[dict[str, Any]] | None:
-    """Rows of CSV text that must be well-formed (None if not: say, it ends inside a quoted cell)."""
+def _strict_records(text: str) -> list[list[str]] | None:
+    """The records of CSV text that must be well-formed (None if not: say, it ends inside a quoted cell)."""
     import io
 
     csv = _csv_module()
     try:
-        records = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        return list(csv.reader(io.StringIO(text, newline=""), strict=True))
     except csv.Error:
+        return None
+
+
+def _strict_rows(text: str) -> list[dict[str, Any]] | None:
+    """Rows of CSV text that must be well-formed (None if not: say, it ends inside a quoted cell)."""
+    records = _strict_records(text)
+    if records is None:
         return None
     if not records:
         return []
@@ -1496,16 +1503,28 @@ def _strict_rows(text: str) -> list[dict[str, Any]] | None:
 
 def last_metrics_row(path: str) -> dict[str, Any]:
     """The last complete row of a metrics CSV, reading only its header and its tail."""
+    import stat
+
+    # Plain descriptor reads: a listing asks this of thousands of files at once.
     try:
-        f = _open_regular(path, "rb")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return {}
-    with f:
-        head = f.readline(1 << 20)
-        if not head.endswith(b"\n"):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block
             return {}
-        size = os.fstat(f.fileno()).st_size
-        return _last_row(f.fileno(), size, head.decode("utf-8", "replace"))
+        head = os.pread(fd, 65536, 0)
+        end = head.find(b"\n")
+        if end < 0 and len(head) == 65536:  # a header of many columns: up to 1 MiB
+            head = os.pread(fd, 1 << 20, 0)
+            end = head.find(b"\n")
+        if end < 0:
+            return {}
+        # Rows written since the fstat are not looked at; a header written since ends no row there.
+        return _last_row(fd, st.st_size, head[: end + 1].decode("utf-8", "replace"))
+    finally:
+        os.close(fd)
 
 
 def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
@@ -1532,9 +1551,13 @@ def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
                 even.append(s)
         for s in reversed(even):
             chunk = body[s:].decode("utf-8", "replace")
-            rows = _strict_rows(header_line + chunk)
-            if rows and not (s == 0 and chunk == header_line):
-                return rows[-1]
+            records = _strict_records(header_line + chunk)
+            if not records or (s == 0 and chunk == header_line):
+                continue
+            header = records[0]
+            last = next((r for r in reversed(records[1:]) if len(r) == len(header)), None)
+            if last is not None:
+                return {k: parse_metric(v) for k, v in zip(header, last)}
         if len(tail) < n:  # read the whole file already
             break
     # Not found near the end (a last cell of many lines, or a row torn inside
@@ -8231,13 +8254,28 @@ def redact_secrets(value: Any) -> Any:
             continue
         if key in ("environment", "env") and isinstance(v, dict):
             out[key] = redact_secrets(redact_env(v))
-        elif _SECRET_FIELD_RE.search(key) and v is not None:
+        elif v is not None and _secret_field(key):
             out[key] = "***"  # whatever it holds, a list or a table too
         elif key == "command" and isinstance(v, str):
             out[key] = redact_command(v)
-        else:
+        elif isinstance(v, (dict, list)):
             out[key] = redact_secrets(v)
+        else:  # a scalar holds nothing more to hide
+            out[key] = v
     return out
+
+
+_SECRET_FIELDS: dict[str, bool] = {}
+
+
+def _secret_field(key: str) -> bool:
+    """Whether a key names a secret; remembered, since a listing asks of the same few keys thousands of times."""
+    found = _SECRET_FIELDS.get(key)
+    if found is None:
+        found = bool(_SECRET_FIELD_RE.search(key))
+        if len(_SECRET_FIELDS) < 4096:
+            _SECRET_FIELDS[key] = found
+    return found
 
 
 def redact_command(command: str) -> str:
@@ -8294,16 +8332,19 @@ def _stays_inside(real_dir: str, rel: str) -> bool:
     return True
 
 
-def dashboard_summary(d: ExperimentDir, real: str | None = None) -> dict[str, Any]:
+def dashboard_summary(d: ExperimentDir, real: str | None = None, metadata_not_a_link: bool = False) -> dict[str, Any]:
     """:meth:`ExperimentDir.summary` as the dashboard serves it: secrets redacted, and nothing read
-    through a symlink that leads out of the experiment directory (``real``: its real path, when known)."""
+    through a symlink that leads out of the experiment directory (``real``: its real path, when known;
+    ``metadata_not_a_link``: the caller has just seen that its metadata.json is no symlink)."""
     real = real or os.path.realpath(d.path)
-    if not _stays_inside(real, METADATA_FILE):
+    if not metadata_not_a_link and not _stays_inside(real, METADATA_FILE):
         return d.summary(unreadable=f"{METADATA_FILE} points outside the experiment directory; not read")
     row = d.summary()
     rid = row.get("current_run_id")
-    if rid and row["last_metrics"] and not _stays_inside(real, os.path.relpath(d.metrics_path(rid), d.path)):
-        row["last_metrics"] = {}
+    if rid and row["last_metrics"]:
+        path, top = d.metrics_path(rid), d.path + os.sep
+        if not _stays_inside(real, path[len(top):] if path.startswith(top) else os.path.relpath(path, d.path)):
+            row["last_metrics"] = {}
     row["params"] = redact_secrets(row["params"])
     return row
 
@@ -8667,6 +8708,8 @@ class ExperimentIndex:
             self._snapshot = IndexSnapshot((self._snapshot.version + 1) if self._snapshot else 1, entries)
 
     def _visit(self, path: str, rel: str, depth: int, seen: dict[str, _IndexEntry], full: bool) -> bool:
+        import stat
+
         changed = False
         for name, link in self._subdirs(path):
             sub = os.path.join(path, name)
@@ -8675,14 +8718,18 @@ class ExperimentIndex:
             if old is not None and not full and not old.live:
                 seen[rid] = old
                 continue
+            meta_path = os.path.join(sub, METADATA_FILE)
             try:
-                st = os.stat(os.path.join(sub, METADATA_FILE))
+                st = os.lstat(meta_path)
+                plain = not stat.S_ISLNK(st.st_mode)
+                if not plain:
+                    st = os.stat(meta_path)
             except FileNotFoundError:
                 if depth > 1:
                     changed = self._visit(sub, rid + "/", depth - 1, seen, full) or changed
                 continue
             except OSError:
-                st = None  # unreadable: still an experiment; summary() says why
+                st, plain = None, False  # unreadable: still an experiment; summary() says why
             meta_key = (st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None
             key: Any = meta_key
             run = old.run if old is not None else None
@@ -8693,7 +8740,8 @@ class ExperimentIndex:
                 seen[rid] = old
                 continue
             d = ExperimentDir(sub)
-            row = dashboard_summary(d, real=os.path.realpath(sub) if link or rel else os.path.join(self.root, name))
+            row = dashboard_summary(d, real=os.path.realpath(sub) if link or rel else os.path.join(self.root, name),
+                                    metadata_not_a_link=plain)
             row["id"] = rid
             run = row.get("current_run_id")
             key = (meta_key, _size_mtime(d.metrics_path(run))) if row.get("status") == RUNNING and run else meta_key

@@ -756,6 +756,23 @@ def test_last_metrics_row_agrees_with_read_metrics_on_odd_cells(tmp_path):
         csv_records(path)
 
 
+@pytest.mark.parametrize("columns, read", [(3, True), (9000, True), (90000, False)])
+def test_last_metrics_row_reads_a_header_of_any_width_up_to_1_mib(tmp_path, columns, read):
+    # 9,000 columns make a header over 64 KiB (read in a second, longer read); 90,000 one over
+    # 1 MiB, which is more than a reader looks at: no last row rather than a wrong one.
+    path = tmp_path / "wide.csv"
+    row = {f"metric_{i:05d}": i for i in range(columns)}
+    with exp.MetricsWriter(path) as w:
+        w.write_row({k: str(v) for k, v in row.items()})
+        w.write_row({k: str(v + 1) for k, v in row.items()})
+    header = path.read_bytes().split(b"\n", 1)[0]
+    assert (len(header) > 65536) == (columns > 3) and (len(header) < 1 << 20) == read
+    assert exp.last_metrics_row(str(path)) == ({k: v + 1 for k, v in row.items()} if read else {})
+    assert exp.last_metrics_row(str(tmp_path / "missing.csv")) == {}
+    os.mkfifo(tmp_path / "fifo.csv")
+    assert exp.last_metrics_row(str(tmp_path / "fifo.csv")) == {}  # answered at once, not blocked
+
+
 # ---------------------------------------------------------------------------
 # 5. kill -9 at random moments
 
