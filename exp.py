@@ -2360,7 +2360,8 @@ class ExperimentDir:
             if isinstance(params, dict) else {},
             "reason": text("reason"),
             "cause": text("cause"),
-            "last_metrics": {k: json_safe(v) for k, v in last.items() if _is_num(v)},
+            # Finite numbers as they are (v - v is 0 only for those), the others through json_safe.
+            "last_metrics": {k: v if v - v == 0 else json_safe(v) for k, v in last.items() if _is_num(v)},
             "dirty": bool(isinstance(git, dict) and git.get("dirty") is True),
         }
 
@@ -8568,12 +8569,15 @@ class _IndexEntry:
         self.work_dir: str = row["work_dir"]
         self.name: str = _intern(row.get("name") or "")
         self.status: str | None = _intern(row.get("status"))
-        self.tags = tuple(_intern(t) for t in row["tags"])
-        self.params = {_intern(k): _intern(v) for k, v in row["params"].items()}
-        self.metrics = {_intern(k): v for k, v in row["last_metrics"].items()}
+        # _intern, inlined: a first load makes 10,000 of these, with some 30 strings each.
+        intern = sys.intern
+        self.tags = tuple(intern(t) if len(t) < 64 else t for t in row["tags"])
+        self.params = {(intern(k) if len(k) < 64 else k): (intern(v) if type(v) is str and len(v) < 64 else v)
+                       for k, v in row["params"].items()}
+        self.metrics = {(intern(k) if len(k) < 64 else k): v for k, v in row["last_metrics"].items()}
         self.run: str | None = _intern(row.get("current_run_id"))
         self.dirty = bool(row.get("dirty"))
-        self.rest = tuple(_intern(row.get(k)) for k in cls.REST)
+        self.rest = tuple(intern(v) if type(v) is str and len(v) < 64 else v for v in map(row.get, cls.REST))
         self.created = _iso_ts(row.get("created_at")) or 0.0
         self.text = " ".join(t for t in (row.get("name"), row.get("description")) if t).lower()
         # What may change any moment: checked at every refresh (the rest at full ones).
