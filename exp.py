@@ -997,6 +997,21 @@ def read_tail(path: str, lines: int, max_bytes: int | None = None) -> bytes:
     return read_tail_span(path, lines, max_bytes)[0]
 
 
+def _open_regular_fd(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor for reading ``path`` and its stat; OSError for anything but a regular file (a FIFO would block)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
 def read_tail_span(path: str, lines: int, max_bytes: int | None = None) -> tuple[bytes, int]:
     """:func:`read_tail`, and the file offset where those bytes end (the size it had when read)."""
     if max_bytes is None:
@@ -1004,15 +1019,10 @@ def read_tail_span(path: str, lines: int, max_bytes: int | None = None) -> tuple
     if lines <= 0:
         return b"", 0
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd, st = _open_regular_fd(path)
     except OSError:
         return b"", 0
     try:
-        import stat
-
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return b"", 0
         return _read_tail_fd(fd, st.st_size, lines, max_bytes), st.st_size
     finally:
         os.close(fd)
@@ -1075,12 +1085,8 @@ def tail_lines(path: str, n: int = 10, max_bytes: int | None = None, skip_prefix
 
 def _open_regular(path: str, *args: Any, **kwargs: Any) -> Any:
     """``open(path, ...)`` for reading that refuses anything but a regular file (a FIFO would block)."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd = _open_regular_fd(path)[0]
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise IsADirectoryError(f"{path} is not a regular file")
         return open(fd, *args, **kwargs)
     except BaseException:
         os.close(fd)
@@ -1498,22 +1504,21 @@ def _strict_rows(text: str) -> list[dict[str, Any]] | None:
     if not records:
         return []
     header = records[0]
-    return [{k: parse_metric(v) for k, v in zip(header, r)} for r in records[1:] if len(r) == len(header)]
+    return [_metric_row(header, r) for r in records[1:] if len(r) == len(header)]
+
+
+def _metric_row(header: list[str], record: list[str]) -> dict[str, Any]:
+    return {k: parse_metric(v) for k, v in zip(header, record)}
 
 
 def last_metrics_row(path: str) -> dict[str, Any]:
     """The last complete row of a metrics CSV, reading only its header and its tail."""
-    import stat
-
     # Plain descriptor reads: a listing asks this of thousands of files at once.
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        fd, st = _open_regular_fd(path)
     except OSError:
         return {}
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block
-            return {}
         head = os.pread(fd, 65536, 0)
         end = head.find(b"\n")
         if end < 0 and len(head) == 65536:  # a header of many columns: up to 1 MiB
@@ -1557,7 +1562,7 @@ def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
             header = records[0]
             last = next((r for r in reversed(records[1:]) if len(r) == len(header)), None)
             if last is not None:
-                return {k: parse_metric(v) for k, v in zip(header, last)}
+                return _metric_row(header, last)
         if len(tail) < n:  # read the whole file already
             break
     # Not found near the end (a last cell of many lines, or a row torn inside
@@ -1961,7 +1966,12 @@ class ExperimentDir:
         return os.path.join(self.path, LOGS_DIR, run_id + LOG_EXT)
 
     def metrics_path(self, run_id: str) -> str:
-        return os.path.join(self.path, METRICS_DIR, run_id + METRICS_EXT)
+        return os.path.join(self.path, self.metrics_relpath(run_id))
+
+    @staticmethod
+    def metrics_relpath(run_id: str) -> str:
+        """A run's metrics CSV, relative to its experiment directory."""
+        return os.path.join(METRICS_DIR, run_id + METRICS_EXT)
 
     def slurm_script_path(self, run_id: str) -> str:
         """The batch script a run was submitted with (Slurm backend)."""
@@ -8342,10 +8352,8 @@ def dashboard_summary(d: ExperimentDir, real: str | None = None, metadata_not_a_
         return d.summary(unreadable=f"{METADATA_FILE} points outside the experiment directory; not read")
     row = d.summary()
     rid = row.get("current_run_id")
-    if rid and row["last_metrics"]:
-        path, top = d.metrics_path(rid), d.path + os.sep
-        if not _stays_inside(real, path[len(top):] if path.startswith(top) else os.path.relpath(path, d.path)):
-            row["last_metrics"] = {}
+    if rid and row["last_metrics"] and not _stays_inside(real, d.metrics_relpath(rid)):
+        row["last_metrics"] = {}
     row["params"] = redact_secrets(row["params"])
     return row
 
