@@ -918,26 +918,32 @@ def _read_pty(fd, chunks):
         chunks.append(data)
 
 
-@pytest.mark.parametrize("no_color", [True, False])
-def test_tty_colours_follow_no_color(tmp_path, no_color):
+def run_on_pty(cfg, cwd, env):
+    """`exp run cfg` with its stdout on a pseudo-terminal: (exit code, what the terminal got, stderr)."""
     import pty
 
-    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "one", "command": "true"}])
     master, slave = pty.openpty()
-    env = cli_env(TERM="xterm", NO_COLOR="1" if no_color else None)
-    proc = subprocess.Popen([PY, EXP_PY, "run", str(cfg)], cwd=str(tmp_path), env=env,
+    proc = subprocess.Popen([PY, EXP_PY, "run", str(cfg)], cwd=str(cwd), env=env,
                             stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE)
     os.close(slave)
     chunks = []
     reader = threading.Thread(target=_read_pty, args=(master, chunks), daemon=True)
     reader.start()
     try:
-        assert proc.wait(CLI_TIMEOUT) == 0, proc.stderr.read()
+        code = proc.wait(CLI_TIMEOUT)
+        err = proc.stderr.read().decode("utf-8", "replace")
         reader.join(10)
     finally:
         os.close(master)
         proc.stderr.close()
-    out = b"".join(chunks).decode("utf-8", "replace")
+    return code, b"".join(chunks).decode("utf-8", "replace"), err
+
+
+@pytest.mark.parametrize("no_color", [True, False])
+def test_tty_colours_follow_no_color(tmp_path, no_color):
+    cfg = write_config(tmp_path / "c.toml", {}, [{"name": "one", "command": "true"}])
+    code, out, err = run_on_pty(cfg, tmp_path, cli_env(TERM="xterm", NO_COLOR="1" if no_color else None))
+    assert code == 0, err
     assert "started " in out and "finished" in out and "summary: 1 experiment(s)" in out
     if no_color:
         assert not SGR_RE.search(out), repr(out)
@@ -946,26 +952,12 @@ def test_tty_colours_follow_no_color(tmp_path, no_color):
 
 
 def test_tty_progress_line_counts_what_is_done_and_failed(tmp_path):
-    import pty
-
     cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1}, [
         {"name": "good", "command": "true", "priority": 3},
         {"name": "bad", "command": "exit 3", "priority": 2},
         {"name": "slow", "command": "sleep 0.5", "priority": 1}])
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([PY, EXP_PY, "run", str(cfg)], cwd=str(tmp_path), env=cli_env(TERM="dumb"),
-                            stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE)
-    os.close(slave)
-    chunks = []
-    reader = threading.Thread(target=_read_pty, args=(master, chunks), daemon=True)
-    reader.start()
-    try:
-        assert proc.wait(CLI_TIMEOUT) == 1, proc.stderr.read()
-        reader.join(10)
-    finally:
-        os.close(master)
-        proc.stderr.close()
-    out = b"".join(chunks).decode("utf-8", "replace")
+    code, out, err = run_on_pty(cfg, tmp_path, cli_env(TERM="dumb"))
+    assert code == 1, err
     assert "[0/3 done] running: good | failed: 0 |" in out, repr(out)
     assert "[2/3 done] running: slow | failed: 1 |" in out, repr(out)
     assert "[1/3 done] running: bad | failed: 0 |" in out, repr(out)
