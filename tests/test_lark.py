@@ -414,7 +414,7 @@ def test_values_are_converted_to_each_field_type(lark, make_exp, tmp_path):
         ("formula", 20), ("created", 1001), ("count", 2), ("text_num", 1)])
     attach = tmp_path / "curve.png"
     attach.write_bytes(b"\x89PNG fake image bytes")
-    script = write_script(tmp_path, "types.py", f"""
+    script = write_script(tmp_path, "field_types.py", f"""
         import exp, datetime
         e = exp.load_experiment()
         e.upd_row(num="2.5", pick="b", picks="x", when=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
@@ -587,13 +587,27 @@ def test_summary_mode_keeps_one_record_per_run(lark, make_exp, train, tmp_path):
     assert f["name"] == "summ" and f["run"] == "run_0001" and f["status"] == "finished"
     assert f["tags"] == "base" and f["lr"] == 0.1 and f["step"] == 49 and f["loss"] == 1 / 50
     assert isinstance(f["duration"], (int, float)) and f["start"]
-    assert lark.count("/records", method="POST") == 1  # created once; updated after
-    assert lark.count(f"/records/{rec['record_id']}", method="PUT") >= 2
+    # Created once, however many updates followed (how many depends on how the sends were
+    # spaced: on a loaded machine the first may come only after the run ended).
+    assert lark.count("/records", method="POST") == 1
     failing = make_exp("summfail", "exit 3", lark_config=full_cfg(lark, mode="summary"))
     assert run_fg(failing) == 3
     wait_for(lambda: any(r["fields"].get("name") == "summfail" for r in lark.records(APP, TBL)), 30,
              what="the failed run's record")
     assert [r["fields"]["status"] for r in lark.records(APP, TBL) if r["fields"]["name"] == "summfail"] == ["error"]
+
+
+def test_summary_mode_updates_its_one_record_in_place(queued, lark):
+    s, _ = sync_of(queued, lark, mode="summary")
+    s.summary_update("run_0001")  # created, with the rows' last values
+    (rec,) = lark.records(APP, TBL)
+    assert rec["fields"]["status"] == "running" and rec["fields"]["step"] == 19
+    s.summary_update("run_0001", exp.FINISHED)  # the run's end: the same record
+    (after,) = lark.records(APP, TBL)
+    assert after["record_id"] == rec["record_id"]
+    assert after["fields"]["status"] == "finished" and after["fields"]["step"] == 19
+    assert lark.count("/records", method="POST") == 1
+    assert lark.count(f"/records/{rec['record_id']}", method="PUT") == 1
 
 
 # ============================================================================

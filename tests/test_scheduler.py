@@ -668,14 +668,14 @@ def test_relative_paths_resolve_against_the_config_directory(tmp_path):
     proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
     (proj / "sub").mkdir(parents=True)
     elsewhere.mkdir()
-    pwd_py = write_script(proj, "pwd.py", """
+    pwd_py = write_script(proj, "print_cwd.py", """
         import os, sys
         open(sys.argv[1], "w").write(os.getcwd())
     """)
     # The command itself uses a path relative to the config directory.
     cfg = write_config(proj / "batch.toml", {"base_experiment_dir": "out"}, [
-        {"name": "here", "command": f"{shlex.quote(PY)} pwd.py {shlex.quote(str(tmp_path / 'here.cwd'))}"},
-        {"name": "there", "command": f"{shlex.quote(PY)} ../pwd.py {shlex.quote(str(tmp_path / 'there.cwd'))}",
+        {"name": "here", "command": f"{shlex.quote(PY)} print_cwd.py {shlex.quote(str(tmp_path / 'here.cwd'))}"},
+        {"name": "there", "command": f"{shlex.quote(PY)} ../print_cwd.py {shlex.quote(str(tmp_path / 'there.cwd'))}",
          "cwd": "sub", "base_dir": "other"},
     ])
     r = run_cli("run", "../proj/batch.toml", cwd=elsewhere)
