@@ -208,8 +208,11 @@ LOG_EXT = ".log"
 #: What a run's supervisor writes after LOG_MARK at the end of the log: ``[exp] exit status 3``.
 EXIT_STATUS_TEXT = "exit status"
 METRICS_EXT = ".csv"
-#: ``_YYYY-MM-DD__HH-MM-SS`` plus ``_NN`` for a second experiment in the same second.
-_DIR_SUFFIX_BYTES = len("_2025-01-01__00-00-00_99")
+#: How many experiments of one name one second's timestamp takes (``_2`` ... ``_9999``); more
+#: wait for the next second, so that the suffix stays within what names leave room for.
+_SAME_SECOND_MAX = 9999
+#: ``_YYYY-MM-DD__HH-MM-SS`` plus ``_NNNN`` for a second experiment in the same second.
+_DIR_SUFFIX_BYTES = len(f"_2025-01-01__00-00-00_{_SAME_SECOND_MAX}")
 #: Longest directory entry on Linux and macOS file systems (NAME_MAX).
 _NAME_MAX = 255
 #: Longest path the kernel takes (PATH_MAX on Linux; macOS has 1024).
@@ -1647,6 +1650,16 @@ def upgrade_metadata(meta: dict[str, Any], fresh: Mapping[str, Any]) -> dict[str
     return meta
 
 
+#: The longest temp-file suffix :func:`write_atomic` adds: ``.<pid>.<thread id>.tmp``.
+_TMP_SUFFIX_BYTES = len(f".{2**31 - 1}.{2**64 - 1}.tmp")
+#: The longest path exp makes inside an experiment directory (a run number of five digits, a temp name).
+_LONGEST_INSIDE = _TMP_SUFFIX_BYTES + max(len(os.fsencode(p)) for p in (
+    METADATA_FILE, CODE_DIFF_FILE,
+    *(os.path.join(sub, "run_99999" + ext) for sub, ext in (
+        (LOGS_DIR, LOG_EXT), (METRICS_DIR, METRICS_EXT), (SLURM_DIR, SLURM_SCRIPT_EXT),
+        (LARK_DIR, LARK_OUTBOX_EXT), (LARK_DIR, LARK_CURSOR_EXT)))))
+
+
 def check_experiment_path(base_dir: str, name: str) -> None:
     """ConfigError when ``<base_dir>/<name>_<timestamp>/...`` could not be created (too long)."""
     name_bytes = len(os.fsencode(name))
@@ -1655,8 +1668,8 @@ def check_experiment_path(base_dir: str, name: str) -> None:
             f"name {name[:40]!r}... is {name_bytes} bytes; with the timestamp the directory name would "
             f"pass the file system's {_NAME_MAX}-byte limit: use at most {_NAME_MAX - _DIR_SUFFIX_BYTES} bytes"
         )
-    longest = os.path.join(base_dir, name + "_2025-01-01__00-00-00_99", METRICS_DIR, "run_0001.csv.999999.tmp")
-    if len(os.fsencode(longest)) >= _PATH_MAX:
+    top = os.path.join(os.path.abspath(base_dir), f"{name}_2025-01-01__00-00-00_{_SAME_SECOND_MAX}")
+    if len(os.fsencode(top)) + 1 + _LONGEST_INSIDE >= _PATH_MAX:
         raise ConfigError(
             f"the experiment directory for {name!r} under {base_dir[:60]}... would make paths longer than "
             f"the {_PATH_MAX}-byte limit; use a shorter base_dir or name"
@@ -1900,6 +1913,10 @@ class ExperimentDir:
         stamp = time.strftime(TIMESTAMP_FORMAT, time.localtime(time.time()))
         n = 1
         while True:
+            if n > _SAME_SECOND_MAX:  # names leave room for no longer suffix: take the next second
+                while stamp == (now := time.strftime(TIMESTAMP_FORMAT, time.localtime(time.time()))):
+                    time.sleep(0.05)
+                stamp, n = now, 1
             ts = stamp if n == 1 else f"{stamp}_{n}"
             path = os.path.join(base_dir, f"{name}_{ts}")
             try:
@@ -3251,10 +3268,15 @@ def _validate_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"name must be a non-empty string such as 'resnet50_lr3e-4', got {name!r}")
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
-    if any(s in name for s in seps) or name in (".", ".."):
+    if any(s in name for s in seps):
         raise ConfigError(
             f"name {name!r} cannot contain a path separator; it becomes a directory name. "
             "Use base_dir for the parent directory and e.g. '-' or '_' inside the name"
+        )
+    if name.startswith("."):
+        raise ConfigError(
+            f"name {name!r} starts with '.', which would make a hidden directory that `exp ls` and the "
+            "dashboard skip; start it with a letter or a digit"
         )
     bad = _CONTROL_RE.search(name) or ("\t" in name and re.search("\t", name))
     if bad:

@@ -605,6 +605,9 @@ BAD_NAMES = {
     "c1_control": "run\x85name",
     "bytes_240": "x" * 240,
     "multibyte_240_bytes": "\u00e9" * 120,  # 120 characters, 240 bytes
+    "dot": ".",
+    "dotdot": "..",
+    "hidden": ".hidden",  # a directory ls and the dashboard would skip
 }
 
 
@@ -619,7 +622,8 @@ def test_bad_name_is_a_config_error_before_anything_starts(tmp_path, case):
         assert_clean(r, rc=2)
         assert r.stderr.startswith("exp: error:")
         assert "experiments[0].name" in r.stderr
-        assert ("bytes long" if "240" in case else "control character") in r.stderr
+        expected = "bytes long" if "240" in case else "starts with '.'" if name[0] == "." else "control character"
+        assert expected in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]  # no results/, no .exp_state, not run
 
     with pytest.raises(exp.ConfigError):
@@ -629,12 +633,26 @@ def test_bad_name_is_a_config_error_before_anything_starts(tmp_path, case):
 
 
 def test_name_of_the_longest_allowed_length_works(tmp_path):
-    longest = "y" * (255 - len("_2025-01-01__00-00-00_99"))
+    longest = "y" * 229
     e = exp.Experiment(name=longest, command="exit 0", base_dir=tmp_path / "api")
     assert os.path.isdir(e.work_dir)
-    with pytest.raises(exp.ConfigError):
+    with pytest.raises(exp.ConfigError, match="use at most 229 bytes"):
         exp.Experiment(name=longest + "y", command="exit 0", base_dir=tmp_path / "api2")
     assert not (tmp_path / "api2").exists()
+    # A hundred and more of that name in one second (a big sweep of repeats) still fit.
+    made = []
+    while len(made) < 5000 and not any(re.search(r"_\d{3,}$", d.path) for d in made):
+        made.append(exp.ExperimentDir.create(str(tmp_path / "many"), longest)[0])
+    assert any(re.search(r"_\d{3,}$", d.path) for d in made)
+    assert all(len(os.path.basename(d.path)) <= 255 and os.path.isdir(d.path) for d in made)
+
+
+def test_more_of_one_name_in_a_second_than_the_suffix_allows_take_the_next_second(tmp_path, monkeypatch):
+    monkeypatch.setattr(exp, "_SAME_SECOND_MAX", 2)
+    made = [exp.ExperimentDir.create(str(tmp_path), "n")[0].path for _ in range(5)]
+    assert len(set(made)) == 5
+    suffixes = [re.search(r"__\d\d-\d\d-\d\d(?:_(\d+))?$", p).group(1) for p in made]
+    assert all(n is None or int(n) <= 2 for n in suffixes), suffixes
 
 
 def test_base_dir_past_path_max_is_a_config_error(tmp_path):
@@ -668,6 +686,45 @@ def test_base_dir_past_path_max_is_a_config_error(tmp_path):
     with pytest.raises(exp.ConfigError, match="longer than"):
         exp.Experiment(name="n" * 50, command="exit 0", base_dir=almost)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "c2.toml"]
+
+
+def test_the_longest_base_dir_the_check_accepts_holds_a_whole_run(tmp_path, make_exp):
+    """At the limit the check draws, every file a run makes still fits: metadata rewrites and CSV
+    rewrites through temp names (pid and thread id), from the main thread and from another."""
+    name = "n" * 100
+
+    def accepted(length: int) -> bool:
+        base = str(tmp_path) + "/" + "b" * (length - len(str(tmp_path)) - 1)
+        try:
+            exp.check_experiment_path(base, name)
+        except exp.ConfigError:
+            return False
+        return True
+
+    lo, hi = len(str(tmp_path)) + 2, 4096
+    while lo < hi:  # the longest accepted base path, by bisection
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if accepted(mid) else (lo, mid - 1)
+    assert 3000 < lo < 4096 - len(name)
+    tail = lo - len(str(tmp_path)) - 1
+    parts = ["b" * 200] * (tail // 201) + ["b" * (tail - 201 * (tail // 201) - 1)] if tail % 201 else \
+        ["b" * 200] * (tail // 201)
+    base = tmp_path.joinpath(*[p for p in parts if p])
+    assert len(os.fsencode(str(base))) in (lo, lo - 1)
+    script = write_script(tmp_path, "rows.py", """
+        import threading, exp
+        e = exp.load_experiment()
+        e.upd_row(step=0, loss=1.0); e.save_row()
+        e.upd_row(step=1, loss=0.5, acc=0.1); e.save_row()  # a new column: the CSV is rewritten
+        t = threading.Thread(target=lambda: (e.upd_row(step=2, lr=0.1), e.save_row()))
+        t.start(); t.join()
+        e.append_log("rows saved")
+    """)
+    e = make_exp(name, py_cmd(script), base_dir=str(base))
+    assert e.run() == 0, e.read_log()[-2000:]
+    assert [r["step"] for r in e.metrics()] == [0, 1, 2]
+    assert e.read_metadata()["status"] == exp.FINISHED
+    assert not [p for p in os.listdir(e.work_dir) if p.endswith(".tmp")]
 
 
 # ============================================================================

@@ -261,7 +261,7 @@ def test_filled_name_too_long():
     assert len(out) == 1
     assert out[0].startswith("experiments[0].name (v=" + "x" * 75 + "...): name 'nxxx")
     assert out[0].endswith("is 301 bytes long; it becomes a directory name with a timestamp, which must fit in "
-                           "255 bytes: use at most 231 bytes")
+                           "255 bytes: use at most 229 bytes")
 
 
 def test_resume_with_a_sweep_is_an_error():
