@@ -102,8 +102,9 @@ __all__ = [
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
-    "ExperimentDir", "StateFile", "scan", "upgrade_metadata", "normalize_fields", "iso_from_old_timestamp",
-    "check_experiment_path", "find_resume_dir", "Launch", "LocalBackend", "LocalRun", "EXIT_UNKNOWN",
+    "ExperimentDir", "StateFile", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields",
+    "iso_from_old_timestamp", "check_experiment_path", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
+    "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
     # files and platform
     "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail", "read_tail_span",
@@ -282,7 +283,8 @@ class UnavailableError(ExpError, NotImplementedError):
 
 
 class StorageError(ExpError, OSError):
-    """A file exp writes could not be written in full (a full disk, an I/O error).
+    """A file exp writes could not be written in full (a full disk, an I/O error), or one it
+    reads could not be read (not a regular file, an I/O error).
 
     Nothing half-written is left behind: the old file stays as it was.
     ``errno`` is the underlying error's.
@@ -297,7 +299,8 @@ class StorageError(ExpError, OSError):
 
 
 class MetadataError(ExpError):
-    """An experiment's metadata.json cannot be read (not JSON, not an object, not a file).
+    """A JSON file exp keeps cannot be read (not JSON, not an object, not a file): an
+    experiment's metadata.json, the scheduler's state file, or one :func:`read_json` was given.
 
     ``path`` is the file; ``kept_at`` is where the unreadable file was moved
     aside when exp had to write a new one (else None).
@@ -307,6 +310,10 @@ class MetadataError(ExpError):
         super().__init__(message)
         self.path = path
         self.kept_at = kept_at
+
+
+class _UnreadableJson(MetadataError, ValueError):
+    """What :func:`read_json_file` and :func:`read_json` raise: also a ValueError, as they raised before."""
 
 
 # ============================================================================
@@ -1008,7 +1015,7 @@ def _open_regular_fd(path: str) -> tuple[int, os.stat_result]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(f"{path} is not a regular file")
+            raise StorageError(f"could not read {path}: it is not a regular file")
     except BaseException:
         os.close(fd)
         raise
@@ -1096,11 +1103,14 @@ def _open_regular(path: str, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
-def read_json_file(path: str, max_bytes: int | None = None) -> Any:
-    """Parse a JSON file exp wrote; ValueError (with a short reason) for anything else.
+def read_json_file(path: str, max_bytes: int | None = None, finite: bool = False) -> Any:
+    """Parse a JSON file exp wrote; for anything else a MetadataError that is also a ValueError,
+    whose message is the short reason.
 
     Refuses what is not a regular file (a FIFO would block), files over
-    ``max_bytes``, bytes that are not UTF-8 and nesting too deep to parse.
+    ``max_bytes``, bytes that are not UTF-8 and nesting too deep to parse;
+    with ``finite``, also ``NaN``/``Infinity`` (which JSON does not have,
+    though Python writes them) and numbers too large for a double (``1e999``).
     FileNotFoundError passes through.
     """
     import stat
@@ -1111,9 +1121,9 @@ def read_json_file(path: str, max_bytes: int | None = None) -> Any:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
+            raise _UnreadableJson("not a regular file", path)
         if st.st_size > max_bytes:
-            raise ValueError(f"{st.st_size} bytes, more than the {max_bytes} exp reads")
+            raise _UnreadableJson(f"{st.st_size} bytes, more than the {max_bytes} exp reads", path)
         chunks = []
         while True:
             chunk = os.read(fd, 1 << 20)
@@ -1123,16 +1133,42 @@ def read_json_file(path: str, max_bytes: int | None = None) -> Any:
     finally:
         os.close(fd)
     try:
-        return _json().loads(b"".join(chunks).decode("utf-8"))
+        text = b"".join(chunks).decode("utf-8")
+        if finite:
+            return _json().loads(text, parse_constant=_no_json_constant, parse_float=_finite_float)
+        return _json().loads(text)
     except UnicodeDecodeError:
-        raise ValueError("not UTF-8 text") from None
+        raise _UnreadableJson("not UTF-8 text", path) from None
     except RecursionError:
-        raise ValueError("nested too deeply") from None
+        raise _UnreadableJson("nested too deeply", path) from None
+    except ValueError as e:  # not JSON; with ``finite``, NaN or 1e999
+        raise _UnreadableJson(str(e), path) from None
+
+
+def _no_json_constant(name: str) -> Any:
+    raise ValueError(f"it holds {name}, which is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0:
+        raise ValueError(f"it holds the number {text[:40]}, too large for a double")
+    return value
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Parse a JSON file (see :func:`read_json_file`)."""
-    return read_json_file(os.fspath(path))
+    """Parse a JSON file exp wrote; MetadataError (a ValueError too) saying why when it cannot be read as one.
+
+    FileNotFoundError passes through.  See :func:`read_json_file`.
+    """
+    path = os.fspath(path)
+    try:
+        return read_json_file(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise _UnreadableJson(f"{path} cannot be read ({why})", path) from None
 
 
 # ============================================================================
@@ -1275,13 +1311,21 @@ def _csv_records(text: str) -> tuple[list[str], list[list[str]]]:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a metrics CSV written by exp; a missing file reads as no rows."""
+    """Read a metrics CSV written by exp; a missing file reads as no rows.
+
+    StorageError when it cannot be read (not a regular file, no permission, an I/O error).
+    """
+    path = os.fspath(path)
     try:
         # errors="replace": a torn last line can end inside a UTF-8 character
-        with _open_regular(os.fspath(path), encoding="utf-8", errors="replace", newline="") as f:
+        with _open_regular(path, encoding="utf-8", errors="replace", newline="") as f:
             text = f.read()
     except FileNotFoundError:
         return []
+    except StorageError:
+        raise
+    except OSError as e:
+        raise _storage_error(path, e, "read") from None
     return parse_metrics_csv(text)[1]
 
 
@@ -2082,15 +2126,16 @@ class ExperimentDir:
 
     # ------------------------------------------------------------------ metadata
 
-    def read_metadata(self) -> dict[str, Any]:
+    def read_metadata(self, finite: bool = False) -> dict[str, Any]:
         """metadata.json as a dict, older field names read as current ones.
 
         ConfigError when there is none (not an experiment directory);
-        MetadataError when it is not a readable JSON object.
+        MetadataError when it is not a readable JSON object (with ``finite``,
+        also when it holds NaN, Infinity or ``1e999``: see :func:`read_json_file`).
         """
         path = self.metadata_path
         try:
-            meta = read_json_file(path)
+            meta = read_json_file(path, finite=finite)
         except FileNotFoundError:
             raise ConfigError(f"{self.path} is not an experiment directory: it has no {METADATA_FILE}") from None
         except ValueError as e:
@@ -2109,10 +2154,10 @@ class ExperimentDir:
             return None
         return next((r for r in runs if isinstance(r, dict) and r.get("id") == run_id), None)
 
-    def try_read_metadata(self) -> tuple[dict[str, Any] | None, str | None]:
+    def try_read_metadata(self, finite: bool = False) -> tuple[dict[str, Any] | None, str | None]:
         """(metadata, None), or (None, why it cannot be read); never raises."""
         try:
-            return self.read_metadata(), None
+            return self.read_metadata(finite), None
         except ExpError as e:
             return None, str(e)
 
@@ -2338,13 +2383,18 @@ class ExperimentDir:
     def summary(self, unreadable: str | None = None) -> dict[str, Any]:
         """What ``exp ls --json`` prints for this directory (and the dashboard serves).
 
-        Never raises: unreadable metadata gives ``status: "unreadable"`` and
-        ``error`` saying why (``unreadable`` gives that reason without reading
-        anything).  Values come checked, never trusted (a hand-edited file may
-        hold anything); non-finite numbers become ``"nan"``/``"inf"`` strings
-        so the result is strict JSON.
+        Never raises: metadata that cannot be read, is not strict JSON (NaN,
+        ``1e999``) or has a field exp reads of the wrong type
+        (:func:`metadata_problem`) gives ``status: "unreadable"`` and ``error``
+        saying why (``unreadable`` gives that reason without reading anything).
+        Non-finite metrics become ``"nan"``/``"inf"`` strings so the result is
+        strict JSON.
         """
-        meta, why = self.try_read_metadata() if unreadable is None else (None, unreadable)
+        meta, why = self.try_read_metadata(finite=True) if unreadable is None else (None, unreadable)
+        if meta is not None:
+            problem = metadata_problem(meta)
+            if problem:
+                meta, why = None, f"{self.metadata_path}: {problem}; fix or move the file"
         m: dict[str, Any] = meta or {}
 
         def text(key: str) -> str | None:
@@ -2381,7 +2431,7 @@ class ExperimentDir:
             "current_run_id": rid,
             "exit_code": code if _is_int(code) else None,
             "pid": pid if _is_int(pid) else None,
-            "gpu_ids": [g for g in gpus if _is_int(g)] if isinstance(gpus, list) else None,
+            "gpu_ids": _lenient_gpu_ids(gpus),
             "hostname": text("hostname"),
             "params": json_safe({str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
             if isinstance(params, dict) else {},
@@ -2391,6 +2441,40 @@ class ExperimentDir:
             "last_metrics": {k: v if v - v == 0 else json_safe(v) for k, v in last.items() if _is_num(v)},
             "dirty": bool(isinstance(git, dict) and git.get("dirty") is True),
         }
+
+
+def _is_text_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+def _is_object_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(r, dict) for r in v)
+
+
+#: The fields of metadata.json that exp reads back, and what each must hold when not null.
+_METADATA_FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{k: ("text", lambda v: isinstance(v, str)) for k in (
+        "name", "command", "status", "description", "created_at", "started_at", "ended_at", "hostname",
+        "reason", "cause", "error", "current_run_id", "timestamp")},
+    "duration": ("a number", _is_num),
+    "exit_code": ("a whole number", _is_int),
+    "pid": ("a whole number", _is_int),
+    "tags": ("a list of text", _is_text_list),
+    "runs": ("a list of objects", _is_object_list),
+    "gpu_ids": ("a list of GPU numbers", lambda v: _lenient_gpu_ids(v) is not None),
+    "params": ("an object", lambda v: isinstance(v, dict)),
+    "git": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def metadata_problem(meta: Mapping[str, Any]) -> str | None:
+    """Which field of a parsed metadata.json holds the wrong type (exp never writes one), or None."""
+    for key, (what, ok) in _METADATA_FIELD_TYPES.items():
+        v = meta.get(key)
+        if v is not None and not ok(v):
+            shown = repr(v)
+            return f"its {key!r} is {shown[:40] + '...' if len(shown) > 40 else shown}, not {what}"
+    return None
 
 
 def _name_from_dir(dirname: str) -> str:
@@ -8015,8 +8099,12 @@ LS_FIELDS = ("name", "status", "started", "duration", "runs", "dir")
 
 
 def list_experiments(base_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The :meth:`ExperimentDir.summary` of every experiment under ``base_dir`` (and one level down), newest first."""
-    rows = [d.summary() for d in scan(base_dir)]
+    """The :meth:`ExperimentDir.summary` of every experiment under ``base_dir`` (and one level down), newest first.
+
+    ``base_dir`` may be one experiment's directory itself: that one is listed.
+    """
+    dirs = [ExperimentDir(base_dir)] if ExperimentDir.is_experiment(os.fspath(base_dir)) else scan(base_dir)
+    rows = [d.summary() for d in dirs]
     rows.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", r["work_dir"]), reverse=True)
     return rows
 
@@ -8073,11 +8161,14 @@ def _fmt_value(v: Any) -> str:
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
-    # Missing values sort last whichever the direction; numbers before text.
-    if value is None or value == "":
+    # Missing values sort last whichever the direction (NaN too: it has no place among numbers);
+    # numbers before text.  A summary's non-finite metrics arrive as the strings json_safe made.
+    if value is None or value == "" or value == "nan" or (isinstance(value, float) and value != value):
         return (2, 0)
     if _is_num(value):
         return (0, value)
+    if value in ("inf", "-inf"):
+        return (0, float(value))
     return (1, str(value))
 
 
@@ -8944,10 +9035,10 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
         if missing_created:
             ordered = [e for e in kept if e.created] + missing_created
     else:
-        present = [(value(e), e) for e in kept]
-        missing = [e for v, e in present if v is None or v == ""]
-        present = [(v, e) for v, e in present if not (v is None or v == "")]
-        present.sort(key=lambda p: (_sort_key(p[0]), p[1].id), reverse=desc)
+        present = [(_sort_key(value(e)), e) for e in kept]
+        missing = [e for k, e in present if k[0] == 2]
+        present = [(k, e) for k, e in present if k[0] != 2]
+        present.sort(key=lambda p: (p[0], p[1].id), reverse=desc)
         ordered = [e for _, e in present] + missing
     return {
         "total": len(ordered), "offset": offset, "limit": limit,
@@ -10198,6 +10289,12 @@ def _cmd_ls(args: Any) -> int:
                   f"{', ...' if len(hidden) > 8 else ''}); pick columns with --columns", file=sys.stderr)
             names = names[:LS_DEFAULT_METRIC_COLUMNS]
         columns = [(k, default_mode) for k in names]
+    if args.sort and args.sort not in LS_FIELDS and not any(
+            args.sort in r["last_metrics"] or args.sort in (r.get("params") or {}) for r in rows):
+        print(f"exp: warning: no experiment listed has a metric or sweep parameter {args.sort!r}, so the "
+              f"order is unchanged (--sort also takes {', '.join(LS_FIELDS)})", file=sys.stderr)
+    elif args.desc and not args.sort:
+        print("exp: warning: --desc reverses --sort, and no --sort was given", file=sys.stderr)
     if args.json:
         out: Any = rows
         if args.group:
@@ -10242,15 +10339,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args))
-    except BrokenPipeError:
-        # The reader went away (``exp ls | head -1``): not an error.  Point
-        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        code = int(args.func(args))
         try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+            sys.stdout.flush()  # the output's end: on a full disk (``exp ls > /dev/full``) it fails here
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            _stdout_broken()
+            print(f"exp: error: could not write the output: {e.strerror or e}", file=sys.stderr)
+            return 1
+        return code
+    except BrokenPipeError:
+        # The reader went away (``exp ls | head -1``): not an error.
+        _stdout_broken()
         return 0
     except ConfigError as e:
         print(f"exp: error: {e}", file=sys.stderr)
@@ -10258,8 +10359,33 @@ def main(argv: list[str] | None = None) -> int:
     except ExpError as e:
         print(f"exp: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # an I/O error exp did not expect
+        import errno
+
+        _stdout_broken()
+        # A full disk with no file named: a write to an open stream, and exp's own files say
+        # StorageError; so the output (``exp ls > /dev/full``, unbuffered).
+        output = e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        print(f"exp: error: {'could not write the output: ' if output else ''}{e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout can no longer be written; if so it is pointed at /dev/null, so that the
+    interpreter's final flush of what is still buffered stays quiet."""
+    try:
+        sys.stdout.flush()
+        return False
+    except (OSError, ValueError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return True
 
 
 if __name__ == "__main__":

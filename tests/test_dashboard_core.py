@@ -239,6 +239,17 @@ def test_the_index_rereads_only_the_experiments_that_changed(tmp_path, monkeypat
     assert rows[0]["name"] == "late" and "e0" not in {r["name"] for r in rows}
 
 
+def test_sort_by_metric_orders_infinities_and_puts_nan_with_the_missing(tmp_path):
+    base = tmp_path / "results"
+    for i, loss in enumerate([0.5, float("nan"), float("-inf"), 0.1, None, float("inf")]):
+        make_dir(base, f"e{i}", stamp=f"2026-01-01__00-00-{i:02d}",
+                 metrics=[{"step": 0, "loss": loss}] if loss is not None else [{"step": 0}])
+    entries = exp.ExperimentIndex(str(base), ttl=0).entries()
+    for sort, first in (("metric:loss", ["e2", "e3", "e0", "e5"]), ("-metric:loss", ["e5", "e0", "e3", "e2"])):
+        names = [r["name"] for r in exp.query_experiments(entries, {"sort": [sort]})["items"]]
+        assert names[:4] == first and set(names[4:]) == {"e1", "e4"}, (sort, names)
+
+
 def test_query_filters_sorts_and_pages(tmp_path):
     base = tmp_path / "results"
     for i in range(12):

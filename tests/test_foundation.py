@@ -604,6 +604,26 @@ def test_read_json_file_refuses_a_fifo_without_hanging(tmp_path):
         call_with_timeout(lambda: exp.ExperimentDir(tmp_path).read_metadata(), 10, "read_metadata of a FIFO")
 
 
+@posix_only
+def test_public_readers_refuse_what_is_not_a_file_with_an_exp_error(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target in (fifo, tmp_path):
+        with pytest.raises(exp.StorageError, match="not a regular file") as info:
+            call_with_timeout(lambda: exp.read_metrics(target), 10, "read_metrics")
+        assert isinstance(info.value, OSError) and str(target) in str(info.value)
+        for reader in (exp.read_json, exp.read_json_file):
+            with pytest.raises(exp.MetadataError, match="not a regular file") as info:
+                call_with_timeout(lambda: reader(str(target)), 10, reader.__name__)
+            assert isinstance(info.value, ValueError)  # as before: callers catching ValueError still do
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(exp.MetadataError, match="bad.json cannot be read"):
+        exp.read_json(tmp_path / "bad.json")
+    assert exp.read_metrics(tmp_path / "missing.csv") == []
+    with pytest.raises(FileNotFoundError):
+        exp.read_json(tmp_path / "missing.json")
+
+
 def test_read_json_file_refuses_what_exp_did_not_write(tmp_path):
     path = tmp_path / "m.json"
     path.write_text('{"a": 1}')

@@ -219,53 +219,72 @@ def test_ls_shows_an_unreadable_metadata_file_as_unreadable(tmp_path, case):
     assert [p.name for p in bad.iterdir() if p.name.startswith("metadata.json")] == ["metadata.json"]
 
 
-def test_ls_coerces_wrong_types_in_every_field(tmp_path):
+NOT_STRICT_CASES = {
+    # Python reads these, JSON has no such values: exp never writes them.
+    "nan": (b'{"name": "x", "status": "finished", "duration": NaN}', "NaN"),
+    "infinity": (b'{"name": "x", "status": "finished", "pid": -Infinity}', "-Infinity"),
+    "overflow": (b'{"name": "x", "status": "finished", "exit_code": 1e999}', "1e999"),
+    "nested_nan": (b'{"name": "x", "status": "finished", "runs": [{"id": "run_0001", "duration": NaN}]}', "NaN"),
+    "nan_in_params": (b'{"name": "x", "status": "finished", "params": {"lr": NaN}}', "NaN"),
+    # Wrong types in the fields exp reads back.
+    "name": (b'{"name": 5, "status": "finished"}', "'name' is 5, not text"),
+    "status": (b'{"name": "x", "status": 7}', "'status' is 7, not text"),
+    "started_at": (b'{"name": "x", "started_at": []}', "'started_at' is [], not text"),
+    "duration": (b'{"name": "x", "duration": "long"}', "'duration' is 'long', not a number"),
+    "exit_code": (b'{"name": "x", "exit_code": 1.5}', "'exit_code' is 1.5, not a whole number"),
+    "pid_bool": (b'{"name": "x", "pid": true}', "'pid' is True, not a whole number"),
+    "tags": (b'{"name": "x", "tags": "a,b"}', "'tags' is 'a,b', not a list of text"),
+    "mixed_tags": (b'{"name": "x", "tags": ["a", 1]}', "not a list of text"),
+    "runs": (b'{"name": "x", "runs": 3}', "'runs' is 3, not a list of objects"),
+    "gpu_ids": (b'{"name": "x", "gpu_ids": [0, "1"]}', "not a list of GPU numbers"),
+    "params": (b'{"name": "x", "params": [1]}', "'params' is [1], not an object"),
+    "long_value": (b'{"name": "x", "status": ["' + b"s" * 200 + b'"]}', "'status' is ['" + "s" * 35),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_STRICT_CASES))
+def test_ls_shows_metadata_with_non_json_numbers_or_wrong_types_as_unreadable(tmp_path, case):
+    content, said = NOT_STRICT_CASES[case]
+    base = tmp_path / "results"
+    good = fake_experiment(base, "good", 1, rows=[{"loss": 0.5}])
+    bad = fake_experiment(base, "bad", 2, metadata_bytes=content, rows=[{"loss": 0.25}])
+    r = ls(base)
+    assert_clean(r)
+    rows = {row["dir"]: row for row in table_dicts(r.stdout)}
+    assert rows[bad.name]["status"] == "unreadable" and rows[bad.name]["name"] == "bad"
+    assert rows[good.name]["status"] == "finished" and rows[good.name]["loss"] == "0.5"
+    r = ls(base, "--status", "unreadable")
+    assert_clean(r)
+    assert [row["dir"] for row in table_dicts(r.stdout)] == [bad.name]
+
+    entries = by_dir(ls_json(base))  # strict JSON
+    e = entries[bad.name]
+    assert e["status"] == "unreadable" and e["name"] == "bad"
+    assert str(bad / "metadata.json") in e["error"] and said in e["error"] and "fix or move" in e["error"]
+    assert e["exit_code"] is None and e["duration"] is None and e["last_metrics"] == {}
+    assert e == json.loads(json.dumps(exp.json_safe(exp.ExperimentDir(bad).summary())))
+    # Only the listing is strict: reading it to update it still works, and nothing is moved aside.
+    assert isinstance(exp.ExperimentDir(bad).read_metadata(), dict)
+    assert (bad / "metadata.json").read_bytes() == content
+    assert [p.name for p in bad.iterdir() if p.name.startswith("metadata.json")] == ["metadata.json"]
+
+
+def test_ls_never_follows_a_current_run_id_out_of_the_directory(tmp_path):
     base = tmp_path / "results"
     outside = tmp_path / "etc"  # what current_run_id tries to reach
     (outside / "metrics").mkdir(parents=True)
-    d = fake_experiment(base, "types", 3, meta={
-        "name": 5, "tags": "x", "runs": 3, "duration": "long", "current_run_id": "../../etc",
-        "exit_code": 1.5, "status": 7, "pid": "123", "gpu_ids": "0,1", "started_at": 5, "created_at": [],
-        "ended_at": {}, "description": ["d"], "hostname": 1, "error": {"why": 1},
-    })
-    r = ls(base)
-    assert_clean(r)
-    (row,) = table_dicts(r.stdout)
-    assert row["name"] == "types" and row["dir"] == d.name
-    assert row["status"] == "?" and row["duration"] == "-" and row["runs"] == "0"
-
+    (outside / "metrics" / "x.csv").write_text("loss\n1\n")
+    d = fake_experiment(base, "escape", 3, meta={"current_run_id": "../../etc", "status": "finished"})
     (e,) = ls_json(base)
-    assert e["name"] == "types"  # 5 is not a name: the directory's
-    assert e["status"] is None and e["error"] is None
-    assert e["tags"] == [] and e["runs"] == 0 and e["duration"] is None
+    assert e["dir"] == d.name and e["status"] == "finished"
     assert e["current_run_id"] is None and e["last_metrics"] == {}
-    assert e["exit_code"] is None and e["pid"] is None and e["gpu_ids"] is None
-    assert e["started_at"] is None and e["created_at"] is None and e["ended_at"] is None
-    assert e["description"] is None and e["hostname"] is None
-
-    # Mixed lists keep only their well-typed items.
-    fake_experiment(base, "mixed", 4, meta={"tags": ["a", 1, None, "b"], "gpu_ids": [0, "1", True, 2.0, 3],
-                                            "runs": [{"id": "run_0001"}, 5]})
-    e = by_dir(ls_json(base, "--name", "mixed"))[f"mixed_{STAMP.format(4)}"]
-    assert e["tags"] == ["a", "b"] and e["gpu_ids"] == [0, 3] and e["runs"] == 2
-    assert ls_json(base, "--tag", "a")[0]["name"] == "mixed"
 
 
-def test_ls_non_finite_numbers_in_metadata_become_null(tmp_path):
+def test_ls_reads_gpu_ids_written_the_earlier_projects_way(tmp_path):
     base = tmp_path / "results"
-    d = fake_experiment(base, "nonfinite", 1, metadata_bytes=(
-        b'{"name": "nonfinite", "status": "finished", "duration": NaN, "exit_code": 1e999, '
-        b'"pid": -Infinity, "started_at": "2025-01-01T00:00:01+00:00", "current_run_id": "run_0001", '
-        b'"runs": [{"id": "run_0001", "duration": Infinity}], "gpu_ids": [NaN, 1]}'
-    ), rows=[{"loss": 0.25}])
-    r = ls(base)
-    assert_clean(r)
-    (row,) = table_dicts(r.stdout)
-    assert row["status"] == "finished" and row["duration"] == "-" and row["loss"] == "0.25"
+    fake_experiment(base, "old", 1, meta={"gpu_ids": "0,1", "status": "finished"})
     (e,) = ls_json(base)
-    assert e["dir"] == d.name
-    assert e["duration"] is None and e["exit_code"] is None and e["pid"] is None
-    assert e["gpu_ids"] == [1] and e["runs"] == 1 and e["last_metrics"] == {"loss": 0.25}
+    assert e["status"] == "finished" and e["gpu_ids"] == [0, 1]
 
 
 def test_ls_lone_surrogates_in_names_print_as_escapes(tmp_path):
@@ -456,11 +475,36 @@ def test_ls_sort_by_metric_missing_values_last(results):
     # A column in another mode sorts by what the column shows.
     assert _dirs(ls(results, "--columns", "loss:min", "--sort", "loss")) == [D, A2, A1, B, C]
     assert _dirs(ls(results, "--sort", "acc", "--desc")) == [D, A2, A1, B, C]
-    # A metric nobody logged: everything is missing, nothing fails.
-    assert sorted(_dirs(ls(results, "--sort", "nope"))) == sorted([A1, A2, B, C, D])
+    # A metric nobody logged: nothing fails, and a warning says the order is unchanged (a typo?).
+    r = ls(results, "--sort", "los")
+    assert sorted(_dirs(r)) == sorted([A1, A2, B, C, D])
+    assert "no experiment listed has a metric or sweep parameter 'los'" in r.stderr
+    r = ls(results, "--desc")
+    assert _dirs(r) == _dirs(ls(results)) and "--desc reverses --sort" in r.stderr
+    assert ls(results, "--sort", "loss").stderr == ""
     # --json follows the same order.
     assert [e["dir"] for e in ls_json(results, "--sort", "loss", "--desc")] == [
         os.path.basename(x) for x in (B, A1, A2, D, C)]
+
+
+def test_ls_sort_puts_infinities_in_order_and_nan_last_like_missing_values(tmp_path):
+    base = tmp_path / "results"
+    for second, loss in enumerate(["0.5", "nan", "-inf", "0.1", None, "inf"]):
+        fake_experiment(base, f"e{second}", second, rows=[{"loss": loss, "acc": 1}])
+    order = lambda *args: [row["name"] for row in table_dicts(ls(base, "--sort", "loss", *args).stdout)]
+    assert order()[:4] == ["e2", "e3", "e0", "e5"] and set(order()[4:]) == {"e1", "e4"}
+    assert order("--desc")[:4] == ["e5", "e0", "e3", "e2"] and set(order("--desc")[4:]) == {"e1", "e4"}
+    assert [e["name"] for e in ls_json(base, "--sort", "loss", "--desc")][:4] == ["e5", "e0", "e3", "e2"]
+
+
+def test_ls_of_one_experiment_directory_lists_it(results):
+    one = next(p for p in Path(results).iterdir() if p.name.startswith("b_"))
+    r = ls(one)
+    assert_clean(r)
+    (row,) = table_dicts(r.stdout)
+    assert row["name"] == "b" and row["status"] == "error" and row["dir"] == "."
+    (e,) = ls_json(one)
+    assert e == json.loads(json.dumps(exp.json_safe(exp.ExperimentDir(one).summary())))
 
 
 def test_ls_sort_by_fields(results):
@@ -590,6 +634,22 @@ def test_ls_into_head_has_no_traceback(tmp_path, extra):
     assert r.returncode == 0
     assert r.stdout.count("\n") == 1
     assert r.stdout.startswith("[" if extra else "name")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_output_to_a_full_disk_is_a_clear_error(tmp_path, unbuffered):
+    base = tmp_path / "results"
+    _many(base, 300)
+    cfg = write_toml(tmp_path / "c.toml", '[[experiments]]\nname = "a"\ncommand = "true"\n')
+    for args in (["ls", base], ["ls", base, "--json"], ["ls", base, "--group"], ["run", cfg, "--dry-run"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([PY, EXP_PY, *map(str, args)], stdout=full, stderr=subprocess.PIPE, text=True,
+                               stdin=subprocess.DEVNULL, env=child_env(PYTHONUNBUFFERED=unbuffered or None),
+                               timeout=120)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr == "exp: error: could not write the output: No space left on device\n", (args, r.stderr)
+    assert not (tmp_path / "results" / ".exp_state").exists()
 
 
 # ============================================================================
