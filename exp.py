@@ -130,7 +130,8 @@ __all__ = [
     "lark_date_ms", "lark_pending", "check_notify", "notification_card", "run_card", "batch_card", "log_cause",
     "LARK_DOMAINS", "LARK_BATCH_MAX", "LARK_LINGER", "LARK_HTTP_TIMEOUT", "LARK_ATTEMPTS", "LARK_UPLOAD_MAX",
     "LARK_TOKEN_MARGIN", "LARK_READ_ONLY_TYPES", "LARK_TOKEN_CODES", "LARK_RETRY_CODES", "LARK_OPTIONS",
-    "WEBHOOK_PER_SECOND", "WEBHOOK_PER_MINUTE", "WEBHOOK_MAX_BYTES", "NOTIFY_EVENTS", "WEBHOOK_ENV",
+    "WEBHOOK_PER_SECOND", "WEBHOOK_PER_MINUTE", "WEBHOOK_RATE_LIMITED", "WEBHOOK_RETRIES",
+    "WEBHOOK_MAX_BYTES", "NOTIFY_EVENTS", "WEBHOOK_ENV",
     "WEBHOOK_SECRET_ENV", "LARK_DIR", "LARK_OUTBOX_EXT", "LARK_CURSOR_EXT", "LARK_CELL_CODES", "LARK_PERMANENT_CODES",
     # the Slurm backend
     "SlurmBackend", "SlurmRun", "slurm_script", "slurm_stats", "make_backend", "SLURM_OPTIONS", "SLURM_POLL_MIN",
@@ -6665,6 +6666,10 @@ LARK_PERMANENT_CODES = frozenset({10014, 10003, 99991543, 1254040, 1254041, 1254
                                   1254301, 1254306, 99991672, 99991676, 99991662, 99991673})
 #: Notifications: the bot's limits (per second, per minute) and its largest body.
 WEBHOOK_PER_SECOND, WEBHOOK_PER_MINUTE = 5, 100
+#: The bot's answer when it limits the rate anyway (our spacing is measured where we send, the
+#: bot's where it receives); such a message, or one lost on the way, is tried again this many times.
+WEBHOOK_RATE_LIMITED = 11232
+WEBHOOK_RETRIES = 3
 WEBHOOK_MAX_BYTES = 20 * 1024
 #: When notifications are sent: a run that failed, one that finished, the end of the whole batch.
 NOTIFY_EVENTS = ("error", "finished", "done")
@@ -7954,13 +7959,23 @@ class Notifier:
             message = self._queue.get()
             if message is None:
                 return
-            self._throttle()
-            try:
-                post_webhook(self.webhook, message, self._secret, timeout=self.timeout)
-                self.sent += 1
-            except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
-                self.failed += 1
-                self.report(f"notification not sent: {e}")
+            for attempt in range(WEBHOOK_RETRIES + 1):
+                self._throttle()
+                try:
+                    post_webhook(self.webhook, message, self._secret, timeout=self.timeout)
+                    self.sent += 1
+                    break
+                except LarkError as e:
+                    if attempt < WEBHOOK_RETRIES and (e.code == WEBHOOK_RATE_LIMITED or e.retryable):
+                        time.sleep(1.0 + attempt)  # past the bot's one-second window, longer each time
+                        continue
+                    self.failed += 1
+                    self.report(f"notification not sent: {e}")
+                    break
+                except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
+                    self.failed += 1
+                    self.report(f"notification not sent: {e}")
+                    break
 
 
 def post_webhook(url: str, message: dict[str, Any], secret: str | None = None, *, timeout: float = 10.0) -> None:
@@ -7983,8 +7998,10 @@ def post_webhook(url: str, message: dict[str, Any], secret: str | None = None, *
             text = resp.read()
     except urllib.error.HTTPError as e:
         raise LarkError(f"webhook answered HTTP {e.code}", status=e.code) from None
-    except (OSError, ValueError, http.client.HTTPException) as e:
+    except OSError as e:  # refused, reset, timed out: trying again may help
         raise LarkError(f"webhook unreachable: {getattr(e, 'reason', None) or e}", retryable=True) from None
+    except (ValueError, http.client.HTTPException) as e:  # a bad URL, an answer that is not HTTP
+        raise LarkError(f"webhook unreachable: {e}") from None
     try:
         payload = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):

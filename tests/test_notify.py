@@ -137,6 +137,22 @@ def test_messages_are_throttled_to_the_bots_limits(lark):
     assert [b["content"]["text"] for _, b, _ in lark.messages] == [f"message {i}" for i in range(12)]
 
 
+def test_a_message_the_bot_rate_limits_or_loses_is_sent_again_and_others_are_not(lark):
+    lark.add_webhook("h1", keywords=["exp"])
+    reports = []
+    n = exp.Notifier(lark.hook_url("h1"), report=reports.append)
+    lark.fault("code", path="hook/h1", code=exp.WEBHOOK_RATE_LIMITED)  # limited where it arrives
+    n.send({"msg_type": "text", "content": {"text": "exp one"}})
+    lark.fault("drop", path="hook/h1")  # the connection lost on the way
+    n.send({"msg_type": "text", "content": {"text": "exp two"}})
+    n.send({"msg_type": "text", "content": {"text": "no keyword"}})  # refused for good: not retried
+    assert n.close(timeout=60) == 0
+    assert [b["content"]["text"] for _, b, _ in lark.messages] == ["exp one", "exp two"]
+    assert n.sent == 2 and n.failed == 1
+    assert len(reports) == 1 and "19024" in reports[0]
+    assert lark.count("/hook/h1") == 5  # two tries each for the first two, one for the refused
+
+
 def test_a_card_over_the_size_limit_is_trimmed_not_refused(lark):
     lark.add_webhook("h1", secret=HOOK_SECRET)
     tail = "\n".join(f"line {i} " + "x" * 200 + " 数据" for i in range(400))
