@@ -427,16 +427,23 @@ class _LazyRe:
         return getattr(self._re, name)
 
 
-# Escape sequences (CSI, OSC, two-byte ESC) and every other control character
-# but tab: what a child prints may colour, move the cursor or retitle the
-# terminal, and none of that belongs in exp's own report lines.
-_ESCAPE_RE = _LazyRe(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+# Escape sequences and every other control character but tab: what a child
+# prints may colour, move the cursor, switch character sets or retitle the
+# terminal, and none of that belongs in exp's own report lines.  In order: CSI;
+# OSC, DCS, SOS, PM and APC with their strings; ESC with intermediates (``ESC ( 0``);
+# any other ESC pair (``ESC c``); the same as 8-bit C1 controls.
+_ESCAPE_RE = _LazyRe(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]+[0-~]?|\x1b[0-~]?"
+    r"|\x9b[0-?]*[ -/]*[@-~]|[\x90\x98\x9d\x9e\x9f][^\x07\x1b\x9c]*[\x07\x9c]?")
 _CONTROL_RE = _LazyRe(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# Also invisible in a report, and able to reorder what follows them (bidirectional
+# overrides and isolates) or to break its line (line and paragraph separators).
+_REPORT_CONTROL_RE = _LazyRe("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
     """``text`` safe to echo on a terminal: escapes and control characters removed, cut to ``width``."""
-    text = _CONTROL_RE.sub("", _ESCAPE_RE.sub("", text)).replace("\t", "    ")
+    text = _REPORT_CONTROL_RE.sub("", _ESCAPE_RE.sub("", text)).replace("\t", "    ")
     if len(text) > width:
         text = text[: width - 1] + "\u2026"
     return text
@@ -1263,10 +1270,9 @@ def format_metric(key: str, value: Any) -> str:
 def parse_metric(text: str) -> Any:
     """Inverse of :func:`format_metric`: ``""`` -> None, numbers -> int/float, True/False -> bool.
 
-    Only numbers as Python writes them come back as numbers: a string such as
-    ``"007"``, ``"+5"`` or ``"1_000"`` stays the string it was.  (A string
-    that reads exactly like a number, say ``"1.5"``, comes back as a number:
-    a CSV cell does not say which it was.)
+    Cells in plain decimal notation come back as numbers (a CSV cell does not
+    say whether it held a string: ``"1.10"`` reads as ``1.1``); a string such
+    as ``"007"``, ``"+5"`` or ``"1_000"`` stays the string it was.
     """
     if text == "":
         return None
@@ -4463,6 +4469,17 @@ class Field:
     def __repr__(self) -> str:
         return f"Field({self.name!r}, {self.kind!r}, {self.default!r})"
 
+    def default_text(self) -> str:
+        """The default as TOML writes it (``false``, ``"./results"``, ``10``); "" when there is none."""
+        v = self.default
+        if v is None or v == [] or v == {}:
+            return ""
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        return repr(v).replace("'", '"')
+
 
 #: ``[scheduler]`` keys.
 SCHEDULER_FIELDS: tuple[Field, ...] = (
@@ -4885,21 +4902,13 @@ def _check_table(where: str, table: Mapping[str, Any], fields: tuple[Field, ...]
 
 def config_reference() -> str:
     """The Markdown tables of every config key (the README's "Batch file reference" holds them)."""
-    def fmt(v: Any) -> str:
-        if v is None or v == [] or v == {}:
-            return ""
-        if isinstance(v, bool):
-            return "`true`" if v else "`false`"
-        if isinstance(v, float) and v.is_integer():
-            v = int(v)
-        return f"`{v!r}`".replace("'", '"')
-
     out = []
     for title, fields in (("`[scheduler]` key", SCHEDULER_FIELDS), ("`[[experiments]]` key", EXPERIMENT_FIELDS)):
         out.append(f"| {title} | default | meaning |")
         out.append("|---|---|---|")
         for f in fields:
-            out.append(f"| `{f.name}` | {fmt(f.default)} | {f.help} |")
+            default = f.default_text()
+            out.append(f"| `{f.name}` | {f'`{default}`' if default else ''} | {f.help} |")
         out.append("")
     return "\n".join(out)
 
@@ -5142,10 +5151,17 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
 
 
 def load_config(path: str | os.PathLike[str]) -> BatchConfig:
-    """Read and validate a batch file; paths in it resolve against its directory."""
+    """Read and validate a batch file; paths in it resolve against its directory.
+
+    A config read from a pipe (``exp run <(make_config)``) has no directory of its own:
+    its paths resolve against the current one.
+    """
     path = os.path.abspath(os.fspath(path))
+    root = os.path.dirname(path)
     try:
         with open(path, encoding="utf-8") as f:
+            if not os.path.isfile(path):
+                root = os.getcwd()
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -5153,7 +5169,7 @@ def load_config(path: str | os.PathLike[str]) -> BatchConfig:
         raise ConfigError(f"config file {path} is a directory; pass the .toml file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
-    config = parse_config(text, path, os.path.dirname(path))
+    config = parse_config(text, path, root)
     # What parsing alone cannot see: directories must exist before anything starts.
     errors = []
     for spec in config.experiments:
@@ -9966,7 +9982,7 @@ def _build_parser():  # type: ignore[no-untyped-def]
 
     keys = "\n".join(
         f"  [{section}] {f.name}: {f.help.replace('`', '')}"
-        + (f" (default {f.default!r})" if f.default not in (None, [], {}) else "")
+        + (f" (default {f.default_text()})" if f.default_text() else "")
         for section, fields in (("scheduler", SCHEDULER_FIELDS), ("[experiments]", EXPERIMENT_FIELDS))
         for f in fields
     )

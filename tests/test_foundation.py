@@ -986,6 +986,9 @@ def test_run_help_lists_every_config_key():
         assert f"[scheduler] {f.name}:" in r.stdout, f.name
     for f in exp.EXPERIMENT_FIELDS:
         assert f"[[experiments]] {f.name}:" in r.stdout, f.name
+    # Defaults as the README's tables and a TOML file write them, not as Python reprs.
+    assert "(default false)" in r.stdout and '(default "./results")' in r.stdout and "(default 1)" in r.stdout
+    assert "False" not in r.stdout and "'./results'" not in r.stdout and "(default 1.0)" not in r.stdout
 
 
 # ----------------------------------------------------------------------------

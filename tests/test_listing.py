@@ -891,6 +891,9 @@ def test_string_metrics_that_look_like_numbers_round_trip(make_exp, tmp_path, ba
     assert_clean(r)
     (trow,) = table_dicts(r.stdout)
     assert "code" not in trow and trow["n"] == "7" and trow["x"] == "1.5"
+    # As the README says: plain decimal notation reads as a number, whatever wrote it.
+    assert [exp.parse_metric(t) for t in ("1.10", "0.9500", "2e-05", "-0", "True")] == [1.1, 0.95, 2e-05, 0, True]
+    assert [exp.parse_metric(t) for t in ("007", "+5", "1_000", "0x1f", " 1")] == ["007", "+5", "1_000", "0x1f", " 1"]
 
 
 # ============================================================================
@@ -940,6 +943,23 @@ def test_failure_report_lines_are_clean_and_the_end_line_starts_its_own_line(tmp
     assert "exit code 4 (error)" in end_lines[0]
     # The log itself keeps what the command wrote.
     assert "\x1b[31mred error" in log
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("\x1bc reset", " reset"),                      # ESC c: reset the terminal
+    ("\x1b(0lqk\x1b(B text", "lqk text"),           # character sets switched and back
+    ("\x1b]0;evil title\x07after", "after"),        # OSC: the window title
+    ("\x1bP1;2|data\x1b\\after", "after"),          # DCS with its string
+    ("\x1b_apc\x1b\\after", "after"),               # APC with its string
+    ("\x9d0;t\x9cafter", "after"),                  # 8-bit OSC
+    ("\x9b31mred", "red"),                          # 8-bit CSI
+    ("a\u202eevil\u202c b", "aevil b"),              # bidirectional override
+    ("x\u2028y\u2029z", "xyz"),                      # line and paragraph separators
+    ("\x1b7saved\x1b8", "saved"),                   # save and restore the cursor
+    ("caf\u00e9 \u6570\u636e\ttab", "caf\u00e9 \u6570\u636e    tab"),  # text stays
+])
+def test_clean_line_removes_every_escape_and_invisible_control(raw, shown):
+    assert exp.clean_line(raw) == shown
 
 
 # ============================================================================

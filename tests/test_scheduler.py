@@ -664,6 +664,18 @@ def test_dry_run_prints_plan_and_launches_nothing(tmp_path):
 # ============================================================================
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/fd"), reason="needs /dev/fd (bash process substitution)")
+def test_a_config_from_a_pipe_resolves_paths_against_the_current_directory(tmp_path):
+    text = '[[experiments]]\nname = "piped"\ncommand = "pwd > where.txt"\n'
+    line = f"{shlex.quote(PY)} {shlex.quote(EXP_PY)} run <(printf %s {shlex.quote(text)})"
+    r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (d,) = (tmp_path / "results").glob("piped_*")
+    assert (tmp_path / "where.txt").read_text().strip() == str(tmp_path)
+    assert exp.ExperimentDir(d).read_metadata()["status"] == exp.FINISHED
+
+
 def test_relative_paths_resolve_against_the_config_directory(tmp_path):
     proj, elsewhere = tmp_path / "proj", tmp_path / "elsewhere"
     (proj / "sub").mkdir(parents=True)
