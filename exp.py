@@ -2461,8 +2461,10 @@ def _is_object_list(v: Any) -> bool:
 #: The fields of metadata.json that exp reads back, and what each must hold when not null.
 _METADATA_FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{k: ("text", lambda v: isinstance(v, str)) for k in (
-        "name", "command", "status", "description", "created_at", "started_at", "ended_at", "hostname",
-        "reason", "cause", "error", "current_run_id", "timestamp")},
+        "name", "command", "status", "description", "hostname", "reason", "cause", "error", "current_run_id")},
+    # Times: ISO text, or the seconds since the epoch the earlier project's start_time/end_time held.
+    **{k: ("a time", lambda v: isinstance(v, str) or _is_num(v)) for k in (
+        "created_at", "started_at", "ended_at", "timestamp")},
     "duration": ("a number", _is_num),
     "exit_code": ("a whole number", _is_int),
     "pid": ("a whole number", _is_int),

@@ -229,7 +229,7 @@ NOT_STRICT_CASES = {
     # Wrong types in the fields exp reads back.
     "name": (b'{"name": 5, "status": "finished"}', "'name' is 5, not text"),
     "status": (b'{"name": "x", "status": 7}', "'status' is 7, not text"),
-    "started_at": (b'{"name": "x", "started_at": []}', "'started_at' is [], not text"),
+    "started_at": (b'{"name": "x", "started_at": []}', "'started_at' is [], not a time"),
     "duration": (b'{"name": "x", "duration": "long"}', "'duration' is 'long', not a number"),
     "exit_code": (b'{"name": "x", "exit_code": 1.5}', "'exit_code' is 1.5, not a whole number"),
     "pid_bool": (b'{"name": "x", "pid": true}', "'pid' is True, not a whole number"),
@@ -280,11 +280,14 @@ def test_ls_never_follows_a_current_run_id_out_of_the_directory(tmp_path):
     assert e["current_run_id"] is None and e["last_metrics"] == {}
 
 
-def test_ls_reads_gpu_ids_written_the_earlier_projects_way(tmp_path):
+def test_ls_reads_fields_written_the_earlier_projects_way(tmp_path):
     base = tmp_path / "results"
-    fake_experiment(base, "old", 1, meta={"gpu_ids": "0,1", "status": "finished"})
+    fake_experiment(base, "old", 1, metadata_bytes=json.dumps({
+        "name": "old", "status": "finished", "gpu_ids": "0,1", "return_code": 0, "timestamp": "2025-01-02T03:04:05",
+        "start_time": 1735787045.5, "end_time": 1735787100.25}).encode())
     (e,) = ls_json(base)
-    assert e["status"] == "finished" and e["gpu_ids"] == [0, 1]
+    assert e["status"] == "finished" and e["gpu_ids"] == [0, 1] and e["exit_code"] == 0
+    assert e["created_at"] == "2025-01-02T03:04:05" and e["error"] is None
 
 
 def test_ls_lone_surrogates_in_names_print_as_escapes(tmp_path):
