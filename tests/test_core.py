@@ -542,7 +542,7 @@ def test_resume_that_does_not_exist(make_exp, base_dir):
         ({"name": "   "}, r"name must be a non-empty string"),
         ({"name": None}, r"name must be a non-empty string"),
         ({"name": "a/b"}, r"name 'a/b' cannot contain a path separator; it becomes a directory name"),
-        ({"name": ".."}, r"name '\.\.' cannot contain a path separator"),
+        ({"name": ".."}, r"name '\.\.' starts with '\.', which would make a hidden directory"),
         ({"gpu_ids": ["a"]}, r'gpu_ids: expected a list of integers or "0,1", got \[\'a\'\]'),
         ({"gpu_ids": [1.5]}, r'gpu_ids: expected a list of integers or "0,1", got \[1\.5\]'),
         ({"gpu_ids": "a"}, r'gpu_ids: expected a list of integers or "0,1", got \'a\''),
