@@ -10228,6 +10228,10 @@ def _cmd_run(args: Any) -> int:
         print(f"exp: warning: {w}", file=sys.stderr)
     if not args.dry_run and StateFile(config.base_experiment_dir).owned():
         # A scheduler already owns the directory: join its queue.
+        if not os.path.isfile(config.path):  # it reads the file itself, and /dev/fd/N is ours alone
+            raise ConfigError(f"a scheduler already runs for {config.base_experiment_dir}, and it reads a joining "
+                              f"config from its file; {config.path} is not one (a pipe?): save the config to a "
+                              "file and pass that")
         res = _send(config.base_experiment_dir, "add", config=config.path)
         print(res.get("message", ""))
         if not res.get("ok"):

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -810,6 +811,23 @@ def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
     marks.release("holder")
     assert s.wait() == 1  # the joined "b" failed
     assert "queued 3 experiment(s)" in s.stdout()
+
+
+def test_a_config_from_a_pipe_cannot_join_and_says_so(tmp_path, start, marks):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}])
+    s = start(cfg)
+    marks.wait_started("holder", sched=s)
+    wait_owned(base, s)
+    text = f'[scheduler]\nbase_experiment_dir = "{base}"\n[[experiments]]\nname = "piped"\ncommand = "true"\n'
+    line = f"{shlex.quote(PY)} {shlex.quote(EXP_PY)} run <(printf %s {shlex.quote(text)})"
+    r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert "save the config to a file" in r.stderr
+    assert s.alive() and exp_dirs(base, "piped") == []
+    marks.release("holder")
+    assert s.wait() == 0
 
 
 def test_a_joined_experiment_with_a_delay_starts_when_its_delay_ends(tmp_path, start, marks):
