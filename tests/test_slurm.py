@@ -17,8 +17,8 @@ import time
 import pytest
 
 import exp
-from conftest import EXP_PY, ROOT, child_env, exp_dirs, py_cmd, run_exp, stop_process, wait_for, write_batch, \
-    write_script
+from conftest import EXP_PY, ROOT, child_env, exp_dirs, py_cmd, run_exp, stop_process, try_state, wait_for, \
+    write_batch, write_script
 
 
 def _slurm_up() -> str | None:
@@ -302,6 +302,9 @@ def test_a_killed_scheduler_restarts_and_adopts_its_jobs_without_submitting_twic
     proc = start_scheduler(cfg, tmp_path)
     try:
         job = running_job(base, "long")
+        # The state file lags by its write interval: kill once it shows the job running.
+        wait_for(lambda: (st := try_state(base)) and any(t["name"] == "long" for t in st["running"]), 30,
+                 what="the state file to show long running")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
