@@ -1143,7 +1143,7 @@ def read_json_file(path: str, max_bytes: int | None = None, finite: bool = False
     try:
         text = b"".join(chunks).decode("utf-8")
         if finite:
-            return _json().loads(text, parse_constant=_no_json_constant, parse_float=_finite_float)
+            return _finite_decoder().decode(text)
         return _json().loads(text)
     except UnicodeDecodeError:
         raise _UnreadableJson("not UTF-8 text", path) from None
@@ -1151,6 +1151,16 @@ def read_json_file(path: str, max_bytes: int | None = None, finite: bool = False
         raise _UnreadableJson("nested too deeply", path) from None
     except ValueError as e:  # not JSON; with ``finite``, NaN or 1e999
         raise _UnreadableJson(str(e), path) from None
+
+
+_FINITE_DECODER: list[Any] = []
+
+
+def _finite_decoder() -> Any:
+    # One decoder, made once: json.loads with hooks would build a decoder and its scanner per call.
+    if not _FINITE_DECODER:
+        _FINITE_DECODER.append(_json().JSONDecoder(parse_constant=_no_json_constant, parse_float=_finite_float))
+    return _FINITE_DECODER[0]
 
 
 def _no_json_constant(name: str) -> Any:
@@ -2450,40 +2460,51 @@ class ExperimentDir:
         }
 
 
-def _is_text_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(t, str) for t in v)
-
-
-def _is_object_list(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(r, dict) for r in v)
-
-
-#: The fields of metadata.json that exp reads back, and what each must hold when not null.
-_METADATA_FIELD_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    **{k: ("text", lambda v: isinstance(v, str)) for k in (
-        "name", "command", "status", "description", "hostname", "reason", "cause", "error", "current_run_id")},
-    # Times: ISO text, or the seconds since the epoch the earlier project's start_time/end_time held.
-    **{k: ("a time", lambda v: isinstance(v, str) or _is_num(v)) for k in (
-        "created_at", "started_at", "ended_at", "timestamp")},
-    "duration": ("a number", _is_num),
-    "exit_code": ("a whole number", _is_int),
-    "pid": ("a whole number", _is_int),
-    "tags": ("a list of text", _is_text_list),
-    "runs": ("a list of objects", _is_object_list),
-    "gpu_ids": ("a list of GPU numbers", lambda v: _lenient_gpu_ids(v) is not None),
-    "params": ("an object", lambda v: isinstance(v, dict)),
-    "git": ("an object", lambda v: isinstance(v, dict)),
-}
+#: The fields of metadata.json that exp reads back, by what each must hold when not null.
+_METADATA_TEXT = ("name", "command", "status", "description", "hostname", "reason", "cause", "error",
+                  "current_run_id")
+#: Times: ISO text, or the seconds since the epoch the earlier project's start_time/end_time held.
+_METADATA_TIMES = ("created_at", "started_at", "ended_at", "timestamp")
 
 
 def metadata_problem(meta: Mapping[str, Any]) -> str | None:
     """Which field of a parsed metadata.json holds the wrong type (exp never writes one), or None."""
-    for key, (what, ok) in _METADATA_FIELD_TYPES.items():
-        v = meta.get(key)
-        if v is not None and not ok(v):
-            shown = repr(v)
-            return f"its {key!r} is {shown[:40] + '...' if len(shown) > 40 else shown}, not {what}"
+    get = meta.get
+    # Plain loops and isinstance: this runs for every directory the dashboard lists.
+    for key in _METADATA_TEXT:
+        v = get(key)
+        if v is not None and not isinstance(v, str):
+            return _wrong_type(key, v, "text")
+    for key in _METADATA_TIMES:
+        v = get(key)
+        if v is not None and not isinstance(v, (str, int, float)):
+            return _wrong_type(key, v, "a time")
+    v = get("duration")
+    if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+        return _wrong_type("duration", v, "a number")
+    for key in ("exit_code", "pid"):
+        v = get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            return _wrong_type(key, v, "a whole number")
+    v = get("tags")
+    if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+        return _wrong_type("tags", v, "a list of text")
+    v = get("runs")
+    if v is not None and not (isinstance(v, list) and all(isinstance(r, dict) for r in v)):
+        return _wrong_type("runs", v, "a list of objects")
+    v = get("gpu_ids")
+    if v is not None and _lenient_gpu_ids(v) is None:
+        return _wrong_type("gpu_ids", v, "a list of GPU numbers")
+    for key in ("params", "git"):
+        v = get(key)
+        if v is not None and not isinstance(v, dict):
+            return _wrong_type(key, v, "an object")
     return None
+
+
+def _wrong_type(key: str, value: Any, what: str) -> str:
+    shown = repr(value)
+    return f"its {key!r} is {shown[:40] + '...' if len(shown) > 40 else shown}, not {what}"
 
 
 def _name_from_dir(dirname: str) -> str:
