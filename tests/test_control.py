@@ -223,6 +223,15 @@ def wait_owned(base, sched: Sched, timeout=30) -> None:
     assert sched.alive(), (sched.stdout(), sched.stderr())
 
 
+def holder_scheduler(tmp_path, start, marks) -> tuple[Path, Sched]:
+    """A scheduler for ``tmp_path/results`` that runs one held experiment, "holder", and owns the directory."""
+    base = tmp_path / "results"
+    s = start(write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}]))
+    marks.wait_started("holder", sched=s)
+    wait_owned(base, s)
+    return base, s
+
+
 def status_json(base, cwd) -> dict:
     return json.loads(ok(cli("status", base, "--json", cwd=cwd)))
 
@@ -814,11 +823,7 @@ def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
 
 
 def test_a_config_from_a_pipe_cannot_join_and_says_so(tmp_path, start, marks):
-    base = tmp_path / "results"
-    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}])
-    s = start(cfg)
-    marks.wait_started("holder", sched=s)
-    wait_owned(base, s)
+    base, s = holder_scheduler(tmp_path, start, marks)
     text = f'[scheduler]\nbase_experiment_dir = "{base}"\n[[experiments]]\nname = "piped"\ncommand = "true"\n'
     line = f"{shlex.quote(PY)} {shlex.quote(EXP_PY)} run <(printf %s {shlex.quote(text)})"
     r = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=child_env(), stdin=subprocess.DEVNULL,
@@ -866,11 +871,7 @@ def test_a_joining_config_with_too_many_gpus_is_refused(tmp_path, start, marks):
 
 
 def test_scheduler_run_in_process_on_an_owned_base_raises(tmp_path, start, marks):
-    base = tmp_path / "results"
-    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}])
-    s = start(cfg)
-    marks.wait_started("holder", sched=s)
-    wait_owned(base, s)
+    base, s = holder_scheduler(tmp_path, start, marks)
     wait_task(base, 1, "running")
     other = write_config(tmp_path / "o.toml", base, [{"name": "intruder", "command": marks.quick("intruder")}])
     out = io.StringIO()
