@@ -435,10 +435,11 @@ class _LazyRe:
 _ESCAPE_RE = _LazyRe(
     r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]+[0-~]?|\x1b[0-~]?"
     r"|\x9b[0-?]*[ -/]*[@-~]|[\x90\x98\x9d\x9e\x9f][^\x07\x1b\x9c]*[\x07\x9c]?")
-_CONTROL_RE = _LazyRe(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_CHARS = r"\x00-\x08\x0a-\x1f\x7f-\x9f"
+_CONTROL_RE = _LazyRe(f"[{_CONTROL_CHARS}]")
 # Also invisible in a report, and able to reorder what follows them (bidirectional
 # overrides and isolates) or to break its line (line and paragraph separators).
-_REPORT_CONTROL_RE = _LazyRe("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_REPORT_CONTROL_RE = _LazyRe(f"[{_CONTROL_CHARS}\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
@@ -2470,21 +2471,21 @@ _METADATA_TIMES = ("created_at", "started_at", "ended_at", "timestamp")
 def metadata_problem(meta: Mapping[str, Any]) -> str | None:
     """Which field of a parsed metadata.json holds the wrong type (exp never writes one), or None."""
     get = meta.get
-    # Plain loops and isinstance: this runs for every directory the dashboard lists.
+    # Plain loops: this runs for every directory the dashboard lists.
     for key in _METADATA_TEXT:
         v = get(key)
         if v is not None and not isinstance(v, str):
             return _wrong_type(key, v, "text")
     for key in _METADATA_TIMES:
         v = get(key)
-        if v is not None and not isinstance(v, (str, int, float)):
+        if v is not None and not (isinstance(v, str) or _is_num(v)):
             return _wrong_type(key, v, "a time")
     v = get("duration")
-    if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+    if v is not None and not _is_num(v):
         return _wrong_type("duration", v, "a number")
     for key in ("exit_code", "pid"):
         v = get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        if v is not None and not _is_int(v):
             return _wrong_type(key, v, "a whole number")
     v = get("tags")
     if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
@@ -8004,14 +8005,11 @@ class Notifier:
                     post_webhook(self.webhook, message, self._secret, timeout=self.timeout)
                     self.sent += 1
                     break
-                except LarkError as e:
-                    if attempt < WEBHOOK_RETRIES and (e.code == WEBHOOK_RATE_LIMITED or e.retryable):
+                except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
+                    again = isinstance(e, LarkError) and (e.code == WEBHOOK_RATE_LIMITED or e.retryable)
+                    if again and attempt < WEBHOOK_RETRIES:
                         time.sleep(1.0 + attempt)  # past the bot's one-second window, longer each time
                         continue
-                    self.failed += 1
-                    self.report(f"notification not sent: {e}")
-                    break
-                except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
                     self.failed += 1
                     self.report(f"notification not sent: {e}")
                     break
@@ -10400,18 +10398,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = int(args.func(args))
-        try:
-            sys.stdout.flush()  # the output's end: on a full disk (``exp ls > /dev/full``) it fails here
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            _stdout_broken()
-            print(f"exp: error: could not write the output: {e.strerror or e}", file=sys.stderr)
-            return 1
+        sys.stdout.flush()  # the output's end: on a full disk (``exp ls > /dev/full``) it fails here
         return code
     except BrokenPipeError:
         # The reader went away (``exp ls | head -1``): not an error.
-        _stdout_broken()
+        _quiet_stdout()
         return 0
     except ConfigError as e:
         print(f"exp: error: {e}", file=sys.stderr)
@@ -10422,9 +10413,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # an I/O error exp did not expect
         import errno
 
-        _stdout_broken()
+        _quiet_stdout()
         # A full disk with no file named: a write to an open stream, and exp's own files say
-        # StorageError; so the output (``exp ls > /dev/full``, unbuffered).
+        # StorageError; so the output (``exp ls > /dev/full``).
         output = e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         print(f"exp: error: {'could not write the output: ' if output else ''}{e.strerror or e}"
               + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
@@ -10433,19 +10424,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _stdout_broken() -> bool:
-    """Whether stdout can no longer be written; if so it is pointed at /dev/null, so that the
-    interpreter's final flush of what is still buffered stays quiet."""
+def _quiet_stdout() -> None:
+    """When stdout can no longer be written, point it at /dev/null, so that the interpreter's
+    final flush of what is still buffered stays quiet."""
     try:
         sys.stdout.flush()
-        return False
     except (OSError, ValueError):
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         except (OSError, ValueError):
             pass
-        return True
 
 
 if __name__ == "__main__":
