@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -702,12 +703,18 @@ def test_name_of_the_longest_allowed_length_works(tmp_path):
     with pytest.raises(exp.ConfigError, match="use at most 229 bytes"):
         exp.Experiment(name=longest + "y", command="exit 0", base_dir=tmp_path / "api2")
     assert not (tmp_path / "api2").exists()
-    # A hundred and more of that name in one second (a big sweep of repeats) still fit.
-    made = []
-    while len(made) < 5000 and not any(re.search(r"_\d{3,}$", d.path) for d in made):
-        made.append(exp.ExperimentDir.create(str(tmp_path / "many"), longest)[0])
-    assert any(re.search(r"_\d{3,}$", d.path) for d in made)
-    assert all(len(os.path.basename(d.path)) <= 255 and os.path.isdir(d.path) for d in made)
+    # A hundred and more of that name in one second (a big sweep of repeats) still fit: the
+    # first 120 of this second and the next two are taken, so the next one is _121 or more.
+    many = tmp_path / "many"
+    many.mkdir()
+    now = time.time()
+    for ahead in range(3):
+        stamp = time.strftime(exp.TIMESTAMP_FORMAT, time.localtime(now + ahead))
+        for n in range(1, 121):
+            (many / f"{longest}_{stamp}{'' if n == 1 else f'_{n}'}").mkdir(exist_ok=True)
+    d, _ = exp.ExperimentDir.create(str(many), longest)
+    assert int(re.search(r"_(\d+)$", d.path).group(1)) > 120
+    assert len(os.path.basename(d.path)) <= 255 and os.path.isdir(os.path.join(d.path, "metrics"))
 
 
 def test_more_of_one_name_in_a_second_than_the_suffix_allows_take_the_next_second(tmp_path, monkeypatch):
