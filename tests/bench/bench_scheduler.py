@@ -18,8 +18,10 @@ later features promise for every experiment (the command under the supervisor
 that records its exit status even if exp is killed, and the end written to the
 log and to metadata.json, fsynced), and a one-experiment `exp run` measures
 what a batch pays once (interpreter start-up, imports, config, state file):
-the two together are the lowest ratio any Python runner keeping those
-promises could reach on the machine.
+the two together are the lowest ratio a Python runner keeping those
+promises could reach on the machine doing one experiment's work at a time
+(a runner that overlaps the file work of two experiments, as exp does, can
+go somewhat below it; the CPU floor below bounds that).
 
 Also printed: the CPU time (user + system) `python -m exp run` and xargs used,
 themselves and the shells they started.  Divided by the number of CPUs it is
@@ -262,7 +264,7 @@ def main():
     print(f"  python -m exp run, 1 exp: {o:.3f} s  (start-up, imports, config, state file: paid once per batch)")
     print(f"  ratio exp / xargs: {ratio:.2f}x (python exp.py: {c / x:.2f}x); in-process / xargs: {i / x:.2f}x; "
           f"floor / xargs: {fl / x:.2f}x; in-process / floor: {i / fl:.2f}x")
-    print(f"  lowest in reach here: 1-experiment run + required floor = {(o + rq) / x:.2f}x xargs; "
+    print(f"  one experiment at a time: 1-experiment run + required floor = {(o + rq) / x:.2f}x xargs; "
           f"in-process / required floor: {i / rq:.2f}x")
     # CPU time, which noise on a shared machine inflates less than wall time: a lower bound
     # for the wall time on this machine whatever the scheduling, once every CPU is kept busy.
@@ -286,7 +288,7 @@ def main():
               "xargs); see this script's docstring")
     if (o + rq) / x > 3.0:
         print(f"note: on this machine the start-up of a Python batch runner plus the required floor alone are "
-              f"{(o + rq) / x:.2f}x xargs, so the 3x target is out of reach here whatever the scheduler does")
+              f"{(o + rq) / x:.2f}x xargs: only overlapping the file work of several experiments can reach 3x")
     if cm / cores / x > 3.0:
         print(f"note: exp run's CPU time alone, spread perfectly over the {cores} CPUs, is {cm / cores / x:.2f}x "
               "xargs's wall time here: the 3x target needs less CPU per experiment, not better scheduling")
