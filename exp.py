@@ -111,10 +111,10 @@ __all__ = [
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
     "group_alive", "group_members", "exited_within", "stop_groups",
     # metrics CSV
-    "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "metric_column",
+    "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "last_metrics_values", "metric_column",
     # listing and the CLI
     "list_experiments", "filter_experiments", "parse_columns", "metric_value", "default_columns",
-    "build_listing", "group_rows", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
+    "build_listing", "group_rows", "sort_groups", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
     # small helpers
     "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
     "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff",
@@ -144,6 +144,7 @@ __all__ = [
     "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "FIELD_ALIASES",
     "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
     "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "REPORT_LINE_WIDTH",
+    "LAST_VALUES_MAX_ROWS", "LAST_VALUES_MAX_BYTES",
     "STATE_WRITE_INTERVAL", "STATE_WRITE_SHARE", "STATE_WRITE_MAX_INTERVAL", "COMMAND_POLL_INTERVAL",
     "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
     "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "CODE_DIFF_FILE", "CODE_DIFF_MAX_BYTES", "STATE_DIR", "STATE_FILE", "LOG_EXT",
@@ -180,6 +181,11 @@ STANDALONE_ENV = "EXP_STANDALONE"
 RECORD_END_VERB = "_record-end"
 #: How much of a file the tail reader reads at most (bounded memory on a 1 GiB log).
 TAIL_MAX_BYTES = 8 << 20
+#: How far up a metrics CSV :func:`last_metrics_values` looks for a column's last value
+#: (``ls`` and the dashboard read it for every experiment, so a column last logged long
+#: ago must not make them read whole files).
+LAST_VALUES_MAX_ROWS = 4096
+LAST_VALUES_MAX_BYTES = 1 << 20
 #: metadata.json larger than this is not read (a runaway file must not eat memory).
 METADATA_MAX_BYTES = 64 << 20
 #: Failure reports cut a child's line to this many characters.
@@ -1578,6 +1584,22 @@ def _metric_row(header: list[str], record: list[str]) -> dict[str, Any]:
 
 def last_metrics_row(path: str) -> dict[str, Any]:
     """The last complete row of a metrics CSV, reading only its header and its tail."""
+    return _last_metrics(path, False)
+
+
+def last_metrics_values(path: str) -> dict[str, Any]:
+    """Each column's last logged value: its last non-empty cell, in header order.
+
+    A metric logged less often than the others (a validation loss every N
+    steps) is empty in most rows; its last value is further up.  Only the tail
+    is read: at most the last :data:`LAST_VALUES_MAX_ROWS` rows (and
+    :data:`LAST_VALUES_MAX_BYTES`), so a column last logged before that (a
+    value written once at step 0 of a long run) is left out.
+    """
+    return _last_metrics(path, True)
+
+
+def _last_metrics(path: str, fill: bool) -> dict[str, Any]:
     # Plain descriptor reads: a listing asks this of thousands of files at once.
     try:
         fd, st = _open_regular_fd(path)
@@ -1592,17 +1614,31 @@ def last_metrics_row(path: str) -> dict[str, Any]:
         if end < 0:
             return {}
         # Rows written since the fstat are not looked at; a header written since ends no row there.
-        return _last_row(fd, st.st_size, head[: end + 1].decode("utf-8", "replace"))
+        return _last_row(fd, st.st_size, head[: end + 1].decode("utf-8", "replace"), fill)
     finally:
         os.close(fd)
 
 
-def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
-    for n in (2, 16, 256):
-        tail = _read_tail_fd(fd, size, n, TAIL_MAX_BYTES)
+def _last_values(header: list[str], records: list[list[str]]) -> dict[str, Any]:
+    """Each column's last non-empty cell among ``records`` (complete rows, oldest first), parsed."""
+    found: dict[str, str] = {}
+    for r in reversed(records):
+        for k, v in zip(header, r):
+            if v != "" and k not in found:
+                found[k] = v
+        if len(found) == len(header):
+            break
+    return {k: parse_metric(found[k]) for k in header if k in found}
+
+
+def _last_row(fd: int, size: int, header_line: str, fill: bool = False) -> dict[str, Any]:
+    windows = (2, 16, 256, LAST_VALUES_MAX_ROWS) if fill else (2, 16, 256)
+    partial: dict[str, Any] = {}
+    for n in windows:
+        tail = _read_tail_fd(fd, size, n, TAIL_MAX_BYTES if n <= 256 else LAST_VALUES_MAX_BYTES)
         cut = tail.rfind(b"\n")
         if cut < 0:
-            return {}
+            return partial
         body = tail[: cut + 1]  # what follows the last line break may be torn
         # The tail may start inside a quoted multi-line cell.  The body ends a
         # record (unless torn inside a quoted cell), so a line starts one when
@@ -1625,11 +1661,19 @@ def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
             if not records or (s == 0 and chunk == header_line):
                 continue
             header = records[0]
-            last = next((r for r in reversed(records[1:]) if len(r) == len(header)), None)
-            if last is not None:
-                return _metric_row(header, last)
-        if len(tail) < n:  # read the whole file already
+            complete = [r for r in records[1:] if len(r) == len(header)]
+            if not complete:
+                continue
+            if not fill:
+                return _metric_row(header, complete[-1])
+            partial = _last_values(header, complete)
+            if len(partial) == len(header):
+                return partial
+            break  # a column empty in all these rows: look further up
+        if len(tail) < n or len(tail) >= size:  # read the whole file already
             break
+    if partial:  # (fill) some column was empty in every row read
+        return partial
     # Not found near the end (a last cell of many lines, or a row torn inside
     # a quoted cell): read from the start, which tells exactly, if not too big.
     try:
@@ -1638,8 +1682,10 @@ def _last_row(fd: int, size: int, header_line: str) -> dict[str, Any]:
         return {}
     if len(data) > TAIL_MAX_BYTES:
         return {}
-    rows = parse_metrics_csv(data.decode("utf-8", "replace"))[1]
-    return rows[-1] if rows else {}
+    header, records = _csv_records(data.decode("utf-8", "replace"))
+    if fill:
+        return _last_values(header, records)
+    return _metric_row(header, records[-1]) if records else {}
 
 
 def metric_column(path: str, key: str) -> list[Any]:
@@ -2396,7 +2442,8 @@ class ExperimentDir:
         return read_tail(self.log_path(run_id), lines).decode("utf-8", "replace")
 
     def last_metrics(self, run_id: str) -> dict[str, Any]:
-        return last_metrics_row(self.metrics_path(run_id))
+        """Each metric's last logged value in a run (see :func:`last_metrics_values`)."""
+        return last_metrics_values(self.metrics_path(run_id))
 
     def summary(self, unreadable: str | None = None) -> dict[str, Any]:
         """What ``exp ls --json`` prints for this directory (and the dashboard serves).
@@ -3772,16 +3819,21 @@ class Experiment:
     def upd_row(self, **metrics: Any) -> None:
         """Add values to the row being built; a later value for a key replaces the earlier.
 
-        Raises MetricError (a TypeError, naming the key) for a value that cannot go in a CSV.
+        Raises MetricError (a TypeError, naming the key) for a value that cannot go in a CSV,
+        and ConfigError (a ValueError) for an empty name or one with a line break.  A call
+        that raises adds nothing, not even its valid values.
         """
-        pending = self._pending
         ok = self._ok_keys
+        cells = {}
         for key, value in metrics.items():
             if key not in ok:
+                if not key:
+                    raise ConfigError("a metric name cannot be empty")
                 if "\n" in key or "\r" in key:
                     raise ConfigError(f"metric name {key!r} cannot contain a line break")
-                ok.add(key)
-            pending[key] = format_metric(key, value)
+            cells[key] = format_metric(key, value)
+        ok.update(cells)
+        self._pending.update(cells)
 
     def save_row(self, *, lark: bool = False, lark_config: Any = None) -> None:
         """Append the row built by :meth:`upd_row` to the current run's CSV.
@@ -5382,7 +5434,7 @@ class Job:
         tail = "\n".join(tail_lines(log, 15, max_bytes=65536, skip_prefix=LOG_MARK)) if log else ""
         metrics = {}
         if self.experiment is not None and self.run_id:
-            metrics = last_metrics_row(self.experiment.dir.metrics_path(self.run_id))
+            metrics = self.experiment.dir.last_metrics(self.run_id)
         reason = self.reason if self.status == KILLED else (self.outcome() or self.reason)
         return {"name": self.label(), "status": self.status, "reason": reason,
                 "duration": self.duration, "host": _hostname(), "gpus": list(self.gpus), "metrics": metrics,
@@ -8288,17 +8340,10 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                           *((why or "-",) if reason_label else ())))
         return table
 
-    groups = group_rows(rows, columns, values)
-    if sort:
-        def gkey(g: dict[str, Any]) -> tuple[int, Any]:
-            stats = g["metric_stats"].get(sort)
-            if stats is not None:
-                return _sort_key(stats["mean"])
-            return _sort_key(g["name"] if sort == "name" else g["n"] if sort == "runs" else None)
-
-        have = [g for g in groups if gkey(g)[0] != 2]
-        groups = sorted(have, key=gkey, reverse=desc) + [g for g in groups if gkey(g)[0] == 2]
-    table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels))]
+    groups = sort_groups(group_rows(rows, columns, values), sort, desc)
+    # The sweep point of each group, when some group has one (repeats of different points are apart).
+    swept = any(g["params"] for g in groups)
+    table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels), *(("params",) if swept else ()))]
     for g in groups:
         cells = []
         for k, _ in columns:
@@ -8309,26 +8354,36 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                 cells.append(f"{st['mean']:.4g}")
             else:
                 cells.append(f"{st['mean']:.4g} ± {st['std']:.2g}")
-        table.append((g["name"], str(g["n"]), ", ".join(f"{n} {s}" for s, n in g["statuses"].items()), *cells))
+        table.append((g["name"], str(g["n"]), ", ".join(f"{n} {s}" for s, n in g["statuses"].items()), *cells,
+                      *((format_params(g["params"]) or "-",) if swept else ())))
     return table
 
 
 def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
                values: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Rows grouped by name (repeats together): ``{name, n, statuses, metric_stats: {key: {mean, std, n}}}``.
+    """The repeats of each experiment together: rows grouped by name and sweep parameters.
 
-    ``std`` is the sample standard deviation, None for a single value;
-    values that are not finite numbers are left out.
+    Each group is ``{name, params, n, statuses, metric_stats: {key: {mean,
+    std, n}}}``; ``std`` is the sample standard deviation, None for a single
+    value; values that are not finite numbers are left out.  Experiments of
+    one name with different parameters (the points of a sweep) are different
+    groups: averaging them together would mix what is being compared.
     """
     import statistics
 
     if values is None:
         values = [{f"{k}:{m}": metric_value(r, k, m) for k, m in columns} for r in rows]
-    members: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    members: dict[tuple[str, str], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    point: dict[tuple[str, str], dict[str, Any]] = {}
+    dumps = _json().dumps
     for r, vals in zip(rows, values):
-        members.setdefault(r["name"] or "?", []).append((r, vals))
+        params = r.get("params") or {}
+        key = (r["name"] or "?", dumps(params, sort_keys=True))
+        members.setdefault(key, []).append((r, vals))
+        point.setdefault(key, params)
     out = []
-    for name, group in members.items():
+    for key, group in members.items():
+        name = key[0]
         statuses: dict[str, int] = {}
         for r, _ in group:
             statuses[r["status"] or "?"] = statuses.get(r["status"] or "?", 0) + 1
@@ -8346,8 +8401,27 @@ def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
             except OverflowError:  # values beyond a float's range (a huge int, sums past 1.8e308)
                 mean = std = None
             metrics[k] = {"mean": mean, "std": std, "n": len(nums)}
-        out.append({"name": name, "n": len(group), "statuses": statuses, "metric_stats": metrics})
+        out.append({"name": name, "params": dict(point[key]), "n": len(group), "statuses": statuses,
+                    "metric_stats": metrics})
     return out
+
+
+def sort_groups(groups: list[dict[str, Any]], sort: str | None, desc: bool = False) -> list[dict[str, Any]]:
+    """:func:`group_rows`' groups in ``exp ls --group --sort`` order: by a metric's mean, a sweep
+    parameter, the name or the count (``runs``); groups without the value last either way."""
+    if not sort:
+        return groups
+
+    def gkey(g: dict[str, Any]) -> tuple[int, Any]:
+        stats = g["metric_stats"].get(sort)
+        if stats is not None:
+            return _sort_key(stats["mean"])
+        if sort in g["params"]:
+            return _sort_key(g["params"][sort])
+        return _sort_key(g["name"] if sort == "name" else g["n"] if sort == "runs" else None)
+
+    have = [g for g in groups if gkey(g)[0] != 2]
+    return sorted(have, key=gkey, reverse=desc) + [g for g in groups if gkey(g)[0] == 2]
 
 
 def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: list[tuple[str, str]] | None = None,
@@ -10063,7 +10137,8 @@ def _build_parser():  # type: ignore[no-untyped-def]
                     help=f"sort by a metric, a sweep parameter or one of {', '.join(LS_FIELDS)}")
     ls.add_argument("--desc", action="store_true", help="sort descending (missing values stay last)")
     ls.add_argument("--group", action="store_true",
-                    help="one line per experiment name (repeats together): count and mean ± std of each metric")
+                    help="one line per experiment name and sweep point (its repeats together): "
+                         "count and mean ± std of each metric")
     ls.set_defaults(func=_cmd_ls)
 
     see = sub.add_parser("see", help="the web dashboard for a directory of experiments",
@@ -10354,11 +10429,13 @@ def _cmd_ls(args: Any) -> int:
     elif args.desc and not args.sort:
         print("exp: warning: --desc reverses --sort, and no --sort was given", file=sys.stderr)
     if args.json:
+        if (args.columns or args.best) and not args.group:
+            print("exp: warning: --columns and --best choose the table's columns; --json prints each "
+                  "experiment's whole summary (with --group, the groups' statistics of those columns)",
+                  file=sys.stderr)
         out: Any = rows
         if args.group:
-            by_name = {g["name"]: g for g in group_rows(rows, columns)}
-            table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=True)
-            out = [by_name[t[0]] for t in table[1:]]
+            out = sort_groups(group_rows(rows, columns), args.sort, args.desc)
         elif args.sort:
             table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc)
             order = {os.path.relpath(r["work_dir"], args.dir): r for r in rows}
@@ -10367,8 +10444,17 @@ def _cmd_ls(args: Any) -> int:
         print(_json().dumps(json_safe(out), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     if rows:
-        print(_table(build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group))
-              + ("" if args.group else _dirty_note(rows)))
+        table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)
+        if args.columns:
+            # A typo (--columns los) would otherwise be a column of "-" like a metric not logged yet.
+            first = 3 if args.group else 5
+            empty = [k for i, (k, _) in enumerate(columns) if all(t[first + i] == "-" for t in table[1:])]
+            if empty:
+                known = default_columns(rows)
+                print(f"exp: warning: no experiment listed has a value for {', '.join(map(repr, empty))} "
+                      f"(metrics seen: {', '.join(known[:12]) or 'none'}{', ...' if len(known) > 12 else ''})",
+                      file=sys.stderr)
+        print(_table(table) + ("" if args.group else _dirty_note(rows)))
     elif everything:
         used = [f"--{k} {getattr(args, k)}" for k in ("status", "tag", "name") if getattr(args, k)]
         print(f"no experiments under {args.dir} match {' '.join(used)} ({len(everything)} experiment(s) there)")

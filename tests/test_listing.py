@@ -554,6 +554,89 @@ def test_ls_group_mean_and_std_over_repeats(results):
     assert d["metric_stats"]["loss"] == {"mean": pytest.approx(0.05), "std": None, "n": 1}
 
 
+def test_ls_groups_repeats_of_each_sweep_point_apart(tmp_path):
+    """Repeats of lr=0.1 and of lr=0.2 share a name; averaging them together would mix the points compared."""
+    base = tmp_path / "results"
+    for second, lr, loss in ((1, 0.1, 1.0), (2, 0.1, 1.2), (3, 0.2, 2.0), (4, 0.2, 2.4), (5, None, 9.0)):
+        fake_experiment(base, "s", second, meta={"params": {"lr": lr}} if lr is not None else None,
+                        rows=[{"loss": loss}])
+    r = ls(base, "--group")
+    assert_clean(r)
+    groups = table_dicts(r.stdout)
+    assert sorted((g["params"], g["n"], g["loss (mean ± std)"]) for g in groups) == [
+        ("-", "1", "9"), ("lr=0.1", "2", "1.1 ± 0.14"), ("lr=0.2", "2", "2.2 ± 0.28")]
+
+    r = ls(base, "--group", "--sort", "lr", "--desc")
+    assert_clean(r)
+    assert "warning" not in r.stderr
+    assert [g["params"] for g in table_dicts(r.stdout)] == ["lr=0.2", "lr=0.1", "-"]  # without lr: last
+
+    out = ls_json(base, "--group", "--sort", "loss")
+    assert [(g["params"], g["n"]) for g in out] == [({"lr": 0.1}, 2), ({"lr": 0.2}, 2), ({}, 1)]
+    assert out[0]["metric_stats"]["loss"]["mean"] == pytest.approx(1.1)
+
+
+def test_ls_shows_each_metrics_last_logged_value_when_the_last_row_lacks_it(tmp_path):
+    """A validation loss logged every N steps is empty in most rows: its last value is further up."""
+    base = tmp_path / "results"
+    rows = [{"step": s, "loss": 1 / (s + 1), "val_loss": 2 / (s + 1) if s % 10 == 0 else None} for s in range(25)]
+    fake_experiment(base, "v", 1, rows=rows)
+    fake_experiment(base, "w", 2, rows=[{"step": 0, "loss": 0.5, "val_loss": 0.01}])
+    r = ls(base)
+    assert_clean(r)
+    by_name = {row["name"]: row for row in table_dicts(r.stdout)}
+    assert (by_name["v"]["step"], by_name["v"]["loss"], by_name["v"]["val_loss"]) == ("24", "0.04", "0.09524")
+    (v,) = [e for e in ls_json(base) if e["name"] == "v"]
+    assert v["last_metrics"] == {"step": 24, "loss": 0.04, "val_loss": pytest.approx(2 / 21)}
+
+    r = ls(base, "--sort", "val_loss")
+    assert_clean(r)
+    assert "warning" not in r.stderr
+    assert [row["name"] for row in table_dicts(r.stdout)] == ["w", "v"]
+
+
+def test_last_metrics_values_looks_a_bounded_way_up(tmp_path):
+    """Each column's last non-empty cell, found within the last LAST_VALUES_MAX_ROWS rows only (ls and
+    the dashboard read it for every experiment); last_metrics_row still gives the last row as it is."""
+    path = tmp_path / "m.csv"
+    n = exp.LAST_VALUES_MAX_ROWS + 10
+    quoted = '"a,b"'
+    lines = ["step,once,sparse,text"] + [
+        f"{s},{'7' if s == 0 else ''},{'0.5' if s == n - 300 else ''},{quoted if s == n - 2 else ''}"
+        for s in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert exp.last_metrics_values(str(path)) == {"step": n - 1, "sparse": 0.5, "text": "a,b"}
+    assert exp.last_metrics_row(str(path)) == {"step": n - 1, "once": None, "sparse": None, "text": None}
+    # A short file is read whole: a value of the first row is found.
+    path.write_text("step,once\n0,7\n1,\n2,\n", encoding="utf-8")
+    assert exp.last_metrics_values(str(path)) == {"step": 2, "once": 7}
+    # A torn last row is not a value.
+    path.write_text("step,loss\n0,0.5\n1,", encoding="utf-8")
+    assert exp.last_metrics_values(str(path)) == {"step": 0, "loss": 0.5}
+    assert exp.last_metrics_values(str(tmp_path / "missing.csv")) == {}
+
+
+def test_ls_columns_warns_of_a_name_no_experiment_has(results):
+    r = ls(results, "--columns", "los,loss:best")
+    assert_clean(r)
+    assert "no experiment listed has a value for 'los'" in r.stderr and "loss" in r.stderr
+    assert "'loss'" not in r.stderr
+    r = ls(results, "--columns", "loss,acc:max")
+    assert_clean(r)
+    assert r.stderr == ""
+    r = ls(results, "--group", "--columns", "nosuch")
+    assert_clean(r)
+    assert "'nosuch'" in r.stderr
+    # --json prints whole summaries: the table's columns do not apply, and it says so.
+    r = ls(results, "--json", "--columns", "loss")
+    assert_clean(r)
+    assert "--json prints each experiment's whole summary" in r.stderr
+    assert strict_json(r.stdout)
+    r = ls(results, "--json", "--group", "--columns", "loss")
+    assert_clean(r)
+    assert r.stderr == ""
+
+
 def test_ls_more_than_six_metrics_notes_the_hidden_ones(tmp_path):
     base = tmp_path / "results"
     metrics = {f"m{i}": i for i in range(1, 9)}

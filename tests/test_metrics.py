@@ -200,6 +200,21 @@ def test_upd_row_rejects_unstorable_values_naming_the_key(running_exp, bad, kind
     assert not os.path.exists(running_exp.metrics_path)
 
 
+def test_upd_row_that_raises_adds_nothing_not_even_its_valid_values(running_exp):
+    """A script that catches the error must not save half of the call it meant to make."""
+    e = running_exp
+    with pytest.raises(TypeError, match=r"metric 'bad': cannot store a value of type dict"):
+        e.upd_row(step=1, loss=0.5, bad={"x": 1})
+    with pytest.raises(ValueError, match="a metric name cannot be empty"):
+        e.upd_row(step=1, **{"": 2})
+    with pytest.raises(ValueError, match="cannot contain a line break"):
+        e.upd_row(loss=0.25, **{"a\nb": 1})
+    e.upd_row(step=2)
+    e.save_row()
+    assert exp.read_metrics(e.metrics_path) == [{"step": 2}]
+    assert records_of(text_of(e))[0] == ["step"]
+
+
 def test_save_row_with_nothing_pending_is_a_noop_with_a_warning(running_exp):
     e = running_exp
     log_before = e.read_log()
