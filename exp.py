@@ -98,12 +98,12 @@ __all__ = [
     # batches
     "BatchConfig", "SchedulerSettings", "parse_duration", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
     "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
-    "sweep_points", "format_params", "param_text", "SWEEP_MAX_POINTS",
+    "sweep_points", "format_params", "param_text", "SWEEP_MAX_POINTS", "BATCH_MAX_EXPERIMENTS",
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
     "ExperimentDir", "StateFile", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields",
-    "iso_from_old_timestamp", "check_experiment_path", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
+    "iso_from_old_timestamp", "check_experiment_path", "base_dir_problem", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
     # files and platform
@@ -1782,6 +1782,33 @@ def check_experiment_path(base_dir: str, name: str) -> None:
             f"the experiment directory for {name!r} under {base_dir[:60]}... would make paths longer than "
             f"the {_PATH_MAX}-byte limit; use a shorter base_dir or name"
         )
+
+def base_dir_problem(base_dir: str) -> str | None:
+    """Why experiment directories could never be made under ``base_dir`` (a file on its path, no
+    permission to create it, a read-only file system), or None.  Checks only, creates nothing."""
+    path = os.path.abspath(base_dir)
+    while True:
+        try:
+            st = os.stat(path)
+            break
+        except (FileNotFoundError, NotADirectoryError):  # the latter: a file further up, found next
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+        except OSError as e:  # a symlink loop, no permission to look
+            return f"base directory {base_dir}: {e.strerror or e}; experiment directories cannot be made there"
+    import stat
+
+    if not stat.S_ISDIR(st.st_mode):
+        where = "is" if path == os.path.abspath(base_dir) else f"is under {path}, which is"
+        return f"base directory {base_dir} {where} a file, not a directory; choose another base directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        what = "create" if path != os.path.abspath(base_dir) else "create experiment directories in"
+        return (f"base directory {base_dir}: no permission to {what} {path}, or it is on a read-only "
+                "file system; choose another base directory")
+    return None
+
 
 # Why a run ended
 #
@@ -4991,6 +5018,9 @@ def config_reference() -> str:
 
 #: The most experiments one ``[experiments.sweep]`` may expand to (before repeats).
 SWEEP_MAX_POINTS = 100_000
+#: The most experiments one batch file may make (sweep points times repeats, all tables):
+#: a typo such as ``repeats = 100000000`` is a config error, not a scheduler filling memory.
+BATCH_MAX_EXPERIMENTS = 100_000
 
 
 def sweep_points(sweep: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -5213,6 +5243,16 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
             except ConfigError as e:
                 errors.append(f"{where}.name: {e}")
         specs.append(ExperimentSpec(i, values))
+    for base in dict.fromkeys([settings.base_experiment_dir] + [spec.base_dir for spec in specs]):
+        problem = base_dir_problem(base)
+        if problem:
+            errors.append(problem)
+    total = sum(spec.repeats for spec in specs)
+    if total > BATCH_MAX_EXPERIMENTS:
+        most = max(specs, key=lambda sp: sp.repeats)
+        errors.append(f"the file makes {total} experiments (sweep points × repeats; experiments[{most.index}] "
+                      f"({most.name}) has repeats = {most.repeats}); at most {BATCH_MAX_EXPERIMENTS} are allowed "
+                      "in one batch: lower repeats or split the file")
     if settings.backend == "slurm":
         for spec in specs:
             if spec.gpu_ids:

@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, call_with_timeout, child_env, posix_only, py_cmd, write_script  # noqa: E402
+from conftest import EXP_PY, call_with_timeout, child_env, posix_only, py_cmd, tmpfs, write_script  # noqa: E402
 from conftest import run_exp as cli  # noqa: E402  (``python exp.py ARGS``; fails the test instead of hanging)
 
 PY = sys.executable
@@ -777,6 +777,61 @@ def test_bad_name_is_a_config_error_before_anything_starts(tmp_path, case):
         exp.Experiment(name=name, command=f"touch {marker}", base_dir=tmp_path / "api")
     assert not (tmp_path / "api").exists()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["scheduler", "experiment"])
+@pytest.mark.parametrize("case", ["a file", "under a file"])
+def test_a_base_dir_that_cannot_be_made_is_a_config_error_before_anything_starts(tmp_path, where, case):
+    (tmp_path / "notes.txt").write_text("not a directory\n")
+    base = "notes.txt" if case == "a file" else "notes.txt/results"
+    marker = tmp_path / "ran"
+    key = f'[scheduler]\nbase_experiment_dir = "{base}"\n\n' if where == "scheduler" else ""
+    cfg = write_toml(tmp_path / "c.toml", f'{key}[[experiments]]\nname = "x"\ncommand = "touch {marker}"\n'
+                                          + (f'base_dir = "{base}"\n' if where == "experiment" else ""))
+    for args in (("run", cfg, "--dry-run"), ("run", cfg)):
+        r = cli(*args, cwd=tmp_path)
+        assert_clean(r, rc=2)
+        assert r.stderr.startswith("exp: error:")
+        expected = "is a file, not a directory" if case == "a file" else f"is under {tmp_path / 'notes.txt'}, which is a file"
+        assert expected in r.stderr, r.stderr
+        assert "1 problem:" in r.stderr, r.stderr  # said once, not once per experiment or table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "notes.txt"]  # nothing made, nothing run
+    assert exp.base_dir_problem(str(tmp_path / "new" / "deeper")) is None  # made when needed: fine
+
+
+def test_a_base_dir_on_a_read_only_file_system_is_a_config_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with tmpfs(ro, "1m"):
+        r = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot remount a tmpfs read-only here: {r.stderr.strip()}")
+        cfg = write_toml(tmp_path / "c.toml", '[[experiments]]\nname = "x"\ncommand = "true"\n'
+                                              'base_dir = "ro/results"\n')
+        r = cli("run", cfg, "--dry-run", cwd=tmp_path)
+        assert_clean(r, rc=2)
+        assert f"no permission to create {ro}, or it is on a read-only file system" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("text, most", [
+    ('[[experiments]]\nname = "a"\ncommand = "true"\nrepeats = 100000000\n', "experiments[0] (a) has repeats = 100000000"),
+    ('[[experiments]]\nname = "a"\ncommand = "true"\n\n[[experiments]]\nname = "s{i}"\ncommand = "true"\n'
+     'repeats = 11\n[experiments.sweep]\ni = [' + ", ".join(map(str, range(10000))) + ']\n',
+     "(s0) has repeats = 11"),
+])
+def test_a_batch_of_more_experiments_than_the_limit_is_a_config_error(tmp_path, text, most):
+    """A typo such as repeats = 100000000 is exit 2 at once, not a scheduler filling memory."""
+    cfg = write_toml(tmp_path / "c.toml", text)
+    for args in (("run", cfg, "--dry-run"), ("run", cfg)):
+        r = cli(*args, cwd=tmp_path)
+        assert_clean(r, rc=2)
+        assert f"at most {exp.BATCH_MAX_EXPERIMENTS} are allowed in one batch" in r.stderr, r.stderr
+        assert most in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+    # At the limit it is fine.
+    cfg = write_toml(tmp_path / "ok.toml", '[[experiments]]\nname = "a"\ncommand = "true"\n'
+                                           f"repeats = {exp.BATCH_MAX_EXPERIMENTS}\n")
+    assert sum(s.repeats for s in exp.load_config(str(cfg)).experiments) == exp.BATCH_MAX_EXPERIMENTS
 
 
 def test_name_of_the_longest_allowed_length_works(tmp_path):
