@@ -408,14 +408,19 @@ def now_iso() -> str:
     cached = _NOW_ISO[0]  # read and replaced whole: threads share it
     if cached[0] == sec and cached[1] == zone:
         return cached[2]
+    text = _iso_at(sec)
+    _NOW_ISO[0] = (sec, zone, text)
+    return text
+
+
+def _iso_at(sec: int) -> str:
+    """:func:`now_iso`'s text for the time ``sec`` (seconds since the epoch)."""
     lt = time.localtime(sec)
     off = lt.tm_gmtoff or 0
     sign = "-" if off < 0 else "+"
     off = abs(off)
     tz = f"{sign}{off // 3600:02d}:{off % 3600 // 60:02d}" + (f":{off % 60:02d}" if off % 60 else "")
-    text = time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
-    _NOW_ISO[0] = (sec, zone, text)
-    return text
+    return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
 
 
 class _LazyRe:
@@ -2363,11 +2368,12 @@ class ExperimentDir:
     def record_end(self, run_id: str, *, exit_code: int | None, status: str, duration: float,
                    pid: int | None = None, error: str | None = None, reason: str | None = None,
                    signalled: bool = False, initial: Callable[[], dict[str, Any]] | None = None,
-                   sync: bool = True) -> str | None:
+                   sync: bool = True, ended_at: str | None = None) -> str | None:
         """A run ended: its ``[exp] ended`` log line, then status, exit code, times and reason in metadata.
 
         ``sync=False`` leaves the fsync to the caller (:meth:`sync_metadata`),
         who can then do it after telling others that the run ended.
+        ``ended_at``: when it ended (ISO 8601), if not now.
 
         ``reason`` says why when exp ended it ("timeout", "terminated by user");
         otherwise it is worked out by :func:`end_reason`.  ``signalled``: exp
@@ -2376,7 +2382,7 @@ class ExperimentDir:
         :func:`failure_cause` finds at the end of its log (None when none).
         Returns the reason recorded.
         """
-        ended = now_iso()
+        ended = ended_at or now_iso()
         if reason is None:
             reason = error or end_reason(exit_code, signalled, pid, since=time.monotonic() - duration)
         cause = None
@@ -2819,8 +2825,8 @@ class Launch:
     that leads its process group) that writes ``[exp] exit status N`` at the
     end of the log when it ends, and, if the process that started it
     (``os.getpid()`` at start) is gone by then, runs ``recorder`` plus the
-    status, so the end is recorded even when the scheduler was killed or a
-    background run's parent exited.
+    status and the times it ended and started, so the end is recorded even
+    when the scheduler was killed or a background run's parent exited.
     """
 
     __slots__ = ("command", "cwd", "env", "log_path", "name", "supervise", "recorder", "script_path", "tag",
@@ -2858,7 +2864,10 @@ def supervised_command(command: str, recorder: list[str] | None, manager_pid: in
 
     lines = ["trap : TERM INT HUP", "(", command, ")", "rc=$?", f"printf '\\n{LOG_MARK} {EXIT_STATUS_TEXT} %s\\n' $rc"]
     if recorder:
-        lines.append(f"kill -0 {manager_pid} 2>/dev/null || {shlex.join(recorder)} $rc")
+        # The end and start times go along: the recorder (a Python start) takes a while to ask,
+        # and the metadata has the start only to the second.
+        lines.append(f'kill -0 {manager_pid} 2>/dev/null || {shlex.join(recorder)} $rc '
+                     f'"$(date +%s.%N 2>/dev/null)" {time.time():.3f}')
     lines += ["trap - TERM INT HUP", 'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then kill -$((rc - 128)) $$; fi',
               "exit $rc"]
     return "\n".join(lines)
@@ -2878,25 +2887,37 @@ def record_end_command(work_dir: str, run_id: str) -> list[str]:
     return [sys.executable, "-I", os.path.abspath(__file__), RECORD_END_VERB, work_dir, run_id]
 
 
-def record_orphan_end(work_dir: str, run_id: str, status_code: int) -> None:
-    """Record a run's end from its supervisor, exp having gone meanwhile (once: a recorded end stays)."""
+def record_orphan_end(work_dir: str, run_id: str, status_code: int, ended: float | None = None,
+                      started: float | None = None) -> None:
+    """Record a run's end from its supervisor, exp having gone meanwhile (once: a recorded end stays).
+
+    ``ended``, ``started``: when the command ended and started (seconds since
+    the epoch); by default now, and the run's ``started_at`` (to the second).
+    """
     from datetime import datetime
 
     d = ExperimentDir(work_dir)
     entry = d.run_entry(run_id)
     if entry is not None and entry.get("ended_at"):
         return  # exp recorded it after all
+    if ended is None or not (ended == ended and abs(ended - time.time()) < 86400 * 365):
+        ended = time.time()  # none given, or not a time this run can have ended at
     duration = 0.0
-    started = entry.get("started_at") if entry else None
-    if isinstance(started, str):
+    started_at = entry.get("started_at") if entry else None
+    if started is not None and started == started and 0 <= ended - started < 86400 * 365:
+        duration = round(ended - started, 3)
+    elif isinstance(started_at, str):
         try:
-            t0 = datetime.fromisoformat(started)
-            duration = round(max(0.0, (datetime.now(t0.tzinfo) - t0).total_seconds()), 3)
+            t0 = datetime.fromisoformat(started_at)
+            if t0.tzinfo is None:
+                t0 = t0.astimezone()
+            duration = round(max(0.0, ended - t0.timestamp()), 3)
         except ValueError:
             pass
     # The shell's 128+N for a death by signal N, written the way Popen reports it.
     code = -(status_code - 128) if 128 < status_code < 160 else status_code
-    d.record_end(run_id, exit_code=code, status=FINISHED if code == 0 else ERROR, duration=duration)
+    d.record_end(run_id, exit_code=code, status=FINISHED if code == 0 else ERROR, duration=duration,
+                 ended_at=_iso_at(int(ended)))
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -10510,9 +10531,18 @@ def main(argv: list[str] | None = None) -> int:
     2 bad usage or configuration, 130 interrupted.
     """
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [RECORD_END_VERB] and len(argv) == 4 and argv[3].lstrip("-").isdigit():
+    if argv[:1] == [RECORD_END_VERB] and 4 <= len(argv) <= 6 and argv[3].lstrip("-").isdigit():
+        # Then the end and start times (older supervisors give neither); a `date` without %N
+        # prints "...N", which is no time.
+        times: list[float | None] = []
+        for text in argv[4:6]:
+            try:
+                times.append(float(text))
+            except ValueError:
+                times.append(None)
+        times += [None] * (2 - len(times))
         try:
-            record_orphan_end(argv[1], argv[2], int(argv[3]))
+            record_orphan_end(argv[1], argv[2], int(argv[3]), times[0], times[1])
         except (ExpError, OSError) as e:
             print(f"exp: error: could not record the end of {argv[2]} in {argv[1]}: {e}", file=sys.stderr)
             return 1

@@ -441,6 +441,71 @@ def test_a_background_run_whose_parent_exits_still_gets_its_end(tmp_path, run_py
     assert re.search(r"\[exp\] \S+ run_0001 ended: ", log), log
 
 
+def test_an_orphan_end_is_timed_by_the_supervisor_not_by_the_recorder(tmp_path, run_py, kill_groups_later):
+    """The recorder is a Python start, slow on a loaded machine (here made 3 s late): the end time and
+    duration recorded are the command's, which the supervisor passes along, not the recorder's clock."""
+    from datetime import datetime
+
+    gate = tmp_path / "go"
+    command = f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
+    t0 = time.time()
+    r = run_py(f"""
+        import json, sys
+        import exp
+        recorder = exp.record_end_command
+        exp.record_end_command = lambda wd, rid: ["sh", "-c", 'sleep 3; exec "$@"', "sh", *recorder(wd, rid)]
+        e = exp.Experiment("bg", {command!r}, base_dir=sys.argv[1])
+        h = e.run(background=True)
+        print(json.dumps([e.work_dir, h.pid]))
+    """, tmp_path / "results")
+    assert r.returncode == 0, r.stderr
+    work_dir, pid = json.loads(r.stdout)
+    kill_groups_later.append(pid)
+    gate.touch()
+    t_gate = time.time()
+    run = wait_ended(work_dir, timeout=60)
+    meta = read_meta(work_dir)
+    assert (meta["status"], meta["exit_code"]) == ("finished", 0), meta
+    # The command ended within a poll of the gate; the recorder ran 3 s later.
+    assert 0 <= meta["duration"] <= t_gate - t0 + 1.5, (meta["duration"], t_gate - t0)
+    assert datetime.fromisoformat(run["ended_at"]).timestamp() <= t_gate + 1.5, (run["ended_at"], t_gate)
+    assert meta["ended_at"] == run["ended_at"]
+
+
+def test_record_end_verb_takes_the_times_given_and_older_supervisors_calls(make_exp, tmp_path):
+    """``_record-end DIR RUN STATUS [ENDED [STARTED]]``: the times are used as given; without them (a
+    supervisor started by an older exp) or unreadable (a `date` without %N), the end is now."""
+    from datetime import datetime
+
+    def running_dir(name):
+        e = make_exp(name, "exit 0")
+        assert e.run() == 0
+        meta = read_meta(e.work_dir)
+        for entry in (meta, meta["runs"][-1]):  # as if its end had not been recorded
+            entry.update(status="running", ended_at=None, exit_code=None, duration=None)
+        Path(e.work_dir, "metadata.json").write_text(json.dumps(meta))
+        return e.work_dir
+
+    now = time.time()
+    cases = [([f"{now - 50:.3f}", f"{now - 100.5:.3f}"], now - 50, 50.5),
+             ([f"{int(now - 50)}.N"], None, None),
+             ([], None, None)]
+    for i, (times, ended, duration) in enumerate(cases):
+        work_dir = running_dir(f"orphan{i}")
+        before = time.time()
+        r = subprocess.run([PY, "-I", EXP_PY, "_record-end", work_dir, "run_0001", "3", *times],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        meta = read_meta(work_dir)
+        assert (meta["status"], meta["exit_code"]) == ("error", 3), meta
+        at = datetime.fromisoformat(meta["ended_at"]).timestamp()
+        if ended is not None:
+            assert meta["duration"] == duration
+            assert at == int(ended)
+        else:
+            assert int(before) <= at <= time.time()
+
+
 def test_record_end_verb_keeps_an_end_already_recorded(make_exp, tmp_path):
     e = make_exp("twice", "exit 4")
     assert e.run() == 4
