@@ -102,7 +102,7 @@ __all__ = [
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
-    "ExperimentDir", "StateFile", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields",
+    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields",
     "iso_from_old_timestamp", "check_experiment_path", "base_dir_problem", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
@@ -2802,6 +2802,27 @@ class StateFile:
             return os.stat(self.commands_dir).st_mtime_ns
         except OSError:
             return 0
+
+
+def task_as_recorded(item: Mapping[str, Any]) -> dict[str, Any]:
+    """A task the state file lists as running, with the end its experiment has recorded since.
+
+    A scheduler that was killed leaves its running tasks so in the state
+    file; their supervisors record the ends in the experiments' metadata.
+    A task whose run has no recorded end is returned as it is.
+    """
+    out = dict(item)
+    wd, rid = item.get("work_dir"), item.get("run_id")
+    if not (isinstance(wd, str) and wd and isinstance(rid, str) and rid):
+        return out
+    entry = ExperimentDir(wd).run_entry(rid)
+    if not entry or not isinstance(entry.get("ended_at"), str):
+        return out
+    status = entry.get("status")
+    out.update(status=status if status in STATUSES else ERROR, ended_at=entry["ended_at"], pid=None,
+               exit_code=entry.get("exit_code") if _is_int(entry.get("exit_code")) else None,
+               reason=entry.get("reason") if isinstance(entry.get("reason"), str) else None)
+    return out
 
 
 # ============================================================================
@@ -10281,6 +10302,8 @@ def _cmd_status(args: Any) -> int:
     for group in ("running", "pending", "errors", "finished"):
         for item in data.get(group) or []:
             if isinstance(item, dict):
+                if group == "running" and not alive:  # its supervisor may have recorded the end since
+                    item = task_as_recorded(item)
                 tasks.append(dict(item, elapsed=_elapsed(item)))
     sched = {"alive": alive, "pid": summary.get("pid"), "host": summary.get("host"),
              "status_indicator": summary.get("status_indicator") if alive else SCHEDULER_STOPPED,

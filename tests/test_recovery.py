@@ -218,6 +218,20 @@ def test_sigkilled_scheduler_restarts_adopts_records_and_continues(tmp_path, mar
     assert "[exp] exit status 3" in log and re.search(r"\[exp\] \S+ run_0001 ended: exit code 3 \(error\)", log), log
     assert read_meta(running["lives"]["work_dir"])["status"] == "running"
     wait_for(lambda: pid_gone(running["fails"]["pid"]), 15, what="the supervisor of fails to go")
+    # `exp status` of the dead scheduler's state shows the end recorded since, not "running".
+    r = subprocess.run([PY, EXP_PY, "status", str(base), "--json"], capture_output=True, text=True,
+                       env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    status = json.loads(r.stdout)
+    tasks = {t["name"]: t for t in status["tasks"]}
+    assert status["scheduler"]["alive"] is False
+    assert (tasks["fails"]["status"], tasks["fails"]["exit_code"], tasks["fails"]["reason"]) == (
+        "error", 3, "exit code 3"), tasks["fails"]
+    assert tasks["fails"]["ended_at"] == run["ended_at"]
+    assert tasks["lives"]["status"] == "running"
+    r = subprocess.run([PY, EXP_PY, "status", str(base)], capture_output=True, text=True, env=child_env(), timeout=60)
+    rows = {line.split()[1]: line.split() for line in r.stdout.splitlines()[2:] if line.strip()}
+    assert "not running" in r.stdout and rows["fails"][2] == "error" and rows["lives"][2] == "running", r.stdout
 
     s2 = sched(cfg)
     wait_for(lambda: "adopted" in s2.output(), 30, what="the restarted scheduler to adopt")
