@@ -5726,7 +5726,11 @@ def _short_path(path: str | None, cwd: str | None = None) -> str:
             rel_head = _SHORT_DIRS[key] = os.path.relpath(head, cwd) if head else ""
     except (OSError, ValueError):
         return path
-    rel = os.path.join(rel_head, tail) if rel_head != "." else tail
+    if rel_head == os.pardir or rel_head.startswith(os.pardir + os.sep):
+        # Up first: the path may be the current directory or one above it ("." or "..", not "../name").
+        rel = os.path.relpath(path, cwd)
+    else:
+        rel = os.path.join(rel_head, tail) if rel_head != "." else tail
     return rel if len(rel) < len(path) else path
 
 

@@ -658,6 +658,14 @@ def test_dry_run_prints_plan_and_launches_nothing(tmp_path):
     assert not (proj / "out").exists() and not (proj / "other").exists()
     assert sorted(os.listdir(elsewhere)) == []
 
+    # From the config's own directory its paths read as they were written: "." and "out",
+    # from below it "..": never "../proj" for the directory one stands in.
+    for where, cwd, base in ((proj, ".", "out"), (proj / "sub", "..", "../out")):
+        r = run_cli("run", str(cfg), "--dry-run", cwd=where)
+        assert r.returncode == 0, r.stderr
+        row = re.split(r"\s{2,}", r.stdout.splitlines()[2])
+        assert (row[1], row[4], row[6]) == ("mid (repeat 1/2)", cwd, base), r.stdout
+
 
 # ============================================================================
 # Running batches
