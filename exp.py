@@ -8436,10 +8436,11 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
             st = g["metric_stats"][k]
             if st["mean"] is None:
                 cells.append("-")
-            elif st["std"] is None:
-                cells.append(f"{st['mean']:.4g}")
             else:
-                cells.append(f"{st['mean']:.4g} ± {st['std']:.2g}")
+                cell = f"{st['mean']:.4g}" if st["std"] is None else f"{st['mean']:.4g} ± {st['std']:.2g}"
+                # Over fewer than the group's members (some have no finite value: not logged, NaN,
+                # diverged to inf): say how many, or a diverged repeat would look like a clean mean.
+                cells.append(cell if st["n"] == g["n"] else f"{cell} ({st['n']} of {g['n']})")
         table.append((g["name"], str(g["n"]), ", ".join(f"{n} {s}" for s, n in g["statuses"].items()), *cells,
                       *((format_params(g["params"]) or "-",) if swept else ())))
     return table

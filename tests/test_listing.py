@@ -576,6 +576,17 @@ def test_ls_groups_repeats_of_each_sweep_point_apart(tmp_path):
     assert out[0]["metric_stats"]["loss"]["mean"] == pytest.approx(1.1)
 
 
+def test_ls_group_says_over_how_many_members_a_mean_is_when_some_have_no_value(tmp_path):
+    """A repeat that diverged (nan, inf) or never logged the metric must not look like a clean mean."""
+    base = tmp_path / "results"
+    for second, loss in ((1, "nan"), (2, 1.0), (3, "inf"), (4, 3.0)):
+        fake_experiment(base, "r", second, rows=[{"loss": loss, "acc": 0.5}])
+    r = ls(base, "--group")
+    assert_clean(r)
+    (g,) = table_dicts(r.stdout)
+    assert (g["n"], g["loss (mean ± std)"], g["acc (mean ± std)"]) == ("4", "2 ± 1.4 (2 of 4)", "0.5 ± 0")
+
+
 def test_ls_shows_each_metrics_last_logged_value_when_the_last_row_lacks_it(tmp_path):
     """A validation loss logged every N steps is empty in most rows: its last value is further up."""
     base = tmp_path / "results"
