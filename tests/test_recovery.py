@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -425,23 +426,32 @@ def test_resume_skips_what_finished_and_reruns_what_failed(tmp_path, marks, sche
 # ============================================================================
 
 
+def gated(gate: Path) -> str:
+    """A shell command that waits (at most about a minute) for the file ``gate``."""
+    return f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
+
+
+def start_orphan(run_py, tmp_path: Path, kill_groups_later: list, command: str, prelude: str = "") -> tuple[str, int]:
+    """A background ``Experiment.run`` of ``command`` whose parent (a child Python, after ``prelude``)
+    exits at once, leaving the run to its supervisor; its (work_dir, pid)."""
+    r = run_py("import json, sys\nimport exp\n" + textwrap.dedent(prelude) + textwrap.dedent(f"""
+        e = exp.Experiment("bg", {command!r}, base_dir=sys.argv[1])
+        h = e.run(background=True)
+        print(json.dumps([e.work_dir, h.pid]))
+    """), tmp_path / "results")
+    assert r.returncode == 0, r.stderr
+    work_dir, pid = json.loads(r.stdout)
+    kill_groups_later.append(pid)
+    return work_dir, pid
+
+
 @pytest.mark.parametrize("how, code, reason", [
     ("exit 3", 3, "exit code 3"),
     (f'{PY} -c "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"', -9, "signal SIGKILL"),
 ])
 def test_a_background_run_whose_parent_exits_still_gets_its_end(tmp_path, run_py, kill_groups_later, how, code, reason):
     gate = tmp_path / "go"
-    command = f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; {how}'
-    r = run_py(f"""
-        import json, sys
-        import exp
-        e = exp.Experiment("bg", {command!r}, base_dir=sys.argv[1])
-        h = e.run(background=True)
-        print(json.dumps([e.work_dir, h.pid]))
-    """, tmp_path / "results")
-    assert r.returncode == 0, r.stderr
-    work_dir, pid = json.loads(r.stdout)
-    kill_groups_later.append(pid)
+    work_dir, pid = start_orphan(run_py, tmp_path, kill_groups_later, f"{gated(gate)}; {how}")
     assert read_meta(work_dir)["status"] == "running"
     gate.touch()
     run = wait_ended(work_dir)
@@ -461,20 +471,11 @@ def test_an_orphan_end_is_timed_by_the_supervisor_not_by_the_recorder(tmp_path, 
     from datetime import datetime
 
     gate = tmp_path / "go"
-    command = f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
     t0 = time.time()
-    r = run_py(f"""
-        import json, sys
-        import exp
+    work_dir, pid = start_orphan(run_py, tmp_path, kill_groups_later, gated(gate), prelude="""
         recorder = exp.record_end_command
         exp.record_end_command = lambda wd, rid: ["sh", "-c", 'sleep 3; exec "$@"', "sh", *recorder(wd, rid)]
-        e = exp.Experiment("bg", {command!r}, base_dir=sys.argv[1])
-        h = e.run(background=True)
-        print(json.dumps([e.work_dir, h.pid]))
-    """, tmp_path / "results")
-    assert r.returncode == 0, r.stderr
-    work_dir, pid = json.loads(r.stdout)
-    kill_groups_later.append(pid)
+    """)
     gate.touch()
     t_gate = time.time()
     run = wait_ended(work_dir, timeout=60)
