@@ -1660,22 +1660,33 @@ def _last_row(fd: int, size: int, header_line: str, fill: bool = False) -> dict[
             prev = s
             if quotes % 2 == 0:
                 even.append(s)
+        whole = len(tail) >= size  # the whole file, its own header line first
+        failed = 0
         for s in reversed(even):
+            # Each failed start parses the rest of the window: in the wide window of
+            # fill mode, a few are enough (the read from the start below is exact).
+            if n > 256 and failed >= 16:
+                break
             chunk = body[s:].decode("utf-8", "replace")
-            records = _strict_records(header_line + chunk)
-            if not records or (s == 0 and chunk == header_line):
+            records = _strict_records(chunk if whole and s == 0 else header_line + chunk)
+            if not records:
+                failed += 1
                 continue
             header = records[0]
             complete = [r for r in records[1:] if len(r) == len(header)]
             if not complete:
+                failed += 1
                 continue
             if not fill:
                 return _metric_row(header, complete[-1])
-            partial = _last_values(header, complete)
+            found = _last_values(header, complete)
+            # A wider window reads at most LAST_VALUES_MAX_BYTES: with long rows it may hold
+            # fewer rows than the one before, whose values (the latest) are kept.
+            partial = {k: partial[k] if k in partial else found[k] for k in header if k in partial or k in found}
             if len(partial) == len(header):
                 return partial
             break  # a column empty in all these rows: look further up
-        if len(tail) < n or len(tail) >= size:  # read the whole file already
+        if len(tail) < n or whole:  # read the whole file already
             break
     if partial:  # (fill) some column was empty in every row read
         return partial
@@ -5293,7 +5304,7 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
     if total > BATCH_MAX_EXPERIMENTS:
         most = max(specs, key=lambda sp: sp.repeats)
         errors.append(f"the file makes {total} experiments (sweep points × repeats; experiments[{most.index}] "
-                      f"({most.name}) has repeats = {most.repeats}); at most {BATCH_MAX_EXPERIMENTS} are allowed "
+                      f"({most.name or '?'}) has repeats = {most.repeats}); at most {BATCH_MAX_EXPERIMENTS} are allowed "
                       "in one batch: lower repeats or split the file")
     if settings.backend == "slurm":
         for spec in specs:
@@ -10537,7 +10548,9 @@ def _cmd_ls(args: Any) -> int:
         if args.columns:
             # A typo (--columns los) would otherwise be a column of "-" like a metric not logged yet.
             first = 3 if args.group else 5
-            empty = [k for i, (k, _) in enumerate(columns) if all(t[first + i] == "-" for t in table[1:])]
+            # ("-" is also a group's mean of values all NaN or infinite: those are values.)
+            empty = [k for i, (k, _) in enumerate(columns) if all(t[first + i] == "-" for t in table[1:])
+                     and not any(k in r["last_metrics"] for r in rows)]
             if empty:
                 known = default_columns(rows)
                 print(f"exp: warning: no experiment listed has a value for {', '.join(map(repr, empty))} "

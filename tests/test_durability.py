@@ -756,6 +756,35 @@ def test_last_metrics_row_agrees_with_read_metrics_on_odd_cells(tmp_path):
         csv_records(path)
 
 
+def test_last_metrics_values_agrees_with_read_metrics_on_odd_and_sparse_cells(tmp_path):
+    """Each column's last non-empty value, as a whole read of the file gives it: multi-line quoted cells,
+    columns added later (the file rewritten), columns empty in the last rows or in all, torn tails."""
+    rng = random.Random(11)
+    pieces = ["a", "b", ",", '"', '""', "\n", "\r\n", " ", "é"]
+    for trial in range(200):
+        path = tmp_path / f"m{trial}.csv"
+        with exp.MetricsWriter(path) as w:
+            for step in range(rng.choice([1, 3, 20, 300])):
+                row = {"step": str(step)}
+                if rng.random() < 0.3:
+                    row["text"] = "".join(rng.choice(pieces) for _ in range(rng.choice([0, 1, 5, 40])))
+                if step % rng.choice([7, 50, 1000]) == 0:
+                    row["sparse"] = str(step * 0.5)
+                w.write_row(row)
+        if rng.random() < 0.3:  # a writer killed mid-row, inside a quoted cell or not
+            with open(path, "a", encoding="utf-8", newline="") as f:
+                f.write(rng.choice(['9,"half\nof a cell', "9,1.5", '9,"x""']))
+        rows = exp.read_metrics(path)
+        expected: dict = {}
+        for r in reversed(rows):
+            for k, v in r.items():
+                if v is not None and k not in expected:
+                    expected[k] = v
+        header = list(rows[0]) if rows else []
+        assert exp.last_metrics_values(str(path)) == {k: expected[k] for k in header if k in expected}, (
+            trial, path.read_text()[-500:])
+
+
 @pytest.mark.parametrize("columns, read", [(3, True), (9000, True), (90000, False)])
 def test_last_metrics_row_reads_a_header_of_any_width_up_to_1_mib(tmp_path, columns, read):
     # 9,000 columns make a header over 64 KiB (read in a second, longer read); 90,000 one over

@@ -625,6 +625,17 @@ def test_last_metrics_values_looks_a_bounded_way_up(tmp_path):
     path.write_text("step,loss\n0,0.5\n1,", encoding="utf-8")
     assert exp.last_metrics_values(str(path)) == {"step": 0, "loss": 0.5}
     assert exp.last_metrics_values(str(tmp_path / "missing.csv")) == {}
+    # A column never logged has no value (not its own name, read from the header), in a short file too.
+    path.write_text("step,loss,val\n1,0.5,\n", encoding="utf-8")
+    assert exp.last_metrics_values(str(path)) == {"step": 1, "loss": 0.5}
+    assert exp.last_metrics_row(str(path)) == {"step": 1, "loss": 0.5, "val": None}
+    path.write_text("step,loss,val\n1,0.5\n", encoding="utf-8")  # rows narrower than the header: none
+    assert exp.last_metrics_values(str(path)) == exp.last_metrics_row(str(path)) == {}
+    # Long rows: the wide window holds fewer rows than the one before it; a value found there is kept.
+    pad = "x" * 8000
+    path.write_text("step,val,never,pad\n" + "".join(f"{i},{'0.7' if i == 800 else ''},,{pad}\n" for i in range(1000)),
+                    encoding="utf-8")
+    assert exp.last_metrics_values(str(path)) == {"step": 999, "val": 0.7, "pad": pad}
 
 
 def test_ls_columns_warns_of_a_name_no_experiment_has(results):
@@ -638,6 +649,12 @@ def test_ls_columns_warns_of_a_name_no_experiment_has(results):
     r = ls(results, "--group", "--columns", "nosuch")
     assert_clean(r)
     assert "'nosuch'" in r.stderr
+    # A group's mean of values that are all NaN shows "-", but they are values: no warning.
+    base = results.parent / "all_nan"
+    fake_experiment(base, "n", 1, rows=[{"loss": "nan"}])
+    r = ls(base, "--group", "--columns", "loss")
+    assert_clean(r)
+    assert table_dicts(r.stdout)[0]["loss (mean ± std)"] == "-" and r.stderr == ""
     # --json prints whole summaries: the table's columns do not apply, and it says so.
     r = ls(results, "--json", "--columns", "loss")
     assert_clean(r)

@@ -502,7 +502,7 @@ def test_record_end_verb_takes_the_times_given_and_older_supervisors_calls(make_
         return e.work_dir
 
     now = time.time()
-    cases = [([f"{now - 50:.3f}", f"{now - 100.5:.3f}"], now - 50, 50.5),
+    cases = [([f"{now - 50:.3f}", f"{now - 100.5:.3f}"], float(f"{now - 50:.3f}"), 50.5),
              ([f"{int(now - 50)}.N"], None, None),
              ([], None, None)]
     for i, (times, ended, duration) in enumerate(cases):
