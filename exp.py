@@ -2094,7 +2094,8 @@ class ExperimentDir:
         candidates = []
         if os.sep in text or os.path.isdir(text):
             candidates.append(os.path.abspath(text))
-        candidates.append(os.path.join(base_dir, f"{name}_{text}"))
+        if os.sep not in text:  # a timestamp (a path joined to the name is no directory)
+            candidates.append(os.path.join(base_dir, f"{name}_{text}"))
         for c in candidates:
             if os.path.isfile(os.path.join(c, METADATA_FILE)):
                 return c
@@ -6791,6 +6792,8 @@ def format_plan(config: BatchConfig) -> str:
             extra.append(f"retries {s.max_retries}")
         if s.delay_seconds:
             extra.append(f"delay {s.delay_seconds:g}s")
+        if s.resume:  # continues that directory instead of making one under "dir base"
+            extra.append("resumes " + (_short_path(s.resume) if os.sep in s.resume else f"{s.name}_{s.resume}"))
         name = s.name + (f" ({', '.join(extra)})" if extra else "")
         row = (str(job.id), name, str(s.priority), s.command, _short_path(s.cwd), gpus, _short_path(s.base_dir))
         rows.append(row[:2] + (format_params(s.params) or "-",) + row[2:] if swept else row)

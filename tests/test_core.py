@@ -530,8 +530,10 @@ def test_resume_that_does_not_exist(make_exp, base_dir):
     assert f"existing timestamps for 'real': {e.timestamp}" in msg
     with pytest.raises(exp.ConfigError, match=r"no experiment named 'ghost' exists under"):
         exp.Experiment("ghost", "exit 0", base_dir, resume="2001-01-01__00-00-00")
-    with pytest.raises(exp.ConfigError, match=r"resume=.*no experiment directory"):
+    with pytest.raises(exp.ConfigError, match=r"resume=.*no experiment directory") as info:
         exp.Experiment("real", "exit 0", base_dir, resume=str(base_dir / "nope" / "dir"))
+    # A path names one place: not also "<base>/real_<that path>".
+    assert f"no experiment directory at {base_dir / 'nope' / 'dir'};" in str(info.value)
     assert os.listdir(base_dir) == [os.path.basename(e.work_dir)]
 
 

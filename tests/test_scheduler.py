@@ -560,6 +560,20 @@ def test_cli_reports_all_problems_and_launches_nothing(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_dry_run_says_which_directory_a_resume_continues(tmp_path):
+    for d in ("a_2025-01-01__00-00-00", "old/b_x"):
+        (tmp_path / "results" / d).mkdir(parents=True)
+        (tmp_path / "results" / d / "metadata.json").write_text('{"name": "x", "status": "finished"}')
+    cfg = write_config(tmp_path / "c.toml", None, [
+        {"name": "a", "command": "true", "resume": "2025-01-01__00-00-00"},
+        {"name": "b", "command": "true", "resume": "results/old/b_x"},
+        {"name": "c", "command": "true"}])
+    r = run_cli("run", cfg, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = [re.split(r"\s{2,}", ln)[1] for ln in r.stdout.splitlines()[1:4]]
+    assert names == ["a (resumes a_2025-01-01__00-00-00)", "b (resumes results/old/b_x)", "c"], r.stdout
+
+
 def test_cli_missing_cwd_and_resume_are_caught_before_anything_starts(tmp_path):
     good, marker = _marker_experiment(tmp_path)
     cfg = write_config(tmp_path / "c.toml", None,
