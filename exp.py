@@ -184,8 +184,8 @@ TAIL_MAX_BYTES = 8 << 20
 #: How far up a metrics CSV :func:`last_metrics_values` looks for a column's last value
 #: (``ls`` and the dashboard read it for every experiment, so a column last logged long
 #: ago must not make them read whole files).
-LAST_VALUES_MAX_ROWS = 4096
-LAST_VALUES_MAX_BYTES = 1 << 20
+LAST_VALUES_MAX_ROWS = 2048
+LAST_VALUES_MAX_BYTES = 512 << 10
 #: metadata.json larger than this is not read (a runaway file must not eat memory).
 METADATA_MAX_BYTES = 64 << 20
 #: Failure reports cut a child's line to this many characters.
@@ -1079,11 +1079,9 @@ def _read_tail_fd(fd: int, end: int, lines: int, max_bytes: int) -> bytes:
         block = min(block * 2, 1 << 20)
     data = b"".join(reversed(chunks))
     if found >= want:
-        # Drop everything before the line break that starts the wanted lines.
-        cut = len(data)
-        for _ in range(want):
-            cut = data.rfind(b"\n", 0, cut)
-        data = data[cut + 1:]
+        # Drop everything before the line break that starts the wanted lines (the
+        # want-th from the end: rsplit finds it in C, where a loop of rfind would not).
+        data = data[len(data.rsplit(b"\n", want)[0]) + 1:]
     elif pos > 0:
         # max_bytes reached inside a line: start at the next whole line, if any.
         first = data.find(b"\n")
@@ -1627,12 +1625,16 @@ def _last_metrics(path: str, fill: bool) -> dict[str, Any]:
 def _last_values(header: list[str], records: list[list[str]]) -> dict[str, Any]:
     """Each column's last non-empty cell among ``records`` (complete rows, oldest first), parsed."""
     found: dict[str, str] = {}
-    for r in reversed(records):
-        for k, v in zip(header, r):
-            if v != "" and k not in found:
+    if records:
+        # The last row has most; each column it lacks is looked for on its own, further up.
+        for k, v in zip(header, records[-1]):
+            if v != "":
                 found[k] = v
-        if len(found) == len(header):
-            break
+        for j, k in enumerate(header):
+            if k not in found:
+                cell = next((r[j] for r in reversed(records) if r[j] != ""), None)
+                if cell is not None:
+                    found[k] = cell
     return {k: parse_metric(found[k]) for k in header if k in found}
 
 
@@ -1649,17 +1651,20 @@ def _last_row(fd: int, size: int, header_line: str, fill: bool = False) -> dict[
         # record (unless torn inside a quoted cell), so a line starts one when
         # the rest holds an even number of quotes; try those until the text
         # parses (strictly: not ending inside a quoted cell) into rows.
-        starts = [0]
-        i = body.find(b"\n")
-        while 0 <= i < cut:
-            starts.append(i + 1)
-            i = body.find(b"\n", i + 1)
-        even, quotes, prev = [], 0, len(body)
-        for s in reversed(starts):
-            quotes += body.count(b'"', s, prev)
-            prev = s
-            if quotes % 2 == 0:
-                even.append(s)
+        if b'"' not in body:
+            even = [0]  # no quoted cell: every line is a record, the first one too
+        else:
+            starts = [0]
+            i = body.find(b"\n")
+            while 0 <= i < cut:
+                starts.append(i + 1)
+                i = body.find(b"\n", i + 1)
+            even, quotes, prev = [], 0, len(body)
+            for s in reversed(starts):
+                quotes += body.count(b'"', s, prev)
+                prev = s
+                if quotes % 2 == 0:
+                    even.append(s)
         whole = len(tail) >= size  # the whole file, its own header line first
         failed = 0
         for s in reversed(even):
@@ -1673,7 +1678,8 @@ def _last_row(fd: int, size: int, header_line: str, fill: bool = False) -> dict[
                 failed += 1
                 continue
             header = records[0]
-            complete = [r for r in records[1:] if len(r) == len(header)]
+            width = len(header)
+            complete = [r for r in records[1:] if len(r) == width]
             if not complete:
                 failed += 1
                 continue
