@@ -147,8 +147,10 @@ def generate_dirs(base, n, rng):
                   "dropout": round(rng.random() * 0.5, 2)}
         rows = rng.randrange(5, 60)
         loss0 = 2.0 + rng.random()
-        lines = ["step,loss,acc,lr"] + [f"{s},{loss0 / (s + 1)!r},{1 - 0.5 / (s + 1)!r},{params['lr']!r}"
-                                        for s in range(rows)]
+        # A validation loss every 10 steps, empty in the rows between, as training scripts log it.
+        lines = ["step,loss,acc,lr,val_loss"] + [
+            f"{s},{loss0 / (s + 1)!r},{1 - 0.5 / (s + 1)!r},{params['lr']!r},"
+            + (f"{1.1 * loss0 / (s + 1)!r}" if s % 10 == 0 else "") for s in range(rows)]
         csv_text = "\n".join(lines) + "\n"
         log = (f"[exp] {iso(created + 1)} run_0001 of '{name}' starting\n[exp] command: python train.py\n"
                + "".join(f"step {s} loss {loss0 / (s + 1):.4f}\n" for s in range(rows)))
@@ -192,6 +194,27 @@ def write_big_csv(path, rows):
             f.write("".join(f"{s},{s // 5000},{2.5 / (s + 1)!r},{1 - 1 / (s + 2)!r},0.0003,{s * 0.0137!r}\n"
                             for s in range(start, min(rows, start + chunk))))
     return os.path.getsize(path)
+
+
+def last_values_cost(csv_path, tmp):
+    """Best-of-20 seconds of last_metrics_values on the big CSV, on a copy of its last 100k rows with one
+    more column logged only at the first step (the look-up's worst case), and of last_metrics_row."""
+    once = os.path.join(tmp, "once.csv")
+    with open(csv_path, "rb") as src, open(once, "wb") as dst:
+        lines = src.read().splitlines()
+        dst.write(lines[0] + b",num_params\n" + lines[1] + b",1234567\n"
+                  + b"".join(line + b",\n" for line in lines[2:100_001]))
+
+    def best(fn, path):
+        out = []
+        for _ in range(20):
+            t = time.perf_counter()
+            fn(path)
+            out.append(time.perf_counter() - t)
+        return min(out)
+
+    return {"full": best(exp.last_metrics_values, csv_path), "once": best(exp.last_metrics_values, once),
+            "row": best(exp.last_metrics_row, csv_path)}
 
 
 # ---------------------------------------------------------------- server and client
@@ -583,6 +606,7 @@ def main():
         lst = phase_listing(client, args.reps, expected, n_total)
         mem.append(("listing", server.status()))
         inproc = inprocess_listing(base, args.reps)
+        lastv = last_values_cost(csv_path, tmp)
         # 2. log tail
         log_lat = phase_log(client, log_id, log_size, max(20, args.reps // 2), base)
         mem.append(("log tail", server.status()))
@@ -629,6 +653,10 @@ def main():
     print(f"   warm, {len(lst['warm'])} back to back: median {ms(warm_med)}, p95 {ms(warm_p95)}, "
           f"max {ms(max(lst['warm']))}")
     print(f"   for reference: unfiltered ?limit=50 median {ms(med(lst['plain']))}, p95 {ms(pct(lst['plain'], 95))}")
+    print(f"   a metric's last logged value (exp.last_metrics_values) of a {args.rows}-row CSV: {ms(lastv['full'])} "
+          f"when every column is in the last rows, {ms(lastv['once'])} for a column logged only at the first step "
+          f"(it looks {exp.LAST_VALUES_MAX_ROWS} rows up for it); the last row alone (last_metrics_row) "
+          f"{ms(lastv['row'])}: per experiment per listing, once per change in the dashboard's index")
     print(f"   in-process, no HTTP: index build {ms(inproc['build'])}; filtered query (index fresh) median "
           f"{ms(med(inproc['query']))}, unfiltered {ms(med(inproc['plain']))}; JSON encoding "
           f"{ms(med(inproc['json']))}; the mtime re-check of the index (every {exp.DASHBOARD_INDEX_TTL} s, "
