@@ -1594,10 +1594,11 @@ def last_metrics_values(path: str) -> dict[str, Any]:
     """Each column's last logged value: its last non-empty cell, in header order.
 
     A metric logged less often than the others (a validation loss every N
-    steps) is empty in most rows; its last value is further up.  Only the tail
-    is read: at most the last :data:`LAST_VALUES_MAX_ROWS` rows (and
-    :data:`LAST_VALUES_MAX_BYTES`), so a column last logged before that (a
-    value written once at step 0 of a long run) is left out.
+    steps) is empty in most rows; its last value is further up.  A file of at
+    most 64 KiB is read whole; of a bigger one only the tail: at most the
+    last :data:`LAST_VALUES_MAX_ROWS` rows (and :data:`LAST_VALUES_MAX_BYTES`),
+    so a column last logged before that (a value written once at step 0 of a
+    long run) is left out.
     """
     return _last_metrics(path, True)
 
@@ -1617,7 +1618,10 @@ def _last_metrics(path: str, fill: bool) -> dict[str, Any]:
         if end < 0:
             return {}
         # Rows written since the fstat are not looked at; a header written since ends no row there.
-        return _last_row(fd, st.st_size, head[: end + 1].decode("utf-8", "replace"), fill)
+        # (fill) A small file is all in ``head`` already: when the last two rows do not hold every
+        # column, it is parsed whole at once rather than through wider and wider windows.
+        whole = head[: st.st_size] if fill and st.st_size <= len(head) else None
+        return _last_row(fd, st.st_size, head[: end + 1].decode("utf-8", "replace"), fill, whole)
     finally:
         os.close(fd)
 
@@ -1638,10 +1642,13 @@ def _last_values(header: list[str], records: list[list[str]]) -> dict[str, Any]:
     return {k: parse_metric(found[k]) for k in header if k in found}
 
 
-def _last_row(fd: int, size: int, header_line: str, fill: bool = False) -> dict[str, Any]:
+def _last_row(fd: int, size: int, header_line: str, fill: bool = False, whole_file: bytes | None = None
+              ) -> dict[str, Any]:
     windows = (2, 16, 256, LAST_VALUES_MAX_ROWS) if fill else (2, 16, 256)
     partial: dict[str, Any] = {}
     for n in windows:
+        if whole_file is not None and n > 2:
+            break  # read from the start below, from what the caller has
         tail = _read_tail_fd(fd, size, n, TAIL_MAX_BYTES if n <= 256 else LAST_VALUES_MAX_BYTES)
         cut = tail.rfind(b"\n")
         if cut < 0:
@@ -1694,14 +1701,17 @@ def _last_row(fd: int, size: int, header_line: str, fill: bool = False) -> dict[
             break  # a column empty in all these rows: look further up
         if len(tail) < n or whole:  # read the whole file already
             break
-    if partial:  # (fill) some column was empty in every row read
+    if whole_file is not None:
+        data = whole_file
+    elif partial:  # (fill) some column was empty in every row read
         return partial
-    # Not found near the end (a last cell of many lines, or a row torn inside
-    # a quoted cell): read from the start, which tells exactly, if not too big.
-    try:
-        data = os.pread(fd, TAIL_MAX_BYTES + 1, 0)
-    except OSError:
-        return {}
+    else:
+        # Not found near the end (a last cell of many lines, or a row torn inside
+        # a quoted cell): read from the start, which tells exactly, if not too big.
+        try:
+            data = os.pread(fd, TAIL_MAX_BYTES + 1, 0)
+        except OSError:
+            return {}
     if len(data) > TAIL_MAX_BYTES:
         return {}
     header, records = _csv_records(data.decode("utf-8", "replace"))
@@ -8904,11 +8914,49 @@ def _intern(v: Any) -> Any:
     return sys.intern(v) if type(v) is str and len(v) < 64 else v
 
 
+class _Pairs:
+    """A small read-only mapping for the index: a tuple of keys, shared by every entry with the
+    same keys (a batch's experiments log the same metrics), and a tuple of values.  A dict per
+    entry costs about three times the memory, and 10,000 entries keep two each."""
+
+    __slots__ = ("_keys", "_values")
+    _shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def __init__(self, mapping: Mapping[str, Any]) -> None:
+        keys = tuple(mapping)
+        self._keys = self._shared.setdefault(keys, keys)
+        self._values = tuple(mapping.values())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        keys = self._keys
+        return self._values[keys.index(key)] if key in keys else default
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._values[self._keys.index(key)]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> tuple[str, ...]:
+        return self._keys
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return zip(self._keys, self._values)
+
+
 class _IndexEntry:
     """One experiment of the index, kept small (10,000 of them stay in memory): the fields that
     filters and sorts use, the rest of its summary as a tuple, repeated strings shared."""
 
-    __slots__ = ("key", "id", "name", "status", "tags", "params", "metrics", "run", "created", "text", "dirty",
+    __slots__ = ("key", "id", "name", "status", "tags", "params", "metrics", "run", "created", "dirty",
                  "live", "rest", "work_dir")
     #: The summary's keys, in summary() order; all but the slots above are in ``rest``.
     KEYS: tuple[str, ...] = ()
@@ -8928,16 +8976,21 @@ class _IndexEntry:
         # _intern, inlined: a first load makes 10,000 of these, with some 30 strings each.
         intern = sys.intern
         self.tags = tuple(intern(t) if len(t) < 64 else t for t in row["tags"])
-        self.params = {(intern(k) if len(k) < 64 else k): (intern(v) if type(v) is str and len(v) < 64 else v)
-                       for k, v in row["params"].items()}
-        self.metrics = {(intern(k) if len(k) < 64 else k): v for k, v in row["last_metrics"].items()}
+        self.params = _Pairs({(intern(k) if len(k) < 64 else k): (intern(v) if type(v) is str and len(v) < 64 else v)
+                              for k, v in row["params"].items()})
+        self.metrics = _Pairs({(intern(k) if len(k) < 64 else k): v for k, v in row["last_metrics"].items()})
         self.run: str | None = _intern(row.get("current_run_id"))
         self.dirty = bool(row.get("dirty"))
         self.rest = tuple(intern(v) if type(v) is str and len(v) < 64 else v for v in map(row.get, cls.REST))
         self.created = _iso_ts(row.get("created_at")) or 0.0
-        self.text = " ".join(t for t in (row.get("name"), row.get("description")) if t).lower()
         # What may change any moment: checked at every refresh (the rest at full ones).
         self.live = self.status not in (FINISHED, ERROR, KILLED)
+
+    @property
+    def text(self) -> str:
+        """What a search looks in: the name and description, lower case (made when asked: kept, it
+        would be another string per entry)."""
+        return " ".join(t for t in (self.name, self.get("description")) if t).lower()
 
     def get(self, field: str) -> Any:
         """One field of the summary."""
@@ -9149,7 +9202,7 @@ def _parse_param_filter(text: str) -> tuple[str, str, str]:
     return key, op, value
 
 
-def _param_matches(params: Mapping[str, Any], key: str, op: str, value: str) -> bool:
+def _param_matches(params: Mapping[str, Any] | _Pairs, key: str, op: str, value: str) -> bool:
     if key not in params:
         return op == "!="
     v = params[key]

@@ -608,19 +608,23 @@ def test_ls_shows_each_metrics_last_logged_value_when_the_last_row_lacks_it(tmp_
 
 def test_last_metrics_values_looks_a_bounded_way_up(tmp_path):
     """Each column's last non-empty cell, found within the last LAST_VALUES_MAX_ROWS rows only (ls and
-    the dashboard read it for every experiment); last_metrics_row still gives the last row as it is."""
+    the dashboard read it for every experiment), or anywhere in a file of at most 64 KiB;
+    last_metrics_row still gives the last row as it is."""
     path = tmp_path / "m.csv"
     n = exp.LAST_VALUES_MAX_ROWS + 10
     quoted = '"a,b"'
-    lines = ["step,once,sparse,text"] + [
-        f"{s},{'7' if s == 0 else ''},{'0.5' if s == n - 300 else ''},{quoted if s == n - 2 else ''}"
+    pad = "p" * 40  # over 64 KiB in all: not a small file, which is read whole
+    lines = ["step,once,sparse,text,pad"] + [
+        f"{s},{'7' if s == 0 else ''},{'0.5' if s == n - 300 else ''},{quoted if s == n - 2 else ''},{pad}"
         for s in range(n)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    assert exp.last_metrics_values(str(path)) == {"step": n - 1, "sparse": 0.5, "text": "a,b"}
-    assert exp.last_metrics_row(str(path)) == {"step": n - 1, "once": None, "sparse": None, "text": None}
-    # A short file is read whole: a value of the first row is found.
-    path.write_text("step,once\n0,7\n1,\n2,\n", encoding="utf-8")
-    assert exp.last_metrics_values(str(path)) == {"step": 2, "once": 7}
+    assert path.stat().st_size > 65536
+    assert exp.last_metrics_values(str(path)) == {"step": n - 1, "sparse": 0.5, "text": "a,b", "pad": pad}
+    assert exp.last_metrics_row(str(path)) == {"step": n - 1, "once": None, "sparse": None, "text": None, "pad": pad}
+    # A small file is read whole: a value of the first row is found, however many rows follow.
+    path.write_text("step,once\n0,7\n" + "".join(f"{s},\n" for s in range(1, n)), encoding="utf-8")
+    assert path.stat().st_size < 65536
+    assert exp.last_metrics_values(str(path)) == {"step": n - 1, "once": 7}
     # A torn last row is not a value.
     path.write_text("step,loss\n0,0.5\n1,", encoding="utf-8")
     assert exp.last_metrics_values(str(path)) == {"step": 0, "loss": 0.5}
