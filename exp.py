@@ -114,7 +114,8 @@ __all__ = [
     "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "last_metrics_values", "metric_column",
     # listing and the CLI
     "list_experiments", "filter_experiments", "parse_columns", "metric_value", "default_columns",
-    "build_listing", "group_rows", "sort_groups", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "main",
+    "build_listing", "group_rows", "sort_groups", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS",
+    "LS_LEAD_COLUMNS", "LS_GROUP_LEAD_COLUMNS", "main",
     # small helpers
     "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
     "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff",
@@ -1815,10 +1816,11 @@ def check_experiment_path(base_dir: str, name: str) -> None:
             f"the {_PATH_MAX}-byte limit; use a shorter base_dir or name"
         )
 
+
 def base_dir_problem(base_dir: str) -> str | None:
     """Why experiment directories could never be made under ``base_dir`` (a file on its path, no
     permission to create it, a read-only file system), or None.  Checks only, creates nothing."""
-    path = os.path.abspath(base_dir)
+    path = full = os.path.abspath(base_dir)
     while True:
         try:
             st = os.stat(path)
@@ -1833,10 +1835,10 @@ def base_dir_problem(base_dir: str) -> str | None:
     import stat
 
     if not stat.S_ISDIR(st.st_mode):
-        where = "is" if path == os.path.abspath(base_dir) else f"is under {path}, which is"
+        where = "is" if path == full else f"is under {path}, which is"
         return f"base directory {base_dir} {where} a file, not a directory; choose another base directory"
     if not os.access(path, os.W_OK | os.X_OK):
-        what = "create" if path != os.path.abspath(base_dir) else "create experiment directories in"
+        what = "create experiment directories in" if path == full else "create"
         return (f"base directory {base_dir}: no permission to {what} {path}, or it is on a read-only "
                 "file system; choose another base directory")
     return None
@@ -8410,6 +8412,11 @@ def _reason_text(row: Mapping[str, Any]) -> str:
     return ": ".join(t for t in (row.get("reason"), row.get("cause")) if t)
 
 
+#: The columns before the metrics in ``exp ls``'s table, and in its ``--group`` table.
+LS_LEAD_COLUMNS = ("name", "status", "started", "duration", "runs")
+LS_GROUP_LEAD_COLUMNS = ("name", "n", "status")
+
+
 def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], base_dir: str,
                   sort: str | None = None, desc: bool = False, group: bool = False) -> list[tuple[str, ...]]:
     """The table of ``exp ls``: a header row, then one row per experiment (or per name with ``group``)."""
@@ -8446,7 +8453,7 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
         # as it is the longest.
         reasons = [_reason_text(r) for r, _ in items]
         reason_label = ("reason",) if any(reasons) else ()
-        table: list[tuple[str, ...]] = [("name", "status", "started", "duration", "runs", *labels, *params_label,
+        table: list[tuple[str, ...]] = [(*LS_LEAD_COLUMNS, *labels, *params_label,
                                          "dir", *reason_label)]
         for (r, vals), why in zip(items, reasons):
             started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
@@ -8459,7 +8466,7 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
     groups = sort_groups(group_rows(rows, columns, values), sort, desc)
     # The sweep point of each group, when some group has one (repeats of different points are apart).
     swept = any(g["params"] for g in groups)
-    table = [("name", "n", "status", *(f"{lbl} (mean ± std)" for lbl in labels), *(("params",) if swept else ()))]
+    table = [(*LS_GROUP_LEAD_COLUMNS, *(f"{lbl} (mean ± std)" for lbl in labels), *(("params",) if swept else ()))]
     for g in groups:
         cells = []
         for k, _ in columns:
@@ -10609,7 +10616,7 @@ def _cmd_ls(args: Any) -> int:
         table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)
         if args.columns:
             # A typo (--columns los) would otherwise be a column of "-" like a metric not logged yet.
-            first = 3 if args.group else 5
+            first = len(LS_GROUP_LEAD_COLUMNS if args.group else LS_LEAD_COLUMNS)
             # ("-" is also a group's mean of values all NaN or infinite: those are values.)
             empty = [k for i, (k, _) in enumerate(columns) if all(t[first + i] == "-" for t in table[1:])
                      and not any(k in r["last_metrics"] for r in rows)]
