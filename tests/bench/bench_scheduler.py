@@ -87,10 +87,6 @@ def children_cpu():
     return r.ru_utime + r.ru_stime
 
 
-#: CPU seconds of the last timed `python -m exp run` and xargs, in the same order as their times.
-CPU = {"mod": [], "xargs": []}
-
-
 def time_exp_cli(cfg, env, as_module=False, cpu=None):
     """`python exp.py run` compiles exp.py on every start (a script gets no .pyc);
     `python -m exp run`, like the installed `exp` command, uses the cached bytecode."""
@@ -199,14 +195,14 @@ def time_python_start(env):
     return time.perf_counter() - t
 
 
-def time_xargs(n, limit):
+def time_xargs(n, limit, cpu):
     cmds = "\n".join("true" for _ in range(n)) + "\n"
     settle()
     c = children_cpu()
     t = time.perf_counter()
     subprocess.run(["xargs", f"-P{limit}", "-n1", "sh", "-c"], input=cmds.encode(), check=True)
     dt = time.perf_counter() - t
-    CPU["xargs"].append(children_cpu() - c)
+    cpu.append(children_cpu() - c)
     return dt
 
 
@@ -229,14 +225,15 @@ def main():
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         time_exp_cli(fresh_config(tmp, 5, args.limit), env, as_module=True)
         cli, mod, inproc, xargs, floor, required, start, one = [], [], [], [], [], [], [], []
+        cpu_mod, cpu_xargs = [], []  # CPU seconds of each `python -m exp run` and xargs timed
         for _ in range(args.repeat):  # interleaved, so drift hits all alike
-            xargs.append(time_xargs(args.n, args.limit))
+            xargs.append(time_xargs(args.n, args.limit, cpu_xargs))
             start.append(min(time_python_start(env) for _ in range(3)))
             one.append(min(time_exp_cli(fresh_config(tmp, 1, args.limit), env, as_module=True) for _ in range(3)))
             floor.append(time_floor(args.n, args.limit, tmp))
             required.append(time_required_floor(args.n, args.limit, tmp))
             cli.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env))
-            mod.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env, as_module=True, cpu=CPU["mod"]))
+            mod.append(time_exp_cli(fresh_config(tmp, args.n, args.limit), env, as_module=True, cpu=cpu_mod))
             cfg = fresh_config(tmp, args.n, args.limit)
             inproc.append(time_exp_inprocess(cfg))
         results = os.path.join(os.path.dirname(cfg), "results")
@@ -269,7 +266,7 @@ def main():
     # CPU time, which noise on a shared machine inflates less than wall time: a lower bound
     # for the wall time on this machine whatever the scheduling, once every CPU is kept busy.
     cores = len(os.sched_getaffinity(0))
-    cm, cx = min(CPU["mod"]), min(CPU["xargs"])
+    cm, cx = min(cpu_mod), min(cpu_xargs)
     print(f"  CPU used (user + system, least of {args.repeat}): python -m exp run {cm:.3f} s "
           f"({cm / n * 1000:.2f} ms per experiment, exp and the shells it starts); xargs {cx:.3f} s "
           f"({cx / n * 1000:.2f} ms per command, nearly all of it the shells); exp's own share about "
