@@ -1357,6 +1357,18 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return parse_metrics_csv(text)[1]
 
 
+def _count_quotes(fd: int, start: int, end: int) -> int:
+    """The number of ``"`` bytes in ``[start, end)`` of a file, read in 1 MiB chunks."""
+    n = 0
+    while start < end:
+        chunk = os.pread(fd, min(1 << 20, end - start), start)
+        if not chunk:
+            break
+        n += chunk.count(b'"')
+        start += len(chunk)
+    return n
+
+
 def _complete_csv_end(fd: int, size: int) -> int:
     """Offset just past the last complete CSV record of the first ``size`` bytes.
 
@@ -1487,9 +1499,13 @@ class MetricsWriter:
                 self._fd = None
                 continue
             size = st.st_size
-            # Someone else wrote since our last row: if that writer died mid-row,
-            # reload, which cuts the torn tail.  (One writer alone skips the read.)
-            if self._header and size != self._end and size and os.pread(fd, 1, size - 1) != b"\n":
+            # Someone else wrote since our last row: if that writer died mid-row
+            # (no final line break, or one inside a quoted cell: what it wrote
+            # holds an odd number of quotes), reload, which cuts the torn tail.
+            # One writer alone skips the reads.
+            if self._header and size != self._end and size and (
+                    not 0 <= self._end < size or os.pread(fd, 1, size - 1) != b"\n"
+                    or _count_quotes(fd, self._end, size) % 2):
                 self._header, self._columns = [], set()
             if not self._header and size:
                 self._load_header(fd, size)
@@ -1504,12 +1520,14 @@ class MetricsWriter:
         tail = os.pread(fd, size - tail_start, tail_start)
         last_line = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
         head_line = os.pread(fd, min(size, 1 << 20), 0).split(b"\n", 1)[0].decode("utf-8", "replace")
-        # Torn: no final line break, or a final line with an odd number of
-        # quotes (cut inside a quoted cell, or the end of a multi-line one:
-        # only a scan from the start tells which), or one that is not a row
-        # of the header's width (cut after a line break inside a quoted cell).
+        # Torn: no final line break; or quotes near the end, where a line break
+        # may lie inside a quoted cell (the last line can even look like a
+        # whole row: cut after `""x"",\n` inside a cell of many such lines),
+        # and only a scan from the start tells; or a last line that is not a
+        # row of the header's width (cut after a line break inside a quoted
+        # cell that opened before the tail).
         whole = tail_start == 0 or len(last_line) < len(tail)  # the last line starts inside the tail
-        if (not tail.endswith(b"\n") or last_line.count(b'"') % 2 == 1
+        if (not tail.endswith(b"\n") or b'"' in tail
                 or (whole and not _csv_records(head_line + "\n" + last_line.decode("utf-8", "replace"))[1])):
             new_size = _complete_csv_end(fd, size)
             if new_size != size:

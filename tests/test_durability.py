@@ -697,6 +697,9 @@ TORN_TAILS = {
     "after-many-lines-in-a-cell": b'4,0.0625,"' + b"z\n" * 300,
     "a-quote-alone": b'4,0.0625,"',
     "200KiB-in-a-quoted-cell": b'4,0.0625,"' + b'q""\n' * (50 << 10),
+    # Cut after a line break inside a cell whose last line, alone, reads as a whole row of the
+    # header's width with an even number of quotes (a payload of `"y",0,` lines).
+    "a-row-like-line-in-a-cell": b'4,0.0625,"x\n""y"",0,\n',
 }
 
 
@@ -726,7 +729,7 @@ def test_a_torn_last_record_is_skipped_by_readers_and_cut_by_the_next_writer(tmp
     assert len(csv_records(path)) == 6
 
 
-@pytest.mark.parametrize("tail", ["short", "200KiB", "in-quoted-cell", "a-quote-alone"])
+@pytest.mark.parametrize("tail", ["short", "200KiB", "in-quoted-cell", "a-quote-alone", "a-row-like-line-in-a-cell"])
 def test_a_writer_already_open_cuts_a_tail_torn_by_another(tmp_path, tail):
     path = tmp_path / "m.csv"
     w = exp.MetricsWriter(path)
