@@ -107,7 +107,8 @@ __all__ = [
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
     # files and platform
-    "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "read_tail", "read_tail_span",
+    "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "keep_aside", "read_tail",
+    "read_tail_span",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
     "group_alive", "group_members", "exited_within", "stop_groups",
     # metrics CSV
@@ -1004,6 +1005,23 @@ def append_checked(fd: int, data: bytes, size_before: int | None = None, path: s
         except OSError:
             pass
         raise _storage_error(path or f"descriptor {fd}", e) from e
+
+
+def keep_aside(path: str, label: str = "unreadable") -> str:
+    """Rename ``path`` to ``<path>.<label>-<YYYYmmdd-HHMMSS>[-N]`` (never over another file); return the new path.
+
+    For a file exp cannot read and is about to write afresh: the old bytes
+    stay for the user to look at, and the message can say where.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    n = 0
+    while True:
+        kept = f"{path}.{label}-{stamp}" + (f"-{n}" if n else "")
+        if not os.path.lexists(kept):
+            break
+        n += 1
+    os.rename(path, kept)
+    return kept
 
 
 def append_line(path: str, text: str) -> None:
@@ -2319,18 +2337,6 @@ class ExperimentDir:
         with self._lock_obj():
             self._store(meta)
 
-    def _keep_aside(self, why: str) -> str:
-        """Move an unreadable metadata.json aside (never deleted); return where it went."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        n = 0
-        while True:
-            kept = f"{self.metadata_path}.unreadable-{stamp}" + (f"-{n}" if n else "")
-            if not os.path.lexists(kept):
-                break
-            n += 1
-        os.rename(self.metadata_path, kept)
-        return kept
-
     def update_metadata(self, fn: Callable[[dict[str, Any]], None],
                         initial: Callable[[], dict[str, Any]] | None = None, *, sync: bool = True) -> dict[str, Any]:
         """Read metadata.json, apply ``fn`` to it, write it back, all under the lock.
@@ -2358,7 +2364,7 @@ class ExperimentDir:
                     raise
                 bad = str(e)
                 meta = initial()
-            kept = self._keep_aside(bad) if bad is not None else None
+            kept = keep_aside(path) if bad is not None else None
             fn(meta)
             self._store(meta, sync)
         if kept is not None:
@@ -2702,6 +2708,16 @@ class StateFile:
                     if isinstance(item, dict):
                         normalize_fields(item)
         return state
+
+    def set_aside(self) -> str | None:
+        """Move an unreadable state file aside before a scheduler writes a new one; return where it went.
+
+        None when there is nothing there or it cannot be moved.
+        """
+        try:
+            return keep_aside(self.path)
+        except OSError:
+            return None
 
     # ------------------------------------------------------------------ ownership
 
@@ -6356,7 +6372,10 @@ class Scheduler:
         try:
             prev = self.state.read()
         except MetadataError as e:
-            self.term.event(f"warning: the previous state file cannot be read ({e}); starting afresh")
+            # Its queue is lost to this scheduler, but its bytes are not: the next write would replace them.
+            kept = self.state.set_aside()
+            where = f"; it was kept as {_short_path(kept, self._cwd)}" if kept else ""
+            self.term.event(f"warning: the previous state file cannot be read ({e}){where}; starting afresh")
             return
         summary = prev.get("summary") if prev else None
         if not prev or not isinstance(summary, dict) or summary.get("status_indicator") == SCHEDULER_STOPPED:

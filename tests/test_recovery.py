@@ -421,6 +421,23 @@ def test_resume_skips_what_finished_and_reruns_what_failed(tmp_path, marks, sche
     assert len(marks.runs("ok")) == 2 and len(marks.runs("bad")) == 2 and len(marks.runs("rep")) == 4
 
 
+def test_an_unreadable_state_file_is_kept_aside_not_overwritten(tmp_path, sched):
+    base = tmp_path / "results"
+    state_dir = base / ".exp_state"
+    state_dir.mkdir(parents=True)
+    garbage = b'{"pending": [{"name": "half-written by hand'
+    (state_dir / "scheduler_state.json").write_bytes(garbage)
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "a", "command": "true"}])
+    s = sched(cfg)
+    assert s.wait() == 0, s.output()
+    kept = [p for p in state_dir.iterdir() if p.name.startswith("scheduler_state.json.unreadable-")]
+    assert len(kept) == 1, sorted(p.name for p in state_dir.iterdir())
+    assert kept[0].read_bytes() == garbage
+    out = s.output()
+    assert "the previous state file cannot be read" in out and kept[0].name in out, out
+    assert state(base)["summary"]["finished"] == 1  # and a new state file is written as usual
+
+
 # ============================================================================
 # Ends recorded by the supervisor; exit codes through it
 # ============================================================================
