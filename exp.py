@@ -1569,11 +1569,11 @@ class MetricsWriter:
         header = header + [k for k in row if k not in set(header)]
         width = len(header)
         out = io.StringIO()
-        w = _csv_module().writer(out, lineterminator="\n")
-        w.writerow(header)
-        for rec in records:
-            w.writerow(rec + [""] * (width - len(rec)))
-        w.writerow([row.get(k, "") for k in header])
+        # Cells are quoted as the appends quote them (_csv_cell): csv.writer before
+        # Python 3.13 leaves a lone "\r" unquoted, which then reads as a line break.
+        for rec in [header, *(r + [""] * (width - len(r)) for r in records), [row.get(k, "") for k in header]]:
+            out.write(",".join(map(_csv_cell, rec)) if rec != [""] else '""')
+            out.write("\n")
         # sync=False: a metrics rewrite is as durable as the appends around it.
         ours = write_atomic(self.path, out.getvalue().encode("utf-8"), sync=False)
         # Keep the lock on the old inode until we leave; switch to the new file.

@@ -438,3 +438,17 @@ def test_concurrent_writer_threads_many_rounds(tmp_path):
 @pytest.mark.parametrize("shared", [True, False], ids=["one-writer", "writer-per-thread"])
 def test_concurrent_writer_threads(tmp_path, shared):
     _writer_threads_once(tmp_path / "metrics" / "run_0001.csv", 4, 500, shared)
+
+
+@pytest.mark.parametrize("text", ["10%\r50%", "a\rb\nc\r\nd", "\r", 'say "hi", then\r', "x\r\r\r"])
+def test_a_string_cell_with_carriage_returns_survives_the_rewrite_a_new_column_makes(tmp_path, text):
+    # The rewrite (and the first row of every file) once used csv.writer, which before
+    # Python 3.13 leaves a lone "\r" unquoted: the row was cut or lost on reading.
+    w = exp.MetricsWriter(str(tmp_path / "m.csv"))
+    w.write_row({"step": "0", "note": text})  # the first row: the file is written whole
+    w.write_row({"step": "1", "note": text})  # an append
+    w.write_row({"step": "2", "note": "y", "acc": "0.9"})  # a new column: the file is rewritten
+    rows = exp.read_metrics(str(tmp_path / "m.csv"))
+    assert rows == [{"step": 0, "note": text, "acc": None}, {"step": 1, "note": text, "acc": None},
+                    {"step": 2, "note": "y", "acc": 0.9}]
+    assert exp.last_metrics_values(str(tmp_path / "m.csv")) == {"step": 2, "note": "y", "acc": 0.9}
