@@ -110,7 +110,7 @@ __all__ = [
     "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "keep_aside", "read_tail",
     "read_tail_span",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
-    "group_alive", "group_members", "exited_within", "stop_groups",
+    "group_alive", "time_from_ticks", "session_leaders_running", "group_members", "exited_within", "stop_groups",
     # metrics CSV
     "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "last_metrics_values", "metric_column",
     # listing and the CLI
@@ -477,7 +477,7 @@ def json_safe(value: Any) -> Any:
     JSON has no NaN or Infinity; ``ls --json`` and the dashboard emit strict JSON.
     """
     t = type(value)
-    if t is float:
+    if t is float or (t is not bool and isinstance(value, float)):  # numpy's float64 too
         if value != value:
             return "nan"
         if value in (float("inf"), float("-inf")):
@@ -522,15 +522,25 @@ _ENCODED_KEYS: dict[Any, str] = {}
 
 
 def dumps_json(obj: Any) -> str:
-    """JSON for files people read: one top-level key per line, one list item per line.
+    """Strict JSON for files people read: one top-level key per line, one list item per line.
 
     Values are encoded by the C encoder (``indent`` would force the much slower
-    pure-Python one; metadata is rewritten on every status change).
+    pure-Python one; metadata is rewritten on every status change).  NaN and
+    infinities (a sweep over ``nan``, a float param) are written as the strings
+    ``"nan"``, ``"inf"``, ``"-inf"`` (see :func:`json_safe`): JSON has no such
+    numbers, and a metadata.json exp wrote must read back strictly.
     """
+    try:
+        return _dumps_lines(obj)
+    except ValueError:
+        return _dumps_lines(json_safe(obj))
+
+
+def _dumps_lines(obj: Any) -> str:
     global _ENCODER, _ENCODE_STR
     if _ENCODER is None:
         json = _json()
-        _ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+        _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=str)
         _ENCODE_STR = json.encoder.encode_basestring  # what encode() does with a str, minus the call
     enc, enc_str, keys = _ENCODER.encode, _ENCODE_STR, _ENCODED_KEYS
     if not isinstance(obj, dict):
@@ -846,6 +856,39 @@ def group_members(pgid: int) -> list[int] | None:
     if members:
         _GROUP_MEMBERS[pgid] = sorted(set(_GROUP_MEMBERS.get(pgid, [])) | set(members))
     return members
+
+
+def time_from_ticks(start_ticks: int) -> float | None:
+    """When a process started, in seconds since the epoch, from its /proc start time (clock ticks
+    since boot): to the tick, where a recorded ``started_at`` has only the second.  None without /proc."""
+    try:
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + start_ticks / hz
+
+
+def session_leaders_running(needle: bytes) -> list[int] | None:
+    """Pids of session leaders whose command line contains ``needle`` (a scan of /proc; None without it)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    found = []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+            if os.getsid(int(name)) == int(name):
+                found.append(int(name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
 
 
 def exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -2357,6 +2400,9 @@ class ExperimentDir:
                     meta = cached[1]
                 else:
                     meta = self.read_metadata()
+                    problem = metadata_problem(meta)
+                    if problem:  # rewriting it would drop what the wrong field holds (say, the runs)
+                        raise MetadataError(f"{problem}; fix or move the file", path)
             except FileNotFoundError:
                 meta = initial() if initial is not None else {}
             except ExpError as e:
@@ -2883,7 +2929,8 @@ def task_as_recorded(item: Mapping[str, Any]) -> dict[str, Any]:
     if not entry or not isinstance(entry.get("ended_at"), str):
         return out
     status = entry.get("status")
-    out.update(status=status if status in STATUSES else ERROR, ended_at=entry["ended_at"], pid=None,
+    out.update(status=status if isinstance(status, str) and status in STATUSES else ERROR,
+               ended_at=entry["ended_at"], pid=None,
                exit_code=entry.get("exit_code") if _is_int(entry.get("exit_code")) else None,
                reason=entry.get("reason") if isinstance(entry.get("reason"), str) else None)
     return out
@@ -2949,10 +2996,15 @@ def supervised_command(command: str, recorder: list[str] | None, manager_pid: in
 
     lines = ["trap : TERM INT HUP", "(", command, ")", "rc=$?", f"printf '\\n{LOG_MARK} {EXIT_STATUS_TEXT} %s\\n' $rc"]
     if recorder:
+        # Is exp still there to record the end?  kill -0 alone also answers for a
+        # killed exp that its parent has not reaped yet (a zombie): /proc tells.
         # The end and start times go along: the recorder (a Python start) takes a while to ask,
         # and the metadata has the start only to the second.
-        lines.append(f'kill -0 {manager_pid} 2>/dev/null || {shlex.join(recorder)} $rc '
-                     f'"$(date +%s.%N 2>/dev/null)" {time.time():.3f}')
+        stat = f"/proc/{manager_pid}/stat"
+        lines += [f"watched=0; kill -0 {manager_pid} 2>/dev/null && watched=1",
+                  f'if [ $watched = 1 ] && [ -r {stat} ]; then read -r s 2>/dev/null < {stat} || watched=0; '
+                  'case "${s##*) }" in Z*|X*) watched=0;; esac; fi',
+                  f'[ $watched = 1 ] || {shlex.join(recorder)} $rc "$(date +%s.%N 2>/dev/null)" {time.time():.3f}']
     lines += ["trap - TERM INT HUP", 'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then kill -$((rc - 128)) $$; fi',
               "exit $rc"]
     return "\n".join(lines)
@@ -3096,7 +3148,20 @@ class LocalBackend:
         return self
 
     def find(self, tag: str, log_path: str | None = None) -> LocalRun | None:
-        """A run started for ``tag`` whose record was never written: none (a local start writes it at once)."""
+        """The run started for ``tag`` (``<work_dir>:<run_id>``) if its pid was never recorded.
+
+        A start records the pid only once the command has lasted a moment, so
+        a scheduler killed just after a start leaves none: the run's
+        supervisor is found by the recorder arguments in its command line.
+        """
+        import shlex
+
+        work_dir, sep, rid = tag.rpartition(":")
+        if not sep:
+            return None
+        needle = f" {RECORD_END_VERB} {shlex.quote(work_dir)} {shlex.quote(rid)} ".encode()
+        for pid in session_leaders_running(needle) or []:
+            return LocalRun(None, pid, _proc_start_ticks(pid))
         return None
 
     def start(self, launch: Launch) -> LocalRun:
@@ -6386,7 +6451,8 @@ class Scheduler:
                 if isinstance(it, dict):
                     items.setdefault(self._job_key(it.get("name"), it.get("command"), it.get("params"),
                                                    it.get("repeat")), []).append(it)
-        adopted = ended = 0
+        adopted = 0
+        ended_meanwhile: list[Job] = []
         claimed = {str(it.get("work_dir")) for group in items.values() for it in group if it.get("work_dir")}
         for job in list(self.jobs):
             key = self._job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
@@ -6398,15 +6464,20 @@ class Scheduler:
             job.attempt = attempt if isinstance(attempt, int) else 0
             job.work_dir, job.run_id = wd if isinstance(wd, str) else None, rid if isinstance(rid, str) else None
             if status in (FINISHED, ERROR, KILLED):
-                self._mark_done(job, status, it.get("exit_code"), it.get("reason"))
+                self._mark_done(job, status, it.get("exit_code"), it.get("reason"), it)
                 continue
-            if job.work_dir is None and status == PENDING:
-                # Started just before the crash, before the state file said so: a run the
-                # backend can still find (a Slurm job, by its comment) is this job's.
+            if job.work_dir is None and status in (PENDING, RUNNING):
+                # Started just before the crash, before the state file said where: a
+                # directory made since for this name and command is this job's.  Jobs are
+                # visited in order, as they were started, so repeats find their own.
                 found = self._started_unrecorded(job, claimed, str(summary.get("started_at") or ""))
                 if found is not None:
                     job.work_dir, job.run_id = found
+                    if status == PENDING:  # the state file had not counted this attempt yet
+                        job.attempt += 1
                     status = RUNNING
+                elif status == RUNNING:  # launched, but nothing was made: this attempt never ran
+                    job.attempt = max(0, job.attempt - 1)
             if job.work_dir is not None:
                 claimed.add(job.work_dir)
             if job.work_dir is None or not ExperimentDir.is_experiment(job.work_dir):
@@ -6417,8 +6488,8 @@ class Scheduler:
                 continue  # between attempts: the next one goes in the same directory
             entry = job.experiment.dir.run_entry(job.run_id) or {}
             if entry.get("ended_at"):  # its supervisor recorded the end while no scheduler watched
-                self._mark_done(job, entry.get("status"), entry.get("exit_code"), entry.get("reason"))
-                ended += 1
+                self._mark_done(job, entry.get("status"), entry.get("exit_code"), entry.get("reason"), entry)
+                ended_meanwhile.append(job)
                 continue
             pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
             run: Any = None
@@ -6444,10 +6515,16 @@ class Scheduler:
                 t0 = min(t0, datetime.fromisoformat(str(entry.get("started_at"))).timestamp())
             except ValueError:
                 pass
+            ticks = getattr(run, "start_ticks", None)  # a local run's, checked by attach
+            if run is not None and run.pid is not None and _is_int(ticks):
+                exact = time_from_ticks(ticks)  # started_at has only the second
+                if exact is not None and -1.5 < exact - t0 < 1.5:
+                    t0 = exact
             handle = RunHandle(job.experiment, run or LocalRun(None, 0), job.run_id,
                                job.experiment.dir.log_path(job.run_id), str(entry.get("started_at") or ""), t0)
             if run is not None and run.poll() is None:
                 job.handle, job.status = handle, RUNNING
+                job.started_at = entry.get("started_at") if isinstance(entry.get("started_at"), str) else None
                 job.t_started = self._clock() - (time.time() - t0)
                 job.deadline = job.t_started + job.spec.timeout if job.spec.timeout else None
                 self.queue.remove(job)
@@ -6457,12 +6534,26 @@ class Scheduler:
                 for g in job.gpus:
                     self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
                 adopted += 1
-                what = f"pid {pid}" if run.pid is not None else f"job {run.record().get('job_id')}"
+                what = f"pid {run.pid}" if run.pid is not None else f"job {run.record().get('job_id')}"
                 self.term.event(f"adopted  {job.label()} ({what}, still running) -> {_short_path(job.work_dir)}")
             else:  # gone, and nothing recorded its end: the supervisor's status line, if any
                 handle.settle()
-                self._mark_done(job, handle.status, handle.returncode, handle.reason)
-                ended += 1
+                self._mark_done(job, handle.status, handle.returncode, handle.reason,
+                                job.experiment.dir.run_entry(job.run_id))
+                ended_meanwhile.append(job)
+        ended = len(ended_meanwhile)
+        for job in ended_meanwhile:  # what the dead scheduler would have done at these ends
+            if self.config.auto_restart_on_error and job.retryable():
+                self.done.remove(job)
+                job.status, job.handle = PENDING, None
+                job.not_before = self._clock() + job.spec.delay_seconds
+                self.queue.insert(0, job)
+                self._touch(job)
+                self.term.event(f"{self.term.paint('retrying', '35')} {job.label()} (attempt {job.attempt + 1}/"
+                                f"{job.max_attempts}): it failed while no scheduler watched")
+        for job in list(self.done):  # dependents of what failed, then or meanwhile, never run
+            if job.status != FINISHED:
+                self._fail_dependents(job)
         if adopted or ended or any(j.status != PENDING for j in self.jobs):
             self.term.event(f"recovered the state of the scheduler that died (pid {summary.get('pid')}): "
                             f"{adopted} adopted, {ended} ended meanwhile, {len(self.done)} done, "
@@ -6471,32 +6562,42 @@ class Scheduler:
 
     def _started_unrecorded(self, job: Job, claimed: set[str], since: str) -> tuple[str, str] | None:
         """The directory and run of ``job`` if the dead scheduler started it but its state file did not
-        say so yet: created since that scheduler started, running, with a pid or job id, or a run the
-        backend finds (a Slurm job, by its comment)."""
+        say so yet: created since that scheduler started for this name and command, with a run that
+        has ended since (recorded, or its exit status in the log), has a pid or job id, or that the
+        backend finds (a local supervisor by its command line, a Slurm job by its comment)."""
         for d in scan(job.spec.base_dir, depth=1):
             if d.path in claimed or not os.path.basename(d.path).startswith(job.spec.name + "_"):
                 continue
             meta, _ = d.try_read_metadata()
             rid = meta.get("current_run_id") if meta else None
-            if (not meta or meta.get("status") != RUNNING or not isinstance(rid, str)
+            if (not meta or not isinstance(rid, str)
                     or meta.get("name") != job.spec.name or meta.get("command") != job.spec.command
                     or str(meta.get("created_at") or "") < since):
                 continue
             entry = d.run_entry(rid) or {}
-            if entry.get("ended_at"):
-                continue
-            if entry.get("pid") or entry.get("backend"):
+            if entry.get("ended_at") or entry.get("pid") or entry.get("backend"):
                 return d.path, rid
             run = self.backend.find(f"{d.path}:{rid}", d.log_path(rid))
             if run is not None:
                 d.record_backend(rid, run.record())
                 return d.path, rid
+            if read_exit_status(d.log_path(rid)) is not None:  # ended, and its end is in the log
+                return d.path, rid
         return None
 
-    def _mark_done(self, job: Job, status: Any, code: Any, reason: Any) -> None:
+    def _mark_done(self, job: Job, status: Any, code: Any, reason: Any,
+                   times: Mapping[str, Any] | None = None) -> None:
+        """``job`` ended before this scheduler: recorded as it ended (``times``: its started_at,
+        ended_at and duration, from the old state file or the run's entry)."""
         job.status = status if isinstance(status, str) and status in STATUSES and status != RUNNING else ERROR
         job.exit_code = code if _is_int(code) else None
         job.reason = reason if isinstance(reason, str) else None
+        if times is not None:
+            for key in ("started_at", "ended_at"):
+                if isinstance(times.get(key), str):
+                    setattr(job, key, times[key])
+            if _is_num(times.get("duration")):
+                job.duration = times["duration"]
         if job in self.queue:
             self.queue.remove(job)
         self.done.append(job)
@@ -10409,9 +10510,13 @@ def _elapsed(item: Mapping[str, Any]) -> str:
     try:
         t0 = datetime.fromisoformat(start)
         t1 = datetime.fromisoformat(end) if isinstance(end, str) else datetime.now(t0.tzinfo)
-    except ValueError:
+        return format_duration(max(0.0, (t1 - t0).total_seconds()))
+    except (ValueError, TypeError):  # not a time, or one with a zone and one without
         return "-"
-    return format_duration(max(0.0, (t1 - t0).total_seconds()))
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def _cmd_status(args: Any) -> int:
@@ -10422,7 +10527,8 @@ def _cmd_status(args: Any) -> int:
     alive = state.owned()
     tasks = []
     for group in ("running", "pending", "errors", "finished"):
-        for item in data.get(group) or []:
+        items = data.get(group)
+        for item in items if isinstance(items, list) else []:  # a field of the wrong type shows as nothing
             if isinstance(item, dict):
                 if group == "running" and not alive:  # its supervisor may have recorded the end since
                     item = task_as_recorded(item)
@@ -10439,7 +10545,7 @@ def _cmd_status(args: Any) -> int:
     if not data and not alive:
         print(f"no scheduler has run for {state.base_dir}")
         return 0
-    who = f"pid {sched['pid']} on {sched['host']}"
+    who = f"pid {_or_dash(sched['pid'])} on {_or_dash(sched['host'])}"
     print(f"scheduler: {who}, {'alive' if alive else 'not running'} ({sched['status_indicator']}); "
           f"started {sched['started_at'] or '-'}")
     # Cluster jobs (Slurm) get a column of their own: job id, node and the cluster's state.
@@ -10448,11 +10554,12 @@ def _cmd_status(args: Any) -> int:
                                    + (("job",) if jobs else ())]
     for t in tasks:
         gpus = t.get("assigned_gpus") or t.get("gpu_ids") or []
+        gpus = gpus if isinstance(gpus, list) else []
         job = t.get("job") if isinstance(t.get("job"), dict) else {}
         where = (f"{job.get('job_id')}" + (f" on {job['node']}" if job.get("node") else "")
                  + (f" ({job['state']})" if job.get("state") else "")) if job else "-"
-        rows.append((str(t.get("id")), str(t.get("name")), str(t.get("status")),
-                     ",".join(map(str, gpus)) if gpus else "-", str(t.get("attempt")), t["elapsed"],
+        rows.append((_or_dash(t.get("id")), _or_dash(t.get("name")), _or_dash(t.get("status")),
+                     ",".join(map(str, gpus)) if gpus else "-", _or_dash(t.get("attempt")), t["elapsed"],
                      str(t.get("reason") or "-")) + ((where,) if jobs else ()))
     print(_table(rows))
     return 0

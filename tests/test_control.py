@@ -312,6 +312,44 @@ def test_status_of_a_directory_no_scheduler_has_used(tmp_path):
     assert data["scheduler"]["alive"] is False and data["tasks"] == []
 
 
+ODD_VALUES = [5, "x", None, True, 1.5, [], {}, [1, "a"], {"a": 1}, -1, [None], [{}], "9999-99-99"]
+TASK_FIELDS = ["id", "name", "status", "assigned_gpus", "gpu_ids", "attempt", "reason", "job", "started_at",
+               "ended_at", "duration", "work_dir", "run_id", "pid", "exit_code", "params", "command"]
+
+
+def test_status_survives_a_state_file_with_wrong_types(tmp_path, capsys):
+    # `status` once crashed on {"pending": 5} or a task whose assigned_gpus was 5 (a hand-edited
+    # or foreign file): each such field is shown as nothing, never a traceback.
+    import random
+
+    rng = random.Random(7)
+    states = [{"pending": 5}, {"running": [{"id": 1, "name": "z", "status": "running", "assigned_gpus": 5}]},
+              {"summary": [], "finished": "abc"}, {"running": True, "summary": {"pid": [], "gpus": 3}}]
+    for _ in range(60):
+        st = {}
+        for g in ("running", "pending", "errors", "finished"):
+            st[g] = rng.choice(ODD_VALUES) if rng.random() < 0.2 else [
+                dict({"id": 1, "name": "a", "status": "running"},
+                     **{f: rng.choice(ODD_VALUES) for f in rng.sample(TASK_FIELDS, 3)})
+                for _ in range(rng.randint(0, 2))]
+        if rng.random() < 0.4:
+            st["summary"] = rng.choice(ODD_VALUES + [{k: rng.choice(ODD_VALUES) for k in
+                                                      ("pid", "host", "started_at", "gpus", "status_indicator")}])
+        states.append(st)
+    for i, st in enumerate(states):
+        base = tmp_path / f"b{i}"
+        (base / ".exp_state").mkdir(parents=True)
+        (base / ".exp_state" / "scheduler_state.json").write_text(json.dumps(st))
+        for extra in ([], ["--json"]):
+            assert exp.main(["status", str(base), *extra]) == 0, st
+            out = capsys.readouterr().out
+            if extra:
+                json.loads(out)  # strict JSON still
+    r = run_exp("status", tmp_path / "b1")  # as a user runs it
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"^1\s+z\s+running\s+-", r.stdout, re.M), r.stdout
+
+
 # ============================================================================
 # kill, retry, rm
 # ============================================================================

@@ -495,6 +495,55 @@ def test_a_batch_run_whose_metadata_is_corrupted_keeps_the_old_file(tmp_path, ca
     assert str(kept) in (d / "terminal_logs" / "run_0001.log").read_text()
 
 
+WRONG_TYPES = {
+    "runs-an-object": {"runs": {"run_0001": {"status": "finished"}}},
+    "runs-text": {"runs": "abc"},
+    "name-a-number": {"name": 5},
+    "tags-an-object": {"tags": {"a": 1}},
+}
+
+
+@pytest.mark.parametrize("change", sorted(WRONG_TYPES), ids=sorted(WRONG_TYPES))
+def test_metadata_with_a_wrong_typed_field_is_kept_aside_not_silently_rewritten(make_exp, capfd, change):
+    # It parses, so it was once updated in place, and whatever the wrong field held (the run
+    # history) was dropped without a word.  `ls` calls such a file unreadable: so does a write.
+    e = make_exp("typed", "exit 0")
+    assert e.run() == 0
+    meta = read_meta(e.work_dir)
+    meta.update(WRONG_TYPES[change])
+    bad = json.dumps(meta, indent=2).encode()
+    Path(e.metadata_path).write_bytes(bad)
+    d = exp.ExperimentDir(e.work_dir)
+    with pytest.raises(exp.MetadataError):  # no initial: nothing is written
+        d.update_metadata(lambda m: m.update(x=1))
+    assert Path(e.metadata_path).read_bytes() == bad
+    again = exp.Experiment.load(e.work_dir)  # a resume reads it leniently ...
+    assert again.run() == 0
+    kept = sorted(Path(e.work_dir).glob("metadata.json.unreadable-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == bad  # ... and its first write keeps it aside
+    assert str(kept[0]) in capfd.readouterr().err
+    m = read_meta(e.work_dir)
+    assert (m["status"], m["current_run_id"]) == ("finished", "run_0002")
+    assert exp.ExperimentDir(e.work_dir).summary()["status"] == "finished"
+
+
+def test_metadata_with_nan_is_written_back_strict(make_exp):
+    # An earlier version wrote NaN for a NaN param; `ls` rejects such a file (not strict JSON).
+    # The next write keeps every field and writes the non-finite ones as strings.
+    e = make_exp("nonfinite", "exit 0", params={"lr": float("nan"), "clip": float("inf"), "wd": 0.5})
+    assert e.run() == 0
+    text = Path(e.metadata_path).read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert read_meta(e.work_dir)["params"] == {"lr": "nan", "clip": "inf", "wd": 0.5}
+    Path(e.metadata_path).write_text(text.replace('"nan"', "NaN"))
+    assert exp.ExperimentDir(e.work_dir).summary()["status"] == "unreadable"
+    assert exp.Experiment.load(e.work_dir).run() == 0
+    m = read_meta(e.work_dir)
+    assert m["params"] == {"lr": "nan", "clip": "inf", "wd": 0.5} and len(m["runs"]) == 2
+    assert exp.ExperimentDir(e.work_dir).summary()["status"] == "finished"
+    assert list(Path(e.work_dir).glob("metadata.json.unreadable-*")) == []
+
+
 # ---------------------------------------------------------------------------
 # 3. forked writers
 

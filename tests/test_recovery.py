@@ -421,6 +421,132 @@ def test_resume_skips_what_finished_and_reruns_what_failed(tmp_path, marks, sche
     assert len(marks.runs("ok")) == 2 and len(marks.runs("bad")) == 2 and len(marks.runs("rep")) == 4
 
 
+def kills_its_scheduler(marks: Marks, name: str, then: str) -> str:
+    """A command that SIGKILLs the scheduler that started it at once (before its pid is recorded:
+    ``$PPID`` of the command's subshell is exp), then runs ``then``."""
+    return f'{marks.quick(name)}; kill -9 $PPID; {then}'
+
+
+def test_a_run_started_just_before_the_crash_is_adopted_not_run_again(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "rep", "repeats": 3, "command": kills_its_scheduler(marks, "rep", marks.gated("rep_go"))},
+    ], max_concurrent_experiments=1)
+    s1 = sched(cfg)
+    assert s1.wait() == -signal.SIGKILL
+    d = only_dir(base, "rep")
+    meta = read_meta(d)
+    assert meta["status"] == "running" and meta["runs"][0]["pid"] is None  # no pid recorded yet
+    s2 = sched(cfg)
+    wait_for(lambda: "adopted" in s2.output(), 30, what="the restarted scheduler to adopt")
+    assert re.search(r"adopted\s+rep #1/3 \(pid \d+, still running\)", s2.output()), s2.output()
+    # While it is adopted the state file says when it started.
+    wait_for(lambda: in_state(base, "running", "rep"), 30, what="rep in the state file")
+    assert isinstance(in_state(base, "running", "rep")["started_at"], str)
+    marks.open("rep_go")
+    # The adopted run was repeat 1; repeats 2 and 3 each kill their scheduler in turn.
+    assert s2.wait() == -signal.SIGKILL
+    assert len(marks.runs("rep")) == 2
+    s3 = sched(cfg)
+    assert s3.wait() == -signal.SIGKILL, s3.output()
+    s4 = sched(cfg)
+    assert s4.wait() == 0, s4.output()
+    assert "attempt 2" not in s3.output() + s4.output()
+    # Three repeats, three runs, three directories: none ran twice.
+    assert [r.split()[1] for r in marks.runs("rep")] == ["1", "2", "3"], marks.runs("rep")
+    dirs = dirs_of(base, "rep")
+    assert len(dirs) == 3 and all(read_meta(x)["status"] == "finished" for x in dirs)
+    assert all(len(read_meta(x)["runs"]) == 1 for x in dirs)
+
+
+def test_a_run_that_ended_after_killing_its_scheduler_is_not_run_again(tmp_path, marks, sched):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "once", "command": kills_its_scheduler(marks, "once", "sleep 0.3")},
+        {"name": "next", "command": marks.quick("next")},
+    ])
+    s1 = sched(cfg)
+    assert s1.wait() == -signal.SIGKILL  # reaped: its supervisor sees it gone and records the end
+    run = wait_ended(only_dir(base, "once"))
+    assert run["status"] == "finished"
+    s2 = sched(cfg)
+    assert s2.wait() == 0, s2.output()
+    out = s2.output()
+    assert "1 ended meanwhile" in out and not re.search(r"started\s+once\b", out), out
+    assert len(marks.runs("once")) == 1 and len(marks.runs("next")) == 1
+    assert len(dirs_of(base, "once")) == 1
+    done = in_state(base, "finished", "once")
+    assert done["started_at"] and done["ended_at"] and done["duration"] is not None, done
+
+
+def test_a_prerequisite_that_failed_while_no_scheduler_ran_fails_its_dependents(tmp_path, marks, sched,
+                                                                               kill_groups_later):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "prep", "command": marks.gated("prep", 2)},
+        {"name": "train", "command": marks.quick("train"), "depends_on": ["prep"]},
+        {"name": "eval", "command": marks.quick("eval"), "depends_on": ["train"]},
+    ])
+    s1 = sched(cfg)
+    running = wait_running(base, "prep")
+    kill_groups_later.append(running["prep"]["pid"])
+    s1.crash()
+    marks.open("prep")
+    wait_ended(running["prep"]["work_dir"])
+    s2 = sched(cfg)
+    assert s2.wait(60) == 1, s2.output()  # it once waited for "prep" forever
+    out = s2.output()
+    assert re.search(r"skipped\s+train \(dependency failed: prep\)", out), out
+    assert re.search(r"skipped\s+eval \(dependency failed: prep\)", out), out
+    assert marks.runs("train") == [] and marks.runs("eval") == []
+    errors = {i["name"]: i for i in state(base)["errors"]}
+    assert set(errors) == {"prep", "train", "eval"}
+    assert errors["prep"]["exit_code"] == 2 and errors["prep"]["ended_at"], errors["prep"]
+
+
+def test_a_run_that_failed_while_no_scheduler_ran_is_retried_in_its_directory(tmp_path, marks, sched,
+                                                                            kill_groups_later):
+    base = tmp_path / "results"
+    flag = marks.dir / "failed-once"
+    cmd = f'if [ -e "{flag}" ]; then {marks.quick("flaky")}; else touch "{flag}"; {marks.gated("flaky", 1)}; fi'
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "flaky", "command": cmd, "max_retries": 1}],
+                       auto_restart_on_error=True)
+    s1 = sched(cfg)
+    running = wait_running(base, "flaky")
+    kill_groups_later.append(running["flaky"]["pid"])
+    s1.crash()
+    marks.open("flaky")
+    assert wait_ended(running["flaky"]["work_dir"])["exit_code"] == 1
+    s2 = sched(cfg)
+    assert s2.wait() == 0, s2.output()
+    out = s2.output()
+    assert "retrying flaky (attempt 2/2): it failed while no scheduler watched" in out, out
+    d = only_dir(base, "flaky")  # the retry goes in the same directory
+    assert [r["status"] for r in read_meta(d)["runs"]] == ["error", "finished"]
+    assert read_meta(d)["status"] == "finished"
+
+
+def test_a_run_that_ends_while_its_killed_scheduler_is_an_unreaped_zombie_gets_its_end(tmp_path, marks, sched,
+                                                                                       kill_groups_later):
+    # kill -0 answers for a zombie: the supervisor once took the dead scheduler for a live one.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "z", "command": marks.gated("z")}])
+    s1 = sched(cfg)
+    running = wait_running(base, "z")
+    kill_groups_later.append(running["z"]["pid"])
+    os.kill(s1.pid, signal.SIGKILL)  # and not reaped yet
+
+    def state_of(pid: int) -> str:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+    wait_for(lambda: state_of(s1.pid) == "Z", 15, what="the scheduler to be a zombie")
+    marks.open("z")
+    run = wait_ended(running["z"]["work_dir"])
+    assert state_of(s1.pid) == "Z"  # recorded while the zombie was still there
+    assert (run["status"], run["exit_code"]) == ("finished", 0) and run["duration"] < 15, run
+    assert s1.wait() == -signal.SIGKILL
+
+
 def test_an_unreadable_state_file_is_kept_aside_not_overwritten(tmp_path, sched):
     base = tmp_path / "results"
     state_dir = base / ".exp_state"
@@ -624,20 +750,27 @@ def test_resume_after_a_crash_does_not_count_a_recovered_run_twice(tmp_path, mar
 
 
 def test_an_end_nobody_recorded_is_taken_from_the_exit_status_line(tmp_path, marks, sched, kill_groups_later):
-    """The scheduler is SIGKILLed but not yet reaped: to its supervisor it still looks alive (``kill -0``
-    succeeds on a zombie), so the supervisor only writes the status line; the restart records that."""
+    """The supervisor wrote the exit status line, but its recorder never got to record the end (here it
+    waits for the directory's lock and is killed with its group): the restart records that line."""
+    import fcntl
+
     base = tmp_path / "results"
     cfg = write_config(tmp_path / "c.toml", base, [{"name": "three", "command": marks.gated("three", 3)}])
     s1 = sched(cfg)
     run = wait_running(base, "three")["three"]
     kill_groups_later.append(run["pid"])
-    os.kill(s1.pid, signal.SIGKILL)
-    wait_for(lambda: pid_gone(s1.pid), 15, what="the scheduler to die")  # a zombie until reaped
-    marks.open("three")
-    wait_for(lambda: pid_gone(run["pid"]), 15, what="the run to end")
-    assert "[exp] exit status 3" in log_text(run["work_dir"])
+    s1.crash()
+    lock = os.open(run["work_dir"], os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # what update_metadata takes
+        marks.open("three")
+        wait_for(lambda: "[exp] exit status 3" in log_text(run["work_dir"]), 15, what="the status line")
+        time.sleep(0.5)  # the recorder starts and waits for the lock
+        os.killpg(run["pid"], signal.SIGKILL)
+        wait_for(lambda: pid_gone(run["pid"]), 15, what="the supervisor to go")
+    finally:
+        os.close(lock)
     assert read_meta(run["work_dir"])["status"] == "running"
-    assert s1.wait() == -signal.SIGKILL
     s2 = sched(cfg)
     assert s2.wait() == 1
     assert "0 adopted, 1 ended meanwhile" in s2.output(), s2.output()
