@@ -140,6 +140,7 @@ __all__ = [
     "SLURM_POLL_MAX", "SLURM_ENDED", "SLURM_OUTCOMES", "SLURM_TAG_PREFIX", "SLURM_DIR", "SLURM_SCRIPT_EXT",
     # errors
     "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
+    "SchedulerBusyError",
     "MetricError", "UnavailableError",
     # values and tunables
     "STATUSES", "PENDING", "RUNNING", "FINISHED", "ERROR", "KILLED", "UNREADABLE", "SCHEDULER_INDICATORS",
@@ -319,6 +320,13 @@ class MetadataError(ExpError):
         super().__init__(message)
         self.path = path
         self.kept_at = kept_at
+
+
+class SchedulerBusyError(ExpError):
+    """Another scheduler owns the base directory: :meth:`Scheduler.run` does not start a second one.
+
+    ``exp run`` then adds its experiments to that scheduler's queue instead.
+    """
 
 
 class _UnreadableJson(MetadataError, ValueError):
@@ -2779,6 +2787,7 @@ class StateFile:
         """
         os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        before = time.time()
         # owned() takes a shared lock for an instant (a dashboard polls it): try for a
         # little while before concluding that another scheduler holds the directory.
         for attempt in range(20):
@@ -2796,6 +2805,9 @@ class StateFile:
         # would otherwise stop this scheduler before it starts anything).
         for cid, _ in self.pending_commands():
             try:
+                # One posted since we took the lock is for us (an `exp run` joining at once).
+                if os.stat(os.path.join(self.commands_dir, cid + COMMAND_EXT)).st_mtime >= before:
+                    continue
                 self.answer(cid, {"ok": False, "message": "not done: the scheduler it was sent to ended first; "
                                                           "send it again"})
             except OSError:
@@ -6136,7 +6148,7 @@ class Scheduler:
             self.term.event(f"warning: cannot take {_short_path(self.state.lock_path)} ({e}); queue commands "
                             "and a second `exp run` will not reach this scheduler")
         if self._owner_fd is None:
-            raise ExpError(
+            raise SchedulerBusyError(
                 f"another scheduler is running for {self.state.base_dir}; `exp run` with a config whose "
                 "base_experiment_dir is that directory adds its experiments to that scheduler's queue, "
                 "or `exp shutdown` it first")
@@ -6219,6 +6231,12 @@ class Scheduler:
                     self._launch(pool, job)
             if not self.running and (self._draining or not self.queue):
                 if not linger or self._draining:
+                    # A last look: an `exp run` may have just sent experiments to join with.
+                    if not self._draining and self.state.commands_mtime() != self._commands_seen:
+                        self._commands_seen = self.state.commands_mtime()
+                        self._run_commands(pool)
+                        if self.queue:
+                            continue
                     return
                 if self._status_indicator != SCHEDULER_AWAITING_SHUTDOWN:
                     self._status_indicator = SCHEDULER_AWAITING_SHUTDOWN
@@ -10633,24 +10651,49 @@ def _cmd_run(args: Any) -> int:
     config = load_config(args.config)
     for w in config.warnings:
         print(f"exp: warning: {w}", file=sys.stderr)
-    if not args.dry_run and StateFile(config.base_experiment_dir).owned():
-        # A scheduler already owns the directory: join its queue.
-        if not os.path.isfile(config.path):  # it reads the file itself, and /dev/fd/N is ours alone
-            raise ConfigError(f"a scheduler already runs for {config.base_experiment_dir}, and it reads a joining "
-                              f"config from its file; {config.path} is not one (a pipe?): save the config to a "
-                              "file and pass that")
-        res = _send(config.base_experiment_dir, "add", config=config.path)
-        print(res.get("message", ""))
-        if not res.get("ok"):
-            return 1
-        print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
-        return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or [])) if args.wait else 0
+    state = StateFile(config.base_experiment_dir)
+    if not args.dry_run and state.owned():
+        joined = _join_scheduler(config, args)  # a scheduler already owns the directory: join its queue
+        if joined is not None:
+            return joined
     pool = gpu_pool(config.scheduler)  # detected once, here
     check_gpu_requests(config, pool)
     if args.dry_run:
         print(format_plan(config))
         return 0
+    for _ in range(3):
+        try:
+            return Scheduler(config, gpus=pool, resume=args.resume).run()
+        except SchedulerBusyError:
+            # Another `exp run` took the directory between our look and our start (both
+            # started at once): join it as if it had been first, which it was.
+            joined = _join_scheduler(config, args)
+            if joined is not None:
+                return joined
     return Scheduler(config, gpus=pool, resume=args.resume).run()
+
+
+def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
+    """`exp run` where a scheduler already runs: add the config's experiments to its queue.
+
+    None when that scheduler ended before it took them (it had just finished):
+    the caller runs them itself.
+    """
+    if not os.path.isfile(config.path):  # it reads the file itself, and /dev/fd/N is ours alone
+        raise ConfigError(f"a scheduler already runs for {config.base_experiment_dir}, and it reads a joining "
+                          f"config from its file; {config.path} is not one (a pipe?): save the config to a "
+                          "file and pass that")
+    try:
+        res = _send(config.base_experiment_dir, "add", config=config.path)
+    except ExpError:
+        if StateFile(config.base_experiment_dir).owned():
+            raise  # it runs, but does not answer
+        return None
+    print(res.get("message", ""))
+    if not res.get("ok"):
+        return 1
+    print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
+    return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or [])) if args.wait else 0
 
 
 def _cmd_lark_sync(args: Any) -> int:

@@ -860,6 +860,28 @@ def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
     assert "queued 3 experiment(s)" in s.stdout()
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.3])
+def test_two_runs_started_together_both_run_their_experiments(tmp_path, gap):
+    # Both looked, saw no scheduler, and one was refused ("another scheduler is running")
+    # although the README says a second `exp run` joins; or the first finished just as
+    # the second joined.  Each pair is started at once, or 0.3 s apart (as the first ends).
+    for i in range(4):
+        base = tmp_path / f"results{i}"
+        cfgs = [write_config(tmp_path / f"{n}{i}.toml", base, [{"name": n, "command": "sleep 0.3"}])
+                for n in ("a", "b")]
+        procs = []
+        for cfg in cfgs:
+            procs.append(subprocess.Popen([sys.executable, EXP_PY, "run", str(cfg)], env=child_env(NO_COLOR="1"),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          cwd=str(tmp_path)))
+            time.sleep(gap)
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        for n in ("a", "b"):
+            (d,) = exp_dirs(base, n)
+            assert meta(d)["status"] == "finished", outs
+
+
 def test_a_config_from_a_pipe_cannot_join_and_says_so(tmp_path, start, marks):
     base, s = holder_scheduler(tmp_path, start, marks)
     text = f'[scheduler]\nbase_experiment_dir = "{base}"\n[[experiments]]\nname = "piped"\ncommand = "true"\n'
