@@ -374,18 +374,24 @@ def parse_gpu_ids(value: Any, where: str = "gpu_ids") -> list[int] | None:
     """Accept ``None``, ``[0, 1]`` or ``"0,1"``; return a list of ints or raise ConfigError."""
     if value is None:
         return None
+    ids: list[int] | None = None
     if isinstance(value, str):
         text = value.strip()
         if not text:
             return []
         parts = [p.strip() for p in text.split(",")]
         if all(p.isdigit() for p in parts):
-            return [int(p) for p in parts]
+            ids = [int(p) for p in parts]
     elif isinstance(value, (list, tuple)) and all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
     ):
-        return list(value)
-    raise ConfigError(f'{where}: expected a list of integers or "0,1", got {value!r}')
+        ids = list(value)
+    if ids is None:
+        raise ConfigError(f'{where}: expected a list of integers or "0,1", got {value!r}')
+    twice = sorted({g for g in ids if ids.count(g) > 1})
+    if twice:  # CUDA_VISIBLE_DEVICES=1,1 is no second GPU
+        raise ConfigError(f"{where}: GPU {', '.join(map(str, twice))} is listed more than once in {value!r}")
+    return ids
 
 
 def redact_env(env: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -3650,7 +3656,8 @@ def _validate_name(name: Any) -> str:
             f"name {name!r} starts with '.', which would make a hidden directory that `exp ls` and the "
             "dashboard skip; start it with a letter or a digit"
         )
-    bad = _CONTROL_RE.search(name) or ("\t" in name and re.search("\t", name))
+    # Line and paragraph separators and bidi overrides too: they reorder or split what a terminal shows.
+    bad = _REPORT_CONTROL_RE.search(name) or ("\t" in name and re.search("\t", name))
     if bad:
         raise ConfigError(
             f"name {name!r} contains the control character {bad.group()!r}; it becomes a directory name, "
@@ -4949,8 +4956,8 @@ def _check_bool(v: Any) -> bool:
 def _check_gpu_ids(v: Any) -> list[int] | None:
     try:
         return parse_gpu_ids(v)
-    except ConfigError:
-        raise ConfigError(f'expected a list of integers or "0,1", got {v!r}') from None
+    except ConfigError as e:
+        raise ConfigError(str(e).split(": ", 1)[1]) from None  # the key is named by the caller
 
 
 def _check_required_text(check: Callable[[Any], str]) -> Callable[[Any], str]:
@@ -4987,8 +4994,13 @@ def parse_duration(value: Any) -> float:
 
 
 def _check_mb(v: Any) -> float:
-    f = _check_seconds(v, False) if _is_num(v) else -1.0
-    _expect(f >= 0, "a number of megabytes >= 0", v)
+    import math
+
+    try:
+        f = float(v) if _is_num(v) else float("nan")
+    except OverflowError:
+        f = float("nan")
+    _expect(math.isfinite(f) and f >= 0, "a number of megabytes >= 0", v)
     return f
 
 
@@ -5227,7 +5239,8 @@ def format_params(params: Mapping[str, Any]) -> str:
 
 
 def _point_text(point: Mapping[str, Any]) -> str:
-    text = format_params(point)
+    # For error messages: a value with an escape sequence or a line break is shown escaped.
+    text = _REPORT_CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], format_params(point))
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -5406,6 +5419,9 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
                 errors.append(f"{where}: missing required key {req!r}")
         if values.get("resume") and values.get("repeats", 1) > 1:
             errors.append(f"{where}: resume cannot be combined with repeats > 1 (every repeat needs its own directory)")
+        if values.get("gpu_ids") and values.get("gpus") and values["gpus"] != len(values["gpu_ids"]):
+            errors.append(f"{where}: gpus = {values['gpus']} but gpu_ids = {values['gpu_ids']} names "
+                          f"{len(values['gpu_ids'])}: give gpu_ids for exact GPUs, or gpus for any free ones")
         if values.get("max_retries") and not settings.auto_restart_on_error:
             warnings.append(
                 f"{where} ({values.get('name', '?')}): max_retries = {values['max_retries']} has no effect "
@@ -5564,8 +5580,12 @@ def check_gpu_requests(config: BatchConfig, pool: list[int]) -> None:
     if config.scheduler.backend == "slurm":
         return
     problems = []
-    where_pool = (f"the pool {pool}" if pool else "an empty pool (no [scheduler] gpus, and nvidia-smi "
-                  "found no GPUs)")
+    if pool:
+        where_pool = f"the pool {pool}"
+    elif config.scheduler.gpus is not None:
+        where_pool = "the pool, empty ([scheduler] gpus = [])"
+    else:
+        where_pool = "an empty pool (no [scheduler] gpus, and nvidia-smi found no GPUs)"
     for s in config.experiments:
         if s.gpu_ids:
             outside = [g for g in s.gpu_ids if g not in pool]
@@ -6715,6 +6735,7 @@ class Scheduler:
             return {"ok": False, "message": f"unknown action {action!r}"}
         jobs, unknown = self._find(tasks)
         lines = []
+        refused = 0  # tasks the action cannot apply to: the command fails (exit 1), saying why
         if action == "priority":
             value = body.get("value")
             if not _is_int(value):
@@ -6733,6 +6754,7 @@ class Scheduler:
                     lines.append(f"removed pending {label}")
                 else:
                     lines.append(f"{label} is {job.status}; nothing to kill")
+                    refused += 1
             elif action == "retry":
                 if job in self.done and job.status in (ERROR, KILLED):
                     self.done.remove(job)
@@ -6750,6 +6772,7 @@ class Scheduler:
                         lines.append(f"queued {dep.id} {dep.label()} again (it waits for {job.label()})")
                 else:
                     lines.append(f"{label} is {job.status}; only failed or killed tasks can be retried")
+                    refused += 1
             elif action == "rm":
                 if job in self.queue:
                     self.queue.remove(job)
@@ -6758,6 +6781,7 @@ class Scheduler:
                     self.done.remove(job)  # a success stays in _succeeded: its dependents may still start
                 else:
                     lines.append(f"{label} is running; kill it first")
+                    refused += 1
                     continue
                 self.jobs.remove(job)
                 self._state_cache.pop(job.id, None)
@@ -6768,6 +6792,7 @@ class Scheduler:
                     lines.append(f"priority of {label} is now {job.priority}")
                 else:
                     lines.append(f"{label} is {job.status}; priority only changes pending tasks")
+                    refused += 1
             self._touch(job)
         if action == "priority":
             # Dispatch order again: priority high to low, then the order the tasks came in.
@@ -6777,7 +6802,7 @@ class Scheduler:
             lines.append(f"no task {t!r} (tasks: {known}{', ...' if len(self.jobs) > 20 else ''})")
         for line in lines:
             self.term.event(f"{action}: {line}")
-        return {"ok": not unknown, "message": "\n".join(lines), "tasks": [j.id for j in jobs]}
+        return {"ok": not unknown and not refused, "message": "\n".join(lines), "tasks": [j.id for j in jobs]}
 
     def _stop_jobs(self, jobs: list[Job], reason: str = "terminated by user", status: str = KILLED) -> None:
         """Stop runs (SIGTERM, SIGKILL after kill_timeout, in a thread); one still starting is stopped once started."""
@@ -8510,6 +8535,8 @@ def parse_columns(spec: str, default: str = "last") -> list[tuple[str, str]]:
         name, _, mode = part.rpartition(":") if ":" in part else (part, "", default)
         if mode not in METRIC_MODES:
             raise ConfigError(f"--columns {part!r}: the mode after ':' must be one of {', '.join(METRIC_MODES)}")
+        if not name.strip():
+            raise ConfigError(f"--columns {part!r}: name the metric before ':', e.g. loss:{mode}")
         out.append((name, mode))
     if not out:
         raise ConfigError(f"--columns {spec!r}: name at least one metric, e.g. --columns loss,acc:best")

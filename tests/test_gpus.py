@@ -389,6 +389,46 @@ def test_check_gpu_requests():
     exp.check_gpu_requests(cpu_only, [])
 
 
+def gpu_problems(body: str) -> list[str]:
+    with pytest.raises(exp.ConfigError) as info:
+        parse(body)
+    return [ln.strip() for ln in str(info.value).splitlines()[1:]]
+
+
+def test_gpu_settings_that_contradict_themselves_are_config_errors():
+    assert gpu_problems("""
+        [scheduler]
+        gpus = [1, 1]
+        gpu_free_memory_mb = nan
+        [[experiments]]
+        name = "a"
+        command = "true"
+        gpus = 2
+        gpu_ids = [1]
+        [[experiments]]
+        name = "b"
+        command = "true"
+        gpu_ids = "0,3,0"
+    """) == [
+        "scheduler.gpus: GPU 1 is listed more than once in [1, 1]",  # CUDA_VISIBLE_DEVICES=1,1 is one GPU
+        "scheduler.gpu_free_memory_mb: expected a number of megabytes >= 0, got nan",  # not "seconds"
+        "experiments[0]: gpus = 2 but gpu_ids = [1] names 1: give gpu_ids for exact GPUs, or gpus for any free ones",
+        "experiments[1].gpu_ids: GPU 0 is listed more than once in '0,3,0'",
+    ]
+    with pytest.raises(exp.ConfigError, match="more than once"):
+        exp.Experiment("x", "true", gpu_ids=[2, 2])
+    same = parse('[[experiments]]\nname = "c"\ncommand = "true"\ngpus = 2\ngpu_ids = [0, 1]\n')
+    assert same.experiments[0].gpu_ids == [0, 1]  # gpus agreeing with gpu_ids is fine
+
+
+def test_an_experiment_asking_for_gpus_from_a_pool_set_empty_says_so():
+    cfg = parse('[scheduler]\ngpus = []\n[[experiments]]\nname = "g"\ncommand = "true"\ngpus = 1\n')
+    with pytest.raises(exp.ConfigError) as info:
+        exp.check_gpu_requests(cfg, [])
+    assert "gpus = 1 is more than the pool, empty ([scheduler] gpus = []) has" in str(info.value)
+    assert "nvidia-smi" not in str(info.value)
+
+
 # ============================================================================
 # Planning: reservations and the no-starvation rule (pure plan_next)
 # ============================================================================

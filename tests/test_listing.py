@@ -642,6 +642,12 @@ def test_last_metrics_values_looks_a_bounded_way_up(tmp_path):
     assert exp.last_metrics_values(str(path)) == {"step": 999, "val": 0.7, "pad": pad}
 
 
+def test_ls_columns_without_a_name_before_the_mode_is_an_error():
+    with pytest.raises(exp.ConfigError, match="name the metric before ':'"):
+        exp.parse_columns(":best")
+    assert exp.parse_columns("loss:best,acc") == [("loss", "best"), ("acc", "last")]
+
+
 def test_ls_columns_warns_of_a_name_no_experiment_has(results):
     r = ls(results, "--columns", "los,loss:best")
     assert_clean(r)

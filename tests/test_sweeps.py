@@ -293,6 +293,20 @@ def test_empty_list_and_bad_values_and_keys():
     ]
 
 
+def test_a_sweep_value_with_control_characters_is_shown_escaped_in_errors():
+    # The message once carried the value's ESC byte to the terminal (clearing it), or its line break.
+    found = problems("""
+        [[experiments]]
+        name = "s_{v}"
+        command = "true"
+        sweep = { v = ["\\u001b[2J"] }
+    """)
+    assert len(found) == 1 and "(v=\\x1b[2J)" in found[0] and "\x1b" not in found[0], found
+    for names in ('"a\\u2028b"', '"a\\u202eb"'):  # a line separator, a right-to-left override
+        found = problems(f'[[experiments]]\nname = {names}\ncommand = "true"\n')
+        assert "contains the control character" in found[0], found
+
+
 def test_too_many_points_is_an_error_not_a_hang():
     values = ", ".join(str(i) for i in range(100))
     assert problems(f"""
