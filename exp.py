@@ -1714,7 +1714,7 @@ def _last_metrics(path: str, fill: bool) -> dict[str, Any]:
         # Rows written since the fstat are not looked at; a header written since ends no row there.
         # (fill) A small file is all in ``head`` already: when the last two rows do not hold every
         # column, it is parsed whole at once rather than through wider and wider windows.
-        whole = head[: st.st_size] if fill and st.st_size <= len(head) else None
+        whole = head[: st.st_size] if st.st_size <= len(head) else None
         return _last_row(fd, st.st_size, head[: end + 1].decode("utf-8", "replace"), fill, whole)
     finally:
         os.close(fd)
@@ -1738,12 +1738,19 @@ def _last_values(header: list[str], records: list[list[str]]) -> dict[str, Any]:
 
 def _last_row(fd: int, size: int, header_line: str, fill: bool = False, whole_file: bytes | None = None
               ) -> dict[str, Any]:
-    windows = (2, 16, 256, LAST_VALUES_MAX_ROWS) if fill else (2, 16, 256)
+    windows: tuple[int, ...] = (2, 16, 256, LAST_VALUES_MAX_ROWS) if fill else (2, 16, 256)
+    if whole_file is not None and b'"' in whole_file:
+        # Quoted cells may span lines, and one torn at the end may hold lines that look
+        # like rows: a window cannot tell, the whole (small) file parsed from its start can.
+        windows = ()
     partial: dict[str, Any] = {}
     for n in windows:
         if whole_file is not None and n > 2:
             break  # read from the start below, from what the caller has
         tail = _read_tail_fd(fd, size, n, TAIL_MAX_BYTES if n <= 256 else LAST_VALUES_MAX_BYTES)
+        if n == LAST_VALUES_MAX_ROWS and b'"' in tail and len(tail) < min(size, LAST_VALUES_MAX_BYTES):
+            # Multi-line cells make lines more than rows: the last window is bounded by bytes alone.
+            tail = _read_tail_fd(fd, size, 1 << 40, LAST_VALUES_MAX_BYTES)
         cut = tail.rfind(b"\n")
         if cut < 0:
             return partial
@@ -1786,7 +1793,7 @@ def _last_row(fd: int, size: int, header_line: str, fill: bool = False, whole_fi
                 continue
             if not fill:
                 return _metric_row(header, complete[-1])
-            found = _last_values(header, complete)
+            found = _last_values(header, complete[-LAST_VALUES_MAX_ROWS:])  # rows, not lines
             # A wider window reads at most LAST_VALUES_MAX_BYTES: with long rows it may hold
             # fewer rows than the one before, whose values (the latest) are kept.
             partial = {k: partial[k] if k in partial else found[k] for k in header if k in partial or k in found}

@@ -825,7 +825,9 @@ def test_last_metrics_values_agrees_with_read_metrics_on_odd_and_sparse_cells(tm
                 w.write_row(row)
         if rng.random() < 0.3:  # a writer killed mid-row, inside a quoted cell or not
             with open(path, "a", encoding="utf-8", newline="") as f:
-                f.write(rng.choice(['9,"half\nof a cell', "9,1.5", '9,"x""']))
+                # The last two: torn inside a cell whose lines look like rows of 2, 3 and 4 cells.
+                f.write(rng.choice(['9,"half\nof a cell', "9,1.5", '9,"x""', '9,"half\n8,0.5\n7,0.25,x\n6,1,2,3\n',
+                                    '9,"half\n8,0.5\n7,0.25,x\n6,1,2,3']))
         rows = exp.read_metrics(path)
         expected: dict = {}
         for r in reversed(rows):
@@ -835,6 +837,27 @@ def test_last_metrics_values_agrees_with_read_metrics_on_odd_and_sparse_cells(tm
         header = list(rows[0]) if rows else []
         assert exp.last_metrics_values(str(path)) == {k: expected[k] for k in header if k in expected}, (
             trial, path.read_text()[-500:])
+
+
+def test_last_values_are_not_taken_from_inside_a_cell_torn_at_the_end(tmp_path):
+    path = tmp_path / "torn.csv"
+    path.write_text('step,loss,s\n0,1.0,x\n1,0.5,"multi\n9,0.001,fake\n8,0.002,fake2\n7,0.3,')
+    assert exp.read_metrics(str(path)) == [{"step": 0, "loss": 1.0, "s": "x"}]
+    assert exp.last_metrics_values(str(path)) == {"step": 0, "loss": 1.0, "s": "x"}
+    assert exp.last_metrics_row(str(path)) == {"step": 0, "loss": 1.0, "s": "x"}
+
+
+def test_a_value_logged_before_a_cell_of_many_lines_is_found(tmp_path):
+    # The look-back is bounded in rows; a cell of 20,000 lines is one row, not 20,000.
+    path = tmp_path / "m.csv"
+    with exp.MetricsWriter(path) as w:
+        for step in range(300):
+            w.write_row({"step": str(step), "loss": "0.5", "val_loss": "", "sample": ""})
+        w.write_row({"step": "300", "loss": "0.4", "val_loss": "0.123", "sample": "line\n" * 20000})
+        w.write_row({"step": "301", "loss": "0.3", "val_loss": "", "sample": ""})
+    assert path.stat().st_size > 65536
+    assert exp.last_metrics_values(str(path)) == {"step": 301, "loss": 0.3, "val_loss": 0.123,
+                                                  "sample": "line\n" * 20000}
 
 
 @pytest.mark.parametrize("columns, read", [(3, True), (9000, True), (90000, False)])
