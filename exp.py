@@ -5648,6 +5648,8 @@ class Job:
         self.stop_request: tuple[str, str] | None = None
         #: Dispatch priority (the spec's, until `exp priority` changes it).
         self.priority = spec.priority
+        #: The config file of a job a joining `exp run` added (None: the scheduler's own).
+        self.config_path: str | None = None
         #: Whether the deadline has taken the attempt's wait in a cluster's queue into account.
         self.queue_counted = False
 
@@ -5709,7 +5711,7 @@ class Job:
             "pid": self.handle.pid if self.handle is not None and self.status == RUNNING else None,
             "error": self.error, "reason": self.reason, "params": s.params, "gpus": s.gpus,
             "assigned_gpus": self.gpus, "timeout": s.timeout, "depends_on": s.depends_on,
-            "deps": self.deps,
+            "deps": self.deps, "config": self.config_path,
             # A cluster job: its id, node and state (Slurm), as last seen.
             "job": self.handle.run.record() if self.handle is not None and self.handle.pid is None else None,
         }
@@ -6499,11 +6501,23 @@ class Scheduler:
         adopted = 0
         ended_meanwhile: list[Job] = []
         claimed = {str(it.get("work_dir")) for group in items.values() for it in group if it.get("work_dir")}
-        for job in list(self.jobs):
-            key = self._job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
-            if not items.get(key):
+        since = str(summary.get("started_at") or "")
+        pairs = self._match(list(self.jobs), items)
+        # Tasks a joining `exp run` added, with some not done: from their config files again.
+        joined_paths = sorted({it["config"] for group in items.values() for it in group
+                               if isinstance(it.get("config"), str) and it.get("status") in (PENDING, RUNNING)})
+        for path in joined_paths:
+            if path == self.config.path:
                 continue
-            it = items[key].pop(0)
+            try:
+                joined = load_config(path)
+            except ExpError as e:
+                self.term.event(f"warning: tasks added from {_short_path(path, self._cwd)} are not recovered: {e}")
+                continue
+            matched = self._match(self._take_jobs(joined), items)
+            pairs += matched
+            self.term.event(f"recovered {len(matched)} task(s) added from {_short_path(path, self._cwd)}")
+        for job, it in pairs:
             wd, rid, status = it.get("work_dir"), it.get("run_id"), it.get("status")
             attempt = it.get("attempt")
             job.attempt = attempt if isinstance(attempt, int) else 0
@@ -6515,7 +6529,7 @@ class Scheduler:
                 # Started just before the crash, before the state file said where: a
                 # directory made since for this name and command is this job's.  Jobs are
                 # visited in order, as they were started, so repeats find their own.
-                found = self._started_unrecorded(job, claimed, str(summary.get("started_at") or ""))
+                found = self._started_unrecorded(job, claimed, since)
                 if found is not None:
                     job.work_dir, job.run_id = found
                     if status == PENDING:  # the state file had not counted this attempt yet
@@ -6586,6 +6600,12 @@ class Scheduler:
                 self._mark_done(job, handle.status, handle.returncode, handle.reason,
                                 job.experiment.dir.run_entry(job.run_id))
                 ended_meanwhile.append(job)
+        lost = [it for group in items.values() for it in group if it.get("status") in (PENDING, RUNNING)]
+        if lost:
+            names = ", ".join(f"{it.get('name')} ({it.get('status')})" for it in lost[:10])
+            self.term.event(f"warning: {len(lost)} task(s) of the scheduler that died are in no config this one "
+                            f"has: {names}{', ...' if len(lost) > 10 else ''}; run their config again to queue "
+                            "them (a run still going keeps running)")
         ended = len(ended_meanwhile)
         for job in ended_meanwhile:  # what the dead scheduler would have done at these ends
             if self.config.auto_restart_on_error and job.retryable():
@@ -6604,6 +6624,17 @@ class Scheduler:
                             f"{adopted} adopted, {ended} ended meanwhile, {len(self.done)} done, "
                             f"{len(self.queue)} to run")
         self._dirty = True
+
+    def _match(self, jobs: list[Job], items: dict[tuple[Any, ...], list[dict[str, Any]]]
+               ) -> list[tuple[Job, dict[str, Any]]]:
+        """Each job with the old state file's task of the same name, command, params and repeat (taken
+        from ``items``), in order."""
+        out = []
+        for job in jobs:
+            key = self._job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
+            if items.get(key):
+                out.append((job, items[key].pop(0)))
+        return out
 
     def _started_unrecorded(self, job: Job, claimed: set[str], since: str) -> tuple[str, str] | None:
         """The directory and run of ``job`` if the dead scheduler started it but its state file did not
@@ -6835,6 +6866,15 @@ class Scheduler:
         config = load_config(path)
         if not self.backend.allocates_gpus:
             check_gpu_requests(config, self.gpu_pool)
+        new = self._take_jobs(config)
+        for w in config.warnings:
+            self.term.event(f"warning: {w}")
+        self.term.event(f"queued {len(new)} experiment(s) from {_short_path(path)}")
+        return {"ok": True, "message": "\n".join(f"queued {j.id} {j.label()}" for j in new),
+                "tasks": [j.id for j in new]}
+
+    def _take_jobs(self, config: BatchConfig) -> list[Job]:
+        """The jobs of a joining config, numbered after this batch's and queued."""
         new = expand_jobs(config)
         first = self._last_id  # ids are never reused, even after `exp rm`
         order0 = max((j.order for j in self.jobs), default=-1) + 1
@@ -6846,15 +6886,12 @@ class Scheduler:
             j.order += order0
             j.deps = [ids[d] for d in j.deps]
             j.not_before = now + j.spec.delay_seconds
+            j.config_path = config.path
             self._may_delay = self._may_delay or bool(j.spec.delay_seconds)
             self.jobs.append(j)
             self.queue.append(j)
         self.queue.sort(key=lambda j: (-j.priority, j.order))
-        for w in config.warnings:
-            self.term.event(f"warning: {w}")
-        self.term.event(f"queued {len(new)} experiment(s) from {_short_path(path)}")
-        return {"ok": True, "message": "\n".join(f"queued {j.id} {j.label()}" for j in new),
-                "tasks": [j.id for j in new]}
+        return new
 
     def _fail_dependents(self, failed: Job) -> None:
         """Queued jobs that need ``failed`` (directly or not) end as errors without running."""

@@ -547,6 +547,60 @@ def test_a_run_that_ends_while_its_killed_scheduler_is_an_unreaped_zombie_gets_i
     assert s1.wait() == -signal.SIGKILL
 
 
+def test_tasks_a_joining_run_added_are_recovered_from_their_config(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "long", "command": marks.gated("long")},
+        {"name": "p1", "command": marks.quick("p1")},
+    ], max_concurrent_experiments=2)
+    other = write_config(tmp_path / "other.toml", base, [
+        {"name": "joined_run", "command": marks.gated("joined_run"), "priority": 5},
+        {"name": "joined_wait", "command": marks.quick("joined_wait")},
+    ])
+    s1 = sched(cfg)
+    wait_running(base, "long")
+    wait_for(lambda: in_state(base, "finished", "p1"), 30, what="p1 to finish")
+    r = subprocess.run([PY, EXP_PY, "run", str(other)], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    running = wait_running(base, "long", "joined_run")
+    kill_groups_later.extend(x["pid"] for x in running.values())
+    assert in_state(base, "pending", "joined_wait")
+    s1.crash()
+    s2 = sched(cfg)  # the first config only: the joined tasks come back from other.toml
+    wait_for(lambda: len(re.findall(r"\] adopted\s", s2.output())) == 2, 30, what="both runs adopted")
+    marks.open("long")
+    marks.open("joined_run")
+    assert s2.wait() == 0, s2.output()
+    out = s2.output()
+    assert "recovered 2 task(s) added from other.toml" in out, out
+    assert "warning" not in out, out
+    for name in ("long", "p1", "joined_run", "joined_wait"):
+        assert len(marks.runs(name)) == 1, (name, out)
+        assert len(dirs_of(base, name)) == 1, name
+    assert sorted(i["name"] for i in state(base)["finished"]) == ["joined_run", "joined_wait", "long", "p1"]
+
+
+def test_tasks_of_the_dead_scheduler_that_no_config_has_are_named(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "long", "command": marks.gated("long")}])
+    other = write_config(tmp_path / "other.toml", base, [{"name": "gone", "command": marks.quick("gone")}])
+    s1 = sched(cfg)
+    kill_groups_later.extend(x["pid"] for x in wait_running(base, "long").values())
+    r = subprocess.run([PY, EXP_PY, "run", str(other)], capture_output=True, text=True, env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: in_state(base, "pending", "gone"), 30, what="the joined task in the state file")
+    s1.crash()
+    other.unlink()  # its config is gone: nothing can rebuild the task
+    s2 = sched(cfg)
+    wait_for(lambda: "adopted" in s2.output(), 30, what="the restart to adopt")
+    marks.open("long")
+    assert s2.wait() == 0, s2.output()
+    out = s2.output()
+    assert "tasks added from other.toml are not recovered" in out, out
+    assert "1 task(s) of the scheduler that died are in no config this one has: gone (pending)" in out, out
+    assert marks.runs("gone") == []
+
+
 def test_an_unreadable_state_file_is_kept_aside_not_overwritten(tmp_path, sched):
     base = tmp_path / "results"
     state_dir = base / ".exp_state"
