@@ -100,7 +100,7 @@ __all__ = [
     "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
     "sweep_points", "format_params", "param_text", "SWEEP_MAX_POINTS", "BATCH_MAX_EXPERIMENTS",
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
-    "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "NOT_RETRIED_EXIT_CODES",
+    "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "job_key", "finished_before", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
     "ExperimentDir", "StateFile", "task_as_recorded", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields",
     "iso_from_old_timestamp", "check_experiment_path", "base_dir_problem", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
@@ -5800,6 +5800,36 @@ class GpuPlan:
         self.free = {g: (0 if g in skip else max(0, jobs_per_gpu - used.get(g, 0))) for g in self.pool}
 
 
+def job_key(name: Any, command: Any, params: Any, repeat: Any) -> tuple[Any, ...]:
+    """What identifies a task across schedulers (recovery, ``--resume``): its name, command, sweep
+    values (as metadata.json keeps them: NaN as "nan") and repeat."""
+    return (name, command, _json().dumps(json_safe(params or {}), sort_keys=True, default=str), repeat)
+
+
+def finished_before(base_dir: str, jobs: list[Job], claimed: Iterable[str] = ()) -> dict[Job, str]:
+    """``--resume``: the jobs that already finished successfully under ``base_dir``, each with its directory.
+
+    An experiment directory counts for the job of the same name, command and
+    sweep values (one directory per job: repeats take one each); ``claimed``
+    directories are another job's already.
+    """
+    claimed = set(claimed)
+    finished: dict[tuple[Any, ...], list[str]] = {}
+    for d in scan(base_dir):
+        if d.path in claimed:
+            continue
+        meta, _ = d.try_read_metadata()
+        if meta and meta.get("status") == FINISHED:
+            key = job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
+            finished.setdefault(key, []).append(d.path)
+    out: dict[Job, str] = {}
+    for job in jobs:
+        key = job_key(job.spec.name, job.spec.command, job.spec.params, None)
+        if finished.get(key):
+            out[job] = finished[key].pop(0)
+    return out
+
+
 def plan_next(queue: list[Job], running: int, limit: int, now: float, gpus: GpuPlan | None = None,
               succeeded: Iterable[int] = (), gpus_elsewhere: bool = False) -> list[Job]:
     """Which queued jobs to start now, in dispatch order, up to the free slots.
@@ -6468,9 +6498,6 @@ class Scheduler:
 
     # ---------------------------------------------------------------- crash recovery
 
-    @staticmethod
-    def _job_key(name: Any, command: Any, params: Any, repeat: Any) -> tuple[Any, ...]:
-        return (name, command, _json().dumps(params or {}, sort_keys=True, default=str), repeat)
 
     def _recover(self) -> None:
         """Take over from a scheduler of this base directory that died (its state was not "stopped").
@@ -6496,7 +6523,7 @@ class Scheduler:
         for group in ("running", "pending", "finished", "errors"):
             for it in prev.get(group) or []:
                 if isinstance(it, dict):
-                    items.setdefault(self._job_key(it.get("name"), it.get("command"), it.get("params"),
+                    items.setdefault(job_key(it.get("name"), it.get("command"), it.get("params"),
                                                    it.get("repeat")), []).append(it)
         adopted = 0
         ended_meanwhile: list[Job] = []
@@ -6631,7 +6658,7 @@ class Scheduler:
         from ``items``), in order."""
         out = []
         for job in jobs:
-            key = self._job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
+            key = job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
             if items.get(key):
                 out.append((job, items[key].pop(0)))
         return out
@@ -6681,27 +6708,20 @@ class Scheduler:
             self._succeeded.add(job.id)
         self._touch(job)
 
-    def _skip_finished(self) -> None:
-        """``--resume``: tasks that already finished successfully here (same name, command, params) are done."""
-        finished: dict[tuple[Any, ...], list[str]] = {}
+    def _skip_finished(self, jobs: list[Job] | None = None) -> None:
+        """``--resume``: tasks that already finished successfully here (same name, command, params) are done.
+
+        ``jobs``: those to look at (default: the whole queue); for a joining ``exp run --resume``.
+        """
+        queued = [j for j in (self.queue if jobs is None else jobs) if j in self.queue]
         # A directory a task of this batch already has (recovered after a crash) is not another one's.
         claimed = {os.path.abspath(j.work_dir) for j in self.jobs if j.work_dir}
-        for d in scan(self.config.base_experiment_dir):
-            if d.path in claimed:
-                continue
-            meta, _ = d.try_read_metadata()
-            if meta and meta.get("status") == FINISHED:
-                key = self._job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
-                finished.setdefault(key, []).append(d.path)
-        skipped = 0
-        for job in list(self.queue):
-            key = self._job_key(job.spec.name, job.spec.command, job.spec.params, None)
-            if finished.get(key):
-                job.work_dir = finished[key].pop(0)
-                self._mark_done(job, FINISHED, 0, None)
-                job.reason = "finished before (--resume)"
-                skipped += 1
-        self.term.event(f"--resume: {skipped} experiment(s) already finished here are skipped")
+        done = finished_before(self.config.base_experiment_dir, queued, claimed)
+        for job, work_dir in done.items():
+            job.work_dir = work_dir
+            self._mark_done(job, FINISHED, 0, None)
+            job.reason = "finished before (--resume)"
+        self.term.event(f"--resume: {len(done)} experiment(s) already finished here are skipped")
 
     # ---------------------------------------------------------------- commands
 
@@ -6870,6 +6890,9 @@ class Scheduler:
         for w in config.warnings:
             self.term.event(f"warning: {w}")
         self.term.event(f"queued {len(new)} experiment(s) from {_short_path(path)}")
+        if body.get("resume"):  # `exp run --resume` joining: what finished here before is done already
+            self._skip_finished(new)
+            new = [j for j in new if j in self.queue]
         return {"ok": True, "message": "\n".join(f"queued {j.id} {j.label()}" for j in new),
                 "tasks": [j.id for j in new]}
 
@@ -7014,14 +7037,19 @@ class Scheduler:
         t.plain(f"  state: {_short_path(self.state_path)}")
 
 
-def format_plan(config: BatchConfig) -> str:
-    """The dispatch plan of ``--dry-run``, one line per experiment."""
+def format_plan(config: BatchConfig, resume: bool = False) -> str:
+    """The dispatch plan of ``--dry-run``, one line per experiment (``resume``: of ``--resume``, which
+    skips what already finished)."""
     rows: list[tuple[str, ...]] = [("#", "name", "priority", "command", "cwd", "GPUs", "dir base")]
     # A sweep's points show their values (only when the batch has a sweep).
     swept = any(s.params for s in config.experiments)
     if swept:
         rows[0] = rows[0][:2] + ("params",) + rows[0][2:]
-    for job in expand_jobs(config):
+    jobs = expand_jobs(config)
+    skipped = finished_before(config.base_experiment_dir, jobs) if resume else {}
+    for job in jobs:
+        if job in skipped:
+            continue
         s = job.spec
         gpus = ",".join(map(str, s.gpu_ids)) if s.gpu_ids else (f"any {s.gpus}" if s.gpus else "-")
         extra = []
@@ -7040,8 +7068,11 @@ def format_plan(config: BatchConfig) -> str:
         name = s.name + (f" ({', '.join(extra)})" if extra else "")
         row = (str(job.id), name, str(s.priority), s.command, _short_path(s.cwd), gpus, _short_path(s.base_dir))
         rows.append(row[:2] + (format_params(s.params) or "-",) + row[2:] if swept else row)
+    done = (f"; --resume skips {len(skipped)} that finished before: "
+            + ", ".join(f"{j.label()} ({_short_path(d)})" for j, d in list(skipped.items())[:10])
+            + (", ..." if len(skipped) > 10 else "")) if skipped else ""
     return _table(rows) + (
-        f"\n{len(rows) - 1} experiment(s), at most {config.max_concurrent_experiments} at a time; "
+        f"\n{len(rows) - 1} experiment(s), at most {config.max_concurrent_experiments} at a time{done}; "
         f"state: {_short_path(StateFile(config.base_experiment_dir).path)}"
     )
 
@@ -10730,7 +10761,7 @@ def _cmd_run(args: Any) -> int:
     pool = gpu_pool(config.scheduler)  # detected once, here
     check_gpu_requests(config, pool)
     if args.dry_run:
-        print(format_plan(config))
+        print(format_plan(config, resume=args.resume))
         return 0
     for _ in range(3):
         try:
@@ -10755,7 +10786,7 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
                           f"config from its file; {config.path} is not one (a pipe?): save the config to a "
                           "file and pass that")
     try:
-        res = _send(config.base_experiment_dir, "add", config=config.path)
+        res = _send(config.base_experiment_dir, "add", config=config.path, resume=bool(args.resume))
     except ExpError:
         if StateFile(config.base_experiment_dir).owned():
             raise  # it runs, but does not answer

@@ -618,6 +618,37 @@ def test_an_unreadable_state_file_is_kept_aside_not_overwritten(tmp_path, sched)
     assert state(base)["summary"]["finished"] == 1  # and a new state file is written as usual
 
 
+def test_resume_with_dry_run_and_when_joining_skips_what_finished(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    flag = tmp_path / "fixed"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "ok", "command": marks.quick("ok")},
+        {"name": "bad", "command": marks.quick("bad") + f' && [ -e "{flag}" ]'},
+    ])
+    assert sched(cfg).wait() == 1
+    r = subprocess.run([PY, EXP_PY, "run", str(cfg), "--resume", "--dry-run"], capture_output=True, text=True,
+                       env=child_env(), timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    plan = r.stdout.splitlines()
+    assert [ln.split()[1] for ln in plan[1:-1]] == ["bad"], r.stdout  # "ok" finished: --resume skips it
+    assert "1 experiment(s)" in plan[-1] and "--resume skips 1 that finished before: ok (results/ok_" in plan[-1]
+    # Joining a running scheduler with --resume skips them too (it was ignored).
+    holder = write_config(tmp_path / "h.toml", base, [{"name": "holder", "command": marks.gated("holder")}],
+                          max_concurrent_experiments=2)
+    s = sched(holder)
+    kill_groups_later.extend(x["pid"] for x in wait_running(base, "holder").values())
+    flag.touch()
+    r = subprocess.run([PY, EXP_PY, "run", str(cfg), "--resume"], capture_output=True, text=True,
+                       env=child_env(), timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"queued \d+ bad", r.stdout) and "ok" not in r.stdout.split("added to")[0], r.stdout
+    wait_for(lambda: in_state(base, "finished", "bad"), 30, what="bad to run again and finish")
+    marks.open("holder")
+    assert s.wait() == 0, s.output()
+    assert "--resume: 1 experiment(s) already finished here are skipped" in s.output(), s.output()
+    assert len(marks.runs("ok")) == 1 and len(marks.runs("bad")) == 2
+
+
 # ============================================================================
 # Ends recorded by the supervisor; exit codes through it
 # ============================================================================
