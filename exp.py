@@ -6143,6 +6143,10 @@ class Scheduler:
         never raises.
         """
         try:
+            if job.experiment is None and job.work_dir and ExperimentDir.is_experiment(job.work_dir):
+                # A task recovered after a crash as ended, now retried: the same directory.
+                job.experiment = Experiment.load(job.work_dir)
+                job.experiment.backend = self._backend_for(job)
             if job.experiment is None:
                 # Its metadata.json is first written by the start, still before
                 # the command runs: one rewrite less per experiment.
@@ -6736,6 +6740,8 @@ class Scheduler:
             try:
                 result = self._command(body, pool) if body is not None else {
                     "ok": False, "message": "the command file could not be read"}
+            except ConfigError as e:  # a joining config that is wrong: exit 2 there, as for any config error
+                result = {"ok": False, "message": str(e), "config_error": True}
             except ExpError as e:
                 result = {"ok": False, "message": str(e)}
             except Exception as e:  # noqa: BLE001 - a bad command must never stop the batch
@@ -7013,8 +7019,9 @@ class Scheduler:
             pump(0.05)
 
     def _print_summary(self, interrupted: bool) -> None:
-        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1]
-        retried = [j for j in self.jobs if j.status == FINISHED and j.attempt > 1]
+        # Each experiment is counted on one line: one whose end could not be recorded has its own.
+        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1 and not j.error]
+        retried = [j for j in self.jobs if j.status == FINISHED and j.attempt > 1 and not j.error]
         failed = [j for j in self.jobs if j.status in (ERROR, KILLED)]
         never = [j for j in self.jobs if j.status == PENDING]
         t = self.term
@@ -10625,6 +10632,9 @@ def _elapsed(item: Mapping[str, Any]) -> str:
     from datetime import datetime
 
     start, end = item.get("started_at"), item.get("ended_at")
+    duration = item.get("duration")
+    if isinstance(end, str) and _is_num(duration) and 0 <= duration < float("inf"):
+        return format_duration(duration)  # measured; the times are to the second only
     if not isinstance(start, str):
         return "-"
     try:
@@ -10791,9 +10801,12 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
         if StateFile(config.base_experiment_dir).owned():
             raise  # it runs, but does not answer
         return None
-    print(res.get("message", ""))
     if not res.get("ok"):
+        if res.get("config_error"):  # what `exp run` says of any bad config: exit 2
+            raise ConfigError(str(res.get("message", "")))
+        print(res.get("message", ""))
         return 1
+    print(res.get("message", ""))
     print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
     return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or [])) if args.wait else 0
 

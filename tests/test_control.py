@@ -319,6 +319,19 @@ def test_status_of_a_directory_no_scheduler_has_used(tmp_path):
     assert data["scheduler"]["alive"] is False and data["tasks"] == []
 
 
+def test_status_shows_an_ended_tasks_measured_duration_not_its_whole_second_times(tmp_path, capsys):
+    base = tmp_path / "b"
+    (base / ".exp_state").mkdir(parents=True)
+    (base / ".exp_state" / "scheduler_state.json").write_text(json.dumps({"finished": [
+        {"id": 1, "name": "a", "status": "finished", "started_at": "2026-01-01T00:00:00+00:00",
+         "ended_at": "2026-01-01T00:00:02+00:00", "duration": 1.368},
+        {"id": 2, "name": "b", "status": "finished", "started_at": "2026-01-01T00:00:05+00:00",
+         "ended_at": "2026-01-01T00:00:06+00:00", "duration": 0.0}]}))
+    assert exp.main(["status", str(base), "--json"]) == 0
+    tasks = json.loads(capsys.readouterr().out)["tasks"]
+    assert [t["elapsed"] for t in tasks] == [exp.format_duration(1.368), exp.format_duration(0.0)]
+
+
 ODD_VALUES = [5, "x", None, True, 1.5, [], {}, [1, "a"], {"a": 1}, -1, [None], [{}], "9999-99-99"]
 TASK_FIELDS = ["id", "name", "status", "assigned_gpus", "gpu_ids", "attempt", "reason", "job", "started_at",
                "ended_at", "duration", "work_dir", "run_id", "pid", "exit_code", "params", "command"]
@@ -934,8 +947,8 @@ def test_a_joining_config_with_too_many_gpus_is_refused(tmp_path, start, marks):
     # Its own [scheduler] gpus would allow it; the running scheduler's pool does not.
     other = write_config(tmp_path / "o.toml", base, [{"name": "big", "command": "true", "gpus": 2}], gpus=[0, 1])
     r = cli("run", other, cwd=tmp_path)
-    assert r.returncode == 1, (r.stdout, r.stderr)
-    assert "gpus = 2" in r.stdout + r.stderr
+    assert r.returncode == 2, (r.stdout, r.stderr)  # a config error, as everywhere (and as --dry-run says)
+    assert "gpus = 2" in r.stderr and r.stderr.startswith("exp: error:"), r.stderr
     assert s.alive() and ids_in_state(base) == {1}
     marks.release("holder")
     assert s.wait() == 0

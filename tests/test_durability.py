@@ -384,6 +384,8 @@ def test_batch_commands_that_fill_the_disk_leave_their_end_unrecorded_and_say_so
                for ln in text.splitlines()), text
     assert "  succeeded, end not recorded: 2" in text, text
     assert "  failed:                  1" in text and "    bad: exit code 3, its end could not be recorded" in text
+    # Each experiment on one line of the summary only: 0 + 0 + 1 + 2 = 3.
+    assert "  succeeded first time:    0" in text and "  succeeded after retries: 0" in text, text
     s = json.loads((state_base / ".exp_state" / "scheduler_state.json").read_text())
     assert sorted((j["name"], j["status"], j["exit_code"]) for j in s["finished"] + s["errors"]) == [
         ("bad", "error", 3), ("ok", "finished", 0), ("ok", "finished", 0)]

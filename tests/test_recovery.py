@@ -649,6 +649,28 @@ def test_resume_with_dry_run_and_when_joining_skips_what_finished(tmp_path, mark
     assert len(marks.runs("ok")) == 1 and len(marks.runs("bad")) == 2
 
 
+def test_retry_of_a_task_recovered_as_failed_runs_in_its_directory(tmp_path, marks, sched, kill_groups_later):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "a", "command": marks.quick("a") + '; [ "$EXPERIMENT_RUN_ID" = run_0002 ]'},
+        {"name": "b", "command": marks.gated("b")},
+    ], max_concurrent_experiments=2)
+    s1 = sched(cfg)
+    kill_groups_later.extend(x["pid"] for x in wait_running(base, "b").values())
+    wait_for(lambda: in_state(base, "errors", "a"), 30, what="a to fail")
+    s1.crash()
+    s2 = sched(cfg)
+    wait_for(lambda: "adopted" in s2.output(), 30, what="the restart to adopt b")
+    r = subprocess.run([PY, EXP_PY, "retry", "a", "--dir", str(base)], capture_output=True, text=True,
+                       env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wait_for(lambda: in_state(base, "finished", "a"), 30, what="the retry of a to finish")
+    marks.open("b")
+    assert s2.wait() == 0, s2.output()
+    (d,) = dirs_of(base, "a")  # the same directory: run_0002 beside run_0001
+    assert [r["status"] for r in read_meta(d)["runs"]] == ["error", "finished"]
+
+
 # ============================================================================
 # Ends recorded by the supervisor; exit codes through it
 # ============================================================================
