@@ -8592,8 +8592,16 @@ def list_experiments(base_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     dirs = [ExperimentDir(base_dir)] if ExperimentDir.is_experiment(os.fspath(base_dir)) else scan(base_dir)
     rows = [d.summary() for d in dirs]
-    rows.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", r["work_dir"]), reverse=True)
+    rows.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", *_dir_order(r["work_dir"])), reverse=True)
     return rows
+
+
+def _dir_order(work_dir: str) -> tuple[str, int]:
+    """Same-second directories in the order they were made: ``x_<time>_10`` after ``x_<time>_9``."""
+    stem, sep, n = work_dir.rpartition("_")
+    if sep and n.isdigit() and len(n) < 8:
+        return stem, int(n)
+    return work_dir, 1
 
 
 def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, tag: str | None = None,
@@ -9389,7 +9397,7 @@ class ExperimentIndex:
         changed = self._visit(self.root, "", 2, seen, full)
         if changed or self._snapshot is None or len(seen) != len(self._entries):
             self._entries = seen
-            entries = sorted(seen.values(), key=lambda e: (e.created, e.id), reverse=True)
+            entries = sorted(seen.values(), key=lambda e: (e.created, *_dir_order(e.id)), reverse=True)
             self._snapshot = IndexSnapshot((self._snapshot.version + 1) if self._snapshot else 1, entries)
 
     def _visit(self, path: str, rel: str, depth: int, seen: dict[str, _IndexEntry], full: bool) -> bool:

@@ -491,6 +491,22 @@ def test_ls_sort_by_metric_missing_values_last(results):
         os.path.basename(x) for x in (B, A1, A2, D, C)]
 
 
+def test_ls_lists_directories_of_the_same_second_newest_first(tmp_path):
+    # Made within one second they share a timestamp and get _2, _3, ... _12: newest first means
+    # _12 before _9 (a plain string order put _9 first).
+    base = tmp_path / "r"
+    stamp = "2026-01-01__00-00-00"
+    for n in range(1, 13):
+        d = base / (f"e_{stamp}" + (f"_{n}" if n > 1 else ""))
+        d.mkdir(parents=True)
+        (d / "metadata.json").write_text(json.dumps({"name": "e", "status": "finished",
+                                                     "created_at": "2026-01-01T00:00:00+00:00"}))
+    order = [os.path.basename(r["work_dir"]) for r in exp.list_experiments(base)]
+    assert order == [f"e_{stamp}_{n}" for n in range(12, 1, -1)] + [f"e_{stamp}"], order
+    # The dashboard's list too.
+    assert [e.id for e in exp.ExperimentIndex(str(base), ttl=0).entries()] == order
+
+
 def test_ls_sort_puts_infinities_in_order_and_nan_last_like_missing_values(tmp_path):
     base = tmp_path / "results"
     for second, loss in enumerate(["0.5", "nan", "-inf", "0.1", None, "inf"]):
