@@ -2168,6 +2168,10 @@ class ExperimentDir:
     def __repr__(self) -> str:
         return f"ExperimentDir({self.path!r})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy in another process (pickled for a spawned worker) takes its own lock and reads afresh.
+        return {"path": self.path, "_lock": None, "_cache": None, "_fresh": False}
+
     # ------------------------------------------------------------------ layout
 
     @classmethod
@@ -3918,6 +3922,14 @@ class Experiment:
 
     #: The earlier project's name for :meth:`load`.
     load_from_dir = load
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For a copy in another process (a DataLoader worker started with spawn, whose Dataset
+        holds the experiment): its own metrics writer, opened at its first row, and no pending values
+        (rows are per process: this process saves its own)."""
+        state = dict(self.__dict__)
+        state.update(_writer=None, _writer_run=None, _pending={}, _ok_keys=set())
+        return state
 
     # ------------------------------------------------------------------ metadata
 

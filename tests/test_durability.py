@@ -550,6 +550,36 @@ def test_metadata_with_nan_is_written_back_strict(make_exp):
 # 3. forked writers
 
 
+def test_an_experiment_passed_to_spawned_workers_writes_their_rows(run_py):
+    # A Dataset holding the experiment, in DataLoader workers started with spawn (the macOS
+    # default): the experiment is pickled, which its locks and open writer once made fail.
+    r = run_py("""
+import multiprocessing as mp, os, pickle, tempfile, exp
+
+def work(e, k):
+    for i in range(5):
+        e.upd_row(step=i, worker=k)
+        e.save_row()
+
+if __name__ == "__main__":
+    os.chdir(tempfile.mkdtemp())
+    e = exp.load_experiment(standalone=True)
+    e.upd_row(step=-1, worker=-1)
+    e.save_row()
+    e.upd_row(unsaved=1)  # the parent's pending values stay the parent's
+    ctx = mp.get_context("spawn")
+    ps = [ctx.Process(target=work, args=(e, k)) for k in range(3)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(60)
+    rows = e.metrics()
+    print(len(rows), sorted({r["worker"] for r in rows}), [p.exitcode for p in ps], "unsaved" in rows[-1])
+""")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[0] == "16 [-1, 0, 1, 2] [0, 0, 0] False", r.stdout + r.stderr
+
+
 def test_rows_from_forked_workers_are_all_kept(make_exp, tmp_path):
     # The parent saves rows, then forks (os.fork and multiprocessing's
     # 'fork'); every process saves rows through the inherited Experiment at
