@@ -4409,7 +4409,7 @@ class Experiment:
             prev_hook(tp, value, tb)
 
         def exit_(arg: Any = None) -> None:
-            code = 0 if arg is None else (arg if isinstance(arg, int) else 1)
+            code = 0 if arg is None else (int(arg) if isinstance(arg, int) else 1)  # sys.exit(False) is 0
             state.update(code=code, status=FINISHED if code == 0 else ERROR)
             prev_exit(arg)
 
@@ -6618,10 +6618,10 @@ class Scheduler:
             except ValueError:
                 pass
             ticks = getattr(run, "start_ticks", None)  # a local run's, checked by attach
-            if run is not None and run.pid is not None and _is_int(ticks):
-                exact = time_from_ticks(ticks)  # started_at has only the second
-                if exact is not None and -1.5 < exact - t0 < 1.5:
-                    t0 = exact
+            if run is not None and run.pid is not None and isinstance(ticks, int):
+                at = time_from_ticks(ticks)  # started_at has only the second
+                if at is not None and -1.5 < at - t0 < 1.5:
+                    t0 = at
             handle = RunHandle(job.experiment, run or LocalRun(None, 0), job.run_id,
                                job.experiment.dir.log_path(job.run_id), str(entry.get("started_at") or ""), t0)
             if run is not None and run.poll() is None:
@@ -10653,7 +10653,8 @@ def _elapsed(item: Mapping[str, Any]) -> str:
 
     start, end = item.get("started_at"), item.get("ended_at")
     duration = item.get("duration")
-    if isinstance(end, str) and _is_num(duration) and 0 <= duration < float("inf"):
+    if isinstance(end, str) and isinstance(duration, (int, float)) and not isinstance(duration, bool) \
+            and 0 <= duration < float("inf"):
         return format_duration(duration)  # measured; the times are to the second only
     if not isinstance(start, str):
         return "-"
