@@ -1739,9 +1739,10 @@ def _last_values(header: list[str], records: list[list[str]]) -> dict[str, Any]:
 def _last_row(fd: int, size: int, header_line: str, fill: bool = False, whole_file: bytes | None = None
               ) -> dict[str, Any]:
     windows: tuple[int, ...] = (2, 16, 256, LAST_VALUES_MAX_ROWS) if fill else (2, 16, 256)
-    if whole_file is not None and b'"' in whole_file:
-        # Quoted cells may span lines, and one torn at the end may hold lines that look
-        # like rows: a window cannot tell, the whole (small) file parsed from its start can.
+    if whole_file is not None and whole_file.count(b'"', 0, whole_file.rfind(b"\n") + 1) % 2:
+        # The file's last line break is inside a quoted cell (torn there): its lines may look
+        # like rows, which a window cannot tell; the whole (small) file parsed from its start can.
+        # (With an even count, quote parity counted from the end is that from the start: exact.)
         windows = ()
     partial: dict[str, Any] = {}
     for n in windows:
@@ -6681,7 +6682,7 @@ class Scheduler:
 
     def _started_unrecorded(self, job: Job, claimed: set[str], since: str) -> tuple[str, str] | None:
         """The directory and run of ``job`` if the dead scheduler started it but its state file did not
-        say so yet: created since that scheduler started for this name and command, with a run that
+        say so yet: created since that scheduler started for this name, command and sweep values, with a run that
         has ended since (recorded, or its exit status in the log), has a pid or job id, or that the
         backend finds (a local supervisor by its command line, a Slurm job by its comment)."""
         for d in scan(job.spec.base_dir, depth=1):
@@ -6689,9 +6690,9 @@ class Scheduler:
                 continue
             meta, _ = d.try_read_metadata()
             rid = meta.get("current_run_id") if meta else None
-            if (not meta or not isinstance(rid, str)
-                    or meta.get("name") != job.spec.name or meta.get("command") != job.spec.command
-                    or str(meta.get("created_at") or "") < since):
+            if (not meta or not isinstance(rid, str) or str(meta.get("created_at") or "") < since
+                    or job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
+                    != job_key(job.spec.name, job.spec.command, job.spec.params, None)):
                 continue
             entry = d.run_entry(rid) or {}
             if entry.get("ended_at") or entry.get("pid") or entry.get("backend"):
@@ -6729,7 +6730,8 @@ class Scheduler:
 
         ``jobs``: those to look at (default: the whole queue); for a joining ``exp run --resume``.
         """
-        queued = [j for j in (self.queue if jobs is None else jobs) if j in self.queue]
+        in_queue = {j.id for j in self.queue}
+        queued = [j for j in (self.queue if jobs is None else jobs) if j.id in in_queue]
         # A directory a task of this batch already has (recovered after a crash) is not another one's.
         claimed = {os.path.abspath(j.work_dir) for j in self.jobs if j.work_dir}
         done = finished_before(self.config.base_experiment_dir, queued, claimed)
@@ -6910,7 +6912,7 @@ class Scheduler:
         self.term.event(f"queued {len(new)} experiment(s) from {_short_path(path)}")
         if body.get("resume"):  # `exp run --resume` joining: what finished here before is done already
             self._skip_finished(new)
-            new = [j for j in new if j in self.queue]
+            new = [j for j in new if j.status == PENDING]
         return {"ok": True, "message": "\n".join(f"queued {j.id} {j.label()}" for j in new),
                 "tasks": [j.id for j in new]}
 

@@ -459,6 +459,41 @@ def test_a_run_started_just_before_the_crash_is_adopted_not_run_again(tmp_path, 
     assert all(len(read_meta(x)["runs"]) == 1 for x in dirs)
 
 
+def test_a_sweep_point_started_just_before_the_crash_is_not_taken_for_another(tmp_path, marks, sched,
+                                                                              kill_groups_later):
+    # Two points of one name and one command (the value goes in the environment only); the dead
+    # scheduler had started lr=2 only, before its state file said where.  The restart once gave
+    # that directory to lr=1 (found first) and ran lr=2 again.
+    base = tmp_path / "results"
+    cmd = marks.gated("t")
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "t", "command": cmd, "environment": {"LR": "{lr}"}, "sweep": {"lr": [1, 2]}}],
+        max_concurrent_experiments=2)
+    since = exp.now_iso()
+    run = subprocess.Popen(["sh", "-c", cmd], start_new_session=True, env=child_env(EXPERIMENT_RUN_ID="run_0001"))
+    kill_groups_later.append(run.pid)
+    d = base / "t_2026-01-01__00-00-00"
+    (d / "terminal_logs").mkdir(parents=True)
+    (d / "terminal_logs" / "run_0001.log").touch()
+    ticks = int(Path(f"/proc/{run.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    (d / "metadata.json").write_text(json.dumps({
+        "name": "t", "command": cmd, "status": "running", "current_run_id": "run_0001", "created_at": since,
+        "params": {"lr": 2}, "runs": [{"id": "run_0001", "pid": run.pid, "started_at": since, "start_ticks": ticks}]}))
+    (base / ".exp_state").mkdir()
+    (base / ".exp_state" / "scheduler_state.json").write_text(json.dumps({
+        "summary": {"status_indicator": "running", "pid": 1, "started_at": since}, "running": [], "finished": [],
+        "errors": [], "pending": [{"name": "t", "command": cmd, "params": {"lr": lr}, "repeat": 1,
+                                   "status": "pending", "attempt": 0} for lr in (1, 2)]}))
+    s = sched(cfg)
+    wait_for(lambda: "adopted" in s.output(), 30, what="the restart to adopt lr=2")
+    marks.open("t")
+    s.wait()  # (the hand-made run has no supervisor to write its exit status: its end is unknown)
+    assert run.wait(30) == 0
+    assert len(re.findall(r"\] started\s", s.output())) == 1, s.output()  # lr=1 only
+    assert sorted(read_meta(x)["params"]["lr"] for x in dirs_of(base, "t")) == [1, 2], s.output()
+    assert len(marks.runs("t")) == 2  # lr=2's own run and lr=1's: none twice
+
+
 def test_a_run_that_ended_after_killing_its_scheduler_is_not_run_again(tmp_path, marks, sched):
     base = tmp_path / "results"
     cfg = write_config(tmp_path / "c.toml", base, [
