@@ -3012,6 +3012,9 @@ class Launch:
         self.on_submit = on_submit
 
 
+_HAS_PROC = os.path.isdir("/proc/self/cwd")
+
+
 def supervised_command(command: str, recorder: list[str] | None, manager_pid: int) -> str:
     """The ``sh -c`` text that runs ``command`` under exp's supervisor (see :class:`Launch`).
 
@@ -3026,15 +3029,14 @@ def supervised_command(command: str, recorder: list[str] | None, manager_pid: in
 
     lines = ["trap : TERM INT HUP", "(", command, ")", "rc=$?", f"printf '\\n{LOG_MARK} {EXIT_STATUS_TEXT} %s\\n' $rc"]
     if recorder:
-        # Is exp still there to record the end?  kill -0 alone also answers for a
-        # killed exp that its parent has not reaped yet (a zombie): /proc tells.
-        # The end and start times go along: the recorder (a Python start) takes a while to ask,
-        # and the metadata has the start only to the second.
-        stat = f"/proc/{manager_pid}/stat"
-        lines += [f"watched=0; kill -0 {manager_pid} 2>/dev/null && watched=1",
-                  f'if [ $watched = 1 ] && [ -r {stat} ]; then read -r s 2>/dev/null < {stat} || watched=0; '
-                  'case "${s##*) }" in Z*|X*) watched=0;; esac; fi',
-                  f'[ $watched = 1 ] || {shlex.join(recorder)} $rc "$(date +%s.%N 2>/dev/null)" {time.time():.3f}']
+        # Is exp still there to record the end?  Its /proc/PID/cwd resolves only while
+        # it lives: not once it has exited (a zombie its parent has not reaped, which
+        # `kill -0` still answers for), nor for a reused pid of another user.  One stat,
+        # where reading /proc/PID/stat costs the shell a read() per byte.  Without /proc
+        # (macOS), `kill -0`.  The end and start times go along: the recorder (a Python
+        # start) takes a while to ask, and the metadata has the start only to the second.
+        alive = (f"[ -d /proc/{manager_pid}/cwd ]" if _HAS_PROC else f"kill -0 {manager_pid} 2>/dev/null")
+        lines.append(f'{alive} || {shlex.join(recorder)} $rc "$(date +%s.%N 2>/dev/null)" {time.time():.3f}')
     lines += ["trap - TERM INT HUP", 'if [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then kill -$((rc - 128)) $$; fi',
               "exit $rc"]
     return "\n".join(lines)

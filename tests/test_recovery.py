@@ -940,3 +940,37 @@ def test_a_task_between_attempts_continues_in_its_directory(tmp_path, marks, sch
     meta = read_meta(work_dir)
     assert [r["status"] for r in meta["runs"]] == ["error", "finished"] and meta["status"] == "finished"
     assert len(marks.runs("flaky")) == 2
+
+
+@pytest.mark.parametrize("manager_state", ["alive", "alive_in_a_deleted_directory", "zombie", "gone"])
+def test_the_supervisor_records_the_end_itself_only_when_its_starter_is_gone(tmp_path, manager_state):
+    # The supervisor asks /proc whether the process that started it still lives: a
+    # zombie or a vanished pid means nobody will record the end, a live process
+    # (even one whose working directory was removed meanwhile) will.
+    flag = tmp_path / "recorded"
+    recorder = ["sh", "-c", 'echo "$@" > "$0"', str(flag)]
+    cwd = tmp_path / "manager_cwd"
+    cwd.mkdir()
+    manager = subprocess.Popen(["sleep", "60"], cwd=cwd)
+    try:
+        if manager_state == "alive_in_a_deleted_directory":
+            cwd.rmdir()
+        elif manager_state == "zombie":
+            manager.kill()
+            wait_for(lambda: Path(f"/proc/{manager.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                     10, what="a zombie")
+        elif manager_state == "gone":
+            manager.kill()
+            manager.wait()
+        text = exp.supervised_command("exit 3", recorder, manager.pid)
+        r = subprocess.run(["sh", "-c", text], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 3
+        assert r.stdout.strip().endswith("[exp] exit status 3"), r.stdout
+        if manager_state.startswith("alive"):
+            assert not flag.exists(), flag.read_text()
+        else:
+            fields = flag.read_text().split()
+            assert fields[0] == "3" and abs(float(fields[1]) - time.time()) < 30, fields
+    finally:
+        manager.kill()
+        manager.wait()
