@@ -102,7 +102,7 @@ __all__ = [
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "job_key", "finished_before", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
-    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields",
+    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields", "normalize_state_item", "STATE_GROUPS", "STATE_ITEM_TYPES",
     "iso_from_old_timestamp", "check_experiment_path", "base_dir_problem", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
@@ -2745,6 +2745,41 @@ def scan(base_dir: str | os.PathLike[str], depth: int = 2) -> list[ExperimentDir
     return out
 
 
+#: The state file's task lists.
+STATE_GROUPS = ("pending", "running", "finished", "errors")
+#: The type each field of a state file's task has (a list: of that type); another value reads as None.
+STATE_ITEM_TYPES: dict[str, Any] = {
+    **dict.fromkeys(("name", "command", "status", "work_dir", "run_id", "created_at", "started_at", "ended_at",
+                     "error", "reason", "config", "cwd", "base_dir", "description"), str),
+    **dict.fromkeys(("id", "priority", "repeat", "repeats", "attempt", "exit_code", "pid", "max_retries",
+                     "gpus"), int),
+    **dict.fromkeys(("duration", "delay_seconds", "timeout"), float),
+    **dict.fromkeys(("params", "environment", "job"), dict),
+    **dict.fromkeys(("assigned_gpus", "gpu_ids", "deps"), [int]),
+    **dict.fromkeys(("tags", "depends_on"), [str]),
+}
+
+
+def _has_type(value: Any, kind: Any) -> bool:
+    if kind is int:
+        return _is_int(value)
+    if kind is float:
+        return _is_num(value)
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_has_type(v, kind[0]) for v in value)
+    return isinstance(value, kind)
+
+
+def normalize_state_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A state file's task with current field names, and None for a known field of the wrong type."""
+    normalize_fields(item)
+    for key, kind in STATE_ITEM_TYPES.items():
+        value = item.get(key)
+        if value is not None and not _has_type(value, kind):
+            item[key] = None
+    return item
+
+
 class StateFile:
     """``<base>/.exp_state/scheduler_state.json``: the scheduler's queue, for ``ls``, ``status`` and the dashboard."""
 
@@ -2773,12 +2808,13 @@ class StateFile:
             raise MetadataError(f"{self.path} cannot be read ({e})", self.path) from None
         if not isinstance(state, dict):
             raise MetadataError(f"{self.path} does not hold a JSON object", self.path)
-        for key in ("pending", "running", "finished", "errors"):
+        # Whoever reads it (recovery, `exp status`, the dashboard) gets a queue of
+        # task dicts whose known fields have their types or are None: a hand-edited
+        # or damaged file must not crash a scheduler that is taking over.
+        for key in STATE_GROUPS:
             items = state.get(key)
-            if isinstance(items, list):
-                for item in items:
-                    if isinstance(item, dict):
-                        normalize_fields(item)
+            state[key] = [normalize_state_item(i) for i in items if isinstance(i, dict)] \
+                if isinstance(items, list) else []
         return state
 
     def set_aside(self) -> str | None:
@@ -5818,7 +5854,13 @@ class GpuPlan:
 def job_key(name: Any, command: Any, params: Any, repeat: Any) -> tuple[Any, ...]:
     """What identifies a task across schedulers (recovery, ``--resume``): its name, command, sweep
     values (as metadata.json keeps them: NaN as "nan") and repeat."""
-    return (name, command, _json().dumps(json_safe(params or {}), sort_keys=True, default=str), repeat)
+    def text(v: Any) -> str:
+        return _json().dumps(json_safe(v), sort_keys=True, default=str)
+
+    # A name, command or repeat of the wrong type (a damaged metadata.json or state file)
+    # must still make a key, one that no task of a valid config has.
+    return (*(v if v is None or type(v) in (str, int) else ("?", text(v)) for v in (name, command)),
+            text(params or {}), repeat if repeat is None or type(repeat) is int else ("?", text(repeat)))
 
 
 def finished_before(base_dir: str, jobs: list[Job], claimed: Iterable[str] = ()) -> dict[Job, str]:
@@ -9827,7 +9869,7 @@ class Dashboard:
         return out
 
     def _read_state(self) -> dict[str, Any]:
-        groups = ("pending", "running", "finished", "errors")
+        groups = STATE_GROUPS
         out: dict[str, Any] = {"base_dir": self.base_dir, "exists": os.path.isdir(self.root), "updated_at": None,
                                "scheduler": None, "state_error": None}
         try:

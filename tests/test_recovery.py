@@ -974,3 +974,63 @@ def test_the_supervisor_records_the_end_itself_only_when_its_starter_is_gone(tmp
     finally:
         manager.kill()
         manager.wait()
+
+
+def test_a_damaged_state_file_of_a_dead_scheduler_never_stops_the_next_one(tmp_path, capsys):
+    # The state file of a scheduler that died is read to take over its queue. A
+    # hand-edited or damaged one (a list where a number goes, a number where a list
+    # goes) once crashed the new scheduler before it ran anything: now every task of
+    # the config runs, once, whatever the old file says.
+    import random
+
+    odd = [5, "x", None, True, 1.5, [], {}, [1, "a"], {"a": 1}, -1, [None], [{}], "9999-99-99"]
+    fields = ["id", "name", "status", "assigned_gpus", "attempt", "reason", "started_at", "ended_at", "duration",
+              "work_dir", "run_id", "pid", "exit_code", "params", "command", "repeat", "config", "job"]
+    rng = random.Random(11)
+    states = [{"running": [{"name": "a", "command": "true", "repeat": [1], "status": "running"}],
+               "summary": {"status_indicator": "running", "started_at": "2020-01-01T00:00:00"}},
+              {"running": [{"name": "a", "command": "true", "repeat": 1, "status": "running", "assigned_gpus": 5,
+                            "work_dir": str(tmp_path), "run_id": "run_0001", "pid": 1}],
+               "summary": {"status_indicator": "running"}},
+              {"pending": 7, "running": {"a": 1}, "summary": {"status_indicator": "running"}}]
+    for _ in range(40):
+        st: dict = {"summary": {"status_indicator": "running", "started_at": rng.choice(odd)}}
+        for g in ("running", "pending", "errors", "finished"):
+            st[g] = rng.choice(odd) if rng.random() < 0.2 else [
+                dict({"name": "a", "command": "true", "repeat": rng.choice([1, 2]),
+                      "status": rng.choice(["running", "pending", "finished", "error"])},
+                     **{f: rng.choice(odd) for f in rng.sample(fields, 3)})
+                for _ in range(rng.randint(0, 2))]
+        states.append(st)
+    for i, st in enumerate(states):
+        base = tmp_path / f"b{i}"
+        (base / ".exp_state").mkdir(parents=True)
+        (base / ".exp_state" / "scheduler_state.json").write_text(json.dumps(st))
+        cfg = write_config(tmp_path / f"c{i}.toml", base, [{"name": "a", "command": "true", "repeats": 2}])
+        code = exp.main(["run", str(cfg)])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.out + out.err, (st, out)
+        assert code in (0, 1), (st, out)
+        final = json.loads((base / ".exp_state" / "scheduler_state.json").read_text())
+        assert final["summary"]["status_indicator"] == "stopped", st
+        assert not final["pending"] and not final["running"], (st, final)
+        assert len(final["finished"]) + len(final["errors"]) == 2, (st, final)
+
+
+def test_resume_over_directories_whose_metadata_has_wrong_types(tmp_path):
+    # --resume compares every directory's name, command and sweep values with the
+    # config's: a metadata.json with a list for a name once crashed `exp run --resume`.
+    base = tmp_path / "results"
+    odd = [["a"], {"x": 1}, 5, None, [1, "a"], True]
+    for i, value in enumerate(odd):
+        d = base / f"a_2020-01-01__00-00-0{i}"
+        d.mkdir(parents=True)
+        (d / "metadata.json").write_text(json.dumps({"name": value, "command": value, "status": "finished",
+                                                     "params": value}))
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "a", "command": "true"}])
+    for extra in (["--dry-run"], []):
+        r = subprocess.run([PY, EXP_PY, "run", "--resume", *extra, str(cfg)], capture_output=True, text=True,
+                           env=child_env(), timeout=60)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert "skips" not in r.stdout, r.stdout  # none of them is this task's
+    assert len(dirs_of(base, "a")) == len(odd) + 1  # it ran, in a directory of its own
