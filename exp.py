@@ -6590,6 +6590,7 @@ class Scheduler:
         ended_meanwhile: list[Job] = []
         claimed = {str(it.get("work_dir")) for group in items.values() for it in group if it.get("work_dir")}
         since = str(summary.get("started_at") or "")
+        made: dict[str, dict[tuple[Any, ...], list[tuple[ExperimentDir, str]]]] = {}
         pairs = self._match(list(self.jobs), items)
         # Tasks a joining `exp run` added, with some not done: from their config files again.
         joined_paths = sorted({it["config"] for group in items.values() for it in group
@@ -6617,7 +6618,7 @@ class Scheduler:
                 # Started just before the crash, before the state file said where: a
                 # directory made since for this name and command is this job's.  Jobs are
                 # visited in order, as they were started, so repeats find their own.
-                found = self._started_unrecorded(job, claimed, since)
+                found = self._started_unrecorded(job, claimed, since, made)
                 if found is not None:
                     job.work_dir, job.run_id = found
                     if status == PENDING:  # the state file had not counted this attempt yet
@@ -6704,9 +6705,8 @@ class Scheduler:
                 self._touch(job)
                 self.term.event(f"{self.term.paint('retrying', '35')} {job.label()} (attempt {job.attempt + 1}/"
                                 f"{job.max_attempts}): it failed while no scheduler watched")
-        for job in list(self.done):  # dependents of what failed, then or meanwhile, never run
-            if job.status != FINISHED:
-                self._fail_dependents(job)
+        # Dependents of what failed, then or meanwhile, never run.
+        self._fail_dependents(*[job for job in self.done if job.status != FINISHED])
         if adopted or ended or any(j.status != PENDING for j in self.jobs):
             self.term.event(f"recovered the state of the scheduler that died (pid {summary.get('pid')}): "
                             f"{adopted} adopted, {ended} ended meanwhile, {len(self.done)} done, "
@@ -6724,19 +6724,30 @@ class Scheduler:
                 out.append((job, items[key].pop(0)))
         return out
 
-    def _started_unrecorded(self, job: Job, claimed: set[str], since: str) -> tuple[str, str] | None:
+    def _started_unrecorded(self, job: Job, claimed: set[str], since: str,
+                            made: dict[str, dict[tuple[Any, ...], list[tuple[ExperimentDir, str]]]]
+                            ) -> tuple[str, str] | None:
         """The directory and run of ``job`` if the dead scheduler started it but its state file did not
         say so yet: created since that scheduler started for this name, command and sweep values, with a run that
         has ended since (recorded, or its exit status in the log), has a pid or job id, or that the
-        backend finds (a local supervisor by its command line, a Slurm job by its comment)."""
-        for d in scan(job.spec.base_dir, depth=1):
+        backend finds (a local supervisor by its command line, a Slurm job by its comment).
+
+        ``made``: the directories created since, by base directory and task (filled here, one
+        scan of each base directory for the whole recovery).
+        """
+        key = job_key(job.spec.name, job.spec.command, job.spec.params, None)
+        base = os.path.abspath(job.spec.base_dir)
+        if base not in made:
+            found: dict[tuple[Any, ...], list[tuple[ExperimentDir, str]]] = {}
+            made[base] = found
+            for d in scan(base, depth=1):
+                meta, _ = d.try_read_metadata()
+                rid = meta.get("current_run_id") if meta else None
+                if meta and isinstance(rid, str) and str(meta.get("created_at") or "") >= since:
+                    found.setdefault(job_key(meta.get("name"), meta.get("command"), meta.get("params"), None),
+                                     []).append((d, rid))
+        for d, rid in made[base].get(key, ()):
             if d.path in claimed or not os.path.basename(d.path).startswith(job.spec.name + "_"):
-                continue
-            meta, _ = d.try_read_metadata()
-            rid = meta.get("current_run_id") if meta else None
-            if (not meta or not isinstance(rid, str) or str(meta.get("created_at") or "") < since
-                    or job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
-                    != job_key(job.spec.name, job.spec.command, job.spec.params, None)):
                 continue
             entry = d.run_entry(rid) or {}
             if entry.get("ended_at") or entry.get("pid") or entry.get("backend"):
@@ -6980,22 +6991,35 @@ class Scheduler:
         self.queue.sort(key=lambda j: (-j.priority, j.order))
         return new
 
-    def _fail_dependents(self, failed: Job) -> None:
-        """Queued jobs that need ``failed`` (directly or not) end as errors without running."""
-        gone = {failed.id}
-        changed = True
-        while changed:
-            changed = False
-            for job in list(self.queue):
-                if gone.intersection(job.deps):
-                    self.queue.remove(job)
-                    job.status, job.ended_at = ERROR, now_iso()
-                    job.reason = f"dependency failed: {failed.name}"
-                    self._touch(job)
-                    self.done.append(job)
-                    gone.add(job.id)
-                    changed = True
-                    self.term.event(f"{self.term.paint('skipped ', '31')} {job.label()} ({job.reason})")
+    def _fail_dependents(self, *failed: Job) -> None:
+        """Queued jobs that need one of ``failed`` (directly or not) end as errors without running.
+
+        One pass over the queue and its dependency edges, however many failed
+        (recovery hands over every failure of the dead scheduler at once).
+        """
+        waiting: dict[int, list[Job]] = {}
+        for job in self.queue:
+            for dep in job.deps:
+                waiting.setdefault(dep, []).append(job)
+        if not waiting:
+            return
+        cause: dict[int, str] = {}  # skipped job -> the name of the failure behind it
+        todo = [(f.id, f.name) for f in failed]
+        for dep, name in todo:  # breadth first (todo grows): the first failure names the cause
+            for job in waiting.get(dep, ()):
+                if job.id not in cause:
+                    cause[job.id] = name
+                    todo.append((job.id, name))
+        if not cause:
+            return
+        skipped = [j for j in self.queue if j.id in cause]
+        self.queue[:] = [j for j in self.queue if j.id not in cause]
+        for job in skipped:
+            job.status, job.ended_at = ERROR, now_iso()
+            job.reason = f"dependency failed: {cause[job.id]}"
+            self._touch(job)
+            self.done.append(job)
+            self.term.event(f"{self.term.paint('skipped ', '31')} {job.label()} ({job.reason})")
 
     def _check_timeouts(self, now: float) -> None:
         """Stop running jobs past their timeout: SIGTERM now, SIGKILL after kill_timeout (in a thread).
