@@ -2862,8 +2862,8 @@ class StateFile:
                 # One posted since we took the lock is for us (an `exp run` joining at once).
                 if os.stat(os.path.join(self.commands_dir, cid + COMMAND_EXT)).st_mtime >= before:
                     continue
-                self.answer(cid, {"ok": False, "message": "not done: the scheduler it was sent to ended first; "
-                                                          "send it again"})
+                self.answer(cid, {"ok": False, "resend": True,
+                                  "message": "not done: the scheduler it was sent to ended first; send it again"})
             except OSError:
                 pass
         return fd
@@ -10879,8 +10879,8 @@ def _cmd_run(args: Any) -> int:
 def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
     """`exp run` where a scheduler already runs: add the config's experiments to its queue.
 
-    None when that scheduler ended before it took them (it had just finished):
-    the caller runs them itself.
+    None when that scheduler ended before it took them (it had just finished;
+    another may have started since): the caller runs them itself, or joins again.
     """
     if not os.path.isfile(config.path):  # it reads the file itself, and /dev/fd/N is ours alone
         raise ConfigError(f"a scheduler already runs for {config.base_experiment_dir}, and it reads a joining "
@@ -10893,6 +10893,8 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
             raise  # it runs, but does not answer
         return None
     if not res.get("ok"):
+        if res.get("resend"):  # its scheduler ended first, and another has started since: try again
+            return None
         if res.get("config_error"):  # what `exp run` says of any bad config: exit 2
             raise ConfigError(str(res.get("message", "")))
         print(res.get("message", ""))

@@ -19,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -1046,3 +1047,51 @@ def test_joining_a_scheduler_that_is_shutting_down_is_refused(tmp_path, start, m
     marks.release("holder")
     assert s.wait() == 0
     assert marks.order() == ["holder"]  # neither the old pending task nor the new one started
+
+
+def test_a_join_its_scheduler_never_took_is_sent_again_to_the_next_one(tmp_path):
+    # `exp run` joins the scheduler that owns the directory by posting a command. When
+    # that scheduler ends without taking it and a new one starts before the joiner
+    # looks again, the new one answers "send it again": the joiner once exited 1
+    # there, its experiments never run. Now it joins the new scheduler.
+    base = tmp_path / "results"
+    state = exp.StateFile(base)
+    holder = subprocess.Popen([PY, "-c", textwrap.dedent(f"""
+        import fcntl, os, sys, time
+        os.makedirs({os.path.dirname(state.lock_path)!r}, exist_ok=True)
+        fd = os.open({state.lock_path!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    joiner = new_owner = None
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # a scheduler that will end without answering
+        late = write_config(tmp_path / "late.toml", base, [{"name": "late", "command": "true"}])
+        joiner = subprocess.Popen([PY, EXP_PY, "run", str(late)], env=child_env(NO_COLOR="1"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: state.pending_commands(), 30, what="the joiner's command")
+        os.kill(joiner.pid, signal.SIGSTOP)  # it looks again only after the next scheduler answered
+        holder.kill()
+        holder.wait()
+        first = write_config(tmp_path / "first.toml", base, [{"name": "first", "command": "sleep 4"}])
+        new_owner = subprocess.Popen([PY, EXP_PY, "run", str(first)], env=child_env(NO_COLOR="1"),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: not state.pending_commands(), 30, what="the new scheduler to answer the old command")
+        os.kill(joiner.pid, signal.SIGCONT)
+        out = joiner.communicate(timeout=60)[0]
+        assert joiner.returncode == 0, out
+        assert "added to the running scheduler" in out, out
+        assert new_owner.wait(timeout=60) == 0, new_owner.communicate()[0]
+        for name in ("first", "late"):
+            (d,) = exp_dirs(base, name)
+            assert meta(d)["status"] == "finished", name
+    finally:
+        for p in (holder, joiner, new_owner):
+            if p is not None and p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except OSError:
+                    pass
+                p.kill()
+                p.wait()
