@@ -10841,12 +10841,23 @@ def _cmd_see(args: Any) -> int:
         import webbrowser
 
         threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
+    import signal
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM (kill, systemd, a cluster) stop it cleanly, as they stop `exp run`.
+    # SIGINT explicitly: a shell starts a background job with SIGINT ignored, and then
+    # Python never raises KeyboardInterrupt; a dashboard started by a script stops with it.
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("\nexp see: stopped", flush=True)
     finally:
         server.close()
+        for sig, handler in old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 
