@@ -4219,18 +4219,23 @@ class Experiment:
         import signal
 
         # SIGTERM (timeout(1), docker stop, a cluster's scheduler) stops the run
-        # the way Ctrl-C does, instead of leaving it orphaned and "running".
-        old = None
+        # the way Ctrl-C does, instead of leaving it orphaned and "running".  So
+        # does SIGINT when it came in ignored (a script's background job, a CI
+        # runner), where Python would never raise KeyboardInterrupt; a handler
+        # the script set itself is left alone.
+        old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            def on_sigterm(signum: int, frame: Any) -> None:
+            def on_signal(signum: int, frame: Any) -> None:
                 raise KeyboardInterrupt
 
-            old = signal.signal(signal.SIGTERM, on_sigterm)
+            old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_signal)
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                old[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
         try:
             return handle._follow(grace)
         finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
+            for sig, handler in old.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None = None) -> dict[bytes, bytes]:
         """The environment a run's command gets (bytes, as Popen takes it on POSIX)."""

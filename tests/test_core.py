@@ -712,9 +712,10 @@ def test_carriage_return_progress_bars_kept_byte_for_byte(make_exp, tmp_path, ca
 # ============================================================================
 
 DRIVER = """
-import signal, sys
+import os, signal, sys
 import exp
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if inherited ignored
+if not os.environ.get("DRIVER_SIGINT_AS_INHERITED"):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if inherited ignored
 name, command, base, grace, where = sys.argv[1:6]
 e = exp.Experiment(name=name, command=command, base_dir=base, env={"PYTHONPATH": sys.path[0]})
 open(where, "w").write(e.work_dir)
@@ -724,12 +725,18 @@ sys.exit(code)
 """
 
 
-def _start_driver(tmp_path, base_dir, name, command, grace=0.5, **popen):
+def _start_driver(tmp_path, base_dir, name, command, grace=0.5, sigint_ignored=False, **popen):
+    """The driver script running ``command`` in the foreground; ``sigint_ignored``: started as a
+    shell starts a background job (SIGINT ignored), the driver leaving that as it is."""
     driver = write_script(tmp_path, "driver.py", DRIVER)
     where = tmp_path / f"{name}.workdir"
+    env = child_env()
+    if sigint_ignored:
+        env["DRIVER_SIGINT_AS_INHERITED"] = "1"
+        popen["preexec_fn"] = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
     proc = subprocess.Popen(
         [sys.executable, str(driver), name, command, str(base_dir), str(grace), str(where)],
-        env=child_env(), stdin=subprocess.DEVNULL, **popen)
+        env=env, stdin=subprocess.DEVNULL, **popen)
     return proc, where
 
 
@@ -850,11 +857,12 @@ def test_terminate_kills_sigterm_ignoring_child_and_grandchild(make_exp, tmp_pat
 
 @posix_only
 @linux_only
-def test_ctrl_c_in_foreground_kills_the_run(tmp_path, base_dir, kill_groups_later):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["terminal", "sigint-inherited-as-ignored"])
+def test_ctrl_c_in_foreground_kills_the_run(tmp_path, base_dir, kill_groups_later, sigint_ignored):
     script = write_script(tmp_path, "stubborn.py", STUBBORN)
     pids = tmp_path / "pids"
     proc, where = _start_driver(tmp_path, base_dir, "ctrlc", "exec " + py_cmd(script, pids), grace=0.5,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                sigint_ignored=sigint_ignored, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         child, grandchild = _read_pids(pids)
         kill_groups_later.append(child)  # the child leads its own process group
