@@ -933,6 +933,38 @@ def exited_within(proc: subprocess.Popen[bytes], timeout: float) -> bool:
         os.close(fd)
 
 
+class _InterruptOnSignals:
+    """Within it, SIGTERM (kill, systemd, a cluster) raises KeyboardInterrupt as Ctrl-C does, and so
+    does SIGINT, also where it came in ignored: a shell without job control starts a background job
+    with SIGINT ignored, and Python then never raises KeyboardInterrupt.  ``keep_sigint_handler``
+    leaves a SIGINT handler the program set itself (a library call inside a user's script).
+    Main thread only (elsewhere it does nothing); the old handlers come back on exit."""
+
+    def __init__(self, keep_sigint_handler: bool = False) -> None:
+        self.keep_sigint_handler = keep_sigint_handler
+        self._old: dict[int, Any] = {}
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _InterruptOnSignals:
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._raise)
+            if not self.keep_sigint_handler or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._raise)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._old.clear()
+
+
 #: After SIGKILL, how long to wait for a group to go before giving up on it
 #: (a process stuck in the kernel, state D, outlives any signal).
 _KILL_WAIT = 10.0
@@ -4216,26 +4248,10 @@ class Experiment:
         threading.Thread(target=handle._watch, name=f"exp-watch-{handle.run_id}", daemon=True).start()
         if background:
             return handle
-        import signal
-
         # SIGTERM (timeout(1), docker stop, a cluster's scheduler) stops the run
-        # the way Ctrl-C does, instead of leaving it orphaned and "running".  So
-        # does SIGINT when it came in ignored (a script's background job, a CI
-        # runner), where Python would never raise KeyboardInterrupt; a handler
-        # the script set itself is left alone.
-        old: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            def on_signal(signum: int, frame: Any) -> None:
-                raise KeyboardInterrupt
-
-            old[signal.SIGTERM] = signal.signal(signal.SIGTERM, on_signal)
-            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-                old[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
-        try:
+        # the way Ctrl-C does, instead of leaving it orphaned and "running".
+        with _InterruptOnSignals(keep_sigint_handler=True):
             return handle._follow(grace)
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def child_env(self, run_id: str, extra_env: Mapping[str, str | None] | None = None) -> dict[bytes, bytes]:
         """The environment a run's command gets (bytes, as Popen takes it on POSIX)."""
@@ -10846,23 +10862,13 @@ def _cmd_see(args: Any) -> int:
         import webbrowser
 
         threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
-    import signal
-
-    def on_signal(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # Ctrl-C and SIGTERM (kill, systemd, a cluster) stop it cleanly, as they stop `exp run`.
-    # SIGINT explicitly: a shell starts a background job with SIGINT ignored, and then
-    # Python never raises KeyboardInterrupt; a dashboard started by a script stops with it.
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.serve_forever()
+        with _InterruptOnSignals():  # Ctrl-C and SIGTERM stop it cleanly, as they stop `exp run`
+            server.serve_forever()
     except KeyboardInterrupt:
         print("\nexp see: stopped", flush=True)
     finally:
         server.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 
@@ -10917,7 +10923,10 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
         return 1
     print(res.get("message", ""))
     print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
-    return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or [])) if args.wait else 0
+    if not args.wait:
+        return 0
+    with _InterruptOnSignals():  # Ctrl-C stops the waiting; the tasks go on in the scheduler
+        return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or []))
 
 
 def _cmd_lark_sync(args: Any) -> int:

@@ -885,6 +885,40 @@ def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
     assert "queued 3 experiment(s)" in s.stdout()
 
 
+def test_a_waiting_joiner_stops_on_sigint_even_inherited_ignored_and_on_sigterm(tmp_path, start, marks):
+    # `exp run --wait` started by a script in the background (SIGINT ignored) kept waiting
+    # after SIGINT; SIGTERM killed it without a word.  Either stops the waiting (exit 130);
+    # the joined task goes on in the scheduler.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}],
+                       max_concurrent_experiments=4)
+    s = start(cfg)
+    marks.wait_started("holder", sched=s)
+    wait_owned(base, s)
+    for i, sig in enumerate((signal.SIGINT, signal.SIGTERM)):
+        name = f"w{i}"
+        joined = write_config(tmp_path / f"{name}.toml", base, [{"name": name, "command": marks.hold(name)}])
+        p = subprocess.Popen([PY, EXP_PY, "run", str(joined), "--wait"], cwd=str(tmp_path), env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            assert p.stdout.readline().startswith(f"queued {i + 2} {name}")
+            marks.wait_started(name, sched=s)
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        assert p.returncode == 130, (sig, p.returncode, out, err)
+        assert "Traceback" not in err
+        assert task(base, i + 2)[0] == "running"  # the waiting stopped, not the task
+        marks.release(name)
+    wait_for(lambda: all(task(base, i)[0] == "finished" for i in (2, 3)), 30, what="the joined tasks to finish")
+    marks.release("holder")
+    assert s.wait() == 0
+
+
 @pytest.mark.parametrize("gap", [0.0, 0.3])
 def test_two_runs_started_together_both_run_their_experiments(tmp_path, gap):
     # Both looked, saw no scheduler, and one was refused ("another scheduler is running")
