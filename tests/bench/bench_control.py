@@ -3,9 +3,10 @@
     python tests/bench/bench_control.py [--quick] [--commands 50] [--n 200] [--repeat 3]
 
 1. Command latency.  A scheduler (`python -m exp run`, check_interval = 30 s)
-   has one experiment running that waits for a marker, so it is idle-waiting.
-   The script posts --commands command files one at a time (StateFile.post_command,
-   `exp priority` of the running task: answered, changes nothing) and measures
+   has one slot, taken by an experiment that waits for a marker, so it is
+   idle-waiting with a second experiment queued.  The script posts --commands
+   command files one at a time (StateFile.post_command, `exp priority` of the
+   queued task, which each one changes) and measures
    the time from writing each file to its answer appearing next to it.
    Target: median and p95 <= 50 ms (the scheduler wakes on the file; it does
    not sleep a full check_interval).
@@ -82,7 +83,10 @@ def measure_latency(tmp, env, count):
     hold = (f'touch "{started}"; i=0; while [ ! -e "{marker}" ] && [ $i -lt 1200 ]; '
             f"do sleep 0.1; i=$((i+1)); done")
     cfg = os.path.join(d, "config.toml")
-    write_config(cfg, [{"name": "sleeper", "command": hold}], check_interval=30)
+    # One slot: "queued" waits behind the sleeper, so a priority change applies to it (a
+    # refused command, say priority of a running task, would be answered as fast).
+    write_config(cfg, [{"name": "sleeper", "command": hold}, {"name": "queued", "command": "true"}],
+                 check_interval=30, max_concurrent_experiments=1)
     base = os.path.join(d, "results")
     proc = subprocess.Popen([sys.executable, "-m", "exp", "run", cfg], cwd=d, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -98,7 +102,7 @@ def measure_latency(tmp, env, count):
         for _ in range(count):
             time.sleep(random.uniform(0.03, 0.09))  # not in step with the scheduler's polls
             t = time.perf_counter()
-            cid = st.post_command("priority", tasks=["sleeper"], value=1)
+            cid = st.post_command("priority", tasks=["queued"], value=1)
             answer = os.path.join(st.commands_dir, cid + exp.RESULT_EXT)
             while not os.path.exists(answer):
                 if time.perf_counter() - t > 10:
