@@ -10848,22 +10848,24 @@ def _cmd_see(args: Any) -> int:
     _limit_malloc_arenas()
     server = DashboardServer(args.dir, host=args.host, port=args.port, token=args.token, verbose=args.verbose)
     base = server.dashboard.base_dir
-    if not os.path.isdir(base):
-        print(f"note: {base} does not exist yet; the dashboard shows its experiments once some are written there",
-              file=sys.stderr)
-    if not os.path.isfile(server.page_path):
-        print(f"note: {server.page_path} is missing, so the page only says so; the JSON API under /api/ works",
-              file=sys.stderr)
-    if args.port and server.port != args.port:
-        print(f"note: port {args.port} is taken; using {server.port}", file=sys.stderr)
-    print(f"exp dashboard for {base}: {server.url}", flush=True)
-    print("press Ctrl-C to stop", flush=True)
-    if not args.no_browser and _wants_browser(args.host):
-        import webbrowser
-
-        threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
     try:
-        with _InterruptOnSignals():  # Ctrl-C and SIGTERM stop it cleanly, as they stop `exp run`
+        # Ctrl-C and SIGTERM stop it cleanly, as they stop `exp run`; from before the URL is
+        # printed, since whoever reads it may stop the dashboard at once.
+        with _InterruptOnSignals():
+            if not os.path.isdir(base):
+                print(f"note: {base} does not exist yet; the dashboard shows its experiments once some are "
+                      "written there", file=sys.stderr)
+            if not os.path.isfile(server.page_path):
+                print(f"note: {server.page_path} is missing, so the page only says so; the JSON API under /api/ "
+                      "works", file=sys.stderr)
+            if args.port and server.port != args.port:
+                print(f"note: port {args.port} is taken; using {server.port}", file=sys.stderr)
+            print(f"exp dashboard for {base}: {server.url}", flush=True)
+            print("press Ctrl-C to stop", flush=True)
+            if not args.no_browser and _wants_browser(args.host):
+                import webbrowser
+
+                threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
             server.serve_forever()
     except KeyboardInterrupt:
         print("\nexp see: stopped", flush=True)
@@ -10921,11 +10923,16 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
             raise ConfigError(str(res.get("message", "")))
         print(res.get("message", ""))
         return 1
-    print(res.get("message", ""))
-    print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
     if not args.wait:
+        print(res.get("message", ""))
+        print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")
         return 0
-    with _InterruptOnSignals():  # Ctrl-C stops the waiting; the tasks go on in the scheduler
+    # From before the lines saying what was queued, which whoever started it may answer with
+    # Ctrl-C at once: it stops the waiting; the tasks go on in the scheduler.
+    with _InterruptOnSignals():
+        print(res.get("message", ""))
+        print(f"added to the running scheduler of {config.base_experiment_dir}; waiting for its tasks to end "
+              "(Ctrl-C stops waiting, not the tasks)", flush=True)
         return _follow_tasks(config.base_experiment_dir, list(res.get("tasks") or []))
 
 

@@ -903,8 +903,7 @@ def test_a_waiting_joiner_stops_on_sigint_even_inherited_ignored_and_on_sigterm(
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         try:
             assert p.stdout.readline().startswith(f"queued {i + 2} {name}")
-            marks.wait_started(name, sched=s)
-            p.send_signal(sig)
+            p.send_signal(sig)  # at once: the line says it is queued, so it can be stopped
             out, err = p.communicate(timeout=20)
         finally:
             if p.poll() is None:
@@ -912,6 +911,7 @@ def test_a_waiting_joiner_stops_on_sigint_even_inherited_ignored_and_on_sigterm(
                 p.communicate()
         assert p.returncode == 130, (sig, p.returncode, out, err)
         assert "Traceback" not in err
+        marks.wait_started(name, sched=s)
         assert task(base, i + 2)[0] == "running"  # the waiting stopped, not the task
         marks.release(name)
     wait_for(lambda: all(task(base, i)[0] == "finished" for i in (2, 3)), 30, what="the joined tasks to finish")

@@ -369,26 +369,29 @@ def stop(p):
     return p.returncode, out, err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_see_started_as_a_background_job_stops_cleanly_on_sigint_and_sigterm(tmp_path, sig):
+@pytest.mark.parametrize("at_once", [False, True], ids=["serving", "as-the-url-is-printed"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_see_started_as_a_background_job_stops_cleanly_on_sigint_and_sigterm(tmp_path, sig, at_once):
     # A shell without job control starts `exp see ... &` with SIGINT ignored; the dashboard
-    # must still stop on it (and on SIGTERM) the clean way, saying so, not hang or die mid-reply.
-    p = subprocess.Popen(["sh", "-c", f'exec "$0" "{EXP_PY}" see "$1" --port 0 --no-browser & wait',
+    # must still stop on it (and on SIGTERM) the clean way, saying so, not hang or die mid-reply;
+    # also when signalled the moment its URL is printed.
+    p = subprocess.Popen(["sh", "-c", f'"$0" "{EXP_PY}" see "$1" --port 0 --no-browser & echo $!; wait',
                           sys.executable, str(tmp_path)], env=child_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
+        pid = int(p.stdout.readline())  # the dashboard's: signal it, not the shell
         line = p.stdout.readline()
+        if at_once:
+            os.kill(pid, sig)
         assert "http://" in line, (line, p.stderr.read() if p.poll() is not None else "")
-        url = line.split(": ", 1)[1].strip()
-        assert get(url + "api/health")[0] == 200
-        # The dashboard is the shell's only child; signal it, not the shell.
-        pids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-        assert len(pids) == 1, pids
+        if not at_once:
+            assert get(line.split(": ", 1)[1].strip() + "api/health")[0] == 200
         # What such a shell gives its background job (the dashboard has its own handlers by now).
         ign = subprocess.run(["sh", "-c", "grep SigIgn: /proc/self/status & wait"], capture_output=True,
                              text=True).stdout.split()[1]
         assert int(ign, 16) & (1 << (signal.SIGINT - 1)), "this shell does not start background jobs as assumed"
-        os.kill(int(pids[0]), sig)
+        if not at_once:
+            os.kill(pid, sig)
         out, err = p.communicate(timeout=15)
     finally:
         if p.poll() is None:
