@@ -1934,14 +1934,28 @@ _LONGEST_INSIDE = _TMP_SUFFIX_BYTES + max(len(os.fsencode(p)) for p in (
         (LARK_DIR, LARK_OUTBOX_EXT), (LARK_DIR, LARK_CURSOR_EXT)))))
 
 
+def _fs_bytes(text: str, what: str) -> bytes:
+    """``text`` as the operating system gets it (a file name, a command), or ConfigError
+    when this process's encoding cannot hold it (non-ASCII under LC_ALL=C with PYTHONUTF8=0)."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{what} {text!r} cannot be passed to the system in this process's file-name encoding "
+            f"({sys.getfilesystemencoding()}): set a UTF-8 locale (LANG=C.UTF-8) or PYTHONUTF8=1, "
+            "or use only ASCII there") from None
+
+
 def check_experiment_path(base_dir: str, name: str) -> None:
-    """ConfigError when ``<base_dir>/<name>_<timestamp>/...`` could not be created (too long)."""
-    name_bytes = len(os.fsencode(name))
+    """ConfigError when ``<base_dir>/<name>_<timestamp>/...`` could not be created (too long, or
+    not expressible in the file-name encoding)."""
+    name_bytes = len(_fs_bytes(name, "name"))
     if name_bytes + _DIR_SUFFIX_BYTES > _NAME_MAX:
         raise ConfigError(
             f"name {name[:40]!r}... is {name_bytes} bytes; with the timestamp the directory name would "
             f"pass the file system's {_NAME_MAX}-byte limit: use at most {_NAME_MAX - _DIR_SUFFIX_BYTES} bytes"
         )
+    _fs_bytes(os.path.abspath(base_dir), "base_dir")
     top = os.path.join(os.path.abspath(base_dir), f"{name}_2025-01-01__00-00-00_{_SAME_SECOND_MAX}")
     if len(os.fsencode(top)) + 1 + _LONGEST_INSIDE >= _PATH_MAX:
         raise ConfigError(
@@ -1954,6 +1968,10 @@ def base_dir_problem(base_dir: str) -> str | None:
     """Why experiment directories could never be made under ``base_dir`` (a file on its path, no
     permission to create it, a read-only file system), or None.  Checks only, creates nothing."""
     path = full = os.path.abspath(base_dir)
+    try:
+        _fs_bytes(full, "base_dir")
+    except ConfigError as e:
+        return str(e)
     while True:
         try:
             st = os.stat(path)
@@ -3745,7 +3763,7 @@ def _validate_name(name: Any) -> str:
             f"name {name!r} contains the control character {bad.group()!r}; it becomes a directory name, "
             "so use letters, digits, '-', '_' or '.'"
         )
-    if len(os.fsencode(name)) + _DIR_SUFFIX_BYTES > _NAME_MAX:
+    if len(_fs_bytes(name, "name")) + _DIR_SUFFIX_BYTES > _NAME_MAX:
         raise ConfigError(
             f"name {name[:40]!r}... is {len(os.fsencode(name))} bytes long; it becomes a directory name with a "
             f"timestamp, which must fit in {_NAME_MAX} bytes: use at most {_NAME_MAX - _DIR_SUFFIX_BYTES} bytes"
@@ -3764,6 +3782,7 @@ def _validate_command(command: Any) -> str:
         )
     if "\0" in command:
         raise ConfigError(f"command cannot contain a NUL character, got {command!r}")
+    _fs_bytes(command, "command")  # what `sh -c` gets
     return command
 
 
@@ -3880,6 +3899,12 @@ class Experiment:
     ) -> None:
         self.name = _validate_name(name)
         self.command = _validate_command(command)
+        try:  # relative paths and the default cwd need it
+            if not all(p is not None and os.path.isabs(os.fspath(p)) for p in (cwd, base_dir)):
+                os.getcwd()
+        except FileNotFoundError:
+            raise ConfigError("the current directory no longer exists (deleted since this process entered it): "
+                              "change to an existing directory, or pass an absolute base_dir and cwd") from None
         tags_v = _validate_tags(tags)
         gpus_v = parse_gpu_ids(gpu_ids)
         if description is not None and not isinstance(description, str):
@@ -4475,6 +4500,7 @@ class Experiment:
 
         sys.excepthook = hook
         sys.exit = exit_  # type: ignore[assignment]
+        self._watch_sigterm(state)
 
         self._in_process = True
 
@@ -4485,6 +4511,32 @@ class Experiment:
                 print(f"exp: warning: could not record the end of {rid} in {self.work_dir}: {e}", file=sys.stderr)
 
         atexit.register(finish)
+
+    @staticmethod
+    def _watch_sigterm(state: dict[str, Any]) -> None:
+        """Standalone: SIGTERM (timeout(1), Slurm, a preemption) ends the script the way Ctrl-C
+        does, so it unwinds (its ``finally`` blocks run) and the exit handler records ``killed``,
+        where the default action would leave it ``running`` for ever.  The exit status is 143,
+        as a shell reports a SIGTERM.  Only where the script has no SIGTERM handler of its own;
+        a forked worker (a DataLoader's) still just dies of it."""
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        owner = os.getpid()
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if os.getpid() != owner:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one ends it at once
+            state.update(code=128 + signal.SIGTERM, status=KILLED)
+            raise SystemExit(128 + signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def __repr__(self) -> str:
         return f"Experiment(name={self.name!r}, work_dir={self.work_dir!r}, status={self.status!r})"
@@ -4696,7 +4748,7 @@ class RunHandle:
         # Without a byte stream (Jupyter), decode incrementally: a character
         # split across two chunks must not become two replacement characters.
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        echo = [True]
+        echo = [sys.stdout is not None]  # None: started with stdout closed (``>&-``)
 
         def emit(chunk: bytes) -> None:
             if not echo[0]:
@@ -4707,7 +4759,7 @@ class RunHandle:
                 else:
                     sys.stdout.write(decoder.decode(chunk))
                 sys.stdout.flush()
-            except (OSError, ValueError):  # broken pipe, closed stream
+            except (OSError, ValueError, AttributeError):  # broken pipe, closed stream
                 echo[0] = False
 
         with open(self.log_path, "rb") as f:
@@ -5523,7 +5575,7 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
         specs.append(ExperimentSpec(i, values))
     for base in dict.fromkeys([settings.base_experiment_dir] + [spec.base_dir for spec in specs]):
         problem = base_dir_problem(base)
-        if problem:
+        if problem and not any(e.endswith(problem) for e in errors):  # an experiment's check said it
             errors.append(problem)
     total = sum(spec.repeats for spec in specs)
     if total > BATCH_MAX_EXPERIMENTS:
@@ -6018,10 +6070,12 @@ class _Terminal:
     def __init__(self, out: Any) -> None:
         self.out = out
         isatty = getattr(out, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self.color = self.tty and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        # A dumb terminal (an editor's shell buffer) shows \r and escape sequences as text:
+        # no colour, and no progress line redrawn in place.
+        self.tty = bool(isatty and isatty()) and os.environ.get("TERM") != "dumb"
+        self.color = self.tty and not os.environ.get("NO_COLOR")
         self._bar = ""
-        self._broken = False
+        self._broken = out is None  # started with stdout closed (``>&-``)
 
     def _write(self, text: str) -> None:
         # A reader that went away (``exp run ... | head``) must not stop the
@@ -6031,6 +6085,15 @@ class _Terminal:
         try:
             self.out.write(text)
             self.out.flush()
+        except UnicodeEncodeError:
+            # Text the output's encoding cannot hold (a name in Chinese, LC_ALL=C): this line
+            # with escapes, and the output stays open for the next.
+            try:
+                enc = getattr(self.out, "encoding", None) or "ascii"
+                self.out.write(text.encode(enc, "backslashreplace").decode(enc, "replace"))
+                self.out.flush()
+            except (OSError, ValueError, LookupError):
+                self._broken = True
         except (OSError, ValueError):
             self._broken = True
 
@@ -10997,14 +11060,6 @@ def _cmd_lark_sync(args: Any) -> int:
 def _cmd_ls(args: Any) -> int:
     if not os.path.isdir(args.dir):
         raise ConfigError(f"{args.dir} is not a directory; pass the base directory of your experiments")
-    # A name may hold what UTF-8 cannot encode (a lone "\ud800" escape in a hand-edited
-    # metadata.json, a directory name that is not UTF-8): print it as a backslash escape,
-    # which inside a --json string is a valid JSON escape, instead of failing or writing
-    # bytes that are not UTF-8.
-    try:
-        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):
-        pass
     everything = list_experiments(args.dir)
     rows = filter_experiments(everything, args.status, args.tag, args.name)
     default_mode = "best" if args.best else "last"
@@ -11084,6 +11139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exp: error: could not record the end of {argv[2]} in {argv[1]}: {e}", file=sys.stderr)
             return 1
         return 0
+    _prepare_stdio()
     parser = _build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "cmd", None):
@@ -11115,6 +11171,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _prepare_stdio() -> None:
+    """Every command works whatever it was started with: closed standard descriptors
+    (``>&-``, a daemon) get /dev/null, so a file exp opens never takes their place and a
+    print goes nowhere instead of raising; and what the output's encoding cannot hold
+    (a name in Chinese under LC_ALL=C, a lone "\\ud800" from a hand-edited metadata.json)
+    is printed as a backslash escape, which inside a --json string is a valid JSON escape."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                # The lowest free descriptor: this one, the lower ones being open by now.
+                os.open(os.devnull, os.O_RDWR)
+            except OSError:
+                pass
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+            continue
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
 
 
 def _quiet_stdout() -> None:

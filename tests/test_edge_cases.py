@@ -251,3 +251,161 @@ def test_standalone_records_how_the_script_ended(run_py, tmp_path, body, status,
     work = r.stdout.strip().splitlines()[0]
     meta = read_meta(work)
     assert (meta["status"], meta["exit_code"]) == (status, code), r.stderr
+
+
+# ---------------------------------------------------------------- odd standard streams and locales
+
+
+def _batch(tmp_path, names=("ok", "f", "ok2")):
+    # "f" fails with a line of Chinese in its output; the others succeed.
+    body = ["[scheduler]", "max_concurrent_experiments = 1"]
+    for n in names:
+        cmd = "printf '\\\\344\\\\270\\\\255 boom\\\\n'; exit 3" if n == "f" else "true"
+        body += ["[[experiments]]", f'name = "{n}"', f'command = "{cmd}"']
+    (tmp_path / "c.toml").write_text("\n".join(body) + "\n", encoding="utf-8")
+    return tmp_path / "results"
+
+
+def _sh(command, cwd, **env):
+    """``command`` through sh (where ``>&-`` closes stdout as a user's shell does)."""
+    return subprocess.run(["sh", "-c", command], cwd=cwd, capture_output=True, text=True,
+                          env=child_env(**env), timeout=120, encoding="utf-8", errors="replace")
+
+
+def test_every_command_works_with_stdout_closed(tmp_path):
+    # `exp run ... >&-` (a daemon, a cron line) died at its first event line, leaving the
+    # state file with finished experiments "pending"; ls/status/--dry-run gave tracebacks.
+    base = _batch(tmp_path)
+    q = f'"{sys.executable}" "{EXP_PY}"'
+    r = _sh(f"{q} run c.toml >&-", tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # 1: "f" failed
+    state = json.loads((base / ".exp_state" / "scheduler_state.json").read_text())
+    assert state["pending"] == [] and state["running"] == [], state
+    assert sorted(i["name"] for g in ("finished", "errors") for i in state[g]) == ["f", "ok", "ok2"]
+    for cmd in ("ls results", "ls results --json", "status results", "run c.toml --dry-run"):
+        r = _sh(f"{q} {cmd} >&-", tmp_path)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (cmd, r.stderr)
+    # The library's foreground run returns the exit code instead of raising.
+    script = write_script(tmp_path, "lib.py", f"""
+        import sys, exp
+        e = exp.Experiment(name="lib", command="echo hi; exit 4", base_dir={str(tmp_path / 'lib')!r})
+        sys.stderr.write(f"code={{e.run()}}\\n")
+    """)
+    r = _sh(f'"{sys.executable}" "{script}" >&-', tmp_path, PYTHONPATH=os.path.dirname(EXP_PY))
+    assert r.returncode == 0 and "code=4" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_text_the_output_encoding_cannot_hold_is_escaped_and_the_output_goes_on(tmp_path):
+    # One character that stdout's encoding cannot hold silenced the rest of the batch's
+    # output (the summary too), and `exp status` died with a traceback.
+    base = _batch(tmp_path, ("ok", "f", "实验"))
+    r = subprocess.run([sys.executable, EXP_PY, "run", "c.toml"], cwd=tmp_path, capture_output=True,
+                       env=child_env(PYTHONIOENCODING="ascii", NO_COLOR="1"), timeout=120)
+    out, err = r.stdout.decode("ascii"), r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 1 and "Traceback" not in err, err
+    assert "\\u4e2d boom" in out  # the failure's log tail, escaped
+    assert "finished \\u5b9e\\u9a8c" in out and "summary: 3 experiment(s)" in out, out
+    r = subprocess.run([sys.executable, EXP_PY, "status", str(base)], capture_output=True,
+                       env=child_env(PYTHONIOENCODING="ascii"), timeout=60)
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert b"\\u5b9e\\u9a8c" in r.stdout and b"finished" in r.stdout
+
+
+@pytest.mark.parametrize("table, what", [
+    ('[[experiments]]\nname = "实验"\ncommand = "true"\n', "name"),
+    ('[scheduler]\nbase_experiment_dir = "./结果"\n[[experiments]]\nname = "a"\ncommand = "true"\n', "base_dir"),
+    ('[[experiments]]\nname = "c"\ncommand = "echo 错误"\n', "command"),
+], ids=["name", "base_dir", "command"])
+def test_non_ascii_where_file_names_are_ascii_is_a_config_error(tmp_path, table, what):
+    # LC_ALL=C with UTF-8 mode off: Python's file-name encoding is ASCII, so such a name or
+    # path cannot be made, nor such a command passed to sh.  It was a traceback (exit 1)
+    # or a launch failure midway; it is a config error before anything starts.
+    env = dict(LC_ALL="C", LANG=None, LC_CTYPE=None, PYTHONUTF8="0", PYTHONIOENCODING="utf-8")
+    probe = subprocess.run([sys.executable, "-c", "import sys; print(sys.getfilesystemencoding())"],
+                           capture_output=True, text=True, env=child_env(**env))
+    assert probe.stdout.strip() == "ascii", probe  # the premise: this locale gives ASCII file names
+    (tmp_path / "c.toml").write_text(table, encoding="utf-8")
+    r = subprocess.run([sys.executable, EXP_PY, "run", "c.toml"], cwd=tmp_path, capture_output=True,
+                       env=child_env(**env), timeout=60, text=True, encoding="utf-8")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"{what} " in r.stderr and "cannot be passed to the system" in r.stderr and "UTF-8" in r.stderr
+    assert r.stderr.count("cannot be passed") == 1, r.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "结果").exists()
+
+
+STANDALONE_LOOP = """
+import os, signal, sys, time
+import exp
+if sys.argv[1] == "own-handler":
+    signal.signal(signal.SIGTERM, lambda *a: (print("own handler", flush=True), sys.exit(0)))
+e = exp.load_experiment(standalone=True)
+print(e.work_dir, flush=True)
+if sys.argv[1] == "fork":
+    # A forked worker (a DataLoader's) still dies of SIGTERM; its parent's record stays its own.
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    print("worker", os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, flush=True)
+    sys.exit(0)
+try:
+    for step in range(600):
+        e.upd_row(step=step)
+        e.save_row()
+        if step == 0:
+            print("saving", flush=True)
+        time.sleep(0.05)
+finally:
+    print("finally ran", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "own-handler", "fork"])
+def test_a_standalone_script_ended_by_sigterm_is_recorded_killed(tmp_path, mode):
+    # timeout(1), Slurm and preemption send SIGTERM: the run stayed "running" for ever.
+    script = write_script(tmp_path, "loop.py", STANDALONE_LOOP)
+    p = subprocess.Popen([sys.executable, str(script), mode], cwd=tmp_path, env=child_env(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        work = p.stdout.readline().strip()
+        if mode != "fork":
+            assert p.stdout.readline().strip() == "saving"
+            p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    meta = read_meta(work)
+    if mode == "default":
+        assert p.returncode == 143 and "finally ran" in out, (p.returncode, out, err)
+        assert (meta["status"], meta["exit_code"]) == ("killed", 143), meta
+        assert exp.read_metrics(os.path.join(work, "metrics", "run_0001.csv"))  # its rows are kept
+    elif mode == "own-handler":  # the script's own handler is left alone
+        assert p.returncode == 0 and "own handler" in out, (out, err)
+        assert meta["status"] == "finished", meta
+    else:
+        assert p.returncode == 0 and "worker True" in out, (out, err)
+        assert meta["status"] == "finished", meta
+
+
+def test_an_experiment_made_from_a_deleted_directory_is_a_clear_error(run_py, tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    r = run_py(f"""
+        import os, exp
+        os.chdir({str(gone)!r})
+        os.rmdir({str(gone)!r})
+        try:
+            exp.Experiment(name="a", command="true")
+        except exp.ConfigError as e:
+            print("ConfigError:", e)
+        e = exp.Experiment(name="b", command="true", base_dir={str(tmp_path / 'abs')!r}, cwd={str(tmp_path)!r})
+        print("code", e.run())
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "ConfigError: the current directory no longer exists" in r.stdout
+    assert "code 0" in r.stdout  # with absolute paths it needs no current directory

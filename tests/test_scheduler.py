@@ -990,11 +990,21 @@ def test_tty_progress_line_counts_what_is_done_and_failed(tmp_path):
         {"name": "good", "command": "true", "priority": 3},
         {"name": "bad", "command": "exit 3", "priority": 2},
         {"name": "slow", "command": "sleep 0.5", "priority": 1}])
-    code, out, err = run_on_pty(cfg, tmp_path, cli_env(TERM="dumb"))
+    code, out, err = run_on_pty(cfg, tmp_path, cli_env(TERM="xterm", NO_COLOR="1"))
     assert code == 1, err
     assert "[0/3 done] running: good | failed: 0 |" in out, repr(out)
     assert "[2/3 done] running: slow | failed: 1 |" in out, repr(out)
     assert "[1/3 done] running: bad | failed: 0 |" in out, repr(out)
+
+
+def test_a_dumb_terminal_gets_event_lines_without_colour_or_a_progress_line(tmp_path):
+    # TERM=dumb (an editor's shell buffer) shows "\r\x1b[K" as text: no line redrawn in place.
+    cfg = write_config(tmp_path / "c.toml", {"max_concurrent_experiments": 1}, [
+        {"name": "good", "command": "true"}, {"name": "slow", "command": "sleep 0.3"}])
+    code, out, err = run_on_pty(cfg, tmp_path, cli_env(TERM="dumb"))
+    assert code == 0, err
+    assert "started  good" in out and "finished slow" in out and "summary: 2 experiment(s)" in out, repr(out)
+    assert "\x1b" not in out and "done] running:" not in out, repr(out)
 
 
 # ============================================================================
