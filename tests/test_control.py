@@ -837,13 +837,19 @@ def test_command_latency_while_idle_waiting(tmp_path, start, marks):
 # ============================================================================
 
 
-def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
+def start_holder(tmp_path, start, marks):
+    """A scheduler over tmp_path/results whose one task, "holder", runs until released: (base, scheduler)."""
     base = tmp_path / "results"
     cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}],
                        max_concurrent_experiments=4)
     s = start(cfg)
     marks.wait_started("holder", sched=s)
     wait_owned(base, s)
+    return base, s
+
+
+def test_a_second_run_joins_the_running_scheduler(tmp_path, start, marks):
+    base, s = start_holder(tmp_path, start, marks)
 
     sub = tmp_path / "other"
     sub.mkdir()
@@ -889,12 +895,7 @@ def test_a_waiting_joiner_stops_on_sigint_even_inherited_ignored_and_on_sigterm(
     # `exp run --wait` started by a script in the background (SIGINT ignored) kept waiting
     # after SIGINT; SIGTERM killed it without a word.  Either stops the waiting (exit 130);
     # the joined task goes on in the scheduler.
-    base = tmp_path / "results"
-    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}],
-                       max_concurrent_experiments=4)
-    s = start(cfg)
-    marks.wait_started("holder", sched=s)
-    wait_owned(base, s)
+    base, s = start_holder(tmp_path, start, marks)
     for i, sig in enumerate((signal.SIGINT, signal.SIGTERM)):
         name = f"w{i}"
         joined = write_config(tmp_path / f"{name}.toml", base, [{"name": name, "command": marks.hold(name)}])
