@@ -6915,9 +6915,9 @@ class Scheduler:
         if abs(time.time_ns() - self.state.commands_mtime()) < 2_000_000_000:
             self._commands_seen = -1
 
-    def _find(self, tasks: Iterable[Any]) -> tuple[list[Job], list[str]]:
-        """Jobs named by task ids or experiment names (a name: all its tasks); and the unknown ones."""
-        found: list[Job] = []
+    def _find(self, tasks: Iterable[Any]) -> tuple[list[tuple[str, list[Job]]], list[str]]:
+        """What each task id or experiment name selects (a name: all its tasks), and the unknown ones."""
+        found: list[tuple[str, list[Job]]] = []
         unknown: list[str] = []
         for t in tasks:
             text = str(t).strip()
@@ -6926,7 +6926,7 @@ class Scheduler:
             else:
                 jobs = [j for j in self.jobs if text in (j.spec.name, j.spec.template_name)]
             if jobs:
-                found += [j for j in jobs if j not in found]
+                found.append((text, jobs))
             else:
                 unknown.append(text)
         return found, unknown
@@ -6950,9 +6950,10 @@ class Scheduler:
                                            f"{len(self.queue)} pending will not start"}
         if action not in ("kill", "retry", "rm", "priority"):
             return {"ok": False, "message": f"unknown action {action!r}"}
-        jobs, unknown = self._find(tasks)
+        selected, unknown = self._find(tasks)
+        jobs = list({id(j): j for _, group in selected for j in group}.values())
         lines = []
-        refused = 0  # tasks the action cannot apply to: the command fails (exit 1), saying why
+        refused_jobs: set[int] = set()  # tasks the action cannot apply to (each said why)
         if action == "priority":
             value = body.get("value")
             if not _is_int(value):
@@ -6971,7 +6972,7 @@ class Scheduler:
                     lines.append(f"removed pending {label}")
                 else:
                     lines.append(f"{label} is {job.status}; nothing to kill")
-                    refused += 1
+                    refused_jobs.add(job.id)
             elif action == "retry":
                 if job in self.done and job.status in (ERROR, KILLED):
                     self.done.remove(job)
@@ -6989,7 +6990,7 @@ class Scheduler:
                         lines.append(f"queued {dep.id} {dep.label()} again (it waits for {job.label()})")
                 else:
                     lines.append(f"{label} is {job.status}; only failed or killed tasks can be retried")
-                    refused += 1
+                    refused_jobs.add(job.id)
             elif action == "rm":
                 if job in self.queue:
                     self.queue.remove(job)
@@ -6998,7 +6999,7 @@ class Scheduler:
                     self.done.remove(job)  # a success stays in _succeeded: its dependents may still start
                 else:
                     lines.append(f"{label} is running; kill it first")
-                    refused += 1
+                    refused_jobs.add(job.id)
                     continue
                 self.jobs.remove(job)
                 self._state_cache.pop(job.id, None)
@@ -7009,7 +7010,7 @@ class Scheduler:
                     lines.append(f"priority of {label} is now {job.priority}")
                 else:
                     lines.append(f"{label} is {job.status}; priority only changes pending tasks")
-                    refused += 1
+                    refused_jobs.add(job.id)
             self._touch(job)
         if action == "priority":
             # Dispatch order again: priority high to low, then the order the tasks came in.
@@ -7019,6 +7020,9 @@ class Scheduler:
             lines.append(f"no task {t!r} (tasks: {known}{', ...' if len(self.jobs) > 20 else ''})")
         for line in lines:
             self.term.event(f"{action}: {line}")
+        # The command fails (exit 1) for an unknown task, a task id the action cannot apply to, or a
+        # name none of whose tasks it applies to: `kill rep` that stopped two repeats of three is done.
+        refused = [text for text, group in selected if all(j.id in refused_jobs for j in group)]
         return {"ok": not unknown and not refused, "message": "\n".join(lines), "tasks": [j.id for j in jobs]}
 
     def _stop_jobs(self, jobs: list[Job], reason: str = "terminated by user", status: str = KILLED) -> None:

@@ -641,13 +641,18 @@ def test_a_name_means_all_its_tasks_an_id_one(tmp_path, start, marks):
     wait_task(base, 2, "errors", status="killed")
     assert task(base, 1)[0] == "running" and task(base, 3)[0] == "running"
 
-    out = refused(cli("kill", "rep", "--dir", base, cwd=tmp_path))  # one of the three was ended already
+    # One of the three was ended already: said, but the name's kill is done (exit 0).
+    out = ok(cli("kill", "rep", "--dir", base, cwd=tmp_path))
     assert out.splitlines() == ["terminating 1 rep #1/3", "2 rep #2/3 is killed; nothing to kill",
                                 "terminating 3 rep #3/3"]
     wait_task(base, 1, "errors", status="killed")
     wait_task(base, 3, "errors", status="killed")
     assert task(base, 4)[0] == "running"  # "other" is untouched
-    marks.release("other")
+    # A name none of whose tasks the action applies to, and an id it does not apply to, fail (exit 1).
+    out = refused(cli("kill", "rep", "--dir", base, cwd=tmp_path))
+    assert all(line.endswith("is killed; nothing to kill") for line in out.splitlines()), out
+    refused(cli("kill", "2", "other", "--dir", base, cwd=tmp_path))
+    wait_task(base, 4, "errors", status="killed")  # the one it applied to was still done
     assert s.wait() == 1
 
 
