@@ -7254,14 +7254,38 @@ def format_plan(config: BatchConfig, resume: bool = False) -> str:
     )
 
 
+def _cells(text: str, encoding: str | None) -> int:
+    """How many terminal columns ``text`` takes once printed: East Asian wide characters two,
+    combining marks none, and what the output's encoding cannot hold as its ``\\uXXXX`` escape."""
+    if text.isascii():
+        return len(text)
+    if encoding:
+        try:
+            text.encode(encoding)
+        except UnicodeEncodeError:
+            text = text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+        except LookupError:
+            pass
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
 def _table(rows: list[tuple[str, ...]], right: Iterable[int] = ()) -> str:
     # Names and tags come from files anyone may have edited: no escapes reach the terminal.
     rows = [tuple(clean_line(c, 10_000) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    enc = getattr(sys.stdout, "encoding", None)
+    cells = [[_cells(c, enc) for c in r] for r in rows]
+    widths = [max(r[i] for r in cells) for i in range(len(rows[0]))]
     right = set(right)
+
+    def pad(c: str, n: int, w: int, to_right: bool) -> str:
+        return " " * (w - n) + c if to_right else c + " " * (w - n)
+
     return "\n".join(
-        "  ".join(c.rjust(w) if i in right and n else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-        for n, r in enumerate(rows)
+        "  ".join(pad(c, n, w, i in right and k > 0) for i, (c, n, w) in enumerate(zip(r, cr, widths))).rstrip()
+        for k, (r, cr) in enumerate(zip(rows, cells))
     )
 
 

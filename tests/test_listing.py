@@ -1176,3 +1176,30 @@ def test_ls_json_lists_ten_thousand_experiments(tmp_path):
     assert len(entries) == 10_000
     assert {e["name"] for e in entries} == {f"e{i:05d}" for i in range(10_000)}
     assert all(e["status"] == "finished" for e in entries)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_ls_columns_line_up_with_wide_characters(tmp_path, encoding):
+    # Columns were padded by characters: a Chinese name (two terminal columns a character),
+    # or its \uXXXX escape on an ASCII stdout, pushed the rest of its row out of line.
+    import unicodedata
+
+    base = tmp_path / "results"
+    for name in ("实验一", "ok", "mixed实验"):
+        exp.Experiment(name=name, command="true", base_dir=str(base), cwd=str(tmp_path))
+
+    def columns(line):  # the terminal column where each field after the first starts
+        at, pos, starts = 0, 0, []
+        while pos < len(line):
+            if line[pos] == " " and pos + 1 < len(line) and line[pos + 1] != " " and line[pos - 1] == " ":
+                starts.append(at + 1)
+            at += 2 if unicodedata.east_asian_width(line[pos]) in "WF" else 1
+            pos += 1
+        return starts
+
+    r = subprocess.run([sys.executable, EXP_PY, "ls", str(base)], capture_output=True, timeout=CLI_TIMEOUT,
+                       env=child_env(PYTHONIOENCODING=encoding))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode(encoding).splitlines()
+    assert len(lines) == 4 and ("\\u5b9e" in r.stdout.decode(encoding)) == (encoding == "ascii"), lines
+    assert len({tuple(columns(ln)[:2]) for ln in lines}) == 1, lines  # "status" and "started" line up
