@@ -6413,6 +6413,7 @@ class Scheduler:
         linger = bool(self.config.linger_when_idle)
         replan_every = float(self.config.check_interval)
         next_replan = next_commands = 0.0
+        delay_due_at: float | None = None  # when the next delayed job becomes startable
         while True:
             now = self._clock()
             # Queue commands are looked for every COMMAND_POLL_INTERVAL, not after every event:
@@ -6425,14 +6426,22 @@ class Scheduler:
                     self._run_commands(pool)
             self._check_timeouts(now)
             # Plan after a change, when a delay ends, and every check_interval
-            # (GPUs that others were using may be free again).
-            if not self._draining and (self._replan or now >= next_replan):
+            # (GPUs that others were using may be free again).  The end of a delay is
+            # kept as a time, not looked for as "a job not yet due": a wake-up that came
+            # late (a loaded machine) would find the job due and so no delay to end,
+            # and it waited for the next check_interval.
+            delay_ended = delay_due_at is not None and now >= delay_due_at
+            if self._draining:
+                delay_due_at = None  # nothing more starts
+            elif self._replan or delay_ended or now >= next_replan:
                 self._replan = False
                 next_replan = now + replan_every
                 for job in plan_next(self.queue, len(self.running), self.limit, now, self._gpu_plan(now),
                                      self._succeeded, gpus_elsewhere=self.backend.allocates_gpus):
                     self.queue.remove(job)
                     self._launch(pool, job)
+                wait = next_wakeup(self.queue, now) if self._may_delay else None
+                delay_due_at = None if wait is None else now + wait
             if not self.running and (self._draining or not self.queue):
                 if not linger or self._draining:
                     # A last look: an `exp run` may have just sent experiments to join with.
@@ -6452,8 +6461,8 @@ class Scheduler:
             if self._dirty and self._clock() >= self._next_state_write:
                 self.write_state()
             self._progress()
-            timeout = next_wakeup(self.queue if self._may_delay else (), now,
-                                  [j.deadline for j in self.running.values() if j.deadline])
+            timeout = next_wakeup((), now, [j.deadline for j in self.running.values() if j.deadline]
+                                  + ([delay_due_at] if delay_due_at is not None else []))
             cap = 1.0 if self.term.tty else float(self.config.check_interval)
             timeout = cap if timeout is None else min(timeout, cap)
             if self._dirty:

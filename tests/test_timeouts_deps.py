@@ -478,3 +478,27 @@ def test_config_errors_for_dependencies_exit_2_before_anything_runs(rig):
             assert r.stderr.startswith("exp: error: ") and message in r.stderr, r.stderr
             assert "Traceback" not in r.stderr and r.stdout == ""
     assert not rig.base.exists() and rig.records(".start") == []
+
+
+def test_a_delayed_job_starts_when_its_delay_ends_even_if_the_loop_wakes_late(tmp_path):
+    # A wake-up that came late (a loaded machine) found the job already due, so no delay
+    # "to end", and it waited for the next check_interval (60 s here).  A clock that jumps
+    # 0.25 s at every reading makes every wake-up late.
+    import io
+    import itertools
+    import threading
+
+    (tmp_path / "c.toml").write_text(toml_text(
+        {"check_interval": 60, "base_experiment_dir": str(tmp_path / "results")},
+        [{"name": "late", "command": "true", "delay_seconds": 2}]))
+    ticks, lock = itertools.count(), threading.Lock()
+
+    def clock():
+        with lock:
+            return 1000.0 + 0.25 * next(ticks)
+
+    sched = exp.Scheduler(exp.load_config(str(tmp_path / "c.toml")), out=io.StringIO(), clock=clock)
+    assert sched.run() == 0
+    [job] = sched.jobs
+    assert job.status == exp.FINISHED
+    assert job.t_started - job.not_before < 5, (job.t_started, job.not_before)  # not a check_interval late
