@@ -918,7 +918,7 @@ def test_a_waiting_joiner_stops_on_sigint_even_inherited_ignored_and_on_sigterm(
         assert p.returncode == 130, (sig, p.returncode, out, err)
         assert "Traceback" not in err
         marks.wait_started(name, sched=s)
-        assert task(base, i + 2)[0] == "running"  # the waiting stopped, not the task
+        wait_task(base, i + 2, "running")  # the waiting stopped, not the task (the state file follows)
         marks.release(name)
     wait_for(lambda: all(task(base, i)[0] == "finished" for i in (2, 3)), 30, what="the joined tasks to finish")
     marks.release("holder")
