@@ -141,7 +141,9 @@ def start_run(tmp: str, name: str, mode: str, rows: int, interval: float, lark_c
     cmd = shlex.join([sys.executable, child, mode, str(rows), out, repr(interval)])
     e = exp.Experiment(name=name, command=cmd, base_dir=os.path.join(tmp, "results"), cwd=tmp,
                        lark_config=lark_config)
-    h = e.run(background=True, extra_env={"PYTHONPATH": REPO_ROOT, "PYTHONDONTWRITEBYTECODE": None})
+    # Bytecode cached, as in a real install, but in the temp dir: never a __pycache__ in the checkout.
+    h = e.run(background=True, extra_env={"PYTHONPATH": REPO_ROOT, "PYTHONDONTWRITEBYTECODE": None,
+                                          "PYTHONPYCACHEPREFIX": os.path.join(tmp, "pycache")})
     return e, h, out
 
 
