@@ -1955,8 +1955,9 @@ def check_experiment_path(base_dir: str, name: str) -> None:
             f"name {name[:40]!r}... is {name_bytes} bytes; with the timestamp the directory name would "
             f"pass the file system's {_NAME_MAX}-byte limit: use at most {_NAME_MAX - _DIR_SUFFIX_BYTES} bytes"
         )
-    _fs_bytes(os.path.abspath(base_dir), "base_dir")
-    top = os.path.join(os.path.abspath(base_dir), f"{name}_2025-01-01__00-00-00_{_SAME_SECOND_MAX}")
+    base = os.path.abspath(base_dir)
+    _fs_bytes(base, "base_dir")
+    top = os.path.join(base, f"{name}_2025-01-01__00-00-00_{_SAME_SECOND_MAX}")
     if len(os.fsencode(top)) + 1 + _LONGEST_INSIDE >= _PATH_MAX:
         raise ConfigError(
             f"the experiment directory for {name!r} under {base_dir[:60]}... would make paths longer than "
@@ -6467,13 +6468,10 @@ class Scheduler:
             timeout = cap if timeout is None else min(timeout, cap)
             if self._dirty:
                 timeout = min(timeout, max(0.0, self._next_state_write - self._clock()))
-            delay_due = timeout
             timeout = min(timeout, max(0.0, next_commands - time.monotonic()))
             try:
                 ev = self._events.get(timeout=timeout)
-            except queue_mod.Empty:  # a delay ended, a command may have come, or a tick
-                if delay_due <= timeout:
-                    self._replan = True
+            except queue_mod.Empty:  # a delay ended (delay_due_at says so), a command may have come, or a tick
                 continue
             self._replan = True
             interrupt = False
