@@ -3952,6 +3952,7 @@ class Experiment:
             if lark_config is None:
                 self._lark = _stored_lark(meta)
             self.current_run_id = meta.get("current_run_id")
+            self.repeat = meta["repeat"] if _is_int(meta.get("repeat")) else None
             self.created_at = (meta.get("created_at") or iso_from_old_timestamp(meta.get("timestamp"))
                                or now_iso())
 
@@ -4008,6 +4009,7 @@ class Experiment:
         self.created_at = meta.get("created_at") or iso_from_old_timestamp(meta.get("timestamp"))
         self.env = _stored_env(meta)
         self.params = dict(meta["params"]) if isinstance(meta.get("params"), dict) else {}
+        self.repeat = meta["repeat"] if _is_int(meta.get("repeat")) else None
         self.lark_config = None
         self._lark = _stored_lark(meta)
         self.backend = LocalBackend()
@@ -4030,6 +4032,10 @@ class Experiment:
 
     # ------------------------------------------------------------------ metadata
 
+    #: Which repeat of a batch task this experiment is (1-based, as ``EXPERIMENT_REPEAT``); set
+    #: by the scheduler and kept in metadata.json as ``repeat``; None outside a batch.
+    repeat: int | None = None
+
     @property
     def work_dir(self) -> str:
         return self.dir.path
@@ -4043,7 +4049,7 @@ class Experiment:
         return self.dir.read_metadata()
 
     def _static_fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "name": self.name,
             "command": self.command,
             "tags": self.tags,
@@ -4054,6 +4060,10 @@ class Experiment:
             "params": self.params,
             "lark": lark_public(self._lark),
         }
+        if self.repeat is not None:
+            # Which seed this directory holds: recovery and --resume match repeats by it.
+            fields["repeat"] = self.repeat
+        return fields
 
     def _initial_metadata(self) -> dict[str, Any]:
         meta = self._static_fields()
@@ -4289,7 +4299,7 @@ class Experiment:
                 # which on a box of mixed GPUs would give a run another card than its ids.
                 updates["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         updates.update(EXPERIMENT_WORK_DIR=self.work_dir, EXPERIMENT_NAME=self.name,
-                       EXPERIMENT_RUN_ID=run_id, EXPERIMENT_REPEAT="1", PYTHONUNBUFFERED="1")
+                       EXPERIMENT_RUN_ID=run_id, EXPERIMENT_REPEAT=str(self.repeat or 1), PYTHONUNBUFFERED="1")
         updates.update(self.env)
         # The app's credentials reach the command through its environment only.
         for key, names in _LARK_ENV.items():
@@ -4600,7 +4610,8 @@ class RunHandle:
         return self.returncode if self._done.is_set() else None
 
     def wait(self, timeout: float | None = None, *, sync: bool = True) -> int:
-        """Wait for the run to end and its end to be recorded; return the exit code.
+        """Wait for the run to end and its end to be recorded; return the exit code
+        (:data:`EXIT_UNKNOWN` for a run attached from its record whose status nobody wrote down).
 
         Raises ``subprocess.TimeoutExpired`` after ``timeout`` seconds, and
         :class:`StorageError` (after the exit code is known: see
@@ -4623,8 +4634,9 @@ class RunHandle:
                 raise self.record_error
         if not self._done.wait(timeout):
             raise subprocess.TimeoutExpired(self.experiment.command, timeout)  # type: ignore[arg-type]
-        assert self.returncode is not None
-        return self.returncode
+        # None only for a run attached from its record (another process started it) that
+        # ended with no status anyone wrote down: its supervisor was killed with it.
+        return self.returncode if self.returncode is not None else EXIT_UNKNOWN
 
     def _reap(self, timeout: float | None) -> None:
         """Under the reaper lock: record the pid if the run lasts, wait for it, record its end."""
@@ -5940,9 +5952,11 @@ def job_key(name: Any, command: Any, params: Any, repeat: Any) -> tuple[Any, ...
 def finished_before(base_dir: str, jobs: list[Job], claimed: Iterable[str] = ()) -> dict[Job, str]:
     """``--resume``: the jobs that already finished successfully under ``base_dir``, each with its directory.
 
-    An experiment directory counts for the job of the same name, command and
-    sweep values (one directory per job: repeats take one each); ``claimed``
-    directories are another job's already.
+    An experiment directory counts for the job of the same name, command,
+    sweep values and repeat (metadata.json's ``repeat``).  A directory that
+    does not say its repeat (made by an older exp, or outside a batch) counts
+    for the first job of that name, command and sweep values without a
+    directory of its own repeat.  ``claimed`` directories are another job's already.
     """
     claimed = set(claimed)
     finished: dict[tuple[Any, ...], list[str]] = {}
@@ -5951,10 +5965,18 @@ def finished_before(base_dir: str, jobs: list[Job], claimed: Iterable[str] = ())
             continue
         meta, _ = d.try_read_metadata()
         if meta and meta.get("status") == FINISHED:
-            key = job_key(meta.get("name"), meta.get("command"), meta.get("params"), None)
+            repeat = meta.get("repeat") if _is_int(meta.get("repeat")) else None
+            key = job_key(meta.get("name"), meta.get("command"), meta.get("params"), repeat)
             finished.setdefault(key, []).append(d.path)
     out: dict[Job, str] = {}
+    unmatched = []
     for job in jobs:
+        key = job_key(job.spec.name, job.spec.command, job.spec.params, job.repeat)
+        if finished.get(key):
+            out[job] = finished[key].pop(0)
+        else:
+            unmatched.append(job)
+    for job in unmatched:
         key = job_key(job.spec.name, job.spec.command, job.spec.params, None)
         if finished.get(key):
             out[job] = finished[key].pop(0)
@@ -6200,6 +6222,8 @@ class Scheduler:
         self._commands_seen = -1
         self._owner_fd: int | None = None
         self._notifiers: dict[tuple[Any, Any], Notifier] = {}
+        #: Runs of a dead scheduler's tasks that no task here stands for, and the GPUs they hold.
+        self._orphans: list[tuple[LocalRun | SlurmRun, list[int]]] = []
         self._notify_cache: dict[int, tuple[ExperimentSpec, dict[str, Any]]] = {}
         #: What the event lines' paths are relative to (a getcwd per line would cost the main loop).
         try:
@@ -6302,7 +6326,8 @@ class Scheduler:
                 )
             if job.gpus or job.spec.gpus:
                 job.experiment.gpu_ids = list(job.gpus)  # CUDA_VISIBLE_DEVICES and metadata's gpu_ids
-            extra = {"EXPERIMENT_REPEAT": str(job.repeat)}
+            job.experiment.repeat = job.repeat  # EXPERIMENT_REPEAT, and metadata's repeat
+            extra: dict[str, str | None] = {}
             notify = self._notify_settings(job)
             if notify.get("lark_webhook"):  # for exp.notify() in the script; through the environment only
                 extra[WEBHOOK_ENV] = notify["lark_webhook"]
@@ -6332,8 +6357,8 @@ class Scheduler:
         Returns ``("exited", job, (exit code, error or None))``.
         """
         try:
-            code = handle.wait(sync=sync)
-            return ("exited", job, (code, None))
+            handle.wait(sync=sync)
+            return ("exited", job, (handle.returncode, None))  # None: not knowable (see RunHandle.wait)
         except BaseException as e:  # noqa: BLE001 - e.g. disk full: the batch goes on, and says so
             return ("exited", job, (handle.returncode, f"its end could not be recorded: {e}"))
 
@@ -6425,6 +6450,10 @@ class Scheduler:
                 if mtime != self._commands_seen:
                     self._commands_seen = mtime
                     self._run_commands(pool)
+                    # Tasks the commands queued (a retry, a joining config) are due from
+                    # the clock's reading then, later than `now`: planned with the older
+                    # reading, they would wait for the next check_interval.
+                    now = self._clock()
             self._check_timeouts(now)
             # Plan after a change, when a delay ends, and every check_interval
             # (GPUs that others were using may be free again).  The end of a delay is
@@ -6681,7 +6710,7 @@ class Scheduler:
         ended_meanwhile: list[Job] = []
         claimed = {str(it.get("work_dir")) for group in items.values() for it in group if it.get("work_dir")}
         since = str(summary.get("started_at") or "")
-        made: dict[str, dict[tuple[Any, ...], list[tuple[ExperimentDir, str]]]] = {}
+        made: dict[str, dict[tuple[Any, ...], list[tuple[ExperimentDir, str, Any]]]] = {}
         pairs = self._match(list(self.jobs), items)
         # Tasks a joining `exp run` added, with some not done: from their config files again.
         joined_paths = sorted({it["config"] for group in items.values() for it in group
@@ -6707,16 +6736,19 @@ class Scheduler:
                 continue
             if job.work_dir is None and status in (PENDING, RUNNING):
                 # Started just before the crash, before the state file said where: a
-                # directory made since for this name and command is this job's.  Jobs are
-                # visited in order, as they were started, so repeats find their own.
+                # directory made since for this name, command, sweep values and repeat is this job's.
                 found = self._started_unrecorded(job, claimed, since, made)
-                if found is not None:
+                if found is not None and found[1] is not None:
                     job.work_dir, job.run_id = found
                     if status == PENDING:  # the state file had not counted this attempt yet
                         job.attempt += 1
                     status = RUNNING
-                elif status == RUNNING:  # launched, but nothing was made: this attempt never ran
-                    job.attempt = max(0, job.attempt - 1)
+                else:
+                    if found is not None:  # its directory was made, its command never started
+                        job.work_dir = found[0]
+                        status = PENDING
+                    if it.get("status") == RUNNING:  # launched, but never ran: this attempt does not count
+                        job.attempt = max(0, job.attempt - 1)
             if job.work_dir is not None:
                 claimed.add(job.work_dir)
             if job.work_dir is None or not ExperimentDir.is_experiment(job.work_dir):
@@ -6769,7 +6801,10 @@ class Scheduler:
                 self.queue.remove(job)
                 self.running[job.id] = job
                 exact, _ = job.gpu_request()
-                job.gpus = [g for g in (it.get("assigned_gpus") or exact or []) if _is_int(g)]
+                # A run started just before the crash has none in the state file yet; its
+                # metadata.json says which it was given (CUDA_VISIBLE_DEVICES).
+                job.gpus = [g for g in (it.get("assigned_gpus") or job.experiment.gpu_ids or exact or [])
+                            if _is_int(g)]
                 for g in job.gpus:
                     self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
                 adopted += 1
@@ -6783,9 +6818,11 @@ class Scheduler:
         lost = [it for group in items.values() for it in group if it.get("status") in (PENDING, RUNNING)]
         if lost:
             names = ", ".join(f"{it.get('name')} ({it.get('status')})" for it in lost[:10])
+            held = self._hold_gpus_of_orphans(lost)
             self.term.event(f"warning: {len(lost)} task(s) of the scheduler that died are in no config this one "
                             f"has: {names}{', ...' if len(lost) > 10 else ''}; run their config again to queue "
-                            "them (a run still going keeps running)")
+                            "them (a run still going keeps running"
+                            + (f"; GPUs {','.join(map(str, held))} stay taken until it ends)" if held else ")"))
         ended = len(ended_meanwhile)
         for job in ended_meanwhile:  # what the dead scheduler would have done at these ends
             if self.config.auto_restart_on_error and job.retryable():
@@ -6804,6 +6841,34 @@ class Scheduler:
                             f"{len(self.queue)} to run")
         self._dirty = True
 
+    def _hold_gpus_of_orphans(self, items: list[dict[str, Any]]) -> list[int]:
+        """GPUs of runs still going that no task of this scheduler stands for (their config was
+        edited or is not this one): counted as taken until those runs end.  Returns them."""
+        held: list[int] = []
+        if self.backend.allocates_gpus:
+            return held
+        for it in items:
+            gpus = [g for g in it.get("assigned_gpus") or [] if _is_int(g)]
+            wd, rid = it.get("work_dir"), it.get("run_id")
+            if it.get("status") != RUNNING or not gpus or not isinstance(wd, str) or not isinstance(rid, str):
+                continue
+            d = ExperimentDir(wd)
+            entry = d.run_entry(rid) or {}
+            pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
+            if entry.get("ended_at") or not _is_int(pid):
+                continue
+            try:
+                run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
+                                           "host": (d.try_read_metadata()[0] or {}).get("hostname")})
+            except ExpError:
+                continue
+            if run.poll() is None:
+                self._orphans.append((run, gpus))
+                for g in gpus:
+                    self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
+                held += gpus
+        return held
+
     def _match(self, jobs: list[Job], items: dict[tuple[Any, ...], list[dict[str, Any]]]
                ) -> list[tuple[Job, dict[str, Any]]]:
         """Each job with the old state file's task of the same name, command, params and repeat (taken
@@ -6816,28 +6881,34 @@ class Scheduler:
         return out
 
     def _started_unrecorded(self, job: Job, claimed: set[str], since: str,
-                            made: dict[str, dict[tuple[Any, ...], list[tuple[ExperimentDir, str]]]]
-                            ) -> tuple[str, str] | None:
+                            made: dict[str, dict[tuple[Any, ...], list[tuple[ExperimentDir, str, Any]]]]
+                            ) -> tuple[str, str | None] | None:
         """The directory and run of ``job`` if the dead scheduler started it but its state file did not
         say so yet: created since that scheduler started for this name, command and sweep values, with a run that
         has ended since (recorded, or its exit status in the log), has a pid or job id, or that the
         backend finds (a local supervisor by its command line, a Slurm job by its comment).
+        Failing that, ``(directory, None)`` for one made for it whose command never started
+        (the scheduler was killed in between): that run is recorded as such.
 
         ``made``: the directories created since, by base directory and task (filled here, one
-        scan of each base directory for the whole recovery).
+        scan of each base directory for the whole recovery), each with the repeat its
+        metadata.json names (None from an older exp: then any repeat's, in the order found).
         """
         key = job_key(job.spec.name, job.spec.command, job.spec.params, None)
         base = os.path.abspath(job.spec.base_dir)
         if base not in made:
-            found: dict[tuple[Any, ...], list[tuple[ExperimentDir, str]]] = {}
+            found: dict[tuple[Any, ...], list[tuple[ExperimentDir, str, Any]]] = {}
             made[base] = found
             for d in scan(base, depth=1):
                 meta, _ = d.try_read_metadata()
                 rid = meta.get("current_run_id") if meta else None
                 if meta and isinstance(rid, str) and str(meta.get("created_at") or "") >= since:
                     found.setdefault(job_key(meta.get("name"), meta.get("command"), meta.get("params"), None),
-                                     []).append((d, rid))
-        for d, rid in made[base].get(key, ()):
+                                     []).append((d, rid, meta.get("repeat")))
+        candidates = made[base].get(key, [])
+        unstarted: tuple[ExperimentDir, str] | None = None
+        for d, rid, repeat in ([c for c in candidates if c[2] == job.repeat]
+                               + [c for c in candidates if not _is_int(c[2])]):
             if d.path in claimed or not os.path.basename(d.path).startswith(job.spec.name + "_"):
                 continue
             entry = d.run_entry(rid) or {}
@@ -6849,6 +6920,20 @@ class Scheduler:
                 return d.path, rid
             if read_exit_status(d.log_path(rid)) is not None:  # ended, and its end is in the log
                 return d.path, rid
+            if unstarted is None:
+                unstarted = (d, rid)
+        if unstarted is not None:
+            # Made and marked running, but its command was never started (the scheduler was
+            # killed in between): that run is recorded as such, and the job's next attempt
+            # goes in this directory instead of leaving it "running" for ever.
+            d, rid = unstarted
+            try:
+                d.record_end(rid, exit_code=None, status=KILLED, duration=0.0,
+                             reason="never started: the scheduler was killed while starting it")
+            except (OSError, ExpError) as e:
+                self.term.event(f"warning: could not record in {_short_path(d.path, self._cwd)} that "
+                                f"{rid} never started: {e}")
+            return d.path, None
         return None
 
     def _mark_done(self, job: Job, status: Any, code: Any, reason: Any,
@@ -7142,6 +7227,10 @@ class Scheduler:
         """Free GPU capacity now; with gpu_free_memory_mb, nvidia-smi is asked again (GPUs used by others)."""
         if not self.gpu_pool:
             return None
+        for orphan in [o for o in self._orphans if o[0].poll() is not None]:  # ended: its GPUs are free
+            self._orphans.remove(orphan)
+            for gpu in orphan[1]:
+                self.gpu_use[gpu] = max(0, self.gpu_use.get(gpu, 0) - 1)
         unusable: list[int] = []
         limit_mb = self.config.scheduler.gpu_free_memory_mb
         wants = any(j.gpu_request()[1] and j.not_before <= now for j in self.queue)

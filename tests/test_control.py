@@ -1135,3 +1135,24 @@ def test_a_join_its_scheduler_never_took_is_sent_again_to_the_next_one(tmp_path)
                     pass
                 p.kill()
                 p.wait()
+
+
+def test_a_retried_or_joined_task_starts_at_once_with_a_long_check_interval(tmp_path, start, marks):
+    # Queued by a command, such tasks were due a moment after the loop read its clock, so
+    # they waited for the next check_interval (60 s here) although a slot was free.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "fails", "command": marks.quick("fails", 2)},
+        {"name": "holder", "command": marks.hold("holder")}],
+        max_concurrent_experiments=3, check_interval=60, linger_when_idle=True)
+    s = start(cfg)
+    marks.wait_started("holder", sched=s)
+    wait_for(lambda: task(base, 1)[0] == "errors", 30, what="fails to fail")
+    ok(cli("retry", "fails", "--dir", base, cwd=tmp_path))
+    wait_for(lambda: marks.order().count("fails") == 2, 20, what="the retry to run while check_interval is 60 s")
+    ok(cli("run", write_config(tmp_path / "j.toml", base, [{"name": "j", "command": marks.quick("j")}]),
+           cwd=tmp_path))
+    wait_for(lambda: "j" in marks.order(), 20, what="the joined task to run while check_interval is 60 s")
+    marks.release("holder")
+    ok(cli("shutdown", base, cwd=tmp_path))
+    assert s.wait() in (0, 1)

@@ -1034,3 +1034,173 @@ def test_resume_over_directories_whose_metadata_has_wrong_types(tmp_path):
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout + r.stderr
         assert "skips" not in r.stdout, r.stdout  # none of them is this task's
     assert len(dirs_of(base, "a")) == len(odd) + 1  # it ran, in a directory of its own
+
+
+# ============================================================================
+# Repeats, GPUs and half-made starts across a crash
+# ============================================================================
+
+
+def test_resume_reruns_the_repeat_that_failed_not_another(tmp_path, marks, sched):
+    # Repeat 1 fails; --resume once took the directories of 2 and 3 (in listing order) for
+    # repeats 1 and 2, and ran repeat 3 a second time: seed 1 never succeeded, seed 3 twice.
+    base = tmp_path / "results"
+    flag = tmp_path / "fixed"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "seeds", "repeats": 3,
+         "command": marks.quick("seeds") + f'; [ "$EXPERIMENT_REPEAT" -ne 1 ] || [ -e "{flag}" ]'}])
+    assert sched(cfg).wait() == 1
+    assert sorted(read_meta(d)["repeat"] for d in dirs_of(base, "seeds")) == [1, 2, 3]
+    flag.touch()
+    r = subprocess.run([PY, EXP_PY, "run", str(cfg), "--resume", "--dry-run"], cwd=str(tmp_path),
+                       env=child_env(NO_COLOR="1"), capture_output=True, text=True, timeout=60)
+    assert "seeds #2/3" in r.stdout and "seeds #3/3" in r.stdout and "seeds #1/3" not in r.stdout.split(
+        "skips", 1)[1].split("\n", 1)[0], r.stdout
+    s = sched(cfg, "--resume")
+    assert s.wait() == 0, s.output()
+    assert [line.split()[1] for line in marks.runs("seeds")] == ["1", "2", "3", "1"], marks.runs("seeds")
+    assert re.search(r"started\s+seeds #1/3", s.output()) and "seeds #3/3" not in s.output().split(
+        "--resume:", 1)[1], s.output()
+
+
+def fake_dead_scheduler(base: Path, since: str, pending: list[dict], running: list[dict] = ()) -> None:
+    """The state file of a scheduler of ``base`` that died (not "stopped") while these tasks were queued."""
+    (base / ".exp_state").mkdir(parents=True, exist_ok=True)
+    (base / ".exp_state" / "scheduler_state.json").write_text(json.dumps({
+        "summary": {"status_indicator": "running", "pid": 1, "started_at": since}, "running": list(running),
+        "finished": [], "errors": [], "pending": pending}))
+
+
+def fake_started_dir(base: Path, name: str, command: str, since: str, pid: int | None, **meta) -> Path:
+    """A directory the dead scheduler made for ``name``, its run_0001 marked running (pid ``pid``)."""
+    d = base / f"{name}_2026-01-01__00-00-0{len(list(base.glob(name + '_*')))}"
+    (d / "terminal_logs").mkdir(parents=True)
+    (d / "metrics").mkdir()
+    (d / "terminal_logs" / "run_0001.log").write_text(f"[exp] {since} run_0001 of {name!r} starting\n")
+    entry = {"id": "run_0001", "pid": pid, "started_at": since, "ended_at": None, "status": "running"}
+    if pid is not None:
+        entry["start_ticks"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    (d / "metadata.json").write_text(json.dumps({
+        "name": name, "command": command, "status": "running", "current_run_id": "run_0001", "created_at": since,
+        "params": {}, "hostname": exp._hostname(), "runs": [entry], **meta}))
+    return d
+
+
+def test_a_repeat_started_just_before_the_crash_is_adopted_as_its_own_repeat(tmp_path, marks, sched,
+                                                                             kill_groups_later):
+    # The dead scheduler had started repeat 2 only, before its state file said where; the
+    # restart took that directory for repeat 1 (the first without one) and ran repeat 2 again.
+    base = tmp_path / "results"
+    cmd = marks.gated("s")
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "s", "command": cmd, "repeats": 2}],
+                       max_concurrent_experiments=2)
+    since = exp.now_iso()
+    run = subprocess.Popen(["sh", "-c", cmd], start_new_session=True,
+                           env=child_env(EXPERIMENT_RUN_ID="run_0001", EXPERIMENT_REPEAT="2"))
+    kill_groups_later.append(run.pid)
+    d = fake_started_dir(base, "s", cmd, since, run.pid, repeat=2)
+    fake_dead_scheduler(base, since, [{"name": "s", "command": cmd, "params": {}, "repeat": r,
+                                       "status": "pending", "attempt": 0} for r in (1, 2)])
+    s = sched(cfg)
+    wait_for(lambda: "adopted" in s.output(), 30, what="the restart to adopt repeat 2")
+    assert re.search(r"adopted\s+s #2/2 \(pid \d+", s.output()), s.output()
+    marks.open("s")
+    s.wait()
+    assert run.wait(30) == 0
+    assert re.findall(r"\] started\s+(s #\d/2)", s.output()) == ["s #1/2"], s.output()
+    assert sorted(read_meta(x).get("repeat") for x in dirs_of(base, "s")) == [1, 2]
+    assert read_meta(d)["repeat"] == 2 and len(read_meta(d)["runs"]) == 1
+
+
+def test_gpus_of_a_run_adopted_from_its_directory_are_not_given_out_again(tmp_path, marks, sched,
+                                                                          kill_groups_later):
+    # Adopted from its directory (the state file did not list it as running yet), its GPU
+    # counted as free: the next task was started on it while it still ran.
+    base = tmp_path / "results"
+    cmd = marks.quick("g") + f'; echo "$EXPERIMENT_REPEAT $CUDA_VISIBLE_DEVICES" >> "{tmp_path}/cvd"; ' \
+        + marks.gated("g_go").split("; ", 1)[1]
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "g", "command": cmd, "repeats": 2, "gpus": 1}],
+                       max_concurrent_experiments=2, gpus=[0], check_interval=0.2)
+    since = exp.now_iso()
+    run = subprocess.Popen(["sh", "-c", marks.gated("held")], start_new_session=True, env=child_env())
+    kill_groups_later.append(run.pid)
+    fake_started_dir(base, "g", cmd, since, run.pid, repeat=1, gpu_ids=[0])
+    fake_dead_scheduler(base, since, [{"name": "g", "command": cmd, "params": {}, "repeat": r,
+                                       "status": "pending", "attempt": 0, "assigned_gpus": []} for r in (1, 2)])
+    s = sched(cfg)
+    wait_for(lambda: "adopted" in s.output(), 30, what="the restart to adopt repeat 1")
+    time.sleep(1.5)  # several plans (check_interval 0.2): repeat 2 must not start on GPU 0 meanwhile
+    assert "started" not in s.output(), s.output()
+    marks.open("held")
+    marks.open("g_go")
+    assert run.wait(30) == 0
+    s.wait()
+    assert re.search(r"started\s+g #2/2 \(attempt 1/1, GPUs 0\)", s.output()), s.output()
+    assert (tmp_path / "cvd").read_text().split("\n")[0] == "2 0"
+
+
+def test_a_still_running_run_of_an_edited_task_keeps_its_gpus(tmp_path, marks, sched, kill_groups_later):
+    # The config was edited after the crash: the old run is "in no config", but it still holds its
+    # GPU, which was given to the new task at once.
+    base = tmp_path / "results"
+    since = exp.now_iso()
+    old_cmd = marks.gated("old")
+    run = subprocess.Popen(["sh", "-c", old_cmd], start_new_session=True, env=child_env())
+    kill_groups_later.append(run.pid)
+    d = fake_started_dir(base, "train", old_cmd, since, run.pid, gpu_ids=[0])
+    fake_dead_scheduler(base, since, [], running=[{
+        "name": "train", "command": old_cmd, "params": {}, "repeat": 1, "status": "running", "attempt": 1,
+        "work_dir": str(d), "run_id": "run_0001", "pid": run.pid, "assigned_gpus": [0]}])
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "train", "command": marks.quick("new"), "gpus": 1}],
+                       gpus=[0], check_interval=0.2)
+    s = sched(cfg)
+    wait_for(lambda: "in no config" in s.output(), 30, what="the warning about the old run")
+    assert "GPUs 0 stay taken until it ends" in s.output(), s.output()
+    time.sleep(1.5)  # several plans: the new task must wait for GPU 0
+    assert marks.runs("new") == [] and "started" not in s.output(), s.output()
+    marks.open("old")
+    assert run.wait(30) == 0
+    assert s.wait() == 0, s.output()
+    assert len(marks.runs("new")) == 1
+
+
+def test_a_directory_whose_command_never_started_is_reused_not_left_running(tmp_path, marks, sched):
+    # Killed between marking the run "running" and starting its command: the directory stayed
+    # "running" for ever and the task ran again in a new one.
+    base = tmp_path / "results"
+    cmd = marks.quick("n")
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "n", "command": cmd}])
+    since = exp.now_iso()
+    d = fake_started_dir(base, "n", cmd, since, None, repeat=1)
+    fake_dead_scheduler(base, since, [{"name": "n", "command": cmd, "params": {}, "repeat": 1,
+                                       "status": "running", "attempt": 1}])
+    s = sched(cfg)
+    assert s.wait() == 0, s.output()
+    assert dirs_of(base, "n") == [d]
+    meta = read_meta(d)
+    assert meta["status"] == "finished" and [r["id"] for r in meta["runs"]] == ["run_0001", "run_0002"]
+    first = meta["runs"][0]
+    assert (first["status"], first["reason"]) == ("killed", "never started: the scheduler was killed while starting it")
+    assert len(marks.runs("n")) == 1 and "attempt 1/1" in s.output(), s.output()
+
+
+def test_an_adopted_run_that_needs_sigkill_is_recorded_killed(tmp_path, marks, sched, kill_groups_later):
+    # A run that ignores SIGTERM, adopted after a crash, then stopped: its supervisor dies with it
+    # (SIGKILL), so nobody knows its exit status; that ended in an internal error and an end
+    # "that could not be recorded".
+    base = tmp_path / "results"
+    cmd = marks.quick("stubborn") + "; trap '' TERM; while true; do sleep 0.1; done"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "stubborn", "command": cmd}], kill_timeout=1)
+    s1 = sched(cfg)
+    run = wait_running(base, "stubborn")["stubborn"]
+    kill_groups_later.append(run["pid"])
+    s1.crash()
+    s2 = sched(cfg)
+    wait_for(lambda: "adopted" in s2.output(), 30, what="the restarted scheduler to adopt")
+    os.kill(s2.pid, signal.SIGINT)
+    assert s2.wait() == 130
+    out = s2.output()
+    assert "could not be recorded" not in out and "Error" not in out, out
+    meta = read_meta(run["work_dir"])
+    assert (meta["status"], meta["reason"]) == ("killed", "terminated by user"), meta
+    assert pid_gone(run["pid"])
