@@ -110,7 +110,8 @@ __all__ = [
     "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "keep_aside", "read_tail",
     "read_tail_span",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
-    "group_alive", "time_from_ticks", "session_leaders_running", "group_members", "exited_within", "stop_groups",
+    "group_alive", "process_alive", "time_from_ticks", "session_leaders_running", "group_members", "exited_within",
+    "stop_groups",
     # metrics CSV
     "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "last_metrics_values", "metric_column",
     # listing and the CLI
@@ -872,6 +873,10 @@ def group_members(pgid: int) -> list[int] | None:
     return members
 
 
+#: Whether /proc describes processes (Linux): where not (macOS), pids are asked with kill -0.
+_HAS_PROC = os.path.isdir("/proc/self/cwd")
+
+
 def time_from_ticks(start_ticks: int) -> float | None:
     """When a process started, in seconds since the epoch, from its /proc start time (clock ticks
     since boot): to the tick, where a recorded ``started_at`` has only the second.  None without /proc."""
@@ -882,6 +887,40 @@ def time_from_ticks(start_ticks: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return time.time() - uptime + start_ticks / hz
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (/proc), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, start_ticks: int | None = None, started_by: float | None = None) -> bool:
+    """Whether process ``pid`` of this machine still runs and is the one meant.
+
+    ``start_ticks``: its /proc start time, which must be the same; else
+    ``started_by`` (seconds since the epoch): it must have started no later
+    (a later process given the same pid is not it).  A process we may not
+    signal (another user's) counts as alive; so does a zombie not yet reaped.
+    """
+    if _HAS_PROC:
+        ticks = _proc_start_ticks(pid)
+        if ticks is None:
+            return False
+        if start_ticks is not None:
+            return ticks == start_ticks
+        at = time_from_ticks(ticks) if started_by is not None else None
+        return at is None or started_by is None or at <= started_by
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def session_leaders_running(needle: bytes) -> list[int] | None:
@@ -2655,6 +2694,44 @@ class ExperimentDir:
         """Each metric's last logged value in a run (see :func:`last_metrics_values`)."""
         return last_metrics_values(self.metrics_path(run_id))
 
+    def ended_unrecorded(self, meta: Mapping[str, Any]) -> tuple[str, str | None] | None:
+        """For metadata that says ``running``: the (status, reason) to show when the run's process,
+        on this machine, is gone and nothing recorded its end; None while it may still run.
+
+        That is a standalone script killed with SIGKILL (the OOM killer) or ``os._exit``, an end
+        a full disk kept out of metadata.json, a machine that restarted.  The exit status a
+        supervisor wrote at the end of the log says how it ended, when there is one.
+        """
+        rid, runs, pid = meta.get("current_run_id"), meta.get("runs"), meta.get("pid")
+        if not isinstance(rid, str) or not _RUN_ID_RE.match(rid) or meta.get("hostname") != _hostname():
+            return None
+        entry = next((r for r in runs if isinstance(r, dict) and r.get("id") == rid), None) \
+            if isinstance(runs, list) else None
+        if not _is_int(pid) and entry is not None:
+            pid = entry.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return None  # not started yet, or a cluster job (its id, not a pid)
+        ticks = entry.get("start_ticks") if entry is not None else None
+        started_by = None
+        if not _is_int(ticks):
+            ticks = None
+            try:  # started_at has the second only, and a batch's command starts just after it
+                from datetime import datetime
+
+                started_by = datetime.fromisoformat(str(meta.get("started_at"))).timestamp() + 30
+            except ValueError:
+                return None
+        if process_alive(pid, ticks, started_by):
+            return None
+        code = read_exit_status(self.log_path(rid))
+        if code is None:
+            return ERROR, ("its process is gone and nothing recorded how it ended "
+                           "(killed with SIGKILL, by the OOM killer, or the machine restarted?)")
+        if code == 0:
+            return FINISHED, None
+        return ERROR, (f"signal {signal_name(code - 128)}" if 128 < code < 160 else f"exit code {code}") \
+            + " (its end was not recorded in metadata.json)"
+
     def summary(self, unreadable: str | None = None) -> dict[str, Any]:
         """What ``exp ls --json`` prints for this directory (and the dashboard serves).
 
@@ -2663,7 +2740,8 @@ class ExperimentDir:
         (:func:`metadata_problem`) gives ``status: "unreadable"`` and ``error``
         saying why (``unreadable`` gives that reason without reading anything).
         Non-finite metrics become ``"nan"``/``"inf"`` strings so the result is
-        strict JSON.
+        strict JSON.  A ``running`` experiment whose process is gone shows how
+        it ended (see :meth:`ended_unrecorded`).
         """
         meta, why = self.try_read_metadata(finite=True) if unreadable is None else (None, unreadable)
         if meta is not None:
@@ -2690,11 +2768,14 @@ class ExperimentDir:
         code = m.get("exit_code")
         pid = m.get("pid")
         git = m.get("git")
+        status, reason = (text("status") or None) if meta is not None else UNREADABLE, text("reason")
+        if status == RUNNING:
+            status, reason = self.ended_unrecorded(m) or (status, reason)
         return {
             "name": text("name") or _name_from_dir(os.path.basename(self.path)),
             "dir": os.path.basename(self.path),
             "work_dir": self.path,
-            "status": (text("status") or None) if meta is not None else UNREADABLE,
+            "status": status,
             "error": why if meta is None else text("error"),
             "tags": [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else [],
             "description": text("description"),
@@ -2710,7 +2791,7 @@ class ExperimentDir:
             "hostname": text("hostname"),
             "params": json_safe({str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
             if isinstance(params, dict) else {},
-            "reason": text("reason"),
+            "reason": reason,
             "cause": text("cause"),
             # Finite numbers as they are (v - v is 0 only for those), the others through json_safe.
             "last_metrics": {k: v if v - v == 0 else json_safe(v) for k, v in last.items() if _is_num(v)},
@@ -3099,9 +3180,6 @@ class Launch:
         self.on_submit = on_submit
 
 
-_HAS_PROC = os.path.isdir("/proc/self/cwd")
-
-
 def supervised_command(command: str, recorder: list[str] | None, manager_pid: int) -> str:
     """The ``sh -c`` text that runs ``command`` under exp's supervisor (see :class:`Launch`).
 
@@ -3174,15 +3252,6 @@ def record_orphan_end(work_dir: str, run_id: str, status_code: int, ended: float
     code = -(status_code - 128) if 128 < status_code < 160 else status_code
     d.record_end(run_id, exit_code=code, status=FINISHED if code == 0 else ERROR, duration=duration,
                  ended_at=_iso_at(int(ended)))
-
-
-def _proc_start_ticks(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (/proc), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class LocalRun:
@@ -5276,11 +5345,13 @@ class BatchConfig:
     """
 
     def __init__(self, path: str, settings: SchedulerSettings, experiments: list[ExperimentSpec],
-                 warnings: list[str] | None = None) -> None:
+                 warnings: list[str] | None = None, scheduler_keys: Iterable[str] = ()) -> None:
         self.path = path
         self.scheduler = settings
         self.experiments = experiments
         self.warnings = list(warnings or [])
+        #: The keys the file's [scheduler] table sets (the others are defaults).
+        self.scheduler_keys = tuple(scheduler_keys)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -5601,12 +5672,14 @@ def parse_config(text: str, source: str = "<config>", root: str | None = None) -
             if spec.gpu_ids:
                 errors.append(f"experiments[{spec.index}] ({spec.name}): gpu_ids names GPUs of this machine; with "
                               'backend = "slurm" ask for a number of GPUs with gpus = N (Slurm picks them)')
-    if not errors:
-        # A sweep's points share their table's depends_on: one message each, not one per point.
-        errors.extend(dict.fromkeys(check_dependencies(specs)))
+    # A sweep's points share their table's depends_on: one message each, not one per point.
+    # With other problems, a name may be unknown because its table had one: only cycles then.
+    others = bool(errors)
+    errors.extend(p for p in dict.fromkeys(check_dependencies(specs))
+                  if not others or "no experiment is named" not in p)
     if errors:
         raise ConfigError(f"{source}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  " + "\n  ".join(errors))
-    return BatchConfig(source, settings, specs, warnings)
+    return BatchConfig(source, settings, specs, warnings, [k for k in raw_sched if k in sched_values])
 
 
 def load_config(path: str | os.PathLike[str]) -> BatchConfig:
@@ -5913,12 +5986,15 @@ def check_dependencies(specs: list[ExperimentSpec]) -> list[str]:
         state[i] = 2
         return False
 
+    label = {s.index: s.template_name for s in specs}
     for i in sorted(edges):
         if state.get(i) is None and visit(i, [i]):
-            label = {s.index: s.template_name for s in specs}
             problems.append("depends_on: a cycle: " + " -> ".join(label[c] for c in cycle)
                             + "; no experiment of it could ever start")
-            break
+            # Each cycle once: what that search had open is done, and the next search looks
+            # for another.
+            state.update((k, 2) for k, v in list(state.items()) if v == 1)
+            cycle.clear()
     return problems
 
 
@@ -6596,8 +6672,8 @@ class Scheduler:
             if log:
                 for line in tail_lines(log, 10, max_bytes=65536, skip_prefix=LOG_MARK):
                     self.term.plain(f"      {clean_line(line)}")
-        retry = (kind == "exited" and not self._stopping and self.config.auto_restart_on_error
-                 and job.retryable())
+        # Its own config's auto_restart_on_error (a joining file's may differ) set its attempts.
+        retry = kind == "exited" and not self._stopping and job.retryable()
         if retry:
             job.status = PENDING
             job.not_before = self._clock() + job.spec.delay_seconds
@@ -6825,7 +6901,7 @@ class Scheduler:
                             + (f"; GPUs {','.join(map(str, held))} stay taken until it ends)" if held else ")"))
         ended = len(ended_meanwhile)
         for job in ended_meanwhile:  # what the dead scheduler would have done at these ends
-            if self.config.auto_restart_on_error and job.retryable():
+            if job.retryable():
                 self.done.remove(job)
                 job.status, job.handle = PENDING, None
                 job.not_before = self._clock() + job.spec.delay_seconds
@@ -9717,8 +9793,10 @@ class ExperimentIndex:
             key: Any = meta_key
             run = old.run if old is not None else None
             if old is not None and old.status == RUNNING and run:
-                # A running experiment's last metrics change without its metadata.
-                key = (meta_key, _size_mtime(ExperimentDir(sub).metrics_path(run)))
+                # A running experiment's last metrics change without its metadata, and its
+                # process can die without a word (then summary() says how it ended).
+                key = (meta_key, _size_mtime(ExperimentDir(sub).metrics_path(run)),
+                       _pid_alive(old.get("pid")))
             if old is not None and meta_key is not None and old.key == key:
                 seen[rid] = old
                 continue
@@ -9727,7 +9805,8 @@ class ExperimentIndex:
                                     metadata_not_a_link=plain)
             row["id"] = rid
             run = row.get("current_run_id")
-            key = (meta_key, _size_mtime(d.metrics_path(run))) if row.get("status") == RUNNING and run else meta_key
+            key = ((meta_key, _size_mtime(d.metrics_path(run)), _pid_alive(row.get("pid")))
+                   if row.get("status") == RUNNING and run else meta_key)
             seen[rid] = _IndexEntry(key, row)
             changed = True
         return changed
@@ -9749,6 +9828,10 @@ def _list_dir(path: str) -> list[dict[str, Any]]:
             continue
         out.append({"name": e.name, "type": kind, "size": st.st_size if kind == "file" else 0, "mtime": st.st_mtime})
     return out
+
+
+def _pid_alive(pid: Any) -> bool:
+    return isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and process_alive(pid)
 
 
 def _size_mtime(path: str) -> tuple[int, int] | None:
@@ -11110,6 +11193,11 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
             raise ConfigError(str(res.get("message", "")))
         print(res.get("message", ""))
         return 1
+    ignored = [k for k in config.scheduler_keys if k not in ("base_experiment_dir", "auto_restart_on_error")]
+    if ignored:
+        print(f"exp: warning: {config.path}: its [scheduler] {', '.join(ignored)} "
+              f"{'does' if len(ignored) == 1 else 'do'} not apply: the running scheduler keeps its own settings "
+              "(this file's auto_restart_on_error and its experiments' own keys do apply to its tasks)", file=sys.stderr)
     if not args.wait:
         print(res.get("message", ""))
         print(f"added to the running scheduler of {config.base_experiment_dir}; see `exp status`")

@@ -1156,3 +1156,21 @@ def test_a_retried_or_joined_task_starts_at_once_with_a_long_check_interval(tmp_
     marks.release("holder")
     ok(cli("shutdown", base, cwd=tmp_path))
     assert s.wait() in (0, 1)
+
+
+def test_a_joining_file_keeps_its_retries_and_is_told_which_settings_do_not_apply(tmp_path, start, marks):
+    # Its tasks said "attempt 1/2" and were never retried (the running scheduler's
+    # auto_restart_on_error was false), and its max_concurrent_experiments went unmentioned.
+    base, s = start_holder(tmp_path, start, marks)
+    joining = write_config(tmp_path / "b.toml", base, [{"name": "b", "command": marks.quick("b", 1),
+                                                         "max_retries": 1}],
+                           auto_restart_on_error=True, max_concurrent_experiments=5)
+    r = cli("run", joining, cwd=tmp_path)
+    ok(r)
+    assert "[scheduler] kill_timeout, max_concurrent_experiments do not apply" in r.stderr, r.stderr
+    assert "auto_restart_on_error" not in r.stderr.split("do not apply")[0], r.stderr
+    wait_for(lambda: (task(base, 2)[0] == "errors" and task(base, 2)[1]["attempt"] == 2) or None, 30,
+             what="b to fail twice")
+    assert marks.order().count("b") == 2
+    assert "retrying b (attempt 2/2)" in s.stdout()
+    marks.release("holder")

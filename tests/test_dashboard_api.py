@@ -824,3 +824,35 @@ def test_exp_see_cli_on_a_missing_dir_and_a_busy_port(tmp_path):
             err_file.close()
     err = (tmp_path / "see.stderr").read_text(errors="replace")
     assert "Traceback" not in err, err
+
+
+@posix_only
+def test_the_listing_shows_a_run_whose_process_died_without_a_word_as_ended(tmp_path):
+    # The index keeps a row until its files change; a standalone script killed with SIGKILL
+    # changes none, so the row said "running" for as long as the server ran.
+    script = tmp_path / "train.py"
+    script.write_text("import exp, time\n"
+                      "e = exp.load_experiment(standalone=True)\n"
+                      "e.upd_row(step=0); e.save_row()\n"
+                      "print('ready', flush=True)\n"
+                      "time.sleep(120)\n")
+    env = child_env(PYTHONPATH=str(ROOT))
+    env.pop("EXPERIMENT_WORK_DIR", None)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with serving(tmp_path / "results") as srv:
+            (row,) = get(srv.port, "/api/experiments")["items"]
+            assert row["status"] == "running"
+            proc.kill()
+            proc.wait(30)
+
+            def ended():
+                (r,) = get(srv.port, "/api/experiments")["items"]
+                return r if r["status"] != "running" else None
+            row = wait_for(ended, 30, what="the listing to notice the process is gone")
+            assert row["status"] == "error" and "its process is gone" in row["reason"], row
+    finally:
+        proc.kill()
+        proc.wait(30)

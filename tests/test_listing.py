@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import exp  # noqa: E402
-from conftest import EXP_PY, call_with_timeout, child_env, posix_only, py_cmd, tmpfs, write_script  # noqa: E402
+from conftest import EXP_PY, call_with_timeout, child_env, linux_only, posix_only, py_cmd, tmpfs, write_script  # noqa: E402
 from conftest import run_exp as cli  # noqa: E402  (``python exp.py ARGS``; fails the test instead of hanging)
 
 PY = sys.executable
@@ -1203,3 +1203,90 @@ def test_ls_columns_line_up_with_wide_characters(tmp_path, encoding):
     lines = r.stdout.decode(encoding).splitlines()
     assert len(lines) == 4 and ("\\u5b9e" in r.stdout.decode(encoding)) == (encoding == "ascii"), lines
     assert len({tuple(columns(ln)[:2]) for ln in lines}) == 1, lines  # "status" and "started" line up
+
+
+# ============================================================================
+# A run whose process is gone without a recorded end
+# ============================================================================
+
+
+def ls_by_name(base) -> dict:
+    r = ls(base, "--json")
+    assert r.returncode == 0, r.stderr
+    return {row["name"]: row for row in strict_json(r.stdout)}
+
+
+@posix_only
+def test_a_standalone_script_killed_with_sigkill_is_not_shown_running_for_ever(tmp_path):
+    # Its exit handler never ran: metadata.json says running; the process is gone (the OOM killer).
+    script = tmp_path / "train.py"
+    script.write_text("import exp, time, sys\n"
+                      "e = exp.load_experiment(standalone=True)\n"
+                      "e.upd_row(step=0); e.save_row()\n"
+                      "print('ready', flush=True)\n"
+                      "time.sleep(120)\n")
+    base = tmp_path / "results"
+    env = child_env(PYTHONPATH=str(Path(EXP_PY).parent))
+    env.pop("EXPERIMENT_WORK_DIR", None)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        row = ls_by_name(base)["train"]
+        assert (row["status"], row["pid"]) == ("running", proc.pid)  # alive: running
+    finally:
+        proc.kill()
+        proc.wait(30)
+    row = ls_by_name(base)["train"]
+    assert row["status"] == "error", row
+    assert row["reason"].startswith("its process is gone and nothing recorded how it ended"), row
+    assert exp.read_json(Path(row["work_dir"]) / "metadata.json")["status"] == "running"  # ls only reads
+    assert "train" not in (ls(base, "--status", "running").stdout or "")
+    assert "train" in ls(base, "--status", "error").stdout
+
+
+@posix_only
+def test_an_end_kept_out_of_metadata_is_taken_from_the_supervisors_exit_status(tmp_path, make_exp):
+    # A full disk at the run's end: metadata.json still says running, while the supervisor's
+    # "[exp] exit status N" is in the log and the process is long gone.
+    shown = {}
+    for name, code in (("bad", 3), ("good", 0), ("sig", 137)):
+        e = make_exp(name=name, command=f"exit {code}" if code != 137 else "sh -c 'kill -9 $$'")
+        e.run()
+        path = Path(e.work_dir) / "metadata.json"
+        meta = exp.read_json(path)
+        meta.update(status="running", ended_at=None, exit_code=None, reason=None, pid=meta["runs"][0]["pid"])
+        meta["runs"][-1].update(ended_at=None, status="running")
+        path.write_text(json.dumps(meta))
+        shown[name] = ls_by_name(e.base_dir)[name]
+    assert (shown["bad"]["status"], shown["bad"]["reason"]) == (
+        "error", "exit code 3 (its end was not recorded in metadata.json)")
+    assert (shown["good"]["status"], shown["good"]["reason"]) == ("finished", None)
+    assert (shown["sig"]["status"], shown["sig"]["reason"]) == (
+        "error", "signal SIGKILL (its end was not recorded in metadata.json)")
+
+
+def test_a_run_of_another_machine_or_without_a_pid_stays_running(tmp_path):
+    base = tmp_path / "results"
+    for name, meta in (("remote", {"hostname": "elsewhere.example", "pid": 4_000_000}),
+                       ("nopid", {"hostname": exp._hostname(), "pid": None})):
+        d = base / f"{name}_2026-01-01__00-00-00"
+        (d / "terminal_logs").mkdir(parents=True)
+        (d / "metadata.json").write_text(json.dumps({
+            "name": name, "status": "running", "current_run_id": "run_0001", "started_at": "2026-01-01T00:00:00+00:00",
+            "runs": [{"id": "run_0001", "pid": meta["pid"], "started_at": "2026-01-01T00:00:00+00:00"}], **meta}))
+    rows = ls_by_name(base)
+    assert rows["remote"]["status"] == rows["nopid"]["status"] == "running"
+
+
+@linux_only
+def test_a_pid_reused_by_a_later_process_is_not_taken_for_the_run(tmp_path):
+    # The recorded pid now belongs to a process that started after the run: the run is gone.
+    base = tmp_path / "results"
+    d = base / "old_2026-01-01__00-00-00"
+    (d / "terminal_logs").mkdir(parents=True)
+    (d / "metadata.json").write_text(json.dumps({
+        "name": "old", "status": "running", "current_run_id": "run_0001", "hostname": exp._hostname(),
+        "pid": os.getpid(), "started_at": "2026-01-01T00:00:00+00:00",
+        "runs": [{"id": "run_0001", "pid": os.getpid(), "started_at": "2026-01-01T00:00:00+00:00"}]}))
+    assert ls_by_name(base)["old"]["status"] == "error"

@@ -426,6 +426,26 @@ def test_unknown_names_and_cycles_are_config_errors():
         command = "true"
         depends_on = ["self"]
     """) == ["depends_on: a cycle: self -> self; no experiment of it could ever start"]
+    # Every cycle is named, and cycles are named along with the file's other problems.
+    assert problems("""
+        [[experiments]]
+        name = "a"
+        command = "true"
+        depends_on = ["b"]
+        [[experiments]]
+        name = "b"
+        command = "true"
+        depends_on = ["a"]
+        [[experiments]]
+        name = "c"
+        command = "true"
+        depends_on = ["c", "zzz"]
+        [[experiments]]
+        name = "d"
+        command = 5
+    """) == ["experiments[3].command: expected a non-empty string, got 5",
+             "depends_on: a cycle: a -> b -> a; no experiment of it could ever start",
+             "depends_on: a cycle: c -> c; no experiment of it could ever start"]
     # A sweep's points share their table's depends_on: one message, not one per point.
     assert problems("""
         [[experiments]]
