@@ -6476,6 +6476,11 @@ class Scheduler:
 
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old_handlers[sig] = signal.signal(sig, on_signal)
+            # A closed terminal or a dropped SSH connection (SIGHUP) does not end the batch:
+            # it goes on quietly (`exp status`, `exp see`, `exp shutdown` reach it).  A handler,
+            # not SIG_IGN, which the commands started later would inherit.
+            if hasattr(signal, "SIGHUP"):
+                old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: None)
         interrupted = False
         # A thread per running experiment, and as many to spare for the fsyncs
         # that follow each end (see _start_and_wait).

@@ -1174,3 +1174,20 @@ def test_a_joining_file_keeps_its_retries_and_is_told_which_settings_do_not_appl
     assert marks.order().count("b") == 2
     assert "retrying b (attempt 2/2)" in s.stdout()
     marks.release("holder")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a child's ignored signals from /proc")
+def test_a_hangup_does_not_end_the_batch_and_is_not_passed_on_as_ignored(tmp_path, start, marks):
+    # A dropped SSH connection (SIGHUP) killed the scheduler: what was pending never started.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [
+        {"name": "holder", "command": marks.hold("holder"), "priority": 1},
+        {"name": "after", "command": f'sh -c \'grep SigIgn /proc/$$/status\' > "{marks.dir}/after.sigign"'}],
+        max_concurrent_experiments=1)
+    s = start(cfg)
+    marks.wait_started("holder", sched=s)
+    os.kill(s.pid, signal.SIGHUP)
+    marks.release("holder")
+    assert s.wait() == 0, (s.stdout(), s.stderr())
+    ignored = int((marks.dir / "after.sigign").read_text().split()[1], 16)
+    assert not ignored & (1 << (signal.SIGHUP - 1)), hex(ignored)
