@@ -8963,8 +8963,30 @@ def list_experiments(base_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """
     dirs = [ExperimentDir(base_dir)] if ExperimentDir.is_experiment(os.fspath(base_dir)) else scan(base_dir)
     rows = [d.summary() for d in dirs]
-    rows.sort(key=lambda r: (r["started_at"] or r["created_at"] or "", *_dir_order(r["work_dir"])), reverse=True)
+    rows.sort(key=lambda r: (_epoch(r["started_at"] or r["created_at"]), *_dir_order(r["work_dir"])), reverse=True)
     return rows
+
+
+def _epoch(iso: str | None) -> float:
+    """An ISO 8601 time as seconds since the epoch (one written without an offset is local time),
+    so that times written with different offsets (a container on UTC, a laptop on local time)
+    sort as the instants they are; -inf for none or unreadable."""
+    if not iso:
+        return float("-inf")
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return float("-inf")
+
+
+def _local_time_text(iso: str | None) -> str:
+    """An ISO 8601 time as ``YYYY-MM-DD HH:MM:SS`` in this machine's time zone ("-" for none)."""
+    t = _epoch(iso)
+    if t == float("-inf"):
+        return (iso or "-")[:19].replace("T", " ")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def _dir_order(work_dir: str) -> tuple[str, int]:
@@ -9084,7 +9106,8 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                 if sort in r["last_metrics"] or sort not in LS_FIELDS:
                     # A metric, else a sweep parameter of that name.
                     return _sort_key(r["last_metrics"].get(sort, r.get("params", {}).get(sort)))
-                field = {"started": r["started_at"] or r["created_at"], "dir": rel(r)}.get(sort, r.get(sort))
+                when = r["started_at"] or r["created_at"]
+                field = {"started": _epoch(when) if when else None, "dir": rel(r)}.get(sort, r.get(sort))
                 return _sort_key(field)
 
             present = [it for it in items if key(it)[0] != 2]
@@ -9100,7 +9123,7 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
         table: list[tuple[str, ...]] = [(*LS_LEAD_COLUMNS, *labels, *params_label,
                                          "dir", *reason_label)]
         for (r, vals), why in zip(items, reasons):
-            started = (r["started_at"] or r["created_at"] or "-")[:19].replace("T", " ")
+            started = _local_time_text(r["started_at"] or r["created_at"])
             params = (format_params(r.get("params") or {}) or "-",) if swept else ()
             table.append(((r["name"] or "?") + (" *" if r.get("dirty") else ""), r["status"] or "?", started, format_duration(r["duration"]),
                           str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), *params, rel(r),

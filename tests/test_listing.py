@@ -1290,3 +1290,25 @@ def test_a_pid_reused_by_a_later_process_is_not_taken_for_the_run(tmp_path):
         "pid": os.getpid(), "started_at": "2026-01-01T00:00:00+00:00",
         "runs": [{"id": "run_0001", "pid": os.getpid(), "started_at": "2026-01-01T00:00:00+00:00"}]}))
     assert ls_by_name(base)["old"]["status"] == "error"
+
+
+@pytest.mark.parametrize("tz", ["UTC0", "CST-8"])  # POSIX TZ strings: no tz database needed
+def test_ls_orders_and_shows_start_times_written_in_other_time_zones_as_the_instants_they_are(tmp_path, tz):
+    # "first" was written on a machine 8 hours ahead, two seconds before "second" (on UTC):
+    # compared as text it looked 8 hours newer, and each showed its writer's wall clock.
+    base = tmp_path / "results"
+    fake_experiment(base, "first", 1, {"started_at": "2026-01-01T18:00:00+08:00"})
+    fake_experiment(base, "second", 2, {"started_at": "2026-01-01T10:00:02+00:00"})
+    fake_experiment(base, "nostart", 3, {"started_at": None, "created_at": None})
+    env = child_env(TZ=tz)
+    r = cli("ls", base, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = table_dicts(r.stdout)
+    assert [row["name"] for row in rows] == ["second", "first", "nostart"], r.stdout
+    shown = {"UTC0": ("2026-01-01 10:00:00", "2026-01-01 10:00:02"),
+             "CST-8": ("2026-01-01 18:00:00", "2026-01-01 18:00:02")}[tz]
+    assert (rows[1]["started"], rows[0]["started"]) == shown, r.stdout
+    r = cli("ls", base, "--sort", "started", env=env)
+    assert [row["name"] for row in table_dicts(r.stdout)] == ["first", "second", "nostart"], r.stdout
+    r = cli("ls", base, "--sort", "started", "--desc", env=env)
+    assert [row["name"] for row in table_dicts(r.stdout)] == ["second", "first", "nostart"], r.stdout
