@@ -10931,7 +10931,10 @@ def _build_parser():  # type: ignore[no-untyped-def]
     r.add_argument("--dry-run", action="store_true", help="print the plan and exit without running anything")
     r.add_argument("--resume", action="store_true",
                    help="skip experiments that already finished successfully in the base directory "
-                        "(same name, command and sweep values), like GNU parallel --resume")
+                        "(same name, command, sweep values and repeat), like GNU parallel --resume")
+    r.add_argument("--again", action="store_true",
+                   help="when the running scheduler of the base directory was started from this same file, "
+                        "queue its experiments a second time (without it, that is refused)")
     r.add_argument("--wait", action="store_true",
                    help="when a scheduler already runs for the base directory (the experiments join its "
                         "queue), follow them to the end and exit as `run` would")
@@ -11208,6 +11211,16 @@ def _join_scheduler(config: BatchConfig, args: Any) -> int | None:
         raise ConfigError(f"a scheduler already runs for {config.base_experiment_dir}, and it reads a joining "
                           f"config from its file; {config.path} is not one (a pipe?): save the config to a "
                           "file and pass that")
+    if not getattr(args, "again", False):
+        try:
+            running = ((StateFile(config.base_experiment_dir).read() or {}).get("summary") or {})
+        except ExpError:
+            running = {}
+        if running.get("config_path") == config.path:
+            # Most likely "run it again to recover" while the scheduler is in fact alive.
+            raise ExpError(f"the scheduler running for {config.base_experiment_dir} (pid {running.get('pid')}) "
+                           f"was started from this same file: its experiments are queued or ran already "
+                           "(`exp status` shows them); to queue them a second time, add --again")
     try:
         res = _send(config.base_experiment_dir, "add", config=config.path, resume=bool(args.resume))
     except ExpError:

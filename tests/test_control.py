@@ -1191,3 +1191,17 @@ def test_a_hangup_does_not_end_the_batch_and_is_not_passed_on_as_ignored(tmp_pat
     assert s.wait() == 0, (s.stdout(), s.stderr())
     ignored = int((marks.dir / "after.sigign").read_text().split()[1], 16)
     assert not ignored & (1 << (signal.SIGHUP - 1)), hex(ignored)
+
+
+def test_running_the_same_file_again_while_its_scheduler_runs_is_refused_unless_again(tmp_path, start, marks):
+    # "Run the same exp run config.toml again" is how a crash is recovered; with the scheduler
+    # in fact alive (another terminal) it silently queued the whole batch a second time.
+    base, s = start_holder(tmp_path, start, marks)
+    r = cli("run", tmp_path / "c.toml", cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"(pid {s.pid}) was started from this same file" in r.stderr and "--again" in r.stderr, r.stderr
+    assert ids_in_state(base) == {1}
+    out = ok(cli("run", tmp_path / "c.toml", "--again", cwd=tmp_path))
+    assert "queued 2 holder" in out, out
+    wait_for(lambda: ids_in_state(base) == {1, 2}, 30, what="the second holder in the queue")
+    marks.release("holder")
