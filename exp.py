@@ -1344,6 +1344,43 @@ def _csv_module():
     return csv
 
 
+#: Python's csv module reads a NUL character from 3.11 on; before, it raises "line contains NUL".
+_CSV_READS_NUL = sys.version_info >= (3, 11)
+# Before 3.11 each NUL is hidden from the csv module as this noncharacter and "0"
+# (and the noncharacter itself, should a cell hold one, as it and "1"), then put
+# back in every cell: a cell reads exactly as on 3.11.
+_NUL_STAND_IN = "\ufdd0"
+
+
+def _csv_reader(lines: Iterable[str], strict: bool = False) -> Iterator[list[str]]:
+    """``csv.reader(lines)`` that reads NUL characters on every Python version.
+
+    exp writes none, but a file may hold some: written by another tool, by
+    exp before it refused them, or the zeros a crash can leave at a file's end.
+    """
+    csv = _csv_module()
+    if _CSV_READS_NUL:
+        return csv.reader(lines, strict=strict)
+    return _nul_restored(csv.reader(_nul_hidden(lines), strict=strict))
+
+
+def _nul_hidden(lines: Iterable[str]) -> Iterator[str]:
+    h = _NUL_STAND_IN
+    for line in lines:
+        if "\0" in line or h in line:
+            line = line.replace(h, h + "1").replace("\0", h + "0")
+        yield line
+
+
+def _nul_restored(records: Iterator[list[str]]) -> Iterator[list[str]]:
+    h = _NUL_STAND_IN
+    for rec in records:
+        if any(h in c for c in rec):
+            # Only "h0" and "h1" hold an h: first put back the NULs, then the h's.
+            rec = [c.replace(h + "0", "\0").replace(h + "1", h) if h in c else c for c in rec]
+        yield rec
+
+
 def _csv_cell(text: str) -> str:
     if _NEEDS_QUOTE_RE.search(text):
         return '"' + text.replace('"', '""') + '"'
@@ -1362,19 +1399,27 @@ def format_metric(key: str, value: Any) -> str:
     if t is float:
         return repr(value)  # repr gives 'nan', 'inf', '-inf' too
     if t is int:
-        return int.__repr__(value)
+        try:
+            return int.__repr__(value)
+        except ValueError:  # more digits than Python >= 3.11 converts (sys.set_int_max_str_digits)
+            digits = int(value.bit_length() * 0.30103) + 1
+            raise MetricError(f"metric {key!r}: an int of about {digits} digits, more than Python turns into text "
+                              f"(sys.get_int_max_str_digits() is {sys.get_int_max_str_digits()}); log a float or "
+                              "math.log10() of it, or raise the limit with sys.set_int_max_str_digits()") from None
     if t is str:
+        if "\0" in value:
+            raise _nul_error(key)
         return value
     if value is None:
         return ""
     if isinstance(value, bool):
         return "True" if value else "False"
     if isinstance(value, int):
-        return str(int(value))
+        return format_metric(key, int(value))
     if isinstance(value, float):
         return format_metric(key, float(value))
     if isinstance(value, str):
-        return str(value)
+        return format_metric(key, str(value))
     if hasattr(value, "isoformat") and type(value).__module__ == "datetime":  # datetime, date, time
         return str(value.isoformat())
     item = getattr(value, "item", None)
@@ -1393,6 +1438,26 @@ def format_metric(key: str, value: Any) -> str:
         f"metric {key!r}: cannot store a value of type {type(value).__name__}; "
         "use int, float, bool, str, None or a scalar with .item()"
     )
+
+
+def _check_metric_name(key: Any) -> str:
+    """A metric name, as it can head a CSV column; ConfigError (a ValueError) if it cannot."""
+    if not isinstance(key, str):
+        raise ConfigError(f"a metric name must be a string, got {type(key).__name__} {key!r}")
+    if not key:
+        raise ConfigError("a metric name cannot be empty")
+    if "\n" in key or "\r" in key:
+        raise ConfigError(f"metric name {key!r} cannot contain a line break")
+    if "\0" in key:
+        raise ConfigError(f"metric name {key!r} cannot contain a NUL character")
+    return key
+
+
+def _nul_error(key: str) -> MetricError:
+    # Python's csv module before 3.11 cannot read a NUL ("line contains NUL"), nor can
+    # many other CSV tools: no NUL goes into a metrics file.
+    return MetricError(f"metric {key!r}: the string holds a NUL character ('\\x00'), which a CSV file "
+                       "cannot carry portably; remove it first, e.g. text.replace('\\x00', '')")
 
 
 def parse_metric(text: str) -> Any:
@@ -1435,7 +1500,7 @@ def _csv_records(text: str) -> tuple[list[str], list[list[str]]]:
 
     if not text:
         return [], []
-    records = list(_csv_module().reader(io.StringIO(text, newline="")))
+    records = list(_csv_reader(io.StringIO(text, newline="")))
     torn = not text.endswith("\n") or text.count('"') % 2 == 1
     if torn and records:
         records.pop()
@@ -1558,8 +1623,21 @@ class MetricsWriter:
             self._fd = None
             self._header, self._columns = [], set()
 
-    def write_row(self, row: Mapping[str, str]) -> None:
-        """Write one row of already formatted (see :func:`format_metric`) values."""
+    def write_row(self, row: Mapping[str, Any]) -> None:
+        """Write one row: values as :meth:`Experiment.upd_row` takes them, formatted the same way.
+
+        A value of a type a CSV cannot hold raises :class:`MetricError` (a
+        TypeError) naming the key, and a bad key :class:`ConfigError` (a
+        ValueError), before anything is written.
+        """
+        cells = {}
+        for key, value in row.items():
+            _check_metric_name(key)
+            cells[key] = format_metric(key, value)
+        self._write(cells)
+
+    def _write(self, row: Mapping[str, str]) -> None:
+        """Write one row of already formatted (see :func:`format_metric`) values, keys checked."""
         if not row:
             return
         self._after_fork()
@@ -1691,7 +1769,7 @@ def _strict_records(text: str) -> list[list[str]] | None:
 
     csv = _csv_module()
     try:
-        return list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        return list(_csv_reader(io.StringIO(text, newline=""), strict=True))
     except csv.Error:
         return None
 
@@ -1862,7 +1940,7 @@ def metric_column(path: str, key: str) -> list[Any]:
     except OSError:
         return []
     with f:
-        reader = csv.reader(f)
+        reader = _csv_reader(f)
         try:
             header = next(reader)
         except (StopIteration, csv.Error):
@@ -4160,10 +4238,7 @@ class Experiment:
         cells = {}
         for key, value in metrics.items():
             if key not in ok:
-                if not key:
-                    raise ConfigError("a metric name cannot be empty")
-                if "\n" in key or "\r" in key:
-                    raise ConfigError(f"metric name {key!r} cannot contain a line break")
+                _check_metric_name(key)
             cells[key] = format_metric(key, value)
         ok.update(cells)
         self._pending.update(cells)
@@ -9311,7 +9386,7 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
             if cut or offset + len(data) >= st.st_size or max_bytes >= 64 << 20:
                 break
             max_bytes *= 4
-    names: list[str] = next(_csv_module().reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
+    names: list[str] = next(_csv_reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
     columns: dict[str, list[Any]] = {n: [] for n in names}
     rows = 0
     if cut:
@@ -9319,7 +9394,7 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
 
         width = len(names)
         lists = [columns[n] for n in names]
-        for rec in _csv_module().reader(io.StringIO(data[:cut].decode("utf-8", "replace"), newline="")):
+        for rec in _csv_reader(io.StringIO(data[:cut].decode("utf-8", "replace"), newline="")):
             if len(rec) != width:
                 continue
             rows += 1
@@ -9331,14 +9406,13 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
 
 def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
     """Per numeric column of a metrics CSV: final, min, max and count (one streamed pass)."""
-    csv = _csv_module()
     try:
         f = _open_regular(path, encoding="utf-8", errors="replace", newline="")
     except OSError:
         return {}
     stats: dict[str, dict[str, Any]] = {}
     with f:
-        reader = csv.reader(f)
+        reader = _csv_reader(f)
         header: list[str] = next(reader, [])
         for rec in reader:
             if len(rec) != len(header):

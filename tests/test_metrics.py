@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import exp
-from conftest import posix_only, py_cmd, write_script
+from conftest import child_env, posix_only, py_cmd, write_script
 
 
 @pytest.fixture
@@ -452,3 +455,89 @@ def test_a_string_cell_with_carriage_returns_survives_the_rewrite_a_new_column_m
     assert rows == [{"step": 0, "note": text, "acc": None}, {"step": 1, "note": text, "acc": None},
                     {"step": 2, "note": "y", "acc": 0.9}]
     assert exp.last_metrics_values(str(tmp_path / "m.csv")) == {"step": 2, "note": "y", "acc": 0.9}
+
+
+# ============================================================================
+# Values a CSV cannot hold, NUL bytes in a file, MetricsWriter on its own
+# ============================================================================
+
+
+def test_an_int_too_long_for_text_is_a_metric_error_naming_the_key(running_exp):
+    with pytest.raises(exp.MetricError, match=r"^metric 'big': an int of about 5001 digits, more than Python "):
+        running_exp.upd_row(step=1, big=10**5000)
+    running_exp.upd_row(step=1, big=10**300)
+    running_exp.save_row()
+    assert running_exp.metrics() == [{"step": 1, "big": 10**300}]
+
+
+def test_a_nul_character_is_refused_naming_the_key(running_exp):
+    """No NUL goes into a metrics file: csv before Python 3.11 cannot read one back."""
+    e = running_exp
+    with pytest.raises(exp.MetricError) as info:
+        e.upd_row(step=1, sample="gen\x00text")
+    assert isinstance(info.value, TypeError)
+    assert str(info.value) == ("metric 'sample': the string holds a NUL character ('\\x00'), which a CSV file "
+                               "cannot carry portably; remove it first, e.g. text.replace('\\x00', '')")
+    with pytest.raises(exp.ConfigError, match=r"metric name 'a\\x00b' cannot contain a NUL character"):
+        e.upd_row(**{"a\x00b": 1})
+    with pytest.raises(exp.MetricError, match="metric 'sample': the string holds a NUL"):
+        exp.MetricsWriter(e.metrics_path).write_row({"step": 1, "sample": "\x00"})
+    e.upd_row(step=1)
+    e.save_row()
+    assert text_of(e) == "step\n1\n"
+
+
+NUL_CSV = b'step,sample\n0,gen\x00text\n1,"a\x00,\xef\xb7\x90 b"\n2,plain\n'
+
+
+@pytest.fixture(params=["native", "pre-3.11 csv"])
+def csv_nul(request, monkeypatch):
+    """Run on this Python's csv module, and as on Python < 3.11 (whose csv refuses NUL)."""
+    if request.param != "native":
+        monkeypatch.setattr(exp, "_CSV_READS_NUL", False)
+    return request.param
+
+
+def test_readers_read_nul_bytes_already_in_a_file(tmp_path, csv_nul):
+    """A file written by another tool (or before NUL was refused) reads on every Python: the
+    readers behind read_metrics, ls, the dashboard, and the rewrite a new column makes."""
+    path = tmp_path / "metrics" / "run_0001.csv"
+    path.parent.mkdir()
+    path.write_bytes(NUL_CSV)
+    rows = [{"step": 0, "sample": "gen\x00text"}, {"step": 1, "sample": "a\x00,\ufdd0 b"},
+            {"step": 2, "sample": "plain"}]
+    assert exp.read_metrics(path) == rows
+    assert exp.last_metrics_row(str(path)) == exp.last_metrics_values(str(path)) == rows[-1]
+    assert exp.metric_column(str(path), "sample") == [r["sample"] for r in rows]
+    assert exp.metrics_stats(str(path))["step"]["final"] == 2
+    assert exp.read_metrics_chunk(str(path))["columns"]["sample"] == [r["sample"] for r in rows]
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 3, "sample": "x"})  # an append
+        w.write_row({"step": 4, "acc": 0.5})  # a new column: the file is rewritten
+    assert exp.read_metrics(path) == [dict(r, acc=None) for r in rows] + [
+        {"step": 3, "sample": "x", "acc": None}, {"step": 4, "sample": None, "acc": 0.5}]
+
+
+@posix_only
+def test_ls_lists_a_directory_whose_metrics_hold_nul_bytes(make_exp, tmp_path):
+    e = make_exp("nul", "exit 0")
+    assert e.run() == 0
+    pathlib.Path(e.metrics_path).write_bytes(b"step,sample\n0,gen\x00text\n1,x\x00y\n")
+    for args in ([], ["--json"]):
+        r = subprocess.run([sys.executable, exp.__file__, "ls", e.base_dir, *args], capture_output=True,
+                           text=True, env=child_env(), timeout=60)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    [row] = json.loads(r.stdout)
+    assert (row["name"], row["status"], row["last_metrics"]) == ("nul", "finished", {"step": 1})
+
+
+def test_metrics_writer_on_its_own_takes_values_as_upd_row_does(tmp_path):
+    path = tmp_path / "m.csv"
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 1, "loss": 0.5, "ok": True, "note": None, "item": Scalar(2.5)})
+        w.write_row({"step": 2, "loss": float("inf"), "ok": False, "note": "a,b"})
+        with pytest.raises(exp.MetricError, match=r"metric 'loss': cannot store a value of type list"):
+            w.write_row({"step": 3, "loss": [1]})
+        with pytest.raises(exp.ConfigError, match="a metric name cannot be empty"):
+            w.write_row({"step": 3, "": 1})
+    assert path.read_text() == 'step,loss,ok,note,item\n1,0.5,True,,2.5\n2,inf,False,"a,b",\n'
