@@ -4891,6 +4891,11 @@ def terminate_runs(handles: Iterable[RunHandle], grace: float = DEFAULT_KILL_GRA
 # ============================================================================
 
 
+# The experiment that load_experiment(standalone=True) made this process (and a forked child) a run of.
+_STANDALONE: list[Experiment] = []
+_STANDALONE_LOCK = threading.Lock()
+
+
 def load_experiment(standalone: bool = False) -> Experiment:
     """Return the Experiment (and run) that launched this process.
 
@@ -4902,6 +4907,8 @@ def load_experiment(standalone: bool = False) -> Experiment:
     ``standalone=True`` (or ``EXP_STANDALONE=1``): then a fresh experiment
     named after the script is created under ``./results`` and this process
     becomes its first run, so ``python train.py`` still works while debugging.
+    Later calls in the process (and in a child it forks) return that same
+    Experiment object.
     """
     work_dir = os.environ.get("EXPERIMENT_WORK_DIR")
     if work_dir:
@@ -4932,10 +4939,14 @@ def load_experiment(standalone: bool = False) -> Experiment:
     if standalone or flag in ("1", "true", "yes", "on"):
         import shlex
 
-        script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-") else ""
-        name = os.path.splitext(os.path.basename(script))[0] or "interactive"
-        e = Experiment(name=name, command=shlex.join([sys.executable] + sys.argv), base_dir=DEFAULT_BASE_DIR)
-        e._start_in_process()
+        with _STANDALONE_LOCK:
+            if _STANDALONE:  # a notebook cell run again, a helper module: the same experiment and run
+                return _STANDALONE[0]
+            script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-") else ""
+            name = os.path.splitext(os.path.basename(script))[0] or "interactive"
+            e = Experiment(name=name, command=shlex.join([sys.executable] + sys.argv), base_dir=DEFAULT_BASE_DIR)
+            e._start_in_process()
+            _STANDALONE.append(e)
         return e
     raise NoExperimentContext(
         "load_experiment() found no experiment: EXPERIMENT_WORK_DIR is not set, so this process "

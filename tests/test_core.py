@@ -989,6 +989,29 @@ if mode == "raise":
 
 
 @posix_only
+def test_standalone_called_twice_is_one_experiment(tmp_path):
+    """A notebook cell run again, or a helper module that calls it too: one directory, one run."""
+    script = write_script(tmp_path, "twice.py", """
+        import exp
+        a = exp.load_experiment(standalone=True)
+        a.upd_row(step=0)
+        a.save_row()
+        b = exp.load_experiment(standalone=True)
+        b.upd_row(step=1)
+        b.save_row()
+        print(a is b, a.current_run_id, b.work_dir)
+    """)
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=child_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    same, rid, work = r.stdout.split()
+    assert (same, rid) == ("True", "run_0001")
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [os.path.basename(work)]
+    assert exp.read_metrics(os.path.join(work, "metrics", "run_0001.csv")) == [{"step": 0}, {"step": 1}]
+    assert json.loads(pathlib.Path(work, "metadata.json").read_text())["status"] == "finished"
+
+
+@posix_only
 @pytest.mark.parametrize("mode", ["arg", "env", "raise"])
 def test_standalone(tmp_path, mode):
     cwd = tmp_path / "sa"
