@@ -79,6 +79,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 
 try:  # POSIX only; Windows has no flock and exp does not run commands there
     import fcntl
@@ -191,6 +192,9 @@ LAST_VALUES_MAX_ROWS = 2048
 LAST_VALUES_MAX_BYTES = 512 << 10
 #: metadata.json larger than this is not read (a runaway file must not eat memory).
 METADATA_MAX_BYTES = 64 << 20
+#: How long the exit handler waits for another thread inside save_row() before it gives up
+#: saving the values upd_row() took after the last save_row() (and says so).
+EXIT_SAVE_TIMEOUT = 5.0
 #: Failure reports cut a child's line to this many characters.
 REPORT_LINE_WIDTH = 200
 
@@ -3890,6 +3894,35 @@ def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
     return out
 
 
+# Every Experiment of this process, for the fork handler; weak, so an unused one goes.
+_EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
+# Experiments holding values that upd_row() took and no save_row() wrote yet (an ordered set):
+# kept alive until then, so that the exit handler saves them.
+_UNSAVED: dict[Experiment, None] = {}
+_SAVE_AT_EXIT: list[bool] = []  # the exit handler is registered (at the first Experiment)
+
+
+def _save_unsaved_rows() -> None:
+    """Exit handler: each experiment's values given to upd_row() and never saved become its last row."""
+    for e in list(_UNSAVED):
+        e._save_at_exit()
+
+
+def _forget_rows_after_fork() -> None:
+    """In a forked child (a DataLoader worker, a raw os.fork()): the parent's unsaved values stay
+    the parent's (the child would write them into its own rows), and no lock is held."""
+    global _STANDALONE_LOCK
+    _STANDALONE_LOCK = threading.Lock()
+    _UNSAVED.clear()
+    for e in list(_EXPERIMENTS):
+        e._lock = threading.Lock()
+        e._pending = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_rows_after_fork)
+
+
 def find_resume_dir(base_dir: str, name: str, resume: Any) -> str:
     """The directory that ``resume`` (a timestamp or a path) names; ConfigError if none."""
     return ExperimentDir.find(base_dir, name, resume)
@@ -4008,10 +4041,7 @@ class Experiment:
         self.base_dir = os.path.abspath(os.fspath(base_dir))
         self.status = PENDING
         self.current_run_id: str | None = None
-        self._pending: dict[str, str] = {}
-        self._ok_keys: set[str] = set()
-        self._writer: MetricsWriter | None = None
-        self._writer_run: str | None = None
+        self._init_rows()
 
         if resume is not None:
             work_dir = ExperimentDir.find(self.base_dir, self.name, resume)
@@ -4089,10 +4119,7 @@ class Experiment:
         self.lark_config = None
         self._lark = _stored_lark(meta)
         self.backend = LocalBackend()
-        self._pending = {}
-        self._ok_keys = set()
-        self._writer = None
-        self._writer_run = None
+        self._init_rows()
         return self
 
     #: The earlier project's name for :meth:`load`.
@@ -4103,8 +4130,28 @@ class Experiment:
         holds the experiment): its own metrics writer, opened at its first row, and no pending values
         (rows are per process: this process saves its own)."""
         state = dict(self.__dict__)
+        state.pop("_lock", None)
         state.update(_writer=None, _writer_run=None, _pending={}, _ok_keys=set())
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_rows()
+
+    def _init_rows(self) -> None:
+        """The row being built and the CSV writer, which belong to this process: a forked child
+        starts with none of them (:func:`_forget_rows_after_fork`)."""
+        self._lock = threading.Lock()  # upd_row and save_row from several threads
+        self._pending: dict[str, str] = {}
+        self._ok_keys: set[str] = set()
+        self._writer: MetricsWriter | None = None
+        self._writer_run: str | None = None
+        _EXPERIMENTS.add(self)
+        if not _SAVE_AT_EXIT:
+            import atexit
+
+            atexit.register(_save_unsaved_rows)
+            _SAVE_AT_EXIT.append(True)
 
     # ------------------------------------------------------------------ metadata
 
@@ -4156,13 +4203,16 @@ class Experiment:
         )
         return meta
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, kind: str = "warning") -> None:
         """Say something the user must know but that must not stop the run: stderr and the run's log."""
         if not (self.current_run_id and _is_same_file(sys.stderr, self.dir.log_path(self.current_run_id))):
-            print(f"exp: warning: {message}", file=sys.stderr)  # (a run's own stderr is that log)
+            try:  # (a run's own stderr is that log)
+                print(f"exp: {kind}: {message}", file=sys.stderr, flush=True)
+            except (OSError, ValueError, AttributeError):  # stderr closed, or None
+                pass
         if self.current_run_id:
             try:
-                self.dir.append_log(self.current_run_id, f"warning: {message}")
+                self.dir.append_log(self.current_run_id, f"{kind}: {message}")
             except OSError:
                 pass
 
@@ -4240,8 +4290,12 @@ class Experiment:
             if key not in ok:
                 _check_metric_name(key)
             cells[key] = format_metric(key, value)
-        ok.update(cells)
-        self._pending.update(cells)
+        with self._lock:
+            ok.update(cells)
+            pending = self._pending
+            if not pending:
+                _UNSAVED[self] = None  # saved at exit if no save_row() comes
+            pending.update(cells)
 
     def save_row(self, *, lark: bool = False, lark_config: Any = None) -> None:
         """Append the row built by :meth:`upd_row` to the current run's CSV.
@@ -4259,23 +4313,59 @@ class Experiment:
         the outbox for ``exp lark-sync``.
         """
         rid = self._require_run()
-        if not self._pending:
-            try:
-                self.dir.append_log(rid, "warning: save_row() called with no values; call upd_row(...) first")
-            except OSError:
-                pass
-            return
-        if self._writer_run != rid or self._writer is None:
-            if self._writer is not None:
-                self._writer.close()
-            self._writer = MetricsWriter(self.dir.metrics_path(rid))
+        with self._lock:
+            if not self._pending:
+                try:
+                    self.dir.append_log(rid, "warning: save_row() called with no values; call upd_row(...) first")
+                except OSError:
+                    pass
+                return
+            self._save_pending(rid, lark, lark_config)
+
+    def _save_pending(self, rid: str, lark: bool = False, lark_config: Any = None) -> None:
+        """save_row() with ``self._lock`` held and values pending."""
+        writer = self._writer
+        if self._writer_run != rid or writer is None:
+            if writer is not None:
+                writer.close()
+            writer = self._writer = MetricsWriter(self.dir.metrics_path(rid))
             self._writer_run = rid
         if lark:
             settings = self._lark_settings(lark_config)  # a bad option: ConfigError, before anything is written
-        self._writer.write_row(self._pending)
-        row, self._pending = self._pending, {}
+        row = self._pending
+        writer._write(row)
+        self._pending = {}
+        _UNSAVED.pop(self, None)
         if lark:
             self._lark_queue(rid, row, settings)
+
+    def _save_at_exit(self) -> None:
+        """At interpreter exit: values given to upd_row() after the last save_row() become a last row."""
+        # A daemon thread stopped inside save_row() at exit would hold the lock for ever.
+        if not self._lock.acquire(timeout=EXIT_SAVE_TIMEOUT):
+            self._warn(f"the values given to upd_row() after the last save_row() were not saved at exit: another "
+                       f"thread held experiment {self.name!r} for {EXIT_SAVE_TIMEOUT:g} s")
+            return
+        try:
+            _UNSAVED.pop(self, None)
+            if not self._pending:
+                return
+            keys = list(self._pending)
+            names = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            what = f"the values given to upd_row() after the last save_row() ({names})"
+            rid = self.current_run_id
+            if not rid:
+                self._warn(f"{what} were not saved at exit: experiment {self.name!r} has no run to save them in")
+                return
+            try:
+                self._save_pending(rid)
+            except Exception as e:  # noqa: BLE001 - said, never raised into the interpreter's exit
+                self._warn(f"{what} could not be saved at exit: {e}")
+                return
+            self._warn(f"{what} were saved at exit as a last row of {rid} "
+                       f"({self.dir.metrics_path(rid)}); call save_row() to save them yourself", kind="note")
+        finally:
+            self._lock.release()
 
     def _lark_settings(self, lark_config: Any) -> dict[str, Any]:
         key = None if lark_config is None else repr(lark_config)
@@ -4579,8 +4669,14 @@ class Experiment:
         self._watch_sigterm(state)
 
         self._in_process = True
+        owner = os.getpid()
 
         def finish() -> None:
+            # A child forked by the script (os.fork(), a fork-started worker) runs the exit
+            # handlers of its parent when it ends with sys.exit(): the run is the parent's.
+            if os.getpid() != owner:
+                return
+            self._save_at_exit()  # before the end is recorded (exit handlers run last-registered first)
             try:
                 self._record_end(rid, t0, state["code"], state["status"])
             except OSError as e:

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 import exp
-from conftest import child_env, posix_only, py_cmd, write_script
+from conftest import child_env, posix_only, py_cmd, read_meta, write_script
 
 
 @pytest.fixture
@@ -455,6 +455,142 @@ def test_a_string_cell_with_carriage_returns_survives_the_rewrite_a_new_column_m
     assert rows == [{"step": 0, "note": text, "acc": None}, {"step": 1, "note": text, "acc": None},
                     {"step": 2, "note": "y", "acc": 0.9}]
     assert exp.last_metrics_values(str(tmp_path / "m.csv")) == {"step": 2, "note": "y", "acc": 0.9}
+
+
+# ============================================================================
+# Values a script never saved; threads and forked children sharing an experiment
+# ============================================================================
+
+UNSAVED_AT_EXIT = """
+import exp
+e = exp.load_experiment(standalone=True)
+e.upd_row(step=0, loss=1.0)
+e.save_row()
+e.upd_row(test_acc=0.93)  # the script ends without a save_row()
+print(e.work_dir)
+"""
+
+
+@posix_only
+def test_values_never_saved_are_saved_at_exit_as_a_last_row_with_a_note(run_py, tmp_path):
+    r = run_py(UNSAVED_AT_EXIT)
+    assert r.returncode == 0, r.stderr
+    work = r.stdout.strip()
+    path = os.path.join(work, "metrics", "run_0001.csv")
+    assert exp.read_metrics(path) == [{"step": 0, "loss": 1.0, "test_acc": None},
+                                      {"step": None, "loss": None, "test_acc": 0.93}]
+    [note] = r.stderr.splitlines()
+    assert note == (f"exp: note: the values given to upd_row() after the last save_row() (test_acc) were saved "
+                    f"at exit as a last row of run_0001 ({path}); call save_row() to save them yourself")
+    assert read_meta(work)["status"] == "finished"  # saved before the end was recorded
+
+
+@posix_only
+def test_values_never_saved_in_a_run_of_exp_are_saved_at_exit(make_exp, tmp_path):
+    script = write_script(tmp_path, "train.py", """
+        import exp
+        e = exp.load_experiment()
+        helper = exp.load_experiment()  # say, in another module: values of both are kept
+        for step in range(2):
+            e.upd_row(step=step, loss=1.0 / (step + 1))
+            e.save_row()
+        e.upd_row(test_acc=0.93, test_loss=0.2)
+        helper.upd_row(note="done")
+    """)
+    e = make_exp("unsaved", py_cmd(script))
+    assert e.run() == 0
+    rows = e.metrics()
+    assert rows[:2] == [{"step": 0, "loss": 1.0, "test_acc": None, "test_loss": None, "note": None},
+                        {"step": 1, "loss": 0.5, "test_acc": None, "test_loss": None, "note": None}]
+    assert sorted(rows[2:], key=str) == sorted(
+        [{"step": None, "loss": None, "test_acc": 0.93, "test_loss": 0.2, "note": None},
+         {"step": None, "loss": None, "test_acc": None, "test_loss": None, "note": "done"}], key=str)
+    log = e.read_log()  # the run's stderr is its log
+    assert log.count("note: the values given to upd_row() after the last save_row()") == 2, log
+    assert "(test_acc, test_loss) were saved at exit as a last row of run_0001" in log
+
+
+@posix_only
+def test_values_that_cannot_be_saved_at_exit_are_reported(run_py):
+    r = run_py("""
+        import os, exp
+        e = exp.load_experiment(standalone=True)
+        e.upd_row(loss=0.5)
+        os.makedirs(e.metrics_path)  # a directory where the CSV should go: the save fails
+        print(e.work_dir)
+    """)
+    assert r.returncode == 0, r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "upd_row" in ln]
+    assert line.startswith("exp: warning: the values given to upd_row() after the last save_row() (loss) "
+                           "could not be saved at exit: "), line
+    assert "Traceback" not in r.stderr
+
+
+@posix_only
+def test_threads_sharing_an_experiment_write_each_value_once(running_exp):
+    """upd_row and save_row from several threads: a value is written exactly once (a save_row
+    may write values another thread gave, in the same row), never twice, never dropped."""
+    e = running_exp
+    threads, n = 4, 400
+    errors = []
+    start = threading.Barrier(threads)
+
+    def work(k):
+        try:
+            start.wait(timeout=10)
+            for i in range(n):
+                e.upd_row(**{f"t{k}": i})
+                e.save_row()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert errors == []
+    rows = e.metrics()
+    for k in range(threads):
+        assert [r[f"t{k}"] for r in rows if r[f"t{k}"] is not None] == list(range(n))
+
+
+FORKED_WORKERS = """
+import os, sys, exp
+e = exp.load_experiment(standalone=True)
+e.upd_row(pending_in_parent=123)
+children = []
+for k in range(4):
+    pid = os.fork()
+    if pid == 0:  # a raw fork, ended with sys.exit(): the exit handlers run in the child
+        w = exp.load_experiment(standalone=True)  # say, a helper in the worker: the same experiment
+        w.upd_row(worker=k)
+        w.save_row()
+        w.upd_row(worker_unsaved=k)  # the child's own values: saved by the child at its exit
+        sys.exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print(e.read_metadata()["status"])
+print(e.work_dir)
+e.save_row()
+"""
+
+
+@posix_only
+def test_forked_children_neither_inherit_pending_values_nor_end_the_run(run_py, tmp_path):
+    r = run_py(FORKED_WORKERS)
+    assert r.returncode == 0, r.stderr
+    status, work = r.stdout.split()
+    assert status == "running"  # the children's exits did not end the parent's run
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [os.path.basename(work)]
+    rows = exp.read_metrics(os.path.join(work, "metrics", "run_0001.csv"))
+    assert sorted(r["worker"] for r in rows if r["worker"] is not None) == [0, 1, 2, 3]
+    assert sorted(r["worker_unsaved"] for r in rows if r["worker_unsaved"] is not None) == [0, 1, 2, 3]
+    assert [r["pending_in_parent"] for r in rows if r["pending_in_parent"] is not None] == [123]
+    assert len(rows) == 9
+    meta = read_meta(work)
+    assert meta["status"] == "finished" and [run["status"] for run in meta["runs"]] == ["finished"]
 
 
 # ============================================================================
