@@ -2354,6 +2354,12 @@ class ExperimentDir:
             candidates.append(os.path.join(base_dir, f"{name}_{text}"))
         for c in candidates:
             if os.path.isfile(os.path.join(c, METADATA_FILE)):
+                held = ExperimentDir(c).recorded_name()
+                if held != name:
+                    # Resuming under another name would rename the experiment in metadata.json
+                    # while its directory keeps the old one.
+                    raise ConfigError(f"resume={text!r}: {c} holds experiment {held!r}, not {name!r}; "
+                                      f"pass name={held!r} to resume it")
                 return c
         try:
             prefix = name + "_"
@@ -2367,6 +2373,14 @@ class ExperimentDir:
             f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
             f"pass the timestamp part of an existing directory name or its path ({hint})"
         )
+
+    def recorded_name(self) -> str:
+        """The experiment's name: metadata.json's, else the directory's without its timestamp."""
+        try:
+            name = read_json(self.metadata_path).get("name")
+        except (OSError, ValueError, ExpError, AttributeError):
+            name = None
+        return name if isinstance(name, str) and name else _name_from_dir(os.path.basename(self.path.rstrip(os.sep)))
 
     @staticmethod
     def is_experiment(path: str) -> bool:

@@ -520,6 +520,19 @@ def test_resume_overrides_given_fields(make_exp, base_dir, tmp_path):
     assert exp.Experiment.load(e.work_dir).tags == ["new"]
 
 
+def test_resume_under_another_name_is_refused(make_exp, base_dir):
+    """The directory keeps its name: resuming it as 'other' would rename the experiment in
+    metadata.json only."""
+    e = make_exp("bg")
+    before = pathlib.Path(e.metadata_path).read_bytes()
+    with pytest.raises(exp.ConfigError) as info:
+        exp.Experiment(name="other", command="exit 0", base_dir=base_dir, resume=e.work_dir)
+    assert str(info.value) == (f"resume={e.work_dir!r}: {e.work_dir} holds experiment 'bg', not 'other'; "
+                               "pass name='bg' to resume it")
+    assert pathlib.Path(e.metadata_path).read_bytes() == before
+    assert exp.Experiment(name="bg", command="exit 0", base_dir=base_dir, resume=e.work_dir).name == "bg"
+
+
 def test_resume_that_does_not_exist(make_exp, base_dir):
     e = make_exp("real")
     with pytest.raises(ValueError) as info:
