@@ -821,6 +821,17 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def _pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie, or one of another user, counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
 def _live_member(pid: int, pgid: int) -> bool:
     """Whether ``pid`` runs (not a zombie) in process group ``pgid``, from /proc."""
     try:
@@ -1670,6 +1681,7 @@ class MetricsWriter:
     def _acquire(self) -> int:
         """Open (or reopen) the file, take the flock, and make sure the header is current."""
         while True:
+            opened = self._fd is None
             if self._fd is None:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
@@ -1687,6 +1699,8 @@ class MetricsWriter:
                 os.close(fd)
                 self._fd = None
                 continue
+            if opened:
+                _remove_dead_temps(self.path)
             size = st.st_size
             # Someone else wrote since our last row: if that writer died mid-row
             # (no final line break, or one inside a quoted cell: what it wrote
@@ -1765,6 +1779,31 @@ class MetricsWriter:
             # written with it would have the wrong width.  Read it on the next row.
             self._header, self._columns = [], set()
             self._size = self._end = -1
+
+
+def _remove_dead_temps(path: str) -> None:
+    """Remove the temp files (``<path>.<pid>.<tid>.tmp``, full copies of the CSV) that
+    :func:`write_atomic` left for ``path`` in writers killed mid-rewrite (``kill -9``).
+
+    Called with the lock on ``path`` held, so no writer is inside a rewrite of it
+    now; a temp file is removed only if its writer's pid is gone too, so one whose
+    pid lives (reused, or a process on another host sharing the directory) stays.
+    """
+    directory, base = os.path.split(path)
+    prefix = base + "."
+    try:
+        names = [n for n in os.listdir(directory or ".") if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    me = os.getpid()
+    for n in names:
+        pid, dot, tid = n[len(prefix):-len(".tmp")].partition(".")
+        if not (dot and pid.isdigit() and tid.isdigit()) or int(pid) == me or _pid_exists(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, n))
+        except OSError:
+            pass
 
 
 def _strict_records(text: str) -> list[list[str]] | None:

@@ -677,3 +677,50 @@ def test_metrics_writer_on_its_own_takes_values_as_upd_row_does(tmp_path):
         with pytest.raises(exp.ConfigError, match="a metric name cannot be empty"):
             w.write_row({"step": 3, "": 1})
     assert path.read_text() == 'step,loss,ok,note,item\n1,0.5,True,,2.5\n2,inf,False,"a,b",\n'
+
+
+# ============================================================================
+# A writer killed mid-rewrite
+# ============================================================================
+
+
+@posix_only
+def test_the_next_writer_removes_the_temp_file_of_a_writer_killed_mid_rewrite(tmp_path):
+    path = tmp_path / "metrics" / "run_0001.csv"
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 0, "loss": 1.0})
+    # A writer killed (SIGKILL) while it rewrites the file for a new column: its temp file stays.
+    script = write_script(tmp_path, "killed.py", """
+        import sys, time, exp
+        real = exp.write_all
+        def write_then_hang(fd, data):
+            real(fd, data)
+            print("in rewrite", flush=True)
+            time.sleep(600)
+        exp.write_all = write_then_hang
+        exp.MetricsWriter(sys.argv[1]).write_row({"step": 1, "loss": 0.5, "acc": 0.9})
+    """)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True,
+                            env=child_env())
+    try:
+        assert proc.stdout.readline() == "in rewrite\n"
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+    [left] = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
+    assert left.startswith(f"run_0001.csv.{proc.pid}.")
+    # A temp file whose writer lives (a reused pid, a process on another host) is never removed.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = path.parent / f"run_0001.csv.{sleeper.pid}.1.tmp"
+        live.write_text("step\n")
+        other = path.parent / f"run_0002.csv.{proc.pid}.1.tmp"  # another file's: not this writer's business
+        other.write_text("step\n")
+        with exp.MetricsWriter(path) as w:
+            w.write_row({"step": 1, "loss": 0.5})
+        assert sorted(n for n in os.listdir(path.parent) if n.endswith(".tmp")) == sorted([live.name, other.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait(30)
+    assert exp.read_metrics(path) == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]
