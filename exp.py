@@ -79,6 +79,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 
 try:  # POSIX only; Windows has no flock and exp does not run commands there
     import fcntl
@@ -192,6 +193,9 @@ LAST_VALUES_MAX_ROWS = 2048
 LAST_VALUES_MAX_BYTES = 512 << 10
 #: metadata.json larger than this is not read (a runaway file must not eat memory).
 METADATA_MAX_BYTES = 64 << 20
+#: How long the exit handler waits for another thread inside save_row() before it gives up
+#: saving the values upd_row() took after the last save_row() (and says so).
+EXIT_SAVE_TIMEOUT = 5.0
 #: Failure reports cut a child's line to this many characters.
 REPORT_LINE_WIDTH = 200
 
@@ -818,6 +822,17 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def _pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie, or one of another user, counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
 def _live_member(pid: int, pgid: int) -> bool:
     """Whether ``pid`` runs (not a zombie) in process group ``pgid``, from /proc."""
     try:
@@ -1383,6 +1398,43 @@ def _csv_module():
     return csv
 
 
+#: Python's csv module reads a NUL character from 3.11 on; before, it raises "line contains NUL".
+_CSV_READS_NUL = sys.version_info >= (3, 11)
+# Before 3.11 each NUL is hidden from the csv module as this noncharacter and "0"
+# (and the noncharacter itself, should a cell hold one, as it and "1"), then put
+# back in every cell: a cell reads exactly as on 3.11.
+_NUL_STAND_IN = "\ufdd0"
+
+
+def _csv_reader(lines: Iterable[str], strict: bool = False) -> Iterator[list[str]]:
+    """``csv.reader(lines)`` that reads NUL characters on every Python version.
+
+    exp writes none, but a file may hold some: written by another tool, by
+    exp before it refused them, or the zeros a crash can leave at a file's end.
+    """
+    csv = _csv_module()
+    if _CSV_READS_NUL:
+        return csv.reader(lines, strict=strict)
+    return _nul_restored(csv.reader(_nul_hidden(lines), strict=strict))
+
+
+def _nul_hidden(lines: Iterable[str]) -> Iterator[str]:
+    h = _NUL_STAND_IN
+    for line in lines:
+        if "\0" in line or h in line:
+            line = line.replace(h, h + "1").replace("\0", h + "0")
+        yield line
+
+
+def _nul_restored(records: Iterator[list[str]]) -> Iterator[list[str]]:
+    h = _NUL_STAND_IN
+    for rec in records:
+        if any(h in c for c in rec):
+            # Only "h0" and "h1" hold an h: first put back the NULs, then the h's.
+            rec = [c.replace(h + "0", "\0").replace(h + "1", h) if h in c else c for c in rec]
+        yield rec
+
+
 def _csv_cell(text: str) -> str:
     if _NEEDS_QUOTE_RE.search(text):
         return '"' + text.replace('"', '""') + '"'
@@ -1401,19 +1453,27 @@ def format_metric(key: str, value: Any) -> str:
     if t is float:
         return repr(value)  # repr gives 'nan', 'inf', '-inf' too
     if t is int:
-        return int.__repr__(value)
+        try:
+            return int.__repr__(value)
+        except ValueError:  # more digits than Python >= 3.11 converts (sys.set_int_max_str_digits)
+            digits = int(value.bit_length() * 0.30103) + 1
+            raise MetricError(f"metric {key!r}: an int of about {digits} digits, more than Python turns into text "
+                              f"(sys.get_int_max_str_digits() is {sys.get_int_max_str_digits()}); log a float or "
+                              "math.log10() of it, or raise the limit with sys.set_int_max_str_digits()") from None
     if t is str:
+        if "\0" in value:
+            raise _nul_error(key)
         return value
     if value is None:
         return ""
     if isinstance(value, bool):
         return "True" if value else "False"
     if isinstance(value, int):
-        return str(int(value))
+        return format_metric(key, int(value))
     if isinstance(value, float):
         return format_metric(key, float(value))
     if isinstance(value, str):
-        return str(value)
+        return format_metric(key, str(value))
     if hasattr(value, "isoformat") and type(value).__module__ == "datetime":  # datetime, date, time
         return str(value.isoformat())
     item = getattr(value, "item", None)
@@ -1432,6 +1492,26 @@ def format_metric(key: str, value: Any) -> str:
         f"metric {key!r}: cannot store a value of type {type(value).__name__}; "
         "use int, float, bool, str, None or a scalar with .item()"
     )
+
+
+def _check_metric_name(key: Any) -> str:
+    """A metric name, as it can head a CSV column; ConfigError (a ValueError) if it cannot."""
+    if not isinstance(key, str):
+        raise ConfigError(f"a metric name must be a string, got {type(key).__name__} {key!r}")
+    if not key:
+        raise ConfigError("a metric name cannot be empty")
+    if "\n" in key or "\r" in key:
+        raise ConfigError(f"metric name {key!r} cannot contain a line break")
+    if "\0" in key:
+        raise ConfigError(f"metric name {key!r} cannot contain a NUL character")
+    return key
+
+
+def _nul_error(key: str) -> MetricError:
+    # Python's csv module before 3.11 cannot read a NUL ("line contains NUL"), nor can
+    # many other CSV tools: no NUL goes into a metrics file.
+    return MetricError(f"metric {key!r}: the string holds a NUL character ('\\x00'), which a CSV file "
+                       "cannot carry portably; remove it first, e.g. text.replace('\\x00', '')")
 
 
 def parse_metric(text: str) -> Any:
@@ -1474,7 +1554,7 @@ def _csv_records(text: str) -> tuple[list[str], list[list[str]]]:
 
     if not text:
         return [], []
-    records = list(_csv_module().reader(io.StringIO(text, newline="")))
+    records = list(_csv_reader(io.StringIO(text, newline="")))
     torn = not text.endswith("\n") or text.count('"') % 2 == 1
     if torn and records:
         records.pop()
@@ -1597,8 +1677,21 @@ class MetricsWriter:
             self._fd = None
             self._header, self._columns = [], set()
 
-    def write_row(self, row: Mapping[str, str]) -> None:
-        """Write one row of already formatted (see :func:`format_metric`) values."""
+    def write_row(self, row: Mapping[str, Any]) -> None:
+        """Write one row: values as :meth:`Experiment.upd_row` takes them, formatted the same way.
+
+        A value of a type a CSV cannot hold raises :class:`MetricError` (a
+        TypeError) naming the key, and a bad key :class:`ConfigError` (a
+        ValueError), before anything is written.
+        """
+        cells = {}
+        for key, value in row.items():
+            _check_metric_name(key)
+            cells[key] = format_metric(key, value)
+        self._write(cells)
+
+    def _write(self, row: Mapping[str, str]) -> None:
+        """Write one row of already formatted (see :func:`format_metric`) values, keys checked."""
         if not row:
             return
         self._after_fork()
@@ -1627,6 +1720,7 @@ class MetricsWriter:
     def _acquire(self) -> int:
         """Open (or reopen) the file, take the flock, and make sure the header is current."""
         while True:
+            opened = self._fd is None
             if self._fd is None:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
@@ -1644,6 +1738,8 @@ class MetricsWriter:
                 os.close(fd)
                 self._fd = None
                 continue
+            if opened:
+                _remove_dead_temps(self.path)
             size = st.st_size
             # Someone else wrote since our last row: if that writer died mid-row
             # (no final line break, or one inside a quoted cell: what it wrote
@@ -1724,13 +1820,38 @@ class MetricsWriter:
             self._size = self._end = -1
 
 
+def _remove_dead_temps(path: str) -> None:
+    """Remove the temp files (``<path>.<pid>.<tid>.tmp``, full copies of the CSV) that
+    :func:`write_atomic` left for ``path`` in writers killed mid-rewrite (``kill -9``).
+
+    Called with the lock on ``path`` held, so no writer is inside a rewrite of it
+    now; a temp file is removed only if its writer's pid is gone too, so one whose
+    pid lives (reused, or a process on another host sharing the directory) stays.
+    """
+    directory, base = os.path.split(path)
+    prefix = base + "."
+    try:
+        names = [n for n in os.listdir(directory or ".") if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    me = os.getpid()
+    for n in names:
+        pid, dot, tid = n[len(prefix):-len(".tmp")].partition(".")
+        if not (dot and pid.isdigit() and tid.isdigit()) or int(pid) == me or _pid_exists(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, n))
+        except OSError:
+            pass
+
+
 def _strict_records(text: str) -> list[list[str]] | None:
     """The records of CSV text that must be well-formed (None if not: say, it ends inside a quoted cell)."""
     import io
 
     csv = _csv_module()
     try:
-        return list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        return list(_csv_reader(io.StringIO(text, newline=""), strict=True))
     except csv.Error:
         return None
 
@@ -1901,7 +2022,7 @@ def metric_column(path: str, key: str) -> list[Any]:
     except OSError:
         return []
     with f:
-        reader = csv.reader(f)
+        reader = _csv_reader(f)
         try:
             header = next(reader)
         except (StopIteration, csv.Error):
@@ -2311,6 +2432,12 @@ class ExperimentDir:
             candidates.append(os.path.join(base_dir, f"{name}_{text}"))
         for c in candidates:
             if os.path.isfile(os.path.join(c, METADATA_FILE)):
+                held = ExperimentDir(c).recorded_name()
+                if held != name:
+                    # Resuming under another name would rename the experiment in metadata.json
+                    # while its directory keeps the old one.
+                    raise ConfigError(f"resume={text!r}: {c} holds experiment {held!r}, not {name!r}; "
+                                      f"pass name={held!r} to resume it")
                 return c
         try:
             prefix = name + "_"
@@ -2324,6 +2451,14 @@ class ExperimentDir:
             f"resume={text!r}: no experiment directory at {' or '.join(candidates)}; "
             f"pass the timestamp part of an existing directory name or its path ({hint})"
         )
+
+    def recorded_name(self) -> str:
+        """The experiment's name: metadata.json's, else the directory's without its timestamp."""
+        try:
+            name = read_json(self.metadata_path).get("name")
+        except (OSError, ValueError, ExpError, AttributeError):
+            name = None
+        return name if isinstance(name, str) and name else _name_from_dir(os.path.basename(self.path.rstrip(os.sep)))
 
     @staticmethod
     def is_experiment(path: str) -> bool:
@@ -3881,6 +4016,35 @@ def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
     return out
 
 
+# Every Experiment of this process, for the fork handler; weak, so an unused one goes.
+_EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
+# Experiments holding values that upd_row() took and no save_row() wrote yet (an ordered set):
+# kept alive until then, so that the exit handler saves them.
+_UNSAVED: dict[Experiment, None] = {}
+_SAVE_AT_EXIT: list[bool] = []  # the exit handler is registered (at the first Experiment)
+
+
+def _save_unsaved_rows() -> None:
+    """Exit handler: each experiment's values given to upd_row() and never saved become its last row."""
+    for e in list(_UNSAVED):
+        e._save_at_exit()
+
+
+def _forget_rows_after_fork() -> None:
+    """In a forked child (a DataLoader worker, a raw os.fork()): the parent's unsaved values stay
+    the parent's (the child would write them into its own rows), and no lock is held."""
+    global _STANDALONE_LOCK
+    _STANDALONE_LOCK = threading.Lock()
+    _UNSAVED.clear()
+    for e in list(_EXPERIMENTS):
+        e._lock = threading.Lock()
+        e._pending = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_rows_after_fork)
+
+
 def find_resume_dir(base_dir: str, name: str, resume: Any) -> str:
     """The directory that ``resume`` (a timestamp or a path) names; ConfigError if none."""
     return ExperimentDir.find(base_dir, name, resume)
@@ -3999,10 +4163,7 @@ class Experiment:
         self.base_dir = os.path.abspath(os.fspath(base_dir))
         self.status = PENDING
         self.current_run_id: str | None = None
-        self._pending: dict[str, str] = {}
-        self._ok_keys: set[str] = set()
-        self._writer: MetricsWriter | None = None
-        self._writer_run: str | None = None
+        self._init_rows()
 
         if resume is not None:
             work_dir = ExperimentDir.find(self.base_dir, self.name, resume)
@@ -4082,10 +4243,7 @@ class Experiment:
         self.lark_config = None
         self._lark = _stored_lark(meta)
         self.backend = LocalBackend()
-        self._pending = {}
-        self._ok_keys = set()
-        self._writer = None
-        self._writer_run = None
+        self._init_rows()
         return self
 
     #: The earlier project's name for :meth:`load`.
@@ -4096,8 +4254,28 @@ class Experiment:
         holds the experiment): its own metrics writer, opened at its first row, and no pending values
         (rows are per process: this process saves its own)."""
         state = dict(self.__dict__)
+        state.pop("_lock", None)
         state.update(_writer=None, _writer_run=None, _pending={}, _ok_keys=set())
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_rows()
+
+    def _init_rows(self) -> None:
+        """The row being built and the CSV writer, which belong to this process: a forked child
+        starts with none of them (:func:`_forget_rows_after_fork`)."""
+        self._lock = threading.Lock()  # upd_row and save_row from several threads
+        self._pending: dict[str, str] = {}
+        self._ok_keys: set[str] = set()
+        self._writer: MetricsWriter | None = None
+        self._writer_run: str | None = None
+        _EXPERIMENTS.add(self)
+        if not _SAVE_AT_EXIT:
+            import atexit
+
+            atexit.register(_save_unsaved_rows)
+            _SAVE_AT_EXIT.append(True)
 
     # ------------------------------------------------------------------ metadata
 
@@ -4157,13 +4335,16 @@ class Experiment:
         )
         return meta
 
-    def _warn(self, message: str) -> None:
+    def _warn(self, message: str, kind: str = "warning") -> None:
         """Say something the user must know but that must not stop the run: stderr and the run's log."""
         if not (self.current_run_id and _is_same_file(sys.stderr, self.dir.log_path(self.current_run_id))):
-            print(f"exp: warning: {message}", file=sys.stderr)  # (a run's own stderr is that log)
+            try:  # (a run's own stderr is that log)
+                print(f"exp: {kind}: {message}", file=sys.stderr, flush=True)
+            except (OSError, ValueError, AttributeError):  # stderr closed, or None
+                pass
         if self.current_run_id:
             try:
-                self.dir.append_log(self.current_run_id, f"warning: {message}")
+                self.dir.append_log(self.current_run_id, f"{kind}: {message}")
             except OSError:
                 pass
 
@@ -4239,13 +4420,14 @@ class Experiment:
         cells = {}
         for key, value in metrics.items():
             if key not in ok:
-                if not key:
-                    raise ConfigError("a metric name cannot be empty")
-                if "\n" in key or "\r" in key:
-                    raise ConfigError(f"metric name {key!r} cannot contain a line break")
+                _check_metric_name(key)
             cells[key] = format_metric(key, value)
-        ok.update(cells)
-        self._pending.update(cells)
+        with self._lock:
+            ok.update(cells)
+            pending = self._pending
+            if not pending:
+                _UNSAVED[self] = None  # saved at exit if no save_row() comes
+            pending.update(cells)
 
     def save_row(self, *, lark: bool = False, lark_config: Any = None) -> None:
         """Append the row built by :meth:`upd_row` to the current run's CSV.
@@ -4263,23 +4445,59 @@ class Experiment:
         the outbox for ``exp lark-sync``.
         """
         rid = self._require_run()
-        if not self._pending:
-            try:
-                self.dir.append_log(rid, "warning: save_row() called with no values; call upd_row(...) first")
-            except OSError:
-                pass
-            return
-        if self._writer_run != rid or self._writer is None:
-            if self._writer is not None:
-                self._writer.close()
-            self._writer = MetricsWriter(self.dir.metrics_path(rid))
+        with self._lock:
+            if not self._pending:
+                try:
+                    self.dir.append_log(rid, "warning: save_row() called with no values; call upd_row(...) first")
+                except OSError:
+                    pass
+                return
+            self._save_pending(rid, lark, lark_config)
+
+    def _save_pending(self, rid: str, lark: bool = False, lark_config: Any = None) -> None:
+        """save_row() with ``self._lock`` held and values pending."""
+        writer = self._writer
+        if self._writer_run != rid or writer is None:
+            if writer is not None:
+                writer.close()
+            writer = self._writer = MetricsWriter(self.dir.metrics_path(rid))
             self._writer_run = rid
         if lark:
             settings = self._lark_settings(lark_config)  # a bad option: ConfigError, before anything is written
-        self._writer.write_row(self._pending)
-        row, self._pending = self._pending, {}
+        row = self._pending
+        writer._write(row)
+        self._pending = {}
+        _UNSAVED.pop(self, None)
         if lark:
             self._lark_queue(rid, row, settings)
+
+    def _save_at_exit(self) -> None:
+        """At interpreter exit: values given to upd_row() after the last save_row() become a last row."""
+        # A daemon thread stopped inside save_row() at exit would hold the lock for ever.
+        if not self._lock.acquire(timeout=EXIT_SAVE_TIMEOUT):
+            self._warn(f"the values given to upd_row() after the last save_row() were not saved at exit: another "
+                       f"thread held experiment {self.name!r} for {EXIT_SAVE_TIMEOUT:g} s")
+            return
+        try:
+            _UNSAVED.pop(self, None)
+            if not self._pending:
+                return
+            keys = list(self._pending)
+            names = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            what = f"the values given to upd_row() after the last save_row() ({names})"
+            rid = self.current_run_id
+            if not rid:
+                self._warn(f"{what} were not saved at exit: experiment {self.name!r} has no run to save them in")
+                return
+            try:
+                self._save_pending(rid)
+            except Exception as e:  # noqa: BLE001 - said, never raised into the interpreter's exit
+                self._warn(f"{what} could not be saved at exit: {e}")
+                return
+            self._warn(f"{what} were saved at exit as a last row of {rid} "
+                       f"({self.dir.metrics_path(rid)}); call save_row() to save them yourself", kind="note")
+        finally:
+            self._lock.release()
 
     def _lark_settings(self, lark_config: Any) -> dict[str, Any]:
         key = None if lark_config is None else repr(lark_config)
@@ -4583,8 +4801,14 @@ class Experiment:
         self._watch_sigterm(state)
 
         self._in_process = True
+        owner = os.getpid()
 
         def finish() -> None:
+            # A child forked by the script (os.fork(), a fork-started worker) runs the exit
+            # handlers of its parent when it ends with sys.exit(): the run is the parent's.
+            if os.getpid() != owner:
+                return
+            self._save_at_exit()  # before the end is recorded (exit handlers run last-registered first)
             try:
                 self._record_end(rid, t0, state["code"], state["status"])
             except OSError as e:
@@ -4897,6 +5121,11 @@ def terminate_runs(handles: Iterable[RunHandle], grace: float = DEFAULT_KILL_GRA
 # ============================================================================
 
 
+# The experiment that load_experiment(standalone=True) made this process (and a forked child) a run of.
+_STANDALONE: list[Experiment] = []
+_STANDALONE_LOCK = threading.Lock()
+
+
 def load_experiment(standalone: bool = False) -> Experiment:
     """Return the Experiment (and run) that launched this process.
 
@@ -4908,6 +5137,8 @@ def load_experiment(standalone: bool = False) -> Experiment:
     ``standalone=True`` (or ``EXP_STANDALONE=1``): then a fresh experiment
     named after the script is created under ``./results`` and this process
     becomes its first run, so ``python train.py`` still works while debugging.
+    Later calls in the process (and in a child it forks) return that same
+    Experiment object.
     """
     work_dir = os.environ.get("EXPERIMENT_WORK_DIR")
     if work_dir:
@@ -4938,10 +5169,14 @@ def load_experiment(standalone: bool = False) -> Experiment:
     if standalone or flag in ("1", "true", "yes", "on"):
         import shlex
 
-        script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-") else ""
-        name = os.path.splitext(os.path.basename(script))[0] or "interactive"
-        e = Experiment(name=name, command=shlex.join([sys.executable] + sys.argv), base_dir=DEFAULT_BASE_DIR)
-        e._start_in_process()
+        with _STANDALONE_LOCK:
+            if _STANDALONE:  # a notebook cell run again, a helper module: the same experiment and run
+                return _STANDALONE[0]
+            script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-") else ""
+            name = os.path.splitext(os.path.basename(script))[0] or "interactive"
+            e = Experiment(name=name, command=shlex.join([sys.executable] + sys.argv), base_dir=DEFAULT_BASE_DIR)
+            e._start_in_process()
+            _STANDALONE.append(e)
         return e
     raise NoExperimentContext(
         "load_experiment() found no experiment: EXPERIMENT_WORK_DIR is not set, so this process "
@@ -9504,7 +9739,7 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
             if cut or offset + len(data) >= st.st_size or max_bytes >= 64 << 20:
                 break
             max_bytes *= 4
-    names: list[str] = next(_csv_module().reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
+    names: list[str] = next(_csv_reader([head.decode("utf-8", "replace").rstrip("\r\n")]), [])
     columns: dict[str, list[Any]] = {n: [] for n in names}
     rows = 0
     if cut:
@@ -9512,7 +9747,7 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
 
         width = len(names)
         lists = [columns[n] for n in names]
-        for rec in _csv_module().reader(io.StringIO(data[:cut].decode("utf-8", "replace"), newline="")):
+        for rec in _csv_reader(io.StringIO(data[:cut].decode("utf-8", "replace"), newline="")):
             if len(rec) != width:
                 continue
             rows += 1
@@ -9524,14 +9759,13 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
 
 def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
     """Per numeric column of a metrics CSV: final, min, max and count (one streamed pass)."""
-    csv = _csv_module()
     try:
         f = _open_regular(path, encoding="utf-8", errors="replace", newline="")
     except OSError:
         return {}
     stats: dict[str, dict[str, Any]] = {}
     with f:
-        reader = csv.reader(f)
+        reader = _csv_reader(f)
         header: list[str] = next(reader, [])
         for rec in reader:
             if len(rec) != len(header):

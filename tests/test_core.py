@@ -520,6 +520,19 @@ def test_resume_overrides_given_fields(make_exp, base_dir, tmp_path):
     assert exp.Experiment.load(e.work_dir).tags == ["new"]
 
 
+def test_resume_under_another_name_is_refused(make_exp, base_dir):
+    """The directory keeps its name: resuming it as 'other' would rename the experiment in
+    metadata.json only."""
+    e = make_exp("bg")
+    before = pathlib.Path(e.metadata_path).read_bytes()
+    with pytest.raises(exp.ConfigError) as info:
+        exp.Experiment(name="other", command="exit 0", base_dir=base_dir, resume=e.work_dir)
+    assert str(info.value) == (f"resume={e.work_dir!r}: {e.work_dir} holds experiment 'bg', not 'other'; "
+                               "pass name='bg' to resume it")
+    assert pathlib.Path(e.metadata_path).read_bytes() == before
+    assert exp.Experiment(name="bg", command="exit 0", base_dir=base_dir, resume=e.work_dir).name == "bg"
+
+
 def test_resume_that_does_not_exist(make_exp, base_dir):
     e = make_exp("real")
     with pytest.raises(ValueError) as info:
@@ -986,6 +999,29 @@ print(e.work_dir)
 if mode == "raise":
     raise RuntimeError("boom in standalone script")
 """
+
+
+@posix_only
+def test_standalone_called_twice_is_one_experiment(tmp_path):
+    """A notebook cell run again, or a helper module that calls it too: one directory, one run."""
+    script = write_script(tmp_path, "twice.py", """
+        import exp
+        a = exp.load_experiment(standalone=True)
+        a.upd_row(step=0)
+        a.save_row()
+        b = exp.load_experiment(standalone=True)
+        b.upd_row(step=1)
+        b.save_row()
+        print(a is b, a.current_run_id, b.work_dir)
+    """)
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=child_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    same, rid, work = r.stdout.split()
+    assert (same, rid) == ("True", "run_0001")
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [os.path.basename(work)]
+    assert exp.read_metrics(os.path.join(work, "metrics", "run_0001.csv")) == [{"step": 0}, {"step": 1}]
+    assert json.loads(pathlib.Path(work, "metadata.json").read_text())["status"] == "finished"
 
 
 @posix_only

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import pathlib
+import subprocess
+import sys
 import threading
 
 import pytest
 
 import exp
-from conftest import posix_only, py_cmd, write_script
+from conftest import child_env, posix_only, py_cmd, read_meta, write_script
 
 
 @pytest.fixture
@@ -452,3 +455,272 @@ def test_a_string_cell_with_carriage_returns_survives_the_rewrite_a_new_column_m
     assert rows == [{"step": 0, "note": text, "acc": None}, {"step": 1, "note": text, "acc": None},
                     {"step": 2, "note": "y", "acc": 0.9}]
     assert exp.last_metrics_values(str(tmp_path / "m.csv")) == {"step": 2, "note": "y", "acc": 0.9}
+
+
+# ============================================================================
+# Values a script never saved; threads and forked children sharing an experiment
+# ============================================================================
+
+UNSAVED_AT_EXIT = """
+import exp
+e = exp.load_experiment(standalone=True)
+e.upd_row(step=0, loss=1.0)
+e.save_row()
+e.upd_row(test_acc=0.93)  # the script ends without a save_row()
+print(e.work_dir)
+"""
+
+
+@posix_only
+def test_values_never_saved_are_saved_at_exit_as_a_last_row_with_a_note(run_py, tmp_path):
+    r = run_py(UNSAVED_AT_EXIT)
+    assert r.returncode == 0, r.stderr
+    work = r.stdout.strip()
+    path = os.path.join(work, "metrics", "run_0001.csv")
+    assert exp.read_metrics(path) == [{"step": 0, "loss": 1.0, "test_acc": None},
+                                      {"step": None, "loss": None, "test_acc": 0.93}]
+    [note] = r.stderr.splitlines()
+    assert note == (f"exp: note: the values given to upd_row() after the last save_row() (test_acc) were saved "
+                    f"at exit as a last row of run_0001 ({path}); call save_row() to save them yourself")
+    assert read_meta(work)["status"] == "finished"  # saved before the end was recorded
+
+
+@posix_only
+def test_values_never_saved_in_a_run_of_exp_are_saved_at_exit(make_exp, tmp_path):
+    script = write_script(tmp_path, "train.py", """
+        import exp
+        e = exp.load_experiment()
+        helper = exp.load_experiment()  # say, in another module: values of both are kept
+        for step in range(2):
+            e.upd_row(step=step, loss=1.0 / (step + 1))
+            e.save_row()
+        e.upd_row(test_acc=0.93, test_loss=0.2)
+        helper.upd_row(note="done")
+    """)
+    e = make_exp("unsaved", py_cmd(script))
+    assert e.run() == 0
+    rows = e.metrics()
+    assert rows[:2] == [{"step": 0, "loss": 1.0, "test_acc": None, "test_loss": None, "note": None},
+                        {"step": 1, "loss": 0.5, "test_acc": None, "test_loss": None, "note": None}]
+    assert sorted(rows[2:], key=str) == sorted(
+        [{"step": None, "loss": None, "test_acc": 0.93, "test_loss": 0.2, "note": None},
+         {"step": None, "loss": None, "test_acc": None, "test_loss": None, "note": "done"}], key=str)
+    log = e.read_log()  # the run's stderr is its log
+    assert log.count("note: the values given to upd_row() after the last save_row()") == 2, log
+    assert "(test_acc, test_loss) were saved at exit as a last row of run_0001" in log
+
+
+@posix_only
+def test_values_that_cannot_be_saved_at_exit_are_reported(run_py):
+    r = run_py("""
+        import os, exp
+        e = exp.load_experiment(standalone=True)
+        e.upd_row(loss=0.5)
+        os.makedirs(e.metrics_path)  # a directory where the CSV should go: the save fails
+        print(e.work_dir)
+    """)
+    assert r.returncode == 0, r.stderr
+    [line] = [ln for ln in r.stderr.splitlines() if "upd_row" in ln]
+    assert line.startswith("exp: warning: the values given to upd_row() after the last save_row() (loss) "
+                           "could not be saved at exit: "), line
+    assert "Traceback" not in r.stderr
+
+
+@posix_only
+def test_threads_sharing_an_experiment_write_each_value_once(running_exp):
+    """upd_row and save_row from several threads: a value is written exactly once (a save_row
+    may write values another thread gave, in the same row), never twice, never dropped."""
+    e = running_exp
+    threads, n = 4, 400
+    errors = []
+    start = threading.Barrier(threads)
+
+    def work(k):
+        try:
+            start.wait(timeout=10)
+            for i in range(n):
+                e.upd_row(**{f"t{k}": i})
+                e.save_row()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(repr(err))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert errors == []
+    rows = e.metrics()
+    for k in range(threads):
+        assert [r[f"t{k}"] for r in rows if r[f"t{k}"] is not None] == list(range(n))
+
+
+FORKED_WORKERS = """
+import os, sys, exp
+e = exp.load_experiment(standalone=True)
+e.upd_row(pending_in_parent=123)
+children = []
+for k in range(4):
+    pid = os.fork()
+    if pid == 0:  # a raw fork, ended with sys.exit(): the exit handlers run in the child
+        w = exp.load_experiment(standalone=True)  # say, a helper in the worker: the same experiment
+        w.upd_row(worker=k)
+        w.save_row()
+        w.upd_row(worker_unsaved=k)  # the child's own values: saved by the child at its exit
+        sys.exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print(e.read_metadata()["status"])
+print(e.work_dir)
+e.save_row()
+"""
+
+
+@posix_only
+def test_forked_children_neither_inherit_pending_values_nor_end_the_run(run_py, tmp_path):
+    r = run_py(FORKED_WORKERS)
+    assert r.returncode == 0, r.stderr
+    status, work = r.stdout.split()
+    assert status == "running"  # the children's exits did not end the parent's run
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [os.path.basename(work)]
+    rows = exp.read_metrics(os.path.join(work, "metrics", "run_0001.csv"))
+    assert sorted(r["worker"] for r in rows if r["worker"] is not None) == [0, 1, 2, 3]
+    assert sorted(r["worker_unsaved"] for r in rows if r["worker_unsaved"] is not None) == [0, 1, 2, 3]
+    assert [r["pending_in_parent"] for r in rows if r["pending_in_parent"] is not None] == [123]
+    assert len(rows) == 9
+    meta = read_meta(work)
+    assert meta["status"] == "finished" and [run["status"] for run in meta["runs"]] == ["finished"]
+
+
+# ============================================================================
+# Values a CSV cannot hold, NUL bytes in a file, MetricsWriter on its own
+# ============================================================================
+
+
+def test_an_int_too_long_for_text_is_a_metric_error_naming_the_key(running_exp):
+    with pytest.raises(exp.MetricError, match=r"^metric 'big': an int of about 5001 digits, more than Python "):
+        running_exp.upd_row(step=1, big=10**5000)
+    running_exp.upd_row(step=1, big=10**300)
+    running_exp.save_row()
+    assert running_exp.metrics() == [{"step": 1, "big": 10**300}]
+
+
+def test_a_nul_character_is_refused_naming_the_key(running_exp):
+    """No NUL goes into a metrics file: csv before Python 3.11 cannot read one back."""
+    e = running_exp
+    with pytest.raises(exp.MetricError) as info:
+        e.upd_row(step=1, sample="gen\x00text")
+    assert isinstance(info.value, TypeError)
+    assert str(info.value) == ("metric 'sample': the string holds a NUL character ('\\x00'), which a CSV file "
+                               "cannot carry portably; remove it first, e.g. text.replace('\\x00', '')")
+    with pytest.raises(exp.ConfigError, match=r"metric name 'a\\x00b' cannot contain a NUL character"):
+        e.upd_row(**{"a\x00b": 1})
+    with pytest.raises(exp.MetricError, match="metric 'sample': the string holds a NUL"):
+        exp.MetricsWriter(e.metrics_path).write_row({"step": 1, "sample": "\x00"})
+    e.upd_row(step=1)
+    e.save_row()
+    assert text_of(e) == "step\n1\n"
+
+
+NUL_CSV = b'step,sample\n0,gen\x00text\n1,"a\x00,\xef\xb7\x90 b"\n2,plain\n'
+
+
+@pytest.fixture(params=["native", "pre-3.11 csv"])
+def csv_nul(request, monkeypatch):
+    """Run on this Python's csv module, and as on Python < 3.11 (whose csv refuses NUL)."""
+    if request.param != "native":
+        monkeypatch.setattr(exp, "_CSV_READS_NUL", False)
+    return request.param
+
+
+def test_readers_read_nul_bytes_already_in_a_file(tmp_path, csv_nul):
+    """A file written by another tool (or before NUL was refused) reads on every Python: the
+    readers behind read_metrics, ls, the dashboard, and the rewrite a new column makes."""
+    path = tmp_path / "metrics" / "run_0001.csv"
+    path.parent.mkdir()
+    path.write_bytes(NUL_CSV)
+    rows = [{"step": 0, "sample": "gen\x00text"}, {"step": 1, "sample": "a\x00,\ufdd0 b"},
+            {"step": 2, "sample": "plain"}]
+    assert exp.read_metrics(path) == rows
+    assert exp.last_metrics_row(str(path)) == exp.last_metrics_values(str(path)) == rows[-1]
+    assert exp.metric_column(str(path), "sample") == [r["sample"] for r in rows]
+    assert exp.metrics_stats(str(path))["step"]["final"] == 2
+    assert exp.read_metrics_chunk(str(path))["columns"]["sample"] == [r["sample"] for r in rows]
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 3, "sample": "x"})  # an append
+        w.write_row({"step": 4, "acc": 0.5})  # a new column: the file is rewritten
+    assert exp.read_metrics(path) == [dict(r, acc=None) for r in rows] + [
+        {"step": 3, "sample": "x", "acc": None}, {"step": 4, "sample": None, "acc": 0.5}]
+
+
+@posix_only
+def test_ls_lists_a_directory_whose_metrics_hold_nul_bytes(make_exp, tmp_path):
+    e = make_exp("nul", "exit 0")
+    assert e.run() == 0
+    pathlib.Path(e.metrics_path).write_bytes(b"step,sample\n0,gen\x00text\n1,x\x00y\n")
+    for args in ([], ["--json"]):
+        r = subprocess.run([sys.executable, exp.__file__, "ls", e.base_dir, *args], capture_output=True,
+                           text=True, env=child_env(), timeout=60)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    [row] = json.loads(r.stdout)
+    assert (row["name"], row["status"], row["last_metrics"]) == ("nul", "finished", {"step": 1})
+
+
+def test_metrics_writer_on_its_own_takes_values_as_upd_row_does(tmp_path):
+    path = tmp_path / "m.csv"
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 1, "loss": 0.5, "ok": True, "note": None, "item": Scalar(2.5)})
+        w.write_row({"step": 2, "loss": float("inf"), "ok": False, "note": "a,b"})
+        with pytest.raises(exp.MetricError, match=r"metric 'loss': cannot store a value of type list"):
+            w.write_row({"step": 3, "loss": [1]})
+        with pytest.raises(exp.ConfigError, match="a metric name cannot be empty"):
+            w.write_row({"step": 3, "": 1})
+    assert path.read_text() == 'step,loss,ok,note,item\n1,0.5,True,,2.5\n2,inf,False,"a,b",\n'
+
+
+# ============================================================================
+# A writer killed mid-rewrite
+# ============================================================================
+
+
+@posix_only
+def test_the_next_writer_removes_the_temp_file_of_a_writer_killed_mid_rewrite(tmp_path):
+    path = tmp_path / "metrics" / "run_0001.csv"
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 0, "loss": 1.0})
+    # A writer killed (SIGKILL) while it rewrites the file for a new column: its temp file stays.
+    script = write_script(tmp_path, "killed.py", """
+        import sys, time, exp
+        real = exp.write_all
+        def write_then_hang(fd, data):
+            real(fd, data)
+            print("in rewrite", flush=True)
+            time.sleep(600)
+        exp.write_all = write_then_hang
+        exp.MetricsWriter(sys.argv[1]).write_row({"step": 1, "loss": 0.5, "acc": 0.9})
+    """)
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True,
+                            env=child_env())
+    try:
+        assert proc.stdout.readline() == "in rewrite\n"
+    finally:
+        proc.kill()
+        proc.wait(30)
+        proc.stdout.close()
+    [left] = [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
+    assert left.startswith(f"run_0001.csv.{proc.pid}.")
+    # A temp file whose writer lives (a reused pid, a process on another host) is never removed.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = path.parent / f"run_0001.csv.{sleeper.pid}.1.tmp"
+        live.write_text("step\n")
+        other = path.parent / f"run_0002.csv.{proc.pid}.1.tmp"  # another file's: not this writer's business
+        other.write_text("step\n")
+        with exp.MetricsWriter(path) as w:
+            w.write_row({"step": 1, "loss": 0.5})
+        assert sorted(n for n in os.listdir(path.parent) if n.endswith(".tmp")) == sorted([live.name, other.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait(30)
+    assert exp.read_metrics(path) == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}]
