@@ -822,17 +822,6 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def _pid_exists(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this host (a zombie, or one of another user, counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, under another user
-        return True
-    return True
-
-
 def _live_member(pid: int, pgid: int) -> bool:
     """Whether ``pid`` runs (not a zombie) in process group ``pgid``, from /proc."""
     try:
@@ -1837,7 +1826,7 @@ def _remove_dead_temps(path: str) -> None:
     me = os.getpid()
     for n in names:
         pid, dot, tid = n[len(prefix):-len(".tmp")].partition(".")
-        if not (dot and pid.isdigit() and tid.isdigit()) or int(pid) == me or _pid_exists(int(pid)):
+        if not (dot and pid.isdigit() and tid.isdigit()) or int(pid) == me or process_alive(int(pid)):
             continue
         try:
             os.unlink(os.path.join(directory, n))
