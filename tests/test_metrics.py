@@ -243,11 +243,19 @@ def test_save_row_lark_without_settings_keeps_the_row_and_warns_once(running_exp
     assert "lark-sync" in capfd.readouterr().err
 
 
-def test_save_row_before_any_run_says_what_to_do(make_exp):
-    e = make_exp("norun")
-    e.upd_row(x=1)
-    with pytest.raises(exp.ExpError, match=r"experiment 'norun' has no run yet: call run\(\) first"):
-        e.save_row()
+def test_save_row_before_any_run_says_what_to_do(tmp_path):
+    # In a process of its own: the value it leaves unsaved is reported at that process's exit.
+    r = subprocess.run([sys.executable, "-c", (
+        "import exp\n"
+        "e = exp.Experiment(name='norun', command='true')\n"
+        "e.upd_row(x=1)\n"
+        "try:\n"
+        "    e.save_row()\n"
+        "except exp.ExpError as err:\n"
+        "    print(err)\n")], cwd=str(tmp_path), env=child_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("experiment 'norun' has no run yet: call run() first"), r.stdout
+    assert "were not saved at exit: experiment 'norun' has no run to save them in" in r.stderr, r.stderr
 
 
 def test_read_metrics_missing_file_and_bad_rows(tmp_path):

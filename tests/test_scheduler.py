@@ -561,9 +561,9 @@ def test_cli_reports_all_problems_and_launches_nothing(tmp_path):
 
 
 def test_dry_run_says_which_directory_a_resume_continues(tmp_path):
-    for d in ("a_2025-01-01__00-00-00", "old/b_x"):
+    for d, name in (("a_2025-01-01__00-00-00", "a"), ("old/b_x", "b")):
         (tmp_path / "results" / d).mkdir(parents=True)
-        (tmp_path / "results" / d / "metadata.json").write_text('{"name": "x", "status": "finished"}')
+        (tmp_path / "results" / d / "metadata.json").write_text(f'{{"name": "{name}", "status": "finished"}}')
     cfg = write_config(tmp_path / "c.toml", None, [
         {"name": "a", "command": "true", "resume": "2025-01-01__00-00-00"},
         {"name": "b", "command": "true", "resume": "results/old/b_x"},
