@@ -120,7 +120,7 @@ __all__ = [
     "build_listing", "group_rows", "sort_groups", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS",
     "LS_LEAD_COLUMNS", "LS_GROUP_LEAD_COLUMNS", "main",
     # small helpers
-    "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
+    "PathText", "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
     "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff",
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
@@ -354,6 +354,33 @@ def format_duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class PathText(str):
+    """A path as exp's API gives it: a ``str``, which also does what the earlier project's
+    ``pathlib.Path`` did, so scripts written for either run: ``/`` joins (giving a
+    ``pathlib.Path``) and Path's attributes are there (``.parent``, ``.name``,
+    ``.exists()``, ``.mkdir()``, ``.glob()``, ...).  Where str and Path share a
+    name (``replace``, ``split``...), it is str's."""
+
+    __slots__ = ()
+
+    def __truediv__(self, other: Any) -> Any:
+        import pathlib
+
+        return pathlib.Path(self) / other
+
+    def __rtruediv__(self, other: Any) -> Any:
+        import pathlib
+
+        return pathlib.Path(other) / str(self)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocols (copy, pickle, fspath) are str's
+            raise AttributeError(name)
+        import pathlib
+
+        return getattr(pathlib.Path(self), name)
 
 
 def run_id_str(run: int | str) -> str:
@@ -4275,11 +4302,12 @@ class Experiment:
 
     @property
     def work_dir(self) -> str:
-        return self.dir.path
+        """The experiment's directory (a :class:`PathText`: a str that also joins with ``/``)."""
+        return PathText(self.dir.path)
 
     @property
     def metadata_path(self) -> str:
-        return self.dir.metadata_path
+        return PathText(self.dir.metadata_path)
 
     def read_metadata(self) -> dict[str, Any]:
         """The current contents of ``metadata.json`` (MetadataError if it cannot be read)."""
@@ -4347,12 +4375,12 @@ class Experiment:
     # ------------------------------------------------------------------ paths
 
     def log_path(self, run_id: int | str | None = None) -> str:
-        """Path of a run's log (default: the current run)."""
-        return self.dir.log_path(run_id_str(run_id) if run_id is not None else self._require_run())
+        """Path of a run's log (default: the current run), a :class:`PathText`."""
+        return PathText(self.dir.log_path(run_id_str(run_id) if run_id is not None else self._require_run()))
 
     def metrics_file(self, run_id: int | str | None = None) -> str:
-        """Path of a run's metrics CSV (default: the current run)."""
-        return self.dir.metrics_path(run_id_str(run_id) if run_id is not None else self._require_run())
+        """Path of a run's metrics CSV (default: the current run), a :class:`PathText`."""
+        return PathText(self.dir.metrics_path(run_id_str(run_id) if run_id is not None else self._require_run()))
 
     @property
     def metrics_path(self) -> str:

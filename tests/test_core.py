@@ -1148,3 +1148,30 @@ def test_cli_version_and_help():
     assert h.returncode == 0
     assert h.stdout.startswith("usage: exp")
     assert "--version" in h.stdout
+
+
+def test_paths_the_api_gives_are_text_that_also_joins_like_the_earlier_projects_paths(make_exp, tmp_path):
+    # The earlier project returned pathlib.Path: `torch.save(m, e.work_dir / "model.pt")` and
+    # `e.get_metrics_file_path().parent` must keep working, and new scripts get plain text.
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import json, os, pathlib, exp\n"
+        "e = exp.load_experiment()\n"
+        "ckpt = e.work_dir / 'ckpt' / 'model.pt'\n"
+        "assert isinstance(ckpt, pathlib.Path), type(ckpt)\n"
+        "ckpt.parent.mkdir()\n"
+        "ckpt.write_text('weights')\n"
+        "assert isinstance(e.work_dir, str) and e.work_dir == os.environ['EXPERIMENT_WORK_DIR']\n"
+        "assert e.get_metrics_file_path().parent.name == 'metrics'\n"
+        "assert e.get_log_file_path().exists() and e.get_log_file_path().suffix == '.log'\n"
+        "assert (e.work_dir + '/x').endswith('/x') and os.path.join(e.work_dir, 'x') == e.work_dir + '/x'\n"
+        "assert json.loads(json.dumps({'d': e.work_dir}))['d'] == e.work_dir\n"
+        "assert e.metadata_path.name == 'metadata.json' and e.work_dir.replace('/', '|').count('|') > 1\n"
+        "print('paths ok')\n")
+    e = make_exp(name="paths", command=f"{sys.executable} {script}")
+    assert e.run() == 0, e.read_log()
+    assert "paths ok" in e.read_log()
+    assert (pathlib.Path(e.work_dir) / "ckpt" / "model.pt").read_text() == "weights"
+    assert type(e.work_dir) is not pathlib.Path and e.work_dir / "ckpt" == pathlib.Path(e.work_dir, "ckpt")
+    import pickle
+    assert pickle.loads(pickle.dumps(e.work_dir)) == e.work_dir
