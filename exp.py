@@ -103,7 +103,7 @@ __all__ = [
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "job_key", "finished_before", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
-    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "metadata_problem", "upgrade_metadata", "normalize_fields", "normalize_state_item", "STATE_GROUPS", "STATE_ITEM_TYPES",
+    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "remove_unstarted_dirs", "metadata_problem", "upgrade_metadata", "normalize_fields", "normalize_state_item", "STATE_GROUPS", "STATE_ITEM_TYPES",
     "iso_from_old_timestamp", "check_experiment_path", "base_dir_problem", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
@@ -3027,6 +3027,33 @@ def scan(base_dir: str | os.PathLike[str], depth: int = 2) -> list[ExperimentDir
             elif depth > 1:
                 out.extend(scan(entry.path, depth - 1))
     return out
+
+
+def remove_unstarted_dirs(base_dir: str, names: Iterable[str], since: float) -> list[str]:
+    """Remove the directories ``<name>_<timestamp>`` under ``base_dir`` made at or after ``since``
+    (seconds since the epoch) that hold nothing but their own empty subdirectories: left by a
+    process killed between making one and writing its metadata.json.  Returns their paths.
+    """
+    prefixes = tuple(f"{n}_" for n in set(names))
+    removed: list[str] = []
+    try:
+        entries = [e for e in os.scandir(base_dir) if e.name.startswith(prefixes)]
+    except OSError:
+        return removed
+    for e in entries:
+        try:
+            if not e.is_dir(follow_symlinks=False) or e.stat(follow_symlinks=False).st_mtime < since:
+                continue
+            inside = os.listdir(e.path)
+            if not set(inside) <= {LOGS_DIR, METRICS_DIR} or any(os.listdir(os.path.join(e.path, d)) for d in inside):
+                continue
+            for d in inside:
+                os.rmdir(os.path.join(e.path, d))
+            os.rmdir(e.path)
+            removed.append(e.path)
+        except OSError:  # not empty after all (a process just wrote there), or not ours to remove
+            continue
+    return removed
 
 
 #: The state file's task lists.
@@ -7149,6 +7176,17 @@ class Scheduler:
                 self._mark_done(job, handle.status, handle.returncode, handle.reason,
                                 job.experiment.dir.run_entry(job.run_id))
                 ended_meanwhile.append(job)
+        try:  # directories made by the dead scheduler for a start it did not live to write down
+            from datetime import datetime
+
+            t_since = datetime.fromisoformat(since).timestamp() - 1  # started_at has the second only
+        except ValueError:
+            t_since = None
+        if t_since is not None:
+            for base in {os.path.abspath(j.spec.base_dir) for j in self.jobs}:
+                for path in remove_unstarted_dirs(base, {j.spec.name for j in self.jobs}, t_since):
+                    self.term.event(f"removed {_short_path(path, self._cwd)}: made just before the crash, "
+                                    "empty (its experiment had not started)")
         lost = [it for group in items.values() for it in group if it.get("status") in (PENDING, RUNNING)]
         if lost:
             names = ", ".join(f"{it.get('name')} ({it.get('status')})" for it in lost[:10])

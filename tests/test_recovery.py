@@ -1204,3 +1204,31 @@ def test_an_adopted_run_that_needs_sigkill_is_recorded_killed(tmp_path, marks, s
     meta = read_meta(run["work_dir"])
     assert (meta["status"], meta["reason"]) == ("killed", "terminated by user"), meta
     assert pid_gone(run["pid"])
+
+
+def test_empty_directories_the_dead_scheduler_made_are_removed(tmp_path, marks, sched):
+    # Killed between making a directory and writing its metadata.json: the empty directory was
+    # left for ever, invisible to `exp ls`.
+    base = tmp_path / "results"
+    cmd = marks.quick("e")
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "e", "command": cmd}])
+    old = base / "e_2020-01-01__00-00-00"
+    for d in (old, base / "e_2026-01-01__00-00-01", base / "e_2026-01-01__00-00-02", base / "other_2026-01-01__00-00-00"):
+        (d / "terminal_logs").mkdir(parents=True)
+        (d / "metrics").mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # made before the dead scheduler started
+    (base / "e_2026-01-01__00-00-02" / "terminal_logs" / "note.txt").write_text("keep me")
+    since = exp.now_iso()
+    time.sleep(1.1)  # the new directories are made after the dead scheduler started (to the second)
+    for d in (base / "e_2026-01-01__00-00-01", base / "e_2026-01-01__00-00-02", base / "other_2026-01-01__00-00-00"):
+        os.utime(d)
+    fake_dead_scheduler(base, since, [{"name": "e", "command": cmd, "params": {}, "repeat": 1,
+                                       "status": "running", "attempt": 1}])
+    s = sched(cfg)
+    assert s.wait() == 0, s.output()
+    assert "removed results/e_2026-01-01__00-00-01: made just before the crash, empty" in s.output(), s.output()
+    assert not (base / "e_2026-01-01__00-00-01").exists()
+    # Kept: one that holds a file, one made earlier, one of a name no task has.
+    assert (base / "e_2026-01-01__00-00-02" / "terminal_logs" / "note.txt").exists()
+    assert old.exists() and (base / "other_2026-01-01__00-00-00").exists()
+    assert len(marks.runs("e")) == 1
