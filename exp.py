@@ -123,7 +123,7 @@ __all__ = [
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
-    "redact_secrets", "redact_command", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "redact_secrets", "redact_command", "secret_name", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
     # Lark/Feishu: settings, client, outbox sender, notifications
@@ -467,6 +467,134 @@ _CONTROL_RE = _LazyRe(f"[{_CONTROL_CHARS}]")
 # Also invisible in a report, and able to reorder what follows them (bidirectional
 # overrides and isolates) or to break its line (line and paragraph separators).
 _REPORT_CONTROL_RE = _LazyRe(f"[{_CONTROL_CHARS}\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+#: Names (dict keys, ``--options``, ``NAME=`` assignments, header names) whose values are never shown,
+#: matched in :func:`secret_name`'s spelling: lower case, words joined by ``_``.  ``token`` counts as a
+#: word or a word's end (``hf_token``, ``accesstoken``), not in ``max_tokens``, ``tokenizer`` or
+#: ``token_ids``, which ML scripts take as ordinary parameters; ``key``, ``pat`` and ``pass`` end a name.
+_SECRET_NAME_RE = _LazyRe(
+    r"secret|passw|passphrase|pwd|credential|cookie|bearer|session|api_?key|access_?key|private_?key"
+    r"|token(?![a-z]|_ids?(?:_|$))|^tokens$|(?:^|_)(?:api|access|auth|refresh|id|bearer)_?tokens"
+    r"|(?:^|_)auth(?!ors?(?:_|$))|(?:^|_)(?:key|pat|pass)$")
+_NAME_WORD_BREAK_RE = _LazyRe(r"(?<=[a-z0-9])(?=[A-Z])|[^A-Za-z0-9]+")
+
+
+def secret_name(name: str) -> bool:
+    """Whether ``name`` names a secret: ``api_key``, ``--openai-key``, ``dbPass``, ``HF_TOKEN``, ``Authorization``.
+
+    One rule for the keys of metadata and the names on a command line (the
+    environment's variable names have the broader :data:`_SECRET_KEY_RE`).
+    """
+    return bool(_SECRET_NAME_RE.search(_NAME_WORD_BREAK_RE.sub("_", name).lower()))
+
+
+# A command line's words as the shell splits them: blanks and operators end a word outside quotes.
+_SHELL_BREAKS = " \t\n;&|()<>"
+# After "Authorization:" the scheme is kept and the credentials after it hidden.
+_AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "negotiate")
+_OPTION_WORD_RE = _LazyRe(r"(-{1,2}[A-Za-z0-9][\w.-]*)(=?)")
+_ASSIGN_WORD_RE = _LazyRe(r"([+~]*[A-Za-z_][\w.-]*)=")
+_HEADER_WORD_RE = _LazyRe(r"\s*([A-Za-z][\w-]*)\s*:(?!//)\s*(\S*)\s*(.*)", re.S)
+_URL_PASSWORD_RE = _LazyRe(r"(://[^\s/:@'\"]*:)([^\s/@'\"]+)(?=@)")
+
+
+def _shell_words(command: str) -> list[tuple[int, int]]:
+    """(start, end) of each word of a shell command line: quotes and backslashes keep a word
+    together, blanks and ``; & | ( ) < >`` end it; an unclosed quote runs to the end."""
+    words: list[tuple[int, int]] = []
+    i, n, start = 0, len(command), -1
+    while i < n:
+        c = command[i]
+        if c in _SHELL_BREAKS:
+            if start >= 0:
+                words.append((start, i))
+                start = -1
+            i += 1
+            continue
+        if start < 0:
+            start = i
+        if c == "\\":
+            i += 2
+        elif c == "'":
+            j = command.find("'", i + 1)
+            i = n if j < 0 else j + 1
+        elif c == '"':
+            j = i + 1
+            while j < n and command[j] != '"':
+                j += 2 if command[j] == "\\" else 1
+            i = j + 1
+        else:
+            i += 1
+    if start >= 0:
+        words.append((start, n))
+    return words
+
+
+def _unquote(word: str) -> str:
+    """A word as the program gets it (quotes and backslashes removed)."""
+    import shlex
+
+    try:
+        return " ".join(shlex.split(word))
+    except ValueError:  # an unclosed quote
+        return word.replace("\\", "").replace('"', "").replace("'", "")
+
+
+def _redact_word(word: str) -> tuple[str, int]:
+    """(the word as shown, what the next word is: 0 a word like any, 1 a value to hide, 2 credentials after
+    ``Authorization:``, which may start with a scheme to keep)."""
+    m = _OPTION_WORD_RE.match(word)
+    if m and secret_name(m.group(1).lstrip("-")):  # --token VALUE, --token=VALUE
+        if m.group(2):
+            return (m.group(0) + "***" if m.end() < len(word) else word), 0
+        return word, 1 if m.end() == len(word) else 0
+    m = _ASSIGN_WORD_RE.match(word)
+    if m and secret_name(m.group(1).lstrip("+~")):  # HF_TOKEN=VALUE, model.api_key="VALUE"
+        return m.group(0) + "***", 0
+    text = _unquote(word)
+    quote = word[0] if word[0] in "'\"" and word[-1:] == word[0] else ""
+    m = _ASSIGN_WORD_RE.match(text) if quote else None
+    if m and secret_name(m.group(1).lstrip("+~")):  # "HF_TOKEN=VALUE"
+        return f"{quote}{m.group(0)}***{quote}", 0
+    m = _HEADER_WORD_RE.fullmatch(text)
+    if m and secret_name(m.group(1)):  # "Authorization: Bearer VALUE", "X-Api-Key: VALUE"
+        if not m.group(2):
+            return word, 2
+        scheme = m.group(2) + " " if m.group(2).lower() in _AUTH_SCHEMES and m.group(3) else ""
+        return f"{quote}{m.group(1)}: {scheme}***{quote}", 0
+    if text.lower() == "bearer":
+        return word, 1
+    return _URL_PASSWORD_RE.sub(r"\1***", word), 0
+
+
+def redact_command(command: str) -> str:
+    """``command`` as written, but the values of secret-named arguments as ``***``.
+
+    Hidden, quoted or not (the words are split as the shell splits them):
+    the value of ``NAME=value`` and of ``--name value`` / ``--name=value`` /
+    ``-name value`` when :func:`secret_name` says ``NAME`` names a secret;
+    a header's value such as ``"Authorization: Bearer VALUE"`` (the scheme
+    stays); the word after ``Bearer``; a password in a URL
+    (``https://user:***@host``).  The rest of the text is kept as it is.
+    """
+    out: list[str] = []
+    done = 0
+    pending = 0  # what the next word is, as _redact_word said
+    for a, b in _shell_words(command):
+        if pending and any(c in _SHELL_BREAKS[3:] for c in command[done:a]):
+            pending = 0  # a value never lies past ; & | ...
+        word = command[a:b]
+        if pending == 2 and _unquote(word).lower() in _AUTH_SCHEMES:
+            shown, pending = word, 1
+        elif pending and not (pending == 1 and word.startswith("--") and len(word) > 2):
+            shown, pending = "***", 0
+        else:
+            shown, pending = _redact_word(word)
+        out.append(command[done:a] + shown)
+        done = b
+    out.append(command[done:])
+    return "".join(out)
 
 
 def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
@@ -9064,13 +9192,6 @@ FILE_TREE_MAX = 2000
 COMPARE_MAX = 50
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                 ".webp": "image/webp", ".bmp": "image/bmp"}
-#: Dict keys whose values the dashboard never serves (an old metadata.json may hold anything).
-_SECRET_FIELD_RE = _LazyRe(r"secret|token|passw|pwd|credential|api_?key|access_?key|private_?key|cookie|bearer|"
-                           r"session|^auth|(^|_)key$|(^|_)pat$", re.I)
-# In a command line: NAME=value with a secret-looking NAME, and --token VALUE style options.
-_COMMAND_SECRET_RE = _LazyRe(r"(?<![\w-])([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
-_COMMAND_OPTION_RE = _LazyRe(r"(--?[A-Za-z0-9_-]*(?:token|secret|passw|api[-_]?key|access[-_]?key)[A-Za-z0-9_-]*)"
-                             r"(=|\s+)(\S+)", re.I)
 _PARAM_FILTER_RE = _LazyRe(r"^\s*([^=<>!]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*$")
 _EXP_SORT_FIELDS = ("name", "status", "created_at", "started_at", "ended_at", "duration", "runs", "exit_code")
 
@@ -9122,18 +9243,10 @@ def _secret_field(key: str) -> bool:
     """Whether a key names a secret; remembered, since a listing asks of the same few keys thousands of times."""
     found = _SECRET_FIELDS.get(key)
     if found is None:
-        found = bool(_SECRET_FIELD_RE.search(key))
+        found = secret_name(key)
         if len(_SECRET_FIELDS) < 4096:
             _SECRET_FIELDS[key] = found
     return found
-
-
-def redact_command(command: str) -> str:
-    """``command`` with the values of ``SECRET_NAME=value`` and ``--token value`` style arguments as ``***``."""
-    def env(m: re.Match[str]) -> str:
-        return f"{m.group(1)}=***" if _SECRET_KEY_RE.search(m.group(1)) else m.group(0)
-
-    return _COMMAND_OPTION_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", _COMMAND_SECRET_RE.sub(env, command))
 
 
 def resolve_inside(root: str, rel: str) -> str | None:

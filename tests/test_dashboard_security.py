@@ -696,3 +696,64 @@ def test_shipped_page_fits_its_csp_and_sends_the_token(vault):
     assert b"application/json" in code
     digest = base64.b64encode(hashlib.sha256(code).digest()).decode()
     assert f"'sha256-{digest}'" in page.headers.get("Content-Security-Policy", "")
+
+
+# ============================================================================
+# Secrets on command lines: one rule for option, assignment and header names
+# ============================================================================
+
+COMMAND_CASES = [
+    # (command as written, as shown); None: shown unchanged
+    ("API_TOKEN=hunter2 python3 train.py --token supersecret", "API_TOKEN=*** python3 train.py --token ***"),
+    ('python t.py --token "two words" --lr 1', "python t.py --token *** --lr 1"),
+    ("python t.py --token 'two words' --lr 1", "python t.py --token *** --lr 1"),
+    ("python t.py --token two\\ words --lr 1", "python t.py --token *** --lr 1"),
+    ('python t.py --token "say \\"hi\\" now" x', "python t.py --token *** x"),
+    ('env HF_TOKEN="a b" python t.py', "env HF_TOKEN=*** python t.py"),
+    ("export HF_TOKEN='a b'; python t.py", "export HF_TOKEN=***; python t.py"),
+    ('python t.py "HF_TOKEN=abc"', 'python t.py "HF_TOKEN=***"'),
+    ("python t.py --private_key abc --openai-key sk-abc --db-pass abc --auth abc",
+     "python t.py --private_key *** --openai-key *** --db-pass *** --auth ***"),
+    ("python t.py --token=abc --api-key='a b' --dbPassword=\"x y\" -password p",
+     "python t.py --token=*** --api-key=*** --dbPassword=*** -password ***"),
+    ("python t.py model.api_key=xyz +trainer.hf_token=q lr=0.1", "python t.py model.api_key=*** +trainer.hf_token=*** lr=0.1"),
+    ('curl -H "Authorization: Bearer abc123" https://x', 'curl -H "Authorization: Bearer ***" https://x'),
+    ("curl -H 'X-Api-Key: k1' -H 'Cookie: s=1' https://x", "curl -H 'X-Api-Key: ***' -H 'Cookie: ***' https://x"),
+    ("curl -H Authorization: Bearer abc123 https://x", "curl -H Authorization: Bearer *** https://x"),
+    ("http --auth-type bearer --auth abc https://x", "http --auth-type *** --auth *** https://x"),
+    ("git clone https://me:pw123@host/repo.git", "git clone https://me:***@host/repo.git"),
+    ('python t.py --token "unclosed', "python t.py --token ***"),
+    # Not secrets: names that only contain a secret-looking word, flags without a value, the next command.
+    ("python t.py --tokenizer gpt2 --max_tokens 5 --max-new-tokens 9 --pad_token_id 0", None),
+    ("python t.py --keyframes 4 --key_dim 8 --num_passes 2 --author me --lr=0.1 seed=3", None),
+    ("python t.py --use-auth --verbose", None),
+    ("python t.py --password; echo hi", None),
+    ("python t.py --token *** x HF_TOKEN=***", None),
+]
+
+
+@pytest.mark.parametrize("command,shown", COMMAND_CASES)
+def test_command_lines_hide_the_whole_value_of_secret_named_arguments(command, shown):
+    import exp
+
+    shown = command if shown is None else shown
+    assert exp.redact_command(command) == shown
+    assert exp.redact_command(shown) == shown  # redacting again changes nothing
+
+
+def test_one_secret_name_rule_for_fields_and_command_lines():
+    import exp
+
+    secret = ["token", "HF_TOKEN", "accessToken", "api_tokens", "tokens", "apiKey", "OPENAI_KEY", "private-key",
+              "dbPass", "db_password", "PGPASSWORD", "auth", "Authorization", "x-auth-token", "github_pat",
+              "session_id", "client_secret", "Cookie", "credentials"]
+    plain = ["max_tokens", "tokenizer", "token_ids", "pad_token_id", "keyframes", "key_dim", "num_passes",
+             "author", "authors", "lr", "seed", "monkey"]
+    assert [n for n in secret if not exp.secret_name(n)] == []
+    assert [n for n in plain if exp.secret_name(n)] == []
+    meta = {"params": {n: "V" for n in secret + plain},
+            "command": "python t.py " + " ".join(f"--{n} V" for n in secret + plain)}
+    out = exp.redact_secrets(meta)
+    assert {n for n, v in out["params"].items() if v == "***"} == set(secret)
+    words = out["command"].split()[2:]
+    assert {words[i][2:] for i in range(0, len(words), 2) if words[i + 1] == "***"} == set(secret)
