@@ -4462,7 +4462,9 @@ class Experiment:
         t0 = time.time()
 
         def header(rid: str) -> str:
-            lines = [f"{started} {rid} of {self.name!r} starting", f"command: {command}", f"cwd: {self.cwd}",
+            # metadata.json keeps the command as it ran; the log, which is shown and shared, hides its secrets.
+            lines = [f"{started} {rid} of {self.name!r} starting", f"command: {redact_command(command)}",
+                     f"cwd: {self.cwd}",
                      f"work_dir: {self.work_dir}"]
             if self.gpu_ids:
                 lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
@@ -4606,7 +4608,7 @@ class Experiment:
         t0 = time.time()
         command = shlex.join([sys.executable] + sys.argv)
         rid, _ = self.dir.claim_run(lambda rid: (
-            f"{LOG_MARK} {started} standalone run {rid}: {command} (pid {os.getpid()}); "
+            f"{LOG_MARK} {started} standalone run {rid}: {redact_command(command)} (pid {os.getpid()}); "
             "its output is not captured here\n"))
         self.current_run_id = rid
         self._record_start(rid, started, os.getpid())
@@ -9186,6 +9188,9 @@ DASHBOARD_MAX_BODY = 1 << 20
 PREVIEW_MAX_BYTES = 256 << 10
 LOG_CHUNK_DEFAULT = 64 << 10
 LOG_CHUNK_MAX = 4 << 20
+#: How far into a log its opening ``[exp]`` lines are looked for, to hide the secrets of an old log's
+#: command line (a shell takes a command of at most 128 KiB, so these lines are shorter than this).
+LOG_HEADER_MAX_BYTES = 1 << 20
 LOG_TAIL_MAX_LINES = 10000
 METRICS_CHUNK_DEFAULT = 512 << 10
 FILE_TREE_MAX = 2000
@@ -9330,6 +9335,78 @@ def _utf8_start(data: bytes) -> int:
     return i
 
 
+# The lines of a run's log that name its command (see Experiment.start and _start_in_process).
+_LOG_COMMAND_LINE_RE = _LazyRe(r"(\[exp\] command: )(.*?)(\r?)|(\[exp\] \S+ standalone run run_\d+: )(.*)"
+                               r"( \(pid \d+\); its output is not captured here\r?)", re.S)
+
+
+def log_header_spans(fd: int, size: int) -> list[tuple[int, int, bytes]]:
+    """(start, end, replacement) of each line of a log's opening ``[exp]`` lines whose command shows a secret.
+
+    Older versions of exp wrote the command into the log as it was; what
+    serves a log applies these, so the secrets in it never leave the machine.  Only
+    the opening lines are exp's own (a child may print anything), and only
+    the first :data:`LOG_HEADER_MAX_BYTES` are looked at: a log that does not
+    start with ``[exp]`` costs one read of 64 KiB at most.
+    """
+    mark = LOG_MARK.encode() + b" "
+    for limit in (65536, LOG_HEADER_MAX_BYTES):
+        head = os.pread(fd, min(size, limit), 0)
+        if not head.startswith(mark):
+            return []
+        spans: list[tuple[int, int, bytes]] = []
+        pos, cut = 0, False
+        while head.startswith(mark, pos):
+            nl = head.find(b"\n", pos)
+            end = len(head) if nl < 0 else nl
+            line = head[pos:end].decode("utf-8", "replace")
+            m = _LOG_COMMAND_LINE_RE.fullmatch(line)
+            if m:
+                shown = (m.group(1) + redact_command(m.group(2)) + m.group(3) if m.group(1) is not None
+                         else m.group(4) + redact_command(m.group(5)) + m.group(6))
+                if shown != line:
+                    spans.append((pos, end, shown.encode("utf-8")))
+            if nl < 0:
+                cut = len(head) < size  # a line longer than what was read: read more, once
+                break
+            pos = nl + 1
+        if not cut:
+            break
+    return spans
+
+
+def _redact_log_range(fd: int, data: bytes, start: int, spans: list[tuple[int, int, bytes]]) -> tuple[bytes, int, int]:
+    """``data`` (the file's bytes from ``start``) with :func:`log_header_spans` applied; also its file offsets.
+
+    A range that begins or ends inside such a line is widened to the whole line,
+    so that no part of a secret is ever served unredacted.
+    """
+    end = start + len(data)
+    for s, e, _ in spans:
+        if s < start < e:
+            data, start = os.pread(fd, start - s, s) + data, s
+        if s < end < e:
+            data, end = data + os.pread(fd, e - end, end), e
+    for s, e, shown in reversed(spans):
+        if start <= s and e <= end:
+            data = data[:s - start] + shown + data[e - start:]
+    return data, start, end
+
+
+def _header_redacted(path: str, data: bytes, start: int) -> tuple[bytes, int, int]:
+    """:func:`_redact_log_range` for bytes already read from ``path``; cheap when they start past the header."""
+    if start >= LOG_HEADER_MAX_BYTES:
+        return data, start, start + len(data)
+    try:
+        fd, st = _open_regular_fd(path)
+    except OSError:
+        return data, start, start + len(data)
+    try:
+        return _redact_log_range(fd, data, start, log_header_spans(fd, st.st_size))
+    finally:
+        os.close(fd)
+
+
 def read_log_chunk(path: str, offset: int = 0, max_bytes: int = LOG_CHUNK_DEFAULT) -> dict[str, Any]:
     """Bytes ``[offset, offset + max_bytes)`` of a log as text, never cut inside a UTF-8 character.
 
@@ -9348,11 +9425,13 @@ def read_log_chunk(path: str, offset: int = 0, max_bytes: int = LOG_CHUNK_DEFAUL
         if reset or offset < 0:
             offset = 0
         data = os.pread(f.fileno(), min(max_bytes, size - offset), offset)
-    skip = _utf8_start(data) if offset else 0
-    end = _utf8_end(data)
-    text = data[skip:end].decode("utf-8", "replace")
-    return {"size": size, "offset": offset + skip, "next_offset": offset + end, "text": text,
-            "eof": offset + end >= size, "reset": reset}
+        skip = _utf8_start(data) if offset else 0
+        end = _utf8_end(data)
+        data, start, stop = data[skip:end], offset + skip, offset + end
+        if start < LOG_HEADER_MAX_BYTES:
+            data, start, stop = _redact_log_range(f.fileno(), data, start, log_header_spans(f.fileno(), size))
+    return {"size": size, "offset": start, "next_offset": stop, "text": data.decode("utf-8", "replace"),
+            "eof": stop >= size, "reset": reset}
 
 
 def read_log_tail(path: str, lines: int) -> dict[str, Any]:
@@ -9362,9 +9441,10 @@ def read_log_tail(path: str, lines: int) -> dict[str, Any]:
     cut = _utf8_end(data)
     start = end - len(data)
     skip = _utf8_start(data) if start else 0
-    return {"size": end, "offset": start + skip, "next_offset": start + cut,
-            "text": data[skip:cut].decode("utf-8", "replace"), "eof": True, "reset": False,
-            "truncated_before": start + skip > 0}
+    data, first, stop = _header_redacted(path, data[skip:cut], start + skip)
+    return {"size": end, "offset": first, "next_offset": stop,
+            "text": data.decode("utf-8", "replace"), "eof": True, "reset": False,
+            "truncated_before": first > 0}
 
 
 def _json_number(v: Any) -> Any:
@@ -10239,6 +10319,8 @@ class Dashboard:
         try:
             with _open_regular(path, "rb") as f:
                 data = f.read(PREVIEW_MAX_BYTES + 1)
+                # Any file that starts as a run's log does (a copy too) has its command's secrets hidden.
+                data = _redact_log_range(f.fileno(), data, 0, log_header_spans(f.fileno(), st.st_size))[0]
         except OSError as e:
             raise DashboardError(404, f"cannot read {rel}: {e.strerror or e}") from None
         kind = file_kind(path, data)
@@ -10262,9 +10344,18 @@ class Dashboard:
             f = _open_regular(path, "rb")
         except OSError as e:
             raise DashboardError(404, f"cannot read it: {e.strerror or e}") from None
+        content: Any = f
+        try:
+            spans = log_header_spans(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError:
+            spans = []
+        if spans:  # a log's opening lines with secrets: those lines redacted, then the rest as it is
+            head = _redact_log_range(f.fileno(), os.pread(f.fileno(), spans[-1][1], 0), 0, spans)[0]
+            f.seek(spans[-1][1])
+            content = (head, f)
         if ctype is None:
-            return path, "application/octet-stream", True, f
-        return path, ctype, download, f
+            return path, "application/octet-stream", True, content
+        return path, ctype, download, content
 
     def _previous(self, d: ExperimentDir, row: Mapping[str, Any]) -> dict[str, Any] | None:
         """The newest experiment of the same name created before ``row`` (from the index)."""
@@ -10654,10 +10745,15 @@ def _dashboard_handler() -> type:
                 if self.command != "HEAD":
                     self.wfile.write(content)
                 return
+            head = b""
+            if isinstance(content, tuple):  # bytes to send first, then the file from where it stands
+                head, content = content
             with content as f:
-                size = os.fstat(f.fileno()).st_size
+                size = len(head) + os.fstat(f.fileno()).st_size - f.tell()
                 self._headers(200, ctype, size, extra)
-                left = size
+                if self.command != "HEAD":
+                    self.wfile.write(head)
+                left = size - len(head)
                 while left > 0 and self.command != "HEAD":
                     chunk = f.read(min(1 << 20, left))
                     if not chunk:  # shrank meanwhile: the length promised cannot be kept
