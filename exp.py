@@ -8935,14 +8935,83 @@ def _dir_order(work_dir: str) -> tuple[str, int]:
     return work_dir, 1
 
 
+#: Longest name filter (``exp ls --name``, the dashboard's ``name=``), in characters.
+NAME_FILTER_MAX_CHARS = 500
+#: Most repetitions (``*``, ``+``, ``{m,n}``) one branch of a name filter may chain.  Python's ``re``
+#: backtracks: ``.*.*.*.*x`` takes time like the name's length to the 5th power, and no budget can
+#: stop a match once started, so what could run long is refused before it starts.
+NAME_FILTER_MAX_REPEATS = 3
+#: Names are matched up to this many characters (exp's own names are shorter: a directory name
+#: holds them), which bounds what a match of an allowed pattern can cost.
+NAME_FILTER_NAME_CHARS = 255
+#: Seconds the dashboard spends on one list's name filter before it answers 400 instead.
+NAME_FILTER_SECONDS = 2.0
+
+
+def name_pattern(text: str) -> re.Pattern[str]:
+    """``text`` compiled as a name filter; ExpError (with what to change) when it is invalid, or could be slow.
+
+    Refused: nested repetition and repeated alternatives (``(a+)+``,
+    ``(a|ab)*``: exponential time), more than
+    :data:`NAME_FILTER_MAX_REPEATS` repetitions in a row (``.*.*.*.*x``:
+    polynomial, but of a high degree) and backreferences.
+    """
+    try:  # Python's own parser of regular expressions (a private module, named so since 3.11)
+        from re import _parser as sre_parse  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_parse
+    if len(text) > NAME_FILTER_MAX_CHARS:
+        raise ExpError(f"the name regular expression is longer than {NAME_FILTER_MAX_CHARS} characters")
+    try:
+        pattern = re.compile(text)
+        tree = sre_parse.parse(text)
+    except re.error as e:
+        raise ExpError(f"invalid regular expression {text!r}: {e}") from None
+
+    def degree(items: Any, repeated: bool) -> int:
+        """How many repetitions the sequence ``items`` chains (the most of any of its branches)."""
+        total = 0
+        for op, av in items:
+            kind = str(op)
+            if kind in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                many = av[1] > 1
+                inner = degree(av[2], repeated or many)
+                if many and (repeated or inner):
+                    raise ExpError(f"the name regular expression {text!r} repeats something that repeats, as in "
+                                   "(a+)+ or (a|ab)*, which can take exponential time: write it without the "
+                                   "nesting (a+, [ab]+)")
+                total += inner + many
+            elif kind == "BRANCH":
+                if repeated:
+                    raise ExpError(f"the name regular expression {text!r} repeats alternatives, as in (a|ab)*, "
+                                   "which can take exponential time: use a character class ([ab]+) or no repetition")
+                total += max(degree(b, repeated) for b in av[1])
+            elif kind == "SUBPATTERN":
+                total += degree(av[-1], repeated)
+            elif kind in ("ASSERT", "ASSERT_NOT"):
+                total += degree(av[1], repeated)
+            elif kind == "ATOMIC_GROUP":
+                total += degree(av, repeated)
+            elif kind in ("GROUPREF", "GROUPREF_EXISTS"):
+                raise ExpError(f"the name regular expression {text!r} has a backreference, which a name filter "
+                               "does not take")
+        return total
+
+    n = degree(tree, False)  # SubPattern is a sequence of (op, argument)
+    if n > NAME_FILTER_MAX_REPEATS:
+        raise ExpError(f"the name regular expression {text!r} chains {n} repetitions (*, +, {{m,n}})"
+                       f"; at most {NAME_FILTER_MAX_REPEATS} are taken, so that matching stays fast")
+    return pattern
+
+
 def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, tag: str | None = None,
                        name: str | None = None) -> list[dict[str, Any]]:
-    pattern = re.compile(name) if name else None
+    pattern = name_pattern(name) if name else None
     return [
         r for r in rows
         if (status is None or r["status"] == status)
         and (tag is None or tag in r["tags"])
-        and (pattern is None or pattern.search(r["name"] or ""))
+        and (pattern is None or pattern.search(r["name"] or "", 0, NAME_FILTER_NAME_CHARS))
     ]
 
 
@@ -9927,12 +9996,10 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
     snap = entries if isinstance(entries, IndexSnapshot) else IndexSnapshot(0, entries)
     entries = snap.entries
     name = _one(query, "name")
-    if name and len(name) > 500:
-        raise DashboardError(400, "the name regular expression is longer than 500 characters")
     try:
-        pattern = re.compile(name) if name else None
-    except re.error as e:
-        raise DashboardError(400, f"invalid name regular expression {name!r}: {e}") from None
+        pattern = name_pattern(name) if name else None
+    except ExpError as e:
+        raise DashboardError(400, str(e)) from None
     tags = _split_list(query, "tags") + _split_list(query, "tag")
     words = (_one(query, "q") or "").lower().split()
     statuses = set(_split_list(query, "status"))
@@ -9956,11 +10023,16 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
                                   "metric:NAME or param:NAME")
 
     kept: list[_IndexEntry] = []
-    for ent in entries:
+    deadline = time.monotonic() + NAME_FILTER_SECONDS
+    for i, ent in enumerate(entries):
         if statuses and (ent.status or "unknown") not in statuses:
             continue
-        if pattern is not None and not pattern.search(ent.name):
-            continue
+        if pattern is not None:
+            if not i & 63 and time.monotonic() > deadline:  # many names, each matched slowly
+                raise DashboardError(400, f"the name regular expression {name!r} took over {NAME_FILTER_SECONDS:g} s "
+                                          f"on {i} of {len(entries)} experiments: make it simpler")
+            if not pattern.search(ent.name, 0, NAME_FILTER_NAME_CHARS):
+                continue
         if tags and not all(t in ent.tags for t in tags):
             continue
         if words and not all(w in ent.text for w in words):
@@ -11023,9 +11095,9 @@ def _regex(text: str) -> str:
     import argparse
 
     try:
-        re.compile(text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}") from None
+        name_pattern(text)
+    except ExpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
