@@ -169,6 +169,10 @@ DEFAULT_KILL_GRACE = 10.0
 #: Prefix of the lines exp itself writes into a run's log, so they stand out
 #: from the child's output and can be filtered with ``grep -v``.
 LOG_MARK = "[exp]"
+#: Priorities go from -PRIORITY_LIMIT to PRIORITY_LIMIT: enough to order any batch, and exact as a
+#: JavaScript number in the dashboard (a 10**23 became "1e+23" there).
+PRIORITY_LIMIT = 10**9
+PRIORITY_EXPECTED = f"an integer from {-PRIORITY_LIMIT} to {PRIORITY_LIMIT}"
 #: How often a foreground run looks for new output in its log.  The child
 #: writes to the file directly; 50 ms feels live and costs nothing measurable.
 FOLLOW_INTERVAL = 0.05
@@ -607,6 +611,11 @@ def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def priority_ok(v: Any) -> bool:
+    """Whether ``v`` is a priority: an integer (not a bool) within +-:data:`PRIORITY_LIMIT`."""
+    return _is_int(v) and -PRIORITY_LIMIT <= v <= PRIORITY_LIMIT
 
 
 def _is_num(v: Any) -> bool:
@@ -5068,7 +5077,8 @@ SCHEDULER_FIELDS: tuple[Field, ...] = (
 EXPERIMENT_FIELDS: tuple[Field, ...] = (
     Field("name", "name", None, "required: the directory name prefix"),
     Field("command", "command", None, "required: a shell command"),
-    Field("priority", "int", 0, "higher starts first; equal priorities keep file order"),
+    Field("priority", "priority", 0,
+          f"higher starts first; equal priorities keep file order; from {-PRIORITY_LIMIT} to {PRIORITY_LIMIT}"),
     Field("tags", "tags", [], "a list of strings, for search"),
     Field("description", "text", None, "free text, for search"),
     Field("gpu_ids", "gpu_ids", None, '`[0, 1]` or `"0,1"`; sets `CUDA_VISIBLE_DEVICES`'),
@@ -5125,6 +5135,11 @@ def _check_path(v: Any) -> str:
 def _check_int(v: Any, low: int | None = None) -> int:
     ok = _is_int(v) and (low is None or v >= low)
     _expect(ok, "an integer" if low is None else f"an integer >= {low}", v)
+    return int(v)
+
+
+def _check_priority(v: Any) -> int:
+    _expect(priority_ok(v), PRIORITY_EXPECTED, v)
     return int(v)
 
 
@@ -5298,6 +5313,7 @@ _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "text": _check_text,
     "path": _check_path,
     "int": _check_int,
+    "priority": _check_priority,
     "int>=0": lambda v: _check_int(v, 0),
     "int>=1": lambda v: _check_int(v, 1),
     "seconds>0": lambda v: _check_seconds(v, True),
@@ -7093,8 +7109,8 @@ class Scheduler:
         refused_jobs: set[int] = set()  # tasks the action cannot apply to (each said why)
         if action == "priority":
             value = body.get("value")
-            if not _is_int(value):
-                return {"ok": False, "message": f"priority must be an integer, got {value!r}"}
+            if not priority_ok(value):
+                return {"ok": False, "message": f"priority must be {PRIORITY_EXPECTED}, got {value!r}"}
         for job in jobs:
             label = f"{job.id} {job.label()}"
             if action == "kill":
@@ -10545,8 +10561,9 @@ class Dashboard:
         if action == "shutdown":
             args["now"] = bool(body.get("now"))
         if action == "priority":
-            if not _is_int(body.get("value")):
-                raise DashboardError(400, "priority needs an integer value")
+            if not priority_ok(body.get("value")):
+                raise DashboardError(400, f"priority needs a value that is {PRIORITY_EXPECTED}, "
+                                          f"got {body.get('value')!r}")
             args["value"] = body["value"]
         try:
             return 200, self.state.send_command(action, **args)

@@ -827,6 +827,28 @@ def test_command_without_a_scheduler_is_409(catalog):
     assert r.json()["error"] and "Traceback" not in r.text
 
 
+@pytest.mark.parametrize("value", [99999999999999999999999999999999, 10**9 + 1, -(10**9) - 1, 1e23, 2.5, "7", True,
+                                   None])
+def test_a_priority_outside_its_range_is_refused_by_the_api_and_the_config(catalog, value, tmp_path):
+    r = post(catalog.port, "/api/command", {"action": "priority", "tasks": [1], "value": value})
+    assert r.status == 400, r
+    assert r.json()["error"] == f"priority needs a value that is an integer from -1000000000 to 1000000000, got {value!r}"
+    toml = f'[[experiments]]\nname = "a"\ncommand = "true"\npriority = {json.dumps(value)}\n'
+    if value is None:
+        return  # TOML has no null
+    with pytest.raises(exp.ConfigError) as ei:
+        exp.parse_config(toml, root=str(tmp_path))
+    assert "an integer from -1000000000 to 1000000000" in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("value", [10**9, -(10**9), 0, 7])
+def test_a_priority_inside_its_range_is_taken(catalog, value, tmp_path):
+    r = post(catalog.port, "/api/command", {"action": "priority", "tasks": [1], "value": value})
+    assert r.status == 409, r  # taken, and then: no scheduler runs
+    cfg = exp.parse_config(f'[[experiments]]\nname = "a"\ncommand = "true"\npriority = {value}\n', root=str(tmp_path))
+    assert cfg.experiments[0].priority == value
+
+
 def test_system_without_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", path_without_nvidia_smi())
     base = tmp_path / "results"
