@@ -1131,3 +1131,31 @@ def test_the_wall_clock_x_axis_is_offered_only_with_a_time_column(browser, spars
     drawn(browser, "val_loss", 10)
     assert options().get("time") == "time (no time column: row index)", options()
     assert js_errors(browser) == []
+
+
+# ------------------------------------------------------------------------------------------------ query
+
+
+def test_a_failed_query_leaves_no_stale_results_behind(browser, data):
+    open_page(browser, data["url"], "#view=query")
+    assert sorted(run_query(browser, "^curve")) == sorted(data["ids"]["curves"])
+    assert browser.find_element(By.ID, "query-total").text == "3"
+    param = browser.find_element(By.ID, "q-param")
+    param.clear()
+    param.send_keys("lr>=0.5 opt=adam")  # two filters without a comma: the server refuses it (400)
+    browser.find_element(By.ID, "q-submit").click()
+    error = until(lambda: browser.find_element(By.ID, "query-error").text.strip(), timeout=15, what="the error")
+    assert "lr" in error, error
+    # The table no longer shows the previous filter's rows as if they were this one's.
+    until(lambda: not query_rows(browser), timeout=5, what="the stale rows to go")
+    assert browser.find_element(By.ID, "query-total").text == "–"
+    assert "the filter above failed" in browser.find_element(By.ID, "query-results").text
+    # Fixed, the filter applies again.
+    param.clear()
+    param.send_keys("lr>=0.05")
+    browser.find_element(By.ID, "q-submit").click()
+    until(lambda: [r.get_attribute("data-id") for r in query_rows(browser)] == [data["ids"]["curves"][0]],
+          timeout=15, what="the fixed filter's row")
+    assert browser.find_element(By.ID, "query-error").text == ""
+    assert browser.find_element(By.ID, "query-total").text == "1"
+    assert js_errors(browser, allow=("400",)) == []
