@@ -125,7 +125,7 @@ __all__ = [
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
-    "redact_secrets", "redact_command", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "redact_secrets", "redact_command", "secret_name", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
     # Lark/Feishu: settings, client, outbox sender, notifications
@@ -172,6 +172,10 @@ DEFAULT_KILL_GRACE = 10.0
 #: Prefix of the lines exp itself writes into a run's log, so they stand out
 #: from the child's output and can be filtered with ``grep -v``.
 LOG_MARK = "[exp]"
+#: Priorities go from -PRIORITY_LIMIT to PRIORITY_LIMIT: enough to order any batch, and exact as a
+#: JavaScript number in the dashboard (a 10**23 became "1e+23" there).
+PRIORITY_LIMIT = 10**9
+PRIORITY_EXPECTED = f"an integer from {-PRIORITY_LIMIT} to {PRIORITY_LIMIT}"
 #: How often a foreground run looks for new output in its log.  The child
 #: writes to the file directly; 50 ms feels live and costs nothing measurable.
 FOLLOW_INTERVAL = 0.05
@@ -502,6 +506,134 @@ _CONTROL_RE = _LazyRe(f"[{_CONTROL_CHARS}]")
 _REPORT_CONTROL_RE = _LazyRe(f"[{_CONTROL_CHARS}\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
+#: Names (dict keys, ``--options``, ``NAME=`` assignments, header names) whose values are never shown,
+#: matched in :func:`secret_name`'s spelling: lower case, words joined by ``_``.  ``token`` counts as a
+#: word or a word's end (``hf_token``, ``accesstoken``), not in ``max_tokens``, ``tokenizer`` or
+#: ``token_ids``, which ML scripts take as ordinary parameters; ``key``, ``pat`` and ``pass`` end a name.
+_SECRET_NAME_RE = _LazyRe(
+    r"secret|passw|passphrase|pwd|credential|cookie|bearer|session|api_?key|access_?key|private_?key"
+    r"|token(?![a-z]|_ids?(?:_|$))|^tokens$|(?:^|_)(?:api|access|auth|refresh|id|bearer)_?tokens"
+    r"|(?:^|_)auth(?!ors?(?:_|$))|(?:^|_)(?:key|pat|pass)$")
+_NAME_WORD_BREAK_RE = _LazyRe(r"(?<=[a-z0-9])(?=[A-Z])|[^A-Za-z0-9]+")
+
+
+def secret_name(name: str) -> bool:
+    """Whether ``name`` names a secret: ``api_key``, ``--openai-key``, ``dbPass``, ``HF_TOKEN``, ``Authorization``.
+
+    One rule for the keys of metadata and the names on a command line (the
+    environment's variable names have the broader :data:`_SECRET_KEY_RE`).
+    """
+    return bool(_SECRET_NAME_RE.search(_NAME_WORD_BREAK_RE.sub("_", name).lower()))
+
+
+# A command line's words as the shell splits them: blanks and operators end a word outside quotes.
+_SHELL_BREAKS = " \t\n;&|()<>"
+# After "Authorization:" the scheme is kept and the credentials after it hidden.
+_AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "negotiate")
+_OPTION_WORD_RE = _LazyRe(r"(-{1,2}[A-Za-z0-9][\w.-]*)(=?)")
+_ASSIGN_WORD_RE = _LazyRe(r"([+~]*[A-Za-z_][\w.-]*)=")
+_HEADER_WORD_RE = _LazyRe(r"\s*([A-Za-z][\w-]*)\s*:(?!//)\s*(\S*)\s*(.*)", re.S)
+_URL_PASSWORD_RE = _LazyRe(r"(://[^\s/:@'\"]*:)([^\s/@'\"]+)(?=@)")
+
+
+def _shell_words(command: str) -> list[tuple[int, int]]:
+    """(start, end) of each word of a shell command line: quotes and backslashes keep a word
+    together, blanks and ``; & | ( ) < >`` end it; an unclosed quote runs to the end."""
+    words: list[tuple[int, int]] = []
+    i, n, start = 0, len(command), -1
+    while i < n:
+        c = command[i]
+        if c in _SHELL_BREAKS:
+            if start >= 0:
+                words.append((start, i))
+                start = -1
+            i += 1
+            continue
+        if start < 0:
+            start = i
+        if c == "\\":
+            i += 2
+        elif c == "'":
+            j = command.find("'", i + 1)
+            i = n if j < 0 else j + 1
+        elif c == '"':
+            j = i + 1
+            while j < n and command[j] != '"':
+                j += 2 if command[j] == "\\" else 1
+            i = j + 1
+        else:
+            i += 1
+    if start >= 0:
+        words.append((start, n))
+    return words
+
+
+def _unquote(word: str) -> str:
+    """A word as the program gets it (quotes and backslashes removed)."""
+    import shlex
+
+    try:
+        return " ".join(shlex.split(word))
+    except ValueError:  # an unclosed quote
+        return word.replace("\\", "").replace('"', "").replace("'", "")
+
+
+def _redact_word(word: str) -> tuple[str, int]:
+    """(the word as shown, what the next word is: 0 a word like any, 1 a value to hide, 2 credentials after
+    ``Authorization:``, which may start with a scheme to keep)."""
+    m = _OPTION_WORD_RE.match(word)
+    if m and secret_name(m.group(1).lstrip("-")):  # --token VALUE, --token=VALUE
+        if m.group(2):
+            return (m.group(0) + "***" if m.end() < len(word) else word), 0
+        return word, 1 if m.end() == len(word) else 0
+    m = _ASSIGN_WORD_RE.match(word)
+    if m and secret_name(m.group(1).lstrip("+~")):  # HF_TOKEN=VALUE, model.api_key="VALUE"
+        return m.group(0) + "***", 0
+    text = _unquote(word)
+    quote = word[0] if word[0] in "'\"" and word[-1:] == word[0] else ""
+    m = _ASSIGN_WORD_RE.match(text) if quote else None
+    if m and secret_name(m.group(1).lstrip("+~")):  # "HF_TOKEN=VALUE"
+        return f"{quote}{m.group(0)}***{quote}", 0
+    m = _HEADER_WORD_RE.fullmatch(text)
+    if m and secret_name(m.group(1)):  # "Authorization: Bearer VALUE", "X-Api-Key: VALUE"
+        if not m.group(2):
+            return word, 2
+        scheme = m.group(2) + " " if m.group(2).lower() in _AUTH_SCHEMES and m.group(3) else ""
+        return f"{quote}{m.group(1)}: {scheme}***{quote}", 0
+    if text.lower() == "bearer":
+        return word, 1
+    return _URL_PASSWORD_RE.sub(r"\1***", word), 0
+
+
+def redact_command(command: str) -> str:
+    """``command`` as written, but the values of secret-named arguments as ``***``.
+
+    Hidden, quoted or not (the words are split as the shell splits them):
+    the value of ``NAME=value`` and of ``--name value`` / ``--name=value`` /
+    ``-name value`` when :func:`secret_name` says ``NAME`` names a secret;
+    a header's value such as ``"Authorization: Bearer VALUE"`` (the scheme
+    stays); the word after ``Bearer``; a password in a URL
+    (``https://user:***@host``).  The rest of the text is kept as it is.
+    """
+    out: list[str] = []
+    done = 0
+    pending = 0  # what the next word is, as _redact_word said
+    for a, b in _shell_words(command):
+        if pending and any(c in _SHELL_BREAKS[3:] for c in command[done:a]):
+            pending = 0  # a value never lies past ; & | ...
+        word = command[a:b]
+        if pending == 2 and _unquote(word).lower() in _AUTH_SCHEMES:
+            shown, pending = word, 1
+        elif pending and not (pending == 1 and word.startswith("--") and len(word) > 2):
+            shown, pending = "***", 0
+        else:
+            shown, pending = _redact_word(word)
+        out.append(command[done:a] + shown)
+        done = b
+    out.append(command[done:])
+    return "".join(out)
+
+
 def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
     """``text`` safe to echo on a terminal: escapes and control characters removed, cut to ``width``."""
     text = _REPORT_CONTROL_RE.sub("", _ESCAPE_RE.sub("", text)).replace("\t", "    ")
@@ -512,6 +644,11 @@ def clean_line(text: str, width: int = REPORT_LINE_WIDTH) -> str:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def priority_ok(v: Any) -> bool:
+    """Whether ``v`` is a priority: an integer (not a bool) within +-:data:`PRIORITY_LIMIT`."""
+    return _is_int(v) and -PRIORITY_LIMIT <= v <= PRIORITY_LIMIT
 
 
 def _is_num(v: Any) -> bool:
@@ -4676,7 +4813,9 @@ class Experiment:
         t0 = time.time()
 
         def header(rid: str) -> str:
-            lines = [f"{started} {rid} of {self.name!r} starting", f"command: {command}", f"cwd: {self.cwd}",
+            # metadata.json keeps the command as it ran; the log, which is shown and shared, hides its secrets.
+            lines = [f"{started} {rid} of {self.name!r} starting", f"command: {redact_command(command)}",
+                     f"cwd: {self.cwd}",
                      f"work_dir: {self.work_dir}"]
             if self.gpu_ids:
                 lines.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in self.gpu_ids))
@@ -4820,7 +4959,7 @@ class Experiment:
         t0 = time.time()
         command = shlex.join([sys.executable] + sys.argv)
         rid, _ = self.dir.claim_run(lambda rid: (
-            f"{LOG_MARK} {started} standalone run {rid}: {command} (pid {os.getpid()}); "
+            f"{LOG_MARK} {started} standalone run {rid}: {redact_command(command)} (pid {os.getpid()}); "
             "its output is not captured here\n"))
         self.current_run_id = rid
         self._record_start(rid, started, os.getpid())
@@ -5299,7 +5438,8 @@ SCHEDULER_FIELDS: tuple[Field, ...] = (
 EXPERIMENT_FIELDS: tuple[Field, ...] = (
     Field("name", "name", None, "required: the directory name prefix"),
     Field("command", "command", None, "required: a shell command"),
-    Field("priority", "int", 0, "higher starts first; equal priorities keep file order"),
+    Field("priority", "priority", 0,
+          f"higher starts first; equal priorities keep file order; from {-PRIORITY_LIMIT} to {PRIORITY_LIMIT}"),
     Field("tags", "tags", [], "a list of strings, for search"),
     Field("description", "text", None, "free text, for search"),
     Field("gpu_ids", "gpu_ids", None, '`[0, 1]` or `"0,1"`; sets `CUDA_VISIBLE_DEVICES`'),
@@ -5356,6 +5496,11 @@ def _check_path(v: Any) -> str:
 def _check_int(v: Any, low: int | None = None) -> int:
     ok = _is_int(v) and (low is None or v >= low)
     _expect(ok, "an integer" if low is None else f"an integer >= {low}", v)
+    return int(v)
+
+
+def _check_priority(v: Any) -> int:
+    _expect(priority_ok(v), PRIORITY_EXPECTED, v)
     return int(v)
 
 
@@ -5529,6 +5674,7 @@ _CHECKERS: dict[str, Callable[[Any], Any]] = {
     "text": _check_text,
     "path": _check_path,
     "int": _check_int,
+    "priority": _check_priority,
     "int>=0": lambda v: _check_int(v, 0),
     "int>=1": lambda v: _check_int(v, 1),
     "seconds>0": lambda v: _check_seconds(v, True),
@@ -7420,8 +7566,8 @@ class Scheduler:
         refused_jobs: set[int] = set()  # tasks the action cannot apply to (each said why)
         if action == "priority":
             value = body.get("value")
-            if not _is_int(value):
-                return {"ok": False, "message": f"priority must be an integer, got {value!r}"}
+            if not priority_ok(value):
+                return {"ok": False, "message": f"priority must be {PRIORITY_EXPECTED}, got {value!r}"}
         for job in jobs:
             label = f"{job.id} {job.label()}"
             if action == "kill":
@@ -9288,14 +9434,83 @@ def _dir_order(work_dir: str) -> tuple[str, int]:
     return work_dir, 1
 
 
+#: Longest name filter (``exp ls --name``, the dashboard's ``name=``), in characters.
+NAME_FILTER_MAX_CHARS = 500
+#: Most repetitions (``*``, ``+``, ``{m,n}``) one branch of a name filter may chain.  Python's ``re``
+#: backtracks: ``.*.*.*.*x`` takes time like the name's length to the 5th power, and no budget can
+#: stop a match once started, so what could run long is refused before it starts.
+NAME_FILTER_MAX_REPEATS = 3
+#: Names are matched up to this many characters (exp's own names are shorter: a directory name
+#: holds them), which bounds what a match of an allowed pattern can cost.
+NAME_FILTER_NAME_CHARS = 255
+#: Seconds the dashboard spends on one list's name filter before it answers 400 instead.
+NAME_FILTER_SECONDS = 2.0
+
+
+def name_pattern(text: str) -> re.Pattern[str]:
+    """``text`` compiled as a name filter; ExpError (with what to change) when it is invalid, or could be slow.
+
+    Refused: nested repetition and repeated alternatives (``(a+)+``,
+    ``(a|ab)*``: exponential time), more than
+    :data:`NAME_FILTER_MAX_REPEATS` repetitions in a row (``.*.*.*.*x``:
+    polynomial, but of a high degree) and backreferences.
+    """
+    try:  # Python's own parser of regular expressions (a private module, named so since 3.11)
+        from re import _parser as sre_parse  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_parse
+    if len(text) > NAME_FILTER_MAX_CHARS:
+        raise ExpError(f"the name regular expression is longer than {NAME_FILTER_MAX_CHARS} characters")
+    try:
+        pattern = re.compile(text)
+        tree = sre_parse.parse(text)
+    except re.error as e:
+        raise ExpError(f"invalid regular expression {text!r}: {e}") from None
+
+    def degree(items: Any, repeated: bool) -> int:
+        """How many repetitions the sequence ``items`` chains (the most of any of its branches)."""
+        total = 0
+        for op, av in items:
+            kind = str(op)
+            if kind in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                many = av[1] > 1
+                inner = degree(av[2], repeated or many)
+                if many and (repeated or inner):
+                    raise ExpError(f"the name regular expression {text!r} repeats something that repeats, as in "
+                                   "(a+)+ or (a|ab)*, which can take exponential time: write it without the "
+                                   "nesting (a+, [ab]+)")
+                total += inner + many
+            elif kind == "BRANCH":
+                if repeated:
+                    raise ExpError(f"the name regular expression {text!r} repeats alternatives, as in (a|ab)*, "
+                                   "which can take exponential time: use a character class ([ab]+) or no repetition")
+                total += max(degree(b, repeated) for b in av[1])
+            elif kind == "SUBPATTERN":
+                total += degree(av[-1], repeated)
+            elif kind in ("ASSERT", "ASSERT_NOT"):
+                total += degree(av[1], repeated)
+            elif kind == "ATOMIC_GROUP":
+                total += degree(av, repeated)
+            elif kind in ("GROUPREF", "GROUPREF_EXISTS"):
+                raise ExpError(f"the name regular expression {text!r} has a backreference, which a name filter "
+                               "does not take")
+        return total
+
+    n = degree(tree, False)  # SubPattern is a sequence of (op, argument)
+    if n > NAME_FILTER_MAX_REPEATS:
+        raise ExpError(f"the name regular expression {text!r} chains {n} repetitions (*, +, {{m,n}})"
+                       f"; at most {NAME_FILTER_MAX_REPEATS} are taken, so that matching stays fast")
+    return pattern
+
+
 def filter_experiments(rows: list[dict[str, Any]], status: str | None = None, tag: str | None = None,
                        name: str | None = None) -> list[dict[str, Any]]:
-    pattern = re.compile(name) if name else None
+    pattern = name_pattern(name) if name else None
     return [
         r for r in rows
         if (status is None or r["status"] == status)
         and (tag is None or tag in r["tags"])
-        and (pattern is None or pattern.search(r["name"] or ""))
+        and (pattern is None or pattern.search(r["name"] or "", 0, NAME_FILTER_NAME_CHARS))
     ]
 
 
@@ -9542,19 +9757,15 @@ DASHBOARD_MAX_BODY = 1 << 20
 PREVIEW_MAX_BYTES = 256 << 10
 LOG_CHUNK_DEFAULT = 64 << 10
 LOG_CHUNK_MAX = 4 << 20
+#: How far into a log its opening ``[exp]`` lines are looked for, to hide the secrets of an old log's
+#: command line (a shell takes a command of at most 128 KiB, so these lines are shorter than this).
+LOG_HEADER_MAX_BYTES = 1 << 20
 LOG_TAIL_MAX_LINES = 10000
 METRICS_CHUNK_DEFAULT = 512 << 10
 FILE_TREE_MAX = 2000
 COMPARE_MAX = 50
 _IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                 ".webp": "image/webp", ".bmp": "image/bmp"}
-#: Dict keys whose values the dashboard never serves (an old metadata.json may hold anything).
-_SECRET_FIELD_RE = _LazyRe(r"secret|token|passw|pwd|credential|api_?key|access_?key|private_?key|cookie|bearer|"
-                           r"session|^auth|(^|_)key$|(^|_)pat$", re.I)
-# In a command line: NAME=value with a secret-looking NAME, and --token VALUE style options.
-_COMMAND_SECRET_RE = _LazyRe(r"(?<![\w-])([A-Za-z_][A-Za-z0-9_]*)=(\S+)")
-_COMMAND_OPTION_RE = _LazyRe(r"(--?[A-Za-z0-9_-]*(?:token|secret|passw|api[-_]?key|access[-_]?key)[A-Za-z0-9_-]*)"
-                             r"(=|\s+)(\S+)", re.I)
 _PARAM_FILTER_RE = _LazyRe(r"^\s*([^=<>!]+?)\s*(>=|<=|!=|=|>|<)\s*(.*?)\s*$")
 _EXP_SORT_FIELDS = ("name", "status", "created_at", "started_at", "ended_at", "duration", "runs", "exit_code")
 
@@ -9606,18 +9817,10 @@ def _secret_field(key: str) -> bool:
     """Whether a key names a secret; remembered, since a listing asks of the same few keys thousands of times."""
     found = _SECRET_FIELDS.get(key)
     if found is None:
-        found = bool(_SECRET_FIELD_RE.search(key))
+        found = secret_name(key)
         if len(_SECRET_FIELDS) < 4096:
             _SECRET_FIELDS[key] = found
     return found
-
-
-def redact_command(command: str) -> str:
-    """``command`` with the values of ``SECRET_NAME=value`` and ``--token value`` style arguments as ``***``."""
-    def env(m: re.Match[str]) -> str:
-        return f"{m.group(1)}=***" if _SECRET_KEY_RE.search(m.group(1)) else m.group(0)
-
-    return _COMMAND_OPTION_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", _COMMAND_SECRET_RE.sub(env, command))
 
 
 def resolve_inside(root: str, rel: str) -> str | None:
@@ -9701,6 +9904,78 @@ def _utf8_start(data: bytes) -> int:
     return i
 
 
+# The lines of a run's log that name its command (see Experiment.start and _start_in_process).
+_LOG_COMMAND_LINE_RE = _LazyRe(r"(\[exp\] command: )(.*?)(\r?)|(\[exp\] \S+ standalone run run_\d+: )(.*)"
+                               r"( \(pid \d+\); its output is not captured here\r?)", re.S)
+
+
+def log_header_spans(fd: int, size: int) -> list[tuple[int, int, bytes]]:
+    """(start, end, replacement) of each line of a log's opening ``[exp]`` lines whose command shows a secret.
+
+    Older versions of exp wrote the command into the log as it was; what
+    serves a log applies these, so the secrets in it never leave the machine.  Only
+    the opening lines are exp's own (a child may print anything), and only
+    the first :data:`LOG_HEADER_MAX_BYTES` are looked at: a log that does not
+    start with ``[exp]`` costs one read of 64 KiB at most.
+    """
+    mark = LOG_MARK.encode() + b" "
+    for limit in (65536, LOG_HEADER_MAX_BYTES):
+        head = os.pread(fd, min(size, limit), 0)
+        if not head.startswith(mark):
+            return []
+        spans: list[tuple[int, int, bytes]] = []
+        pos, cut = 0, False
+        while head.startswith(mark, pos):
+            nl = head.find(b"\n", pos)
+            end = len(head) if nl < 0 else nl
+            line = head[pos:end].decode("utf-8", "replace")
+            m = _LOG_COMMAND_LINE_RE.fullmatch(line)
+            if m:
+                shown = (m.group(1) + redact_command(m.group(2)) + m.group(3) if m.group(1) is not None
+                         else m.group(4) + redact_command(m.group(5)) + m.group(6))
+                if shown != line:
+                    spans.append((pos, end, shown.encode("utf-8")))
+            if nl < 0:
+                cut = len(head) < size  # a line longer than what was read: read more, once
+                break
+            pos = nl + 1
+        if not cut:
+            break
+    return spans
+
+
+def _redact_log_range(fd: int, data: bytes, start: int, spans: list[tuple[int, int, bytes]]) -> tuple[bytes, int, int]:
+    """``data`` (the file's bytes from ``start``) with :func:`log_header_spans` applied; also its file offsets.
+
+    A range that begins or ends inside such a line is widened to the whole line,
+    so that no part of a secret is ever served unredacted.
+    """
+    end = start + len(data)
+    for s, e, _ in spans:
+        if s < start < e:
+            data, start = os.pread(fd, start - s, s) + data, s
+        if s < end < e:
+            data, end = data + os.pread(fd, e - end, end), e
+    for s, e, shown in reversed(spans):
+        if start <= s and e <= end:
+            data = data[:s - start] + shown + data[e - start:]
+    return data, start, end
+
+
+def _header_redacted(path: str, data: bytes, start: int) -> tuple[bytes, int, int]:
+    """:func:`_redact_log_range` for bytes already read from ``path``; cheap when they start past the header."""
+    if start >= LOG_HEADER_MAX_BYTES:
+        return data, start, start + len(data)
+    try:
+        fd, st = _open_regular_fd(path)
+    except OSError:
+        return data, start, start + len(data)
+    try:
+        return _redact_log_range(fd, data, start, log_header_spans(fd, st.st_size))
+    finally:
+        os.close(fd)
+
+
 def read_log_chunk(path: str, offset: int = 0, max_bytes: int = LOG_CHUNK_DEFAULT) -> dict[str, Any]:
     """Bytes ``[offset, offset + max_bytes)`` of a log as text, never cut inside a UTF-8 character.
 
@@ -9719,11 +9994,13 @@ def read_log_chunk(path: str, offset: int = 0, max_bytes: int = LOG_CHUNK_DEFAUL
         if reset or offset < 0:
             offset = 0
         data = os.pread(f.fileno(), min(max_bytes, size - offset), offset)
-    skip = _utf8_start(data) if offset else 0
-    end = _utf8_end(data)
-    text = data[skip:end].decode("utf-8", "replace")
-    return {"size": size, "offset": offset + skip, "next_offset": offset + end, "text": text,
-            "eof": offset + end >= size, "reset": reset}
+        skip = _utf8_start(data) if offset else 0
+        end = _utf8_end(data)
+        data, start, stop = data[skip:end], offset + skip, offset + end
+        if start < LOG_HEADER_MAX_BYTES:
+            data, start, stop = _redact_log_range(f.fileno(), data, start, log_header_spans(f.fileno(), size))
+    return {"size": size, "offset": start, "next_offset": stop, "text": data.decode("utf-8", "replace"),
+            "eof": stop >= size, "reset": reset}
 
 
 def read_log_tail(path: str, lines: int) -> dict[str, Any]:
@@ -9733,9 +10010,10 @@ def read_log_tail(path: str, lines: int) -> dict[str, Any]:
     cut = _utf8_end(data)
     start = end - len(data)
     skip = _utf8_start(data) if start else 0
-    return {"size": end, "offset": start + skip, "next_offset": start + cut,
-            "text": data[skip:cut].decode("utf-8", "replace"), "eof": True, "reset": False,
-            "truncated_before": start + skip > 0}
+    data, first, stop = _header_redacted(path, data[skip:cut], start + skip)
+    return {"size": end, "offset": first, "next_offset": stop,
+            "text": data.decode("utf-8", "replace"), "eof": True, "reset": False,
+            "truncated_before": first > 0}
 
 
 def _json_number(v: Any) -> Any:
@@ -10224,12 +10502,10 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
     snap = entries if isinstance(entries, IndexSnapshot) else IndexSnapshot(0, entries)
     entries = snap.entries
     name = _one(query, "name")
-    if name and len(name) > 500:
-        raise DashboardError(400, "the name regular expression is longer than 500 characters")
     try:
-        pattern = re.compile(name) if name else None
-    except re.error as e:
-        raise DashboardError(400, f"invalid name regular expression {name!r}: {e}") from None
+        pattern = name_pattern(name) if name else None
+    except ExpError as e:
+        raise DashboardError(400, str(e)) from None
     tags = _split_list(query, "tags") + _split_list(query, "tag")
     words = (_one(query, "q") or "").lower().split()
     statuses = set(_split_list(query, "status"))
@@ -10253,11 +10529,16 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
                                   "metric:NAME or param:NAME")
 
     kept: list[_IndexEntry] = []
-    for ent in entries:
+    deadline = time.monotonic() + NAME_FILTER_SECONDS
+    for i, ent in enumerate(entries):
         if statuses and (ent.status or "unknown") not in statuses:
             continue
-        if pattern is not None and not pattern.search(ent.name):
-            continue
+        if pattern is not None:
+            if not i & 63 and time.monotonic() > deadline:  # many names, each matched slowly
+                raise DashboardError(400, f"the name regular expression {name!r} took over {NAME_FILTER_SECONDS:g} s "
+                                          f"on {i} of {len(entries)} experiments: make it simpler")
+            if not pattern.search(ent.name, 0, NAME_FILTER_NAME_CHARS):
+                continue
         if tags and not all(t in ent.tags for t in tags):
             continue
         if words and not all(w in ent.text for w in words):
@@ -10616,6 +10897,8 @@ class Dashboard:
         try:
             with _open_regular(path, "rb") as f:
                 data = f.read(PREVIEW_MAX_BYTES + 1)
+                # Any file that starts as a run's log does (a copy too) has its command's secrets hidden.
+                data = _redact_log_range(f.fileno(), data, 0, log_header_spans(f.fileno(), st.st_size))[0]
         except OSError as e:
             raise DashboardError(404, f"cannot read {rel}: {e.strerror or e}") from None
         kind = file_kind(path, data)
@@ -10639,9 +10922,18 @@ class Dashboard:
             f = _open_regular(path, "rb")
         except OSError as e:
             raise DashboardError(404, f"cannot read it: {e.strerror or e}") from None
+        content: Any = f
+        try:
+            spans = log_header_spans(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError:
+            spans = []
+        if spans:  # a log's opening lines with secrets: those lines redacted, then the rest as it is
+            head = _redact_log_range(f.fileno(), os.pread(f.fileno(), spans[-1][1], 0), 0, spans)[0]
+            f.seek(spans[-1][1])
+            content = (head, f)
         if ctype is None:
-            return path, "application/octet-stream", True, f
-        return path, ctype, download, f
+            return path, "application/octet-stream", True, content
+        return path, ctype, download, content
 
     def _previous(self, d: ExperimentDir, row: Mapping[str, Any]) -> dict[str, Any] | None:
         """The newest experiment of the same name created before ``row`` (from the index)."""
@@ -10759,8 +11051,9 @@ class Dashboard:
         if action == "shutdown":
             args["now"] = bool(body.get("now"))
         if action == "priority":
-            if not _is_int(body.get("value")):
-                raise DashboardError(400, "priority needs an integer value")
+            if not priority_ok(body.get("value")):
+                raise DashboardError(400, f"priority needs a value that is {PRIORITY_EXPECTED}, "
+                                          f"got {body.get('value')!r}")
             args["value"] = body["value"]
         try:
             return 200, self.state.send_command(action, **args)
@@ -11031,10 +11324,15 @@ def _dashboard_handler() -> type:
                 if self.command != "HEAD":
                     self.wfile.write(content)
                 return
+            head = b""
+            if isinstance(content, tuple):  # bytes to send first, then the file from where it stands
+                head, content = content
             with content as f:
-                size = os.fstat(f.fileno()).st_size
+                size = len(head) + os.fstat(f.fileno()).st_size - f.tell()
                 self._headers(200, ctype, size, extra)
-                left = size
+                if self.command != "HEAD":
+                    self.wfile.write(head)
+                left = size - len(head)
                 while left > 0 and self.command != "HEAD":
                     chunk = f.read(min(1 << 20, left))
                     if not chunk:  # shrank meanwhile: the length promised cannot be kept
@@ -11307,9 +11605,9 @@ def _regex(text: str) -> str:
     import argparse
 
     try:
-        re.compile(text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {e}") from None
+        name_pattern(text)
+    except ExpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

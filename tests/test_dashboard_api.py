@@ -355,6 +355,61 @@ def test_a_bad_regex_is_a_400_json_error(catalog):
         assert "Traceback" not in body["error"]
 
 
+NAME_FILTER_REFUSED = [
+    ("(.+)+(.+)+(.+)+#", "repeats something that repeats"),
+    ("(x+x+)+y", "repeats something that repeats"),
+    ("(?:a*)*b", "repeats something that repeats"),
+    ("(a|aa)+b", "repeats alternatives"),
+    ("(?:foo|bar)*x", "repeats alternatives"),
+    ("(?:(?=a+)a)+", "repeats something that repeats"),
+    (".*.*.*.*.*.*x", "chains 6 repetitions"),
+    (r"\w+\d+\w+\d+x", "chains 4 repetitions"),
+    (r"(a)\1", "backreference"),
+    ("a" * 501, "longer than 500 characters"),
+]
+NAME_FILTER_TAKEN = [  # (pattern, names of the filter catalog it keeps)
+    (r"lr0\.1", {"bert-lr0.1-seed1"}), ("^bert-", {"bert-lr0.1-seed1", "bert-lr0.01-seed22"}),
+    ("seed[0-9]+$", {"bert-lr0.1-seed1", "bert-lr0.01-seed22", "gpt-seed3"}), ("gpt|aaaa", {"gpt-seed3", "a" * 28}),
+    ("^bert.*lr.*seed2+", {"bert-lr0.01-seed22"}), ("(?:seed)?[0-9]{2}$", {"bert-lr0.01-seed22"}),
+    ("(bert|gpt)-", {"bert-lr0.1-seed1", "bert-lr0.01-seed22", "gpt-seed3"}), ("^(?!bert)", {"gpt-seed3", "a" * 28}),
+]
+
+
+@pytest.fixture(scope="module")
+def filter_catalog(tmp_path_factory):
+    base = tmp_path_factory.mktemp("names") / "results"
+    for i, name in enumerate(("bert-lr0.1-seed1", "bert-lr0.01-seed22", "gpt-seed3", "a" * 28)):
+        write_exp(base, f"{name}_2026-01-0{i + 1}__00-00-00", meta(name, f"2026-01-0{i + 1}T00:00:00+00:00"))
+    with serving(base) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("pattern,why", NAME_FILTER_REFUSED)
+def test_a_name_filter_that_could_run_long_is_refused_with_a_reason(filter_catalog, pattern, why):
+    r = request(filter_catalog.port, "GET", url("/api/experiments", {"name": pattern}), timeout=60)
+    assert r.status == 400, (pattern, r)
+    assert why in r.json()["error"], r.json()
+    assert get(filter_catalog.port, "/api/health")["ok"]
+    cli = run_exp("ls", filter_catalog.dashboard.base_dir, "--name", pattern)
+    assert cli.returncode == 2 and why in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+
+
+@pytest.mark.parametrize("pattern,names", NAME_FILTER_TAKEN)
+def test_ordinary_name_filters_still_work(filter_catalog, pattern, names):
+    items = get(filter_catalog.port, "/api/experiments", {"name": pattern})["items"]
+    assert {e["name"] for e in items} == names, pattern
+    cli = run_exp("ls", filter_catalog.dashboard.base_dir, "--name", pattern, "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert {e["name"] for e in json.loads(cli.stdout)} == names
+
+
+def test_a_name_filter_over_its_time_gives_up_with_a_400(filter_catalog, monkeypatch):
+    monkeypatch.setattr(exp, "NAME_FILTER_SECONDS", -1.0)  # every filter is over its time at the first check
+    body = get(filter_catalog.port, "/api/experiments", {"name": "^g", "limit": "7"}, status=400)  # not cached
+    assert "took over" in body["error"] and "make it simpler" in body["error"], body
+    assert len(get(filter_catalog.port, "/api/experiments")["items"]) == 4  # no name filter: no limit
+
+
 def test_sort_by_metric_puts_missing_values_last(catalog):
     c = catalog
     missing_acc = {c.beta, c.gamma, c.old}
@@ -770,6 +825,28 @@ def test_command_without_a_scheduler_is_409(catalog):
     r = post(catalog.port, "/api/command", {"action": "kill", "tasks": [1]})
     assert r.status == 409, r
     assert r.json()["error"] and "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("value", [99999999999999999999999999999999, 10**9 + 1, -(10**9) - 1, 1e23, 2.5, "7", True,
+                                   None])
+def test_a_priority_outside_its_range_is_refused_by_the_api_and_the_config(catalog, value, tmp_path):
+    r = post(catalog.port, "/api/command", {"action": "priority", "tasks": [1], "value": value})
+    assert r.status == 400, r
+    assert r.json()["error"] == f"priority needs a value that is an integer from -1000000000 to 1000000000, got {value!r}"
+    toml = f'[[experiments]]\nname = "a"\ncommand = "true"\npriority = {json.dumps(value)}\n'
+    if value is None:
+        return  # TOML has no null
+    with pytest.raises(exp.ConfigError) as ei:
+        exp.parse_config(toml, root=str(tmp_path))
+    assert "an integer from -1000000000 to 1000000000" in str(ei.value), str(ei.value)
+
+
+@pytest.mark.parametrize("value", [10**9, -(10**9), 0, 7])
+def test_a_priority_inside_its_range_is_taken(catalog, value, tmp_path):
+    r = post(catalog.port, "/api/command", {"action": "priority", "tasks": [1], "value": value})
+    assert r.status == 409, r  # taken, and then: no scheduler runs
+    cfg = exp.parse_config(f'[[experiments]]\nname = "a"\ncommand = "true"\npriority = {value}\n', root=str(tmp_path))
+    assert cfg.experiments[0].priority == value
 
 
 def test_system_without_nvidia_smi(tmp_path, monkeypatch):

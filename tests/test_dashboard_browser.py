@@ -276,8 +276,16 @@ def test_retry_priority_and_shutdown_are_confirmed_and_reach_the_scheduler(brows
 
         until(answer, timeout=5, what="the confirmation dialog")
 
-    # Priority of the pending task (it waits for long, which runs for ever).
+    # Priority of the pending task (it waits for long, which runs for ever); one out of range is refused first.
     click_action(browser, "pending", "waiting", "priority")
+    box = until(lambda: [b for b in browser.find_elements(By.ID, "confirm-input") if b.is_displayed()], timeout=5,
+                what="the priority input")[0]
+    box.clear()
+    box.send_keys("99999999999999999999999")
+    browser.find_element(By.ID, "confirm-ok").click()
+    until(lambda: browser.find_element(By.ID, "confirm-error").text
+          == "Enter a whole number from -1000000000 to 1000000000.", timeout=5, what="the range in the dialog")
+    assert browser.find_element(By.ID, "confirm-ok").is_displayed()  # still open: nothing was sent
     confirm(7)
     state = lambda: json.loads(urllib.request.urlopen(live["url"] + "api/state", timeout=10).read())  # noqa: E731
     until(lambda: [j["priority"] for j in state()["pending"] if j["name"] == "waiting"] == [7], timeout=15,

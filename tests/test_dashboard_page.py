@@ -1063,3 +1063,99 @@ def test_a_hidden_tab_polls_much_less_and_a_shown_one_at_once(browser, data):
     until(lambda: browser.execute_script("return window.__stateCalls") >= 1, timeout=3,
           what="a poll as soon as the tab is shown again")
     assert js_errors(browser) == []
+
+
+# ------------------------------------------------------------------------- sparse metrics, the time axis
+
+SPARSE_JOB = r'''
+import sys, time
+import exp
+
+e = exp.load_experiment()
+for i in range(100):
+    e.upd_row(step=i, loss=1.0 / (i + 1))
+    if i % 10 == 9:                       # a validation loss every 10 steps, a row every step
+        e.upd_row(val_loss=2.0 - i / 100)
+    if i == 99:
+        e.upd_row(test_acc=0.75)          # one value, at the end
+    if sys.argv[1] == "timed":
+        e.upd_row(wall_time=1000.0 + i)
+    e.save_row()
+'''
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sparse")
+    base = tmp / "results"
+    job = write_script(tmp, "sparse.py", SPARSE_JOB)
+    ids = {}
+    for mode in ("plain", "timed"):
+        e = exp.Experiment(name=mode, command=f"{sys.executable} {job} {mode}", base_dir=base, cwd=tmp,
+                           env={"PYTHONPATH": ROOT, "PYTHONDONTWRITEBYTECODE": "1"})
+        assert e.run() == 0, mode
+        ids[mode] = os.path.basename(e.dir.path)
+    rows = (base / ids["plain"] / "metrics" / "run_0001.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["step", "loss", "val_loss"] and rows[1].endswith(",,"), rows[:3]
+    srv = exp.DashboardServer(base, port=0).start()
+    try:
+        yield {"url": srv.url, "ids": ids}
+    finally:
+        srv.close()
+
+
+def test_a_metric_logged_every_n_rows_is_drawn_as_a_line_and_a_single_value_as_a_point(browser, sparse):
+    open_page(browser, sparse["url"], f"#view=metrics&m={sparse['ids']['plain']}")
+    loss = settled_pixels(browser, canvas_of(drawn(browser, "loss", 100)))
+    val = settled_pixels(browser, canvas_of(drawn(browser, "val_loss", 10)))
+    # The 10 values are joined into one line across the plot, as dense as the loss's line is.
+    assert val["midY"] is not None and val["strong"] > loss["strong"] / 3, (val, loss)
+    one = settled_pixels(browser, canvas_of(drawn(browser, "test_acc", 1)))
+    assert one["strong"] >= 4, one  # its one point is marked
+    assert js_errors(browser) == []
+
+
+def test_the_wall_clock_x_axis_is_offered_only_with_a_time_column(browser, sparse):
+    def options():
+        sel = until(lambda: visible(browser, "#view-metrics select.x-pick"), what="the x axis choice")[0]
+        return {o.get_attribute("value"): o.text for o in sel.find_elements(By.TAG_NAME, "option")}
+
+    open_page(browser, sparse["url"], f"#view=metrics&m={sparse['ids']['timed']}")
+    drawn(browser, "val_loss", 10)
+    assert options().get("time") == "time (wall clock)", options()
+    open_page(browser, sparse["url"], f"#view=metrics&m={sparse['ids']['plain']}")
+    drawn(browser, "val_loss", 10)
+    assert "time" not in options() and {"step", "index"} <= set(options()), options()
+    # An old link that asks for it says what it gets instead.
+    open_page(browser, sparse["url"], f"#view=metrics&m={sparse['ids']['plain']}&x=time")
+    drawn(browser, "val_loss", 10)
+    assert options().get("time") == "time (no time column: row index)", options()
+    assert js_errors(browser) == []
+
+
+# ------------------------------------------------------------------------------------------------ query
+
+
+def test_a_failed_query_leaves_no_stale_results_behind(browser, data):
+    open_page(browser, data["url"], "#view=query")
+    assert sorted(run_query(browser, "^curve")) == sorted(data["ids"]["curves"])
+    assert browser.find_element(By.ID, "query-total").text == "3"
+    param = browser.find_element(By.ID, "q-param")
+    param.clear()
+    param.send_keys("lr>=0.5 opt=adam")  # two filters without a comma: the server refuses it (400)
+    browser.find_element(By.ID, "q-submit").click()
+    error = until(lambda: browser.find_element(By.ID, "query-error").text.strip(), timeout=15, what="the error")
+    assert "lr" in error, error
+    # The table no longer shows the previous filter's rows as if they were this one's.
+    until(lambda: not query_rows(browser), timeout=5, what="the stale rows to go")
+    assert browser.find_element(By.ID, "query-total").text == "–"
+    assert "the filter above failed" in browser.find_element(By.ID, "query-results").text
+    # Fixed, the filter applies again.
+    param.clear()
+    param.send_keys("lr>=0.05")
+    browser.find_element(By.ID, "q-submit").click()
+    until(lambda: [r.get_attribute("data-id") for r in query_rows(browser)] == [data["ids"]["curves"][0]],
+          timeout=15, what="the fixed filter's row")
+    assert browser.find_element(By.ID, "query-error").text == ""
+    assert browser.find_element(By.ID, "query-total").text == "1"
+    assert js_errors(browser, allow=("400",)) == []

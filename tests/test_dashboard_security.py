@@ -696,3 +696,170 @@ def test_shipped_page_fits_its_csp_and_sends_the_token(vault):
     assert b"application/json" in code
     digest = base64.b64encode(hashlib.sha256(code).digest()).decode()
     assert f"'sha256-{digest}'" in page.headers.get("Content-Security-Policy", "")
+
+
+# ============================================================================
+# Secrets on command lines: one rule for option, assignment and header names
+# ============================================================================
+
+COMMAND_CASES = [
+    # (command as written, as shown); None: shown unchanged
+    ("API_TOKEN=hunter2 python3 train.py --token supersecret", "API_TOKEN=*** python3 train.py --token ***"),
+    ('python t.py --token "two words" --lr 1', "python t.py --token *** --lr 1"),
+    ("python t.py --token 'two words' --lr 1", "python t.py --token *** --lr 1"),
+    ("python t.py --token two\\ words --lr 1", "python t.py --token *** --lr 1"),
+    ('python t.py --token "say \\"hi\\" now" x', "python t.py --token *** x"),
+    ('env HF_TOKEN="a b" python t.py', "env HF_TOKEN=*** python t.py"),
+    ("export HF_TOKEN='a b'; python t.py", "export HF_TOKEN=***; python t.py"),
+    ('python t.py "HF_TOKEN=abc"', 'python t.py "HF_TOKEN=***"'),
+    ("python t.py --private_key abc --openai-key sk-abc --db-pass abc --auth abc",
+     "python t.py --private_key *** --openai-key *** --db-pass *** --auth ***"),
+    ("python t.py --token=abc --api-key='a b' --dbPassword=\"x y\" -password p",
+     "python t.py --token=*** --api-key=*** --dbPassword=*** -password ***"),
+    ("python t.py model.api_key=xyz +trainer.hf_token=q lr=0.1", "python t.py model.api_key=*** +trainer.hf_token=*** lr=0.1"),
+    ('curl -H "Authorization: Bearer abc123" https://x', 'curl -H "Authorization: Bearer ***" https://x'),
+    ("curl -H 'X-Api-Key: k1' -H 'Cookie: s=1' https://x", "curl -H 'X-Api-Key: ***' -H 'Cookie: ***' https://x"),
+    ("curl -H Authorization: Bearer abc123 https://x", "curl -H Authorization: Bearer *** https://x"),
+    ("http --auth-type bearer --auth abc https://x", "http --auth-type *** --auth *** https://x"),
+    ("git clone https://me:pw123@host/repo.git", "git clone https://me:***@host/repo.git"),
+    ('python t.py --token "unclosed', "python t.py --token ***"),
+    # Not secrets: names that only contain a secret-looking word, flags without a value, the next command.
+    ("python t.py --tokenizer gpt2 --max_tokens 5 --max-new-tokens 9 --pad_token_id 0", None),
+    ("python t.py --keyframes 4 --key_dim 8 --num_passes 2 --author me --lr=0.1 seed=3", None),
+    ("python t.py --use-auth --verbose", None),
+    ("python t.py --password; echo hi", None),
+    ("python t.py --token *** x HF_TOKEN=***", None),
+]
+
+
+@pytest.mark.parametrize("command,shown", COMMAND_CASES)
+def test_command_lines_hide_the_whole_value_of_secret_named_arguments(command, shown):
+    import exp
+
+    shown = command if shown is None else shown
+    assert exp.redact_command(command) == shown
+    assert exp.redact_command(shown) == shown  # redacting again changes nothing
+
+
+def test_one_secret_name_rule_for_fields_and_command_lines():
+    import exp
+
+    secret = ["token", "HF_TOKEN", "accessToken", "api_tokens", "tokens", "apiKey", "OPENAI_KEY", "private-key",
+              "dbPass", "db_password", "PGPASSWORD", "auth", "Authorization", "x-auth-token", "github_pat",
+              "session_id", "client_secret", "Cookie", "credentials"]
+    plain = ["max_tokens", "tokenizer", "token_ids", "pad_token_id", "keyframes", "key_dim", "num_passes",
+             "author", "authors", "lr", "seed", "monkey"]
+    assert [n for n in secret if not exp.secret_name(n)] == []
+    assert [n for n in plain if exp.secret_name(n)] == []
+    meta = {"params": {n: "V" for n in secret + plain},
+            "command": "python t.py " + " ".join(f"--{n} V" for n in secret + plain)}
+    out = exp.redact_secrets(meta)
+    assert {n for n, v in out["params"].items() if v == "***"} == set(secret)
+    words = out["command"].split()[2:]
+    assert {words[i][2:] for i in range(0, len(words), 2) if words[i + 1] == "***"} == set(secret)
+
+
+# ============================================================================
+# A run's log: exp's own opening lines never show the command's secrets
+# ============================================================================
+
+LOG_SECRETS = ["hunter2", "supersecret", "two words", "abc123"]
+
+
+def served_log_texts(port: int, exp_id: str) -> dict[str, str]:
+    """Every way the dashboard serves a run's log, by name: the text a client gets."""
+    out = {}
+    for name, target in (("tail", f"/api/log?id={exp_id}&tail=200"), ("tail1", f"/api/log?id={exp_id}&tail=1"),
+                         ("chunk", f"/api/log?id={exp_id}&offset=0"),
+                         ("file", f"/api/file?id={exp_id}&path=terminal_logs/run_0001.log")):
+        r = request(port, "GET", target)
+        assert r.status == 200, (target, r)
+        out[name] = r.json()["text"]
+    for name, target in (("raw", f"/api/raw?id={exp_id}&path=terminal_logs/run_0001.log"),
+                         ("download", f"/api/raw?id={exp_id}&path=terminal_logs/run_0001.log&download=1")):
+        r = request(port, "GET", target)
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(r.body), (target, r)
+        out[name] = r.text
+    # Followed in small steps from offsets inside the secret line: widened to whole lines, never a piece.
+    for step in (1, 7, 40):
+        texts, offset = [], 0
+        while True:
+            size = step if offset < 400 else 4 << 20  # in small steps through the opening lines
+            a = request(port, "GET", f"/api/log?id={exp_id}&offset={offset}&max_bytes={size}").json()
+            assert a["offset"] <= offset < a["next_offset"] or a["eof"], a
+            texts.append(a["text"] if a["offset"] == offset else "")
+            if a["eof"]:
+                break
+            offset = a["next_offset"]
+        out[f"followed by {step}"] = "".join(texts)
+    for offset in range(0, 200, 3):
+        out[f"offset {offset}"] = request(port, "GET", f"/api/log?id={exp_id}&offset={offset}&max_bytes=5").json()["text"]
+    return out
+
+
+def test_a_new_run_log_holds_its_command_redacted_and_metadata_keeps_it_whole(tmp_path):
+    import exp
+
+    base = tmp_path / "results"
+    command = (f"API_TOKEN=hunter2 {sys.executable} -c 'print(\"child output\")' --token supersecret "
+               "--api-key \"two words\" --lr 0.1")
+    e = exp.Experiment(name="secretive", command=command, base_dir=str(base), cwd=str(tmp_path), env=child_env())
+    assert e.run() == 0
+    log = (Path(e.dir.path) / "terminal_logs" / "run_0001.log").read_text()
+    assert "child output" in log
+    assert f"command: API_TOKEN=*** {sys.executable} -c" in log and "--token *** --api-key *** --lr 0.1" in log, log
+    for s in LOG_SECRETS:
+        assert s not in log, (s, log)
+    assert read_meta(e.dir.path)["command"] == command  # reproducible: the whole command, on this machine
+    with serving(base) as srv:
+        texts = served_log_texts(srv.port, os.path.basename(e.dir.path))
+    for name, text in texts.items():
+        for s in LOG_SECRETS:
+            assert s not in text, (name, s, text)
+    assert "child output" in texts["tail"] and "--lr 0.1" in texts["tail"]
+
+
+OLD_LOG = ("[exp] 2026-01-01T00:00:00+00:00 run_0001 of 'old' starting\n"
+           "[exp] command: API_TOKEN=hunter2 python3 train.py --token supersecret --api-key \"two words\" --lr 0.1\n"
+           "[exp] cwd: /work\n[exp] work_dir: /results/old\n"
+           "step 1 loss 0.5\n")
+OLD_STANDALONE_LOG = ("[exp] 2026-01-01T00:00:00+00:00 standalone run run_0001: /usr/bin/python3 train.py "
+                      "--password abc123 --lr 0.1 (pid 42); its output is not captured here\n")
+
+
+@pytest.mark.parametrize("log", [OLD_LOG, OLD_STANDALONE_LOG, OLD_LOG.replace("\n", "\r\n"),
+                                 OLD_LOG + "".join(f"line {i} of output é\n" for i in range(3000))],
+                         ids=["header", "standalone", "crlf", "long"])
+def test_an_old_run_log_is_served_with_its_commands_secrets_hidden(tmp_path, log):
+    base = tmp_path / "results"
+    d = write_exp(base, OLD, new_meta("old", "2026-01-01T00:00:00+00:00"), log=log)
+    raw = (d / "terminal_logs" / "run_0001.log").read_bytes()
+    assert all(s.encode() in raw for s in LOG_SECRETS if s in log)  # planted, as an older exp wrote it
+    with serving(base) as srv:
+        texts = served_log_texts(srv.port, OLD)
+    for name, text in texts.items():
+        for s in LOG_SECRETS:
+            assert s not in text, (name, s, text[:500])
+    shown = texts["raw"]
+    assert shown == texts["download"] == texts["followed by 1"] == texts["followed by 7"] == texts["followed by 40"]
+    assert texts["chunk"] == shown[:len(texts["chunk"])] and texts["file"] == shown[:len(texts["file"])]
+    assert texts["tail"] == shown[-len(texts["tail"]):]
+    # Only the secrets are gone: the rest of the log is as written.
+    if "standalone" in log:
+        assert shown == log.replace("abc123", "***")
+    else:
+        assert shown == log.replace("hunter2", "***").replace("supersecret", "***").replace('"two words"', "***")
+    assert (d / "terminal_logs" / "run_0001.log").read_bytes() == raw  # the server only reads
+
+
+def test_a_childs_own_exp_like_lines_are_left_alone_and_a_long_log_tail_reads_only_its_end(tmp_path):
+    base = tmp_path / "results"
+    body = "".join(f"output line {i}\n" for i in range(200000))  # ~3.7 MB: its start is out of the tail's reach
+    log = OLD_LOG + body + "[exp] command: a child printing --token its-own-text\n"
+    write_exp(base, OLD, new_meta("old", "2026-01-01T00:00:00+00:00"), log=log)
+    with serving(base) as srv:
+        tail = request(srv.port, "GET", f"/api/log?id={OLD}&tail=2").json()
+        head = request(srv.port, "GET", f"/api/log?id={OLD}&offset=0&max_bytes=200").json()
+    assert tail["text"] == "output line 199999\n[exp] command: a child printing --token its-own-text\n"
+    assert tail["next_offset"] == len(log.encode()) and tail["truncated_before"]
+    assert "supersecret" not in head["text"] and "--token ***" in head["text"]

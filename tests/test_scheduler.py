@@ -371,7 +371,7 @@ def test_parse_config_defaults_and_relative_paths():
      command = "true"
      priority = "high"
      """,
-     "x.toml: 1 problem:\n  experiments[0].priority: expected an integer, got 'high'"),
+     "x.toml: 1 problem:\n  experiments[0].priority: expected an integer from -1000000000 to 1000000000, got 'high'"),
 ])
 def test_parse_config_error_messages_verbatim(text, message):
     assert config_error(text) == message
