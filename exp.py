@@ -125,7 +125,9 @@ __all__ = [
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
-    "redact_secrets", "redact_command", "secret_name", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "redact_secrets", "redact_command", "secret_name", "log_header_spans", "name_pattern", "priority_ok",
+    "LOG_HEADER_MAX_BYTES", "NAME_FILTER_MAX_CHARS", "NAME_FILTER_MAX_REPEATS", "NAME_FILTER_NAME_CHARS",
+    "NAME_FILTER_SECONDS", "PRIORITY_LIMIT", "PRIORITY_EXPECTED", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
     "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
     # Lark/Feishu: settings, client, outbox sender, notifications
