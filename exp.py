@@ -125,10 +125,9 @@ __all__ = [
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
-    "redact_secrets", "redact_command", "secret_name", "log_header_spans", "name_pattern", "priority_ok",
-    "LOG_HEADER_MAX_BYTES", "NAME_FILTER_MAX_CHARS", "NAME_FILTER_MAX_REPEATS", "NAME_FILTER_NAME_CHARS",
-    "NAME_FILTER_SECONDS", "PRIORITY_LIMIT", "PRIORITY_EXPECTED", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
-    "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
+    "redact_secrets", "redact_command", "secret_name", "system_info", "find_page", "dashboard_summary", "DASHBOARD_PORT", "DASHBOARD_PAGE", "DASHBOARD_INDEX_TTL", "DASHBOARD_MAX_BODY",
+    "PREVIEW_MAX_BYTES", "LOG_CHUNK_DEFAULT", "LOG_CHUNK_MAX", "LOG_HEADER_MAX_BYTES", "log_header_spans",
+    "LOG_TAIL_MAX_LINES", "METRICS_CHUNK_DEFAULT",
     "FILE_TREE_MAX", "COMPARE_MAX", "DASHBOARD_FULL_RESCAN", "IndexSnapshot",
     # Lark/Feishu: settings, client, outbox sender, notifications
     "LarkError", "LarkClient", "LarkSync", "Notifier", "notify", "post_webhook", "parse_lark_url", "check_lark_config",
@@ -150,6 +149,8 @@ __all__ = [
     "STATUSES", "PENDING", "RUNNING", "FINISHED", "ERROR", "KILLED", "UNREADABLE", "SCHEDULER_INDICATORS",
     "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "FIELD_ALIASES",
     "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
+    "PRIORITY_LIMIT", "PRIORITY_EXPECTED", "priority_ok", "name_pattern", "NAME_FILTER_MAX_CHARS",
+    "NAME_FILTER_MAX_REPEATS", "NAME_FILTER_NAME_CHARS", "NAME_FILTER_SECONDS",
     "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "EXIT_SAVE_TIMEOUT",
     "REPORT_LINE_WIDTH",
     "LAST_VALUES_MAX_ROWS", "LAST_VALUES_MAX_BYTES",
