@@ -79,7 +79,6 @@ import re
 import sys
 import threading
 import time
-import weakref
 
 try:  # POSIX only; Windows has no flock and exp does not run commands there
     import fcntl
@@ -89,6 +88,7 @@ except ImportError:  # pragma: no cover - Windows
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
+    import weakref
     from typing import Any, Callable, Iterable, Iterator, Mapping
 
 __version__ = "0.2.0"
@@ -157,7 +157,8 @@ __all__ = [
     "STATE_WRITE_INTERVAL", "STATE_WRITE_SHARE", "STATE_WRITE_MAX_INTERVAL", "COMMAND_POLL_INTERVAL",
     "OWNER_LOCK_FILE", "COMMANDS_DIR", "COMMAND_EXT", "RESULT_EXT",
     "METADATA_FILE", "LOGS_DIR", "METRICS_DIR", "CODE_DIFF_FILE", "CODE_DIFF_MAX_BYTES", "STATE_DIR", "STATE_FILE", "LOG_EXT",
-    "METRICS_EXT", "EXIT_STATUS_TEXT", "supervised_command", "read_exit_status", "record_end_command", "record_orphan_end", "RECORD_END_VERB",
+    "METRICS_EXT", "EXIT_STATUS_TEXT", "supervised_command", "read_exit_status",
+    "exit_code_of_status", "record_end_command", "record_orphan_end", "RECORD_END_VERB",
     "__version__",
 ]
 
@@ -467,6 +468,20 @@ def now_iso() -> str:
     text = _iso_at(sec)
     _NOW_ISO[0] = (sec, zone, text)
     return text
+
+
+def _epoch(iso: str | None) -> float:
+    """An ISO 8601 time as seconds since the epoch (one written without an offset is local time),
+    so that times written with different offsets (a container on UTC, a laptop on local time)
+    sort as the instants they are; -inf for none or unreadable."""
+    if not iso:
+        return float("-inf")
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return float("-inf")
 
 
 def _iso_at(sec: int) -> str:
@@ -3007,21 +3022,21 @@ class ExperimentDir:
         started_by = None
         if not _is_int(ticks):
             ticks = None
-            try:  # started_at has the second only, and a batch's command starts just after it
-                from datetime import datetime
-
-                started_by = datetime.fromisoformat(str(meta.get("started_at"))).timestamp() + 30
-            except ValueError:
+            started = meta.get("started_at")
+            started_by = _epoch(started if isinstance(started, str) else None)
+            if started_by == float("-inf"):
                 return None
+            started_by += 30  # started_at has the second only, and a batch's command starts just after it
         if process_alive(pid, ticks, started_by):
             return None
-        code = read_exit_status(self.log_path(rid))
-        if code is None:
+        status = read_exit_status(self.log_path(rid))
+        if status is None:
             return ERROR, ("its process is gone and nothing recorded how it ended "
                            "(killed with SIGKILL, by the OOM killer, or the machine restarted?)")
+        code = exit_code_of_status(status)
         if code == 0:
             return FINISHED, None
-        return ERROR, (f"signal {signal_name(code - 128)}" if 128 < code < 160 else f"exit code {code}") \
+        return ERROR, (f"signal {signal_name(-code)}" if code < 0 else f"exit code {code}") \
             + " (its end was not recorded in metadata.json)"
 
     def summary(self, unreadable: str | None = None) -> dict[str, Any]:
@@ -3535,6 +3550,12 @@ def read_exit_status(log_path: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def exit_code_of_status(status: int) -> int:
+    """A shell's exit status (as a supervisor writes it) as Popen reports a code: 128+N, a death by
+    signal N, is -N."""
+    return -(status - 128) if 128 < status < 160 else status
+
+
 def record_end_command(work_dir: str, run_id: str) -> list[str]:
     """The command a supervisor runs (with the exit status appended) when exp is gone: records the end."""
     return [sys.executable, "-I", os.path.abspath(__file__), RECORD_END_VERB, work_dir, run_id]
@@ -3567,8 +3588,7 @@ def record_orphan_end(work_dir: str, run_id: str, status_code: int, ended: float
             duration = round(max(0.0, ended - t0.timestamp()), 3)
         except ValueError:
             pass
-    # The shell's 128+N for a death by signal N, written the way Popen reports it.
-    code = -(status_code - 128) if 128 < status_code < 160 else status_code
+    code = exit_code_of_status(status_code)
     d.record_end(run_id, exit_code=code, status=FINISHED if code == 0 else ERROR, duration=duration,
                  ended_at=_iso_at(int(ended)))
 
@@ -4200,12 +4220,12 @@ def _validate_env(env: Any, where: str = "env") -> dict[str, str | None]:
     return out
 
 
-# Every Experiment of this process, for the fork handler; weak, so an unused one goes.
-_EXPERIMENTS: weakref.WeakSet[Experiment] = weakref.WeakSet()
+# Every Experiment of this process, for the fork handler; weak, so an unused one goes.  Made with
+# the first Experiment, which also registers the exit handler (`import exp` stays cheap).
+_EXPERIMENTS: weakref.WeakSet[Experiment] | None = None
 # Experiments holding values that upd_row() took and no save_row() wrote yet (an ordered set):
 # kept alive until then, so that the exit handler saves them.
 _UNSAVED: dict[Experiment, None] = {}
-_SAVE_AT_EXIT: list[bool] = []  # the exit handler is registered (at the first Experiment)
 
 
 def _save_unsaved_rows() -> None:
@@ -4220,7 +4240,7 @@ def _forget_rows_after_fork() -> None:
     global _STANDALONE_LOCK
     _STANDALONE_LOCK = threading.Lock()
     _UNSAVED.clear()
-    for e in list(_EXPERIMENTS):
+    for e in list(_EXPERIMENTS or ()):
         e._lock = threading.Lock()
         e._pending = {}
 
@@ -4454,12 +4474,14 @@ class Experiment:
         self._ok_keys: set[str] = set()
         self._writer: MetricsWriter | None = None
         self._writer_run: str | None = None
-        _EXPERIMENTS.add(self)
-        if not _SAVE_AT_EXIT:
+        global _EXPERIMENTS
+        if _EXPERIMENTS is None:
             import atexit
+            import weakref
 
+            _EXPERIMENTS = weakref.WeakSet()
             atexit.register(_save_unsaved_rows)
-            _SAVE_AT_EXIT.append(True)
+        _EXPERIMENTS.add(self)
 
     # ------------------------------------------------------------------ metadata
 
@@ -5163,8 +5185,7 @@ class RunHandle:
                     return
             else:
                 status_code = read_exit_status(self.log_path)
-                code = None if status_code is None else (
-                    -(status_code - 128) if 128 < status_code < 160 else status_code)
+                code = None if status_code is None else exit_code_of_status(status_code)
         outcome = self.run.outcome()
         if self._stop_requested:
             status, reason = self._stop_status, self._stop_reason
@@ -7325,13 +7346,9 @@ class Scheduler:
                 self._mark_done(job, handle.status, handle.returncode, handle.reason,
                                 job.experiment.dir.run_entry(job.run_id))
                 ended_meanwhile.append(job)
-        try:  # directories made by the dead scheduler for a start it did not live to write down
-            from datetime import datetime
-
-            t_since = datetime.fromisoformat(since).timestamp() - 1  # started_at has the second only
-        except ValueError:
-            t_since = None
-        if t_since is not None:
+        # Directories made by the dead scheduler for a start it did not live to write down.
+        t_since = _epoch(since) - 1  # started_at has the second only
+        if t_since != float("-inf"):
             for base in {os.path.abspath(j.spec.base_dir) for j in self.jobs}:
                 for path in remove_unstarted_dirs(base, {j.spec.name for j in self.jobs}, t_since):
                     self.term.event(f"removed {_short_path(path, self._cwd)}: made just before the crash, "
@@ -9405,20 +9422,6 @@ def list_experiments(base_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     rows = [d.summary() for d in dirs]
     rows.sort(key=lambda r: (_epoch(r["started_at"] or r["created_at"]), *_dir_order(r["work_dir"])), reverse=True)
     return rows
-
-
-def _epoch(iso: str | None) -> float:
-    """An ISO 8601 time as seconds since the epoch (one written without an offset is local time),
-    so that times written with different offsets (a container on UTC, a laptop on local time)
-    sort as the instants they are; -inf for none or unreadable."""
-    if not iso:
-        return float("-inf")
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except (ValueError, OverflowError, OSError):
-        return float("-inf")
 
 
 def _local_time_text(iso: str | None) -> str:
