@@ -108,7 +108,7 @@ __all__ = [
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
     # files and platform
-    "write_atomic", "write_json_atomic", "write_all", "append_checked", "append_line", "keep_aside", "read_tail",
+    "write_atomic", "write_atomic_locked", "write_json_atomic", "write_all", "append_checked", "append_line", "keep_aside", "read_tail",
     "read_tail_span",
     "tail_lines", "read_json", "read_json_file", "dumps_json", "FileLock", "require_posix", "signal_group",
     "group_alive", "process_alive", "time_from_ticks", "session_leaders_running", "group_members", "exited_within",
@@ -1276,19 +1276,45 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, sync: bool = True
     is removed, ``path`` is untouched, and :class:`StorageError` says why.
     Returns the new file's stat.
     """
-    path = os.fspath(path)
+    _, st = _write_and_replace(os.fspath(path), data, sync=sync, hold=False)
+    return st
+
+
+def write_atomic_locked(path: str | os.PathLike[str], data: bytes) -> int:
+    """:func:`write_atomic` (no fsync) for files that writers lock with ``flock``:
+    return the new file open (read-write, append), its exclusive lock taken.
+
+    The lock is taken on the temp file, before the rename makes it ``path``: a
+    writer that opens ``path`` just after blocks until the caller unlocks,
+    and the caller's descriptor is certainly the file it wrote.  (Reopening
+    after the rename cannot tell: another writer may have replaced the file
+    and its freed inode number gone to a newer one.)
+    """
+    fd, _ = _write_and_replace(os.fspath(path), data, sync=False, hold=True)
+    assert fd is not None
+    return fd
+
+
+def _write_and_replace(path: str, data: bytes, *, sync: bool, hold: bool) -> tuple[int | None, os.stat_result]:
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    flags = os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_RDWR | os.O_APPEND if hold else os.O_WRONLY
+    fd: int | None = None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            write_all(fd, data)
-            if sync:
-                os.fsync(fd)
-            st = os.fstat(fd)
-        finally:
+        fd = os.open(tmp, flags, 0o644)
+        write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+        if hold and fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else has the temp file open: never waits
+        st = os.fstat(fd)
+        if not hold:
             os.close(fd)
+            fd = None
         os.replace(tmp, path)
     except BaseException as e:
+        if fd is not None:
+            os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
@@ -1296,7 +1322,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, sync: bool = True
         if isinstance(e, OSError) and not isinstance(e, StorageError):
             raise _storage_error(path, e) from e
         raise
-    return st
+    return fd, st
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, sync: bool = True) -> os.stat_result:
@@ -1970,26 +1996,17 @@ class MetricsWriter:
         for rec in [header, *(r + [""] * (width - len(r)) for r in records), [row.get(k, "") for k in header]]:
             out.write(",".join(map(_csv_cell, rec)) if rec != [""] else '""')
             out.write("\n")
-        # sync=False: a metrics rewrite is as durable as the appends around it.
-        ours = write_atomic(self.path, out.getvalue().encode("utf-8"), sync=False)
-        # Keep the lock on the old inode until we leave; switch to the new file.
-        new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
+        # Not fsynced: a metrics rewrite is as durable as the appends around it.
+        # We hold the new file's lock from before it replaces the old one, so a
+        # writer that opens it now waits; the writers waiting on the old file
+        # find it unlinked once we let go of it, and follow.
+        new_fd = write_atomic_locked(self.path, out.getvalue().encode("utf-8"))
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-        self._fd = new_fd
-        if fcntl is not None:
-            fcntl.flock(new_fd, fcntl.LOCK_EX)  # released by write_row's finally
-        st = os.fstat(new_fd)
-        if (st.st_ino, st.st_dev) == (ours.st_ino, ours.st_dev) and st.st_nlink:
-            self._header, self._columns = header, set(header)
-            self._size = self._end = st.st_size
-        else:
-            # Between our rename and our lock another writer replaced the file
-            # (adding its own column): our header is not that file's, and rows
-            # written with it would have the wrong width.  Read it on the next row.
-            self._header, self._columns = [], set()
-            self._size = self._end = -1
+        self._fd = new_fd  # unlocked by _write's finally
+        self._header, self._columns = header, set(header)
+        self._size = self._end = os.fstat(new_fd).st_size
 
 
 def _remove_dead_temps(path: str) -> None:

@@ -256,7 +256,8 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file_and_no_temp(disk, leave)
     target.write_bytes(old)
     disk.fill(leave)
     for write in (lambda: exp.write_atomic(target, b"n" * (4 * PAGE)),
-                  lambda: exp.write_json_atomic(target, {"new": "x" * (4 * PAGE)})):
+                  lambda: exp.write_json_atomic(target, {"new": "x" * (4 * PAGE)}),
+                  lambda: exp.write_atomic_locked(target, b"n" * (4 * PAGE))):
         with pytest.raises(exp.StorageError) as ei:
             write()
         err = ei.value

@@ -544,6 +544,39 @@ def test_write_atomic_replaces_content_with_mode_0644(tmp_path, umask_022):
     assert os.listdir(tmp_path) == ["file.json"]
 
 
+@posix_only
+def test_write_atomic_locked_holds_the_new_files_lock_from_before_it_appears(tmp_path):
+    """The lock is taken before the rename: a writer that opens the path at once
+    waits for the caller, and the caller's descriptor is the file it wrote."""
+    import fcntl
+
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"old\n")
+    fd = exp.write_atomic_locked(path, b"new\n")
+    got = []
+
+    def other_writer():
+        with open(path, "ab") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            got.append(path.read_bytes())
+            f.write(b"theirs\n")
+
+    t = threading.Thread(target=other_writer)
+    try:
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+        t.start()
+        t.join(0.5)
+        assert t.is_alive(), "another writer got the lock the caller holds"
+        os.write(fd, b"mine\n")  # O_APPEND
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    t.join(10)
+    assert got == [b"new\nmine\n"]
+    assert path.read_bytes() == b"new\nmine\ntheirs\n"
+    assert os.listdir(tmp_path) == ["m.csv"]
+
+
 def test_write_atomic_into_a_missing_directory_raises_storage_error(tmp_path):
     path = tmp_path / "missing" / "file.json"
     with pytest.raises(exp.StorageError) as info:
