@@ -1308,10 +1308,12 @@ def _write_and_replace(path: str, data: bytes, *, sync: bool, hold: bool) -> tup
         if hold and fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else has the temp file open: never waits
         st = os.fstat(fd)
-        if not hold:
+        if not hold or fcntl is None:  # Windows cannot rename an open file (nor flock it)
             os.close(fd)
             fd = None
         os.replace(tmp, path)
+        if hold and fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0))
     except BaseException as e:
         if fd is not None:
             os.close(fd)

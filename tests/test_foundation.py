@@ -577,6 +577,22 @@ def test_write_atomic_locked_holds_the_new_files_lock_from_before_it_appears(tmp
     assert os.listdir(tmp_path) == ["m.csv"]
 
 
+def test_write_atomic_locked_without_flock_returns_the_new_file_open(tmp_path, monkeypatch):
+    """Where there is no flock (Windows, which cannot rename an open file either),
+    the new file is reopened after the rename."""
+    monkeypatch.setattr(exp, "fcntl", None)
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"old\n")
+    fd = exp.write_atomic_locked(path, b"new\n")
+    try:
+        assert os.fstat(fd).st_ino == os.stat(path).st_ino
+        os.write(fd, b"more\n")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"new\nmore\n"
+    assert os.listdir(tmp_path) == ["m.csv"]
+
+
 def test_write_atomic_into_a_missing_directory_raises_storage_error(tmp_path):
     path = tmp_path / "missing" / "file.json"
     with pytest.raises(exp.StorageError) as info:
