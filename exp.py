@@ -75,7 +75,6 @@ training script, config, GPUs, planning, scheduler, listing, dashboard, CLI.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -87,6 +86,7 @@ except ImportError:  # pragma: no cover - Windows
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # pragma: no cover
+    import re
     import subprocess
     import weakref
     from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -273,9 +273,39 @@ FIELD_ALIASES = {
     "start_time": "started_at",
 }
 
-_RUN_ID_RE = re.compile(r"run_(\d+)\Z")
+
+class _LazyRe:
+    """A module-level regular expression compiled at its first use: ``import exp``
+    imports no ``re`` (with its ``enum``, about 5 ms) and compiles nothing.
+    Flags go inline (``(?i)``).
+
+    The first use rebinds the module's name for it to the compiled pattern, so
+    later uses cost what they cost on a pattern (a metrics reader matches each
+    cell); a reference taken before still works.  Threads that get there at once
+    each compile it, harmlessly.
+    """
+
+    def __init__(self, pattern: Any) -> None:
+        self._pattern = pattern
+
+    def __getattr__(self, name: str) -> Any:  # only for what the instance does not have yet
+        if name.startswith("_"):  # copy and pickle ask for dunders, maybe before _pattern is set
+            raise AttributeError(name)
+        import re
+
+        compiled = re.compile(self._pattern)
+        for attr in ("match", "fullmatch", "search", "sub", "subn", "split", "findall", "finditer",
+                     "pattern", "flags", "groups", "groupindex"):
+            setattr(self, attr, getattr(compiled, attr))
+        module = globals()
+        for key in [k for k, v in module.items() if v is self]:
+            module[key] = compiled
+        return getattr(compiled, name)
+
+
+_RUN_ID_RE = _LazyRe(r"run_(\d+)\Z")
 # Environment variable names whose values never go into metadata or state files.
-_SECRET_KEY_RE = re.compile(r"SECRET|TOKEN|PASS|PWD|CREDENTIAL|KEY|PRIVATE|AUTH|COOKIE|SESSION|(^|_)PAT$", re.I)
+_SECRET_KEY_RE = _LazyRe(r"(?i)SECRET|TOKEN|PASS|PWD|CREDENTIAL|KEY|PRIVATE|AUTH|COOKIE|SESSION|(^|_)PAT$")
 
 # ============================================================================
 # Exceptions
@@ -447,6 +477,8 @@ def add_conda_no_capture(command: str) -> str:
 
     Without it conda buffers everything the child prints until it exits.
     """
+    import re
+
     if "--no-capture-output" in command or "--live-stream" in command:
         return command
     return re.sub(r"(?<![\w.-])(conda\s+run)(?=\s)", r"\1 --no-capture-output", command, count=1)
@@ -494,21 +526,6 @@ def _iso_at(sec: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", lt) + tz
 
 
-class _LazyRe:
-    """A regular expression compiled at its first use, so ``import exp`` compiles none of them."""
-
-    __slots__ = ("_args", "_re")
-
-    def __init__(self, pattern: Any, flags: int = 0) -> None:
-        self._args = (pattern, flags)
-        self._re: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self._re is None:
-            self._re = re.compile(*self._args)
-        return getattr(self._re, name)
-
-
 # Escape sequences and every other control character but tab: what a child
 # prints may colour, move the cursor, switch character sets or retitle the
 # terminal, and none of that belongs in exp's own report lines.  In order: CSI;
@@ -550,7 +567,7 @@ _SHELL_BREAKS = " \t\n;&|()<>"
 _AUTH_SCHEMES = ("bearer", "basic", "token", "digest", "negotiate")
 _OPTION_WORD_RE = _LazyRe(r"(-{1,2}[A-Za-z0-9][\w.-]*)(=?)")
 _ASSIGN_WORD_RE = _LazyRe(r"([+~]*[A-Za-z_][\w.-]*)=")
-_HEADER_WORD_RE = _LazyRe(r"\s*([A-Za-z][\w-]*)\s*:(?!//)\s*(\S*)\s*(.*)", re.S)
+_HEADER_WORD_RE = _LazyRe(r"(?s)\s*([A-Za-z][\w-]*)\s*:(?!//)\s*(\S*)\s*(.*)")
 _URL_PASSWORD_RE = _LazyRe(r"(://[^\s/:@'\"]*:)([^\s/@'\"]+)(?=@)")
 
 
@@ -1573,11 +1590,11 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 # it replaces it, and a writer that then gets the lock sees ``st_nlink == 0``
 # on its descriptor and reopens the path.
 
-_NEEDS_QUOTE_RE = re.compile(r'[,"\r\n]')
-_QUOTE_CHARS_RE = re.compile(r'["\r\n]')
+_NEEDS_QUOTE_RE = _LazyRe(r'[,"\r\n]')
+_QUOTE_CHARS_RE = _LazyRe(r'["\r\n]')
 # Canonical numbers only: "007", "+5" or "1_000" stay strings, as written.
-_INT_RE = re.compile(r"-?(?:0|[1-9]\d*)\Z")
-_FLOAT_RE = re.compile(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)\Z")
+_INT_RE = _LazyRe(r"-?(?:0|[1-9]\d*)\Z")
+_FLOAT_RE = _LazyRe(r"-?(?:(?:0|[1-9]\d*)(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)\Z")
 _CSV_LIMIT_RAISED: list[bool] = []
 
 
@@ -2413,6 +2430,8 @@ def failure_cause(text: str) -> str | None:
     bars' ``\\r`` rewrites are ignored; the result is cut to
     :data:`REPORT_LINE_WIDTH`.
     """
+    import re
+
     segs = _log_segments(text[-CAUSE_TAIL_BYTES:])
     if any(re.search(_CUDA_OOM_PAT, s) for s in segs):
         return "CUDA out of memory"
@@ -2452,6 +2471,7 @@ def _kernel_log() -> list[tuple[float | None, str]] | None:
     /dev/kmsg, read without blocking (one record per read); else ``dmesg``
     with a short timeout.  Containers often refuse both.
     """
+    import re
     import errno
 
     out: list[tuple[float | None, str]] = []
@@ -2508,6 +2528,8 @@ def oom_killed(pids: Iterable[int], since: float | None = None) -> bool | None:
     Linux only; None as well where our pids are not the kernel's (a
     container's pid namespace).
     """
+    import re
+
     wanted = set(pids)
     if not wanted or not sys.platform.startswith("linux") or not _same_pid_namespace():
         return None
@@ -3560,7 +3582,7 @@ def supervised_command(command: str, recorder: list[str] | None, manager_pid: in
     return "\n".join(lines)
 
 
-_EXIT_STATUS_RE = _LazyRe(rb"\[exp\] exit status (\d+)[ \t]*$", re.M)
+_EXIT_STATUS_RE = _LazyRe(rb"(?m)\[exp\] exit status (\d+)[ \t]*$")
 
 
 def read_exit_status(log_path: str) -> int | None:
@@ -3822,6 +3844,8 @@ def slurm_script(launch: Launch, options: Mapping[str, Any], gpus: int = 0, time
 
 def _slurm_safe(text: str) -> str:
     # One #SBATCH line, no shell: only a line break (or NUL) could break out of it.
+    import re
+
     return re.sub(r"[\r\n\0]", " ", text)
 
 
@@ -3941,6 +3965,7 @@ class _SlurmPoller:
 
     def _ended(self, jid: str, job: _SlurmJob, state: str | None) -> bool:
         """Fill in a job's end (state and exit code) from scontrol, else sacct; False if unknown yet."""
+        import re
         import subprocess
 
         code = None
@@ -4066,6 +4091,7 @@ class SlurmBackend:
 
     def start(self, launch: Launch) -> SlurmRun:
         """Write the batch script, submit it; ExpError naming Slurm's own message if it cannot be."""
+        import re
         import subprocess
 
         if not launch.script_path:
@@ -4171,6 +4197,8 @@ def make_backend(settings: SchedulerSettings) -> LocalBackend | SlurmBackend:
 
 
 def _validate_name(name: Any) -> str:
+    import re
+
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"name must be a non-empty string such as 'resnet50_lr3e-4', got {name!r}")
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
@@ -5597,6 +5625,8 @@ def _check_backend(v: Any) -> str:
 
 
 def _check_slurm(v: Any) -> dict[str, Any]:
+    import re
+
     _expect(isinstance(v, dict), 'a table such as { partition = "gpu", time = "1-00:00:00" }', v)
     problems: list[tuple[str | None, str]] = []
     out: dict[str, Any] = {}
@@ -5654,6 +5684,7 @@ _DURATION_RE = _LazyRe(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
 
 def parse_duration(value: Any) -> float:
     """``"2h"``, ``"90m"``, ``"30s"``, ``"1h30m"`` or a number of seconds, as seconds (> 0, finite)."""
+    import re
     import math
 
     seconds = -1.0
@@ -5692,6 +5723,8 @@ def _check_names(v: Any) -> list[str]:
 
 
 def _check_sweep(v: Any) -> dict[str, list[Any]]:
+    import re
+
     _expect(isinstance(v, dict), "a table of lists such as { lr = [0.1, 0.01] }", v)
     out: dict[str, list[Any]] = {}
     problems: list[tuple[str | None, str]] = []
@@ -5949,6 +5982,8 @@ def _sweep_formatter() -> Any:
 
 def _placeholder_problem(template: str, keys: list[str]) -> str | None:
     """Why ``template`` cannot be filled from a point with ``keys`` (None when it can)."""
+    import re
+
     fmt = _sweep_formatter()
 
     def fields(text: str) -> list[str]:
@@ -8013,6 +8048,8 @@ def _lark_text(v: Any) -> str:
 
 
 def _lark_domain(v: Any) -> str:
+    import re
+
     if isinstance(v, str) and v.strip().lower() in LARK_DOMAINS:
         return v.strip().lower()
     if isinstance(v, str) and re.match(r"https?://[^/\s]+/?\Z", v.strip()):
@@ -8234,6 +8271,7 @@ def lark_value(value: Any, field_type: int) -> Any:
 
     Attachments (type 17) are not handled here: they need an upload first.
     """
+    import re
     import math
 
     if field_type == 1 or field_type == 3:  # text, single select
@@ -9131,6 +9169,8 @@ def _notify_settings(*layers: Any, environ: Mapping[str, str] | None = None) -> 
 
 def check_notify(v: Any) -> dict[str, Any]:
     """A ``notify`` table checked: ``lark_webhook`` (URL), ``secret``, ``on`` (a list of NOTIFY_EVENTS)."""
+    import re
+
     if not isinstance(v, dict):
         raise ConfigError(f'expected a table such as {{ lark_webhook = "https://...", on = ["error"] }}, got {v!r}')
     problems: list[tuple[str | None, str]] = []
@@ -9406,6 +9446,8 @@ def batch_card(source: str, counts: Mapping[str, int], failed: list[str], interr
 
 def log_cause(tail: str) -> str | None:
     """A one-line cause recognised in a log's last lines (CUDA out of memory, NCCL error, NaN loss, Killed)."""
+    import re
+
     for pattern, cause in _LOG_CAUSES:
         if re.search(pattern, tail, re.I | re.M):
             return cause
@@ -9419,7 +9461,7 @@ def log_cause(tail: str) -> str | None:
 #: Metric modes of ``ls --columns NAME:MODE``; ``best`` is ``min`` for names
 #: that look like a loss, an error or a latency, and ``max`` for anything else.
 METRIC_MODES = ("last", "best", "min", "max")
-_LOWER_IS_BETTER_RE = _LazyRe(r"loss|err|perplexity|ppl|mse|mae|rmse|wer|cer|latency", re.I)
+_LOWER_IS_BETTER_RE = _LazyRe(r"(?i)loss|err|perplexity|ppl|mse|mae|rmse|wer|cer|latency")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -9480,6 +9522,8 @@ def name_pattern(text: str) -> re.Pattern[str]:
     :data:`NAME_FILTER_MAX_REPEATS` repetitions in a row (``.*.*.*.*x``:
     polynomial, but of a high degree) and backreferences.
     """
+    import re
+
     try:  # Python's own parser of regular expressions (a private module, named so since 3.11)
         from re import _parser as sre_parse  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - Python < 3.11
@@ -9930,8 +9974,8 @@ def _utf8_start(data: bytes) -> int:
 
 
 # The lines of a run's log that name its command (see Experiment.start and _start_in_process).
-_LOG_COMMAND_LINE_RE = _LazyRe(r"(\[exp\] command: )(.*?)(\r?)|(\[exp\] \S+ standalone run run_\d+: )(.*)"
-                               r"( \(pid \d+\); its output is not captured here\r?)", re.S)
+_LOG_COMMAND_LINE_RE = _LazyRe(r"(?s)(\[exp\] command: )(.*?)(\r?)|(\[exp\] \S+ standalone run run_\d+: )(.*)"
+                               r"( \(pid \d+\); its output is not captured here\r?)")
 
 
 def log_header_spans(fd: int, size: int) -> list[tuple[int, int, bytes]]:
@@ -10962,6 +11006,8 @@ class Dashboard:
 
     def _previous(self, d: ExperimentDir, row: Mapping[str, Any]) -> dict[str, Any] | None:
         """The newest experiment of the same name created before ``row`` (from the index)."""
+        import re
+
         def order(created: float, exp_id: str) -> tuple[float, int]:
             # Times have whole seconds; the same name twice in a second is <stamp>_2, _3, ...
             m = re.search(r"_(\d+)$", exp_id)
@@ -11097,6 +11143,7 @@ def _encode_json(obj: Any) -> bytes:
 
 def _content_security_policy(page: bytes) -> str:
     """The page's CSP: scripts only the page's own inline ones (by hash), nothing from elsewhere."""
+    import re
     import base64
     import hashlib
 

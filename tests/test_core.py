@@ -1112,8 +1112,22 @@ def test_import_exp_stays_light():
     assert lines[0] == os.path.join(ROOT, "exp.py")
     loaded = set(lines[1:])
     assert "exp" in loaded and "os" in loaded
-    heavy = {"http.server", "urllib.request", "concurrent.futures", "subprocess", "json", "datetime", "getpass"}
+    heavy = {"http.server", "urllib.request", "concurrent.futures", "subprocess", "json", "datetime", "getpass",
+             "re", "enum"}  # re (and the enum it imports) costs ~5 ms: exp's patterns compile at first use
     assert heavy & loaded == set()
+
+
+def test_patterns_compiled_at_first_use_work_and_become_plain_patterns():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import exp\n"
+            "lazy = exp._INT_RE\n"
+            "print(exp.parse_metric('12'), exp.parse_metric('007'), exp.parse_metric('-0.5e3'))\n"
+            "print(type(exp._INT_RE).__name__, lazy.match('3') is not None, lazy.match('03') is None)\n"
+            "print(exp._LOWER_IS_BETTER_RE.search('Val_LOSS') is not None)\n"  # an inline (?i) flag
+            "import copy; copy.deepcopy(exp._LazyRe('x'))")
+    r = subprocess.run([sys.executable, "-S", "-c", code, ROOT], capture_output=True, text=True,
+                       timeout=60, env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["12 007 -500.0", "Pattern True True", "True"]
 
 
 # POSIX TZ strings (no tz database needed): UTC, +05:30, -03:30, +12:45, -10:00, an offset with
