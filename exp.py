@@ -11789,6 +11789,37 @@ def _follow_tasks(base: str, ids: list[int]) -> int:
         time.sleep(0.2)
 
 
+def _reexec_as_import() -> None:
+    """Run on as an import of this file when started as a script (``python exp.py see``).
+
+    The parse tree of a script stays alive until its top level returns, which a
+    dashboard's never does: about 25 MB for exp.py, held for the server's life.
+    An import frees it as soon as the module is compiled (and can cache the
+    bytecode).  The process stays the same (exec), with its interpreter options.
+    """
+    if __name__ != "__main__" or __spec__ is not None or os.name != "posix" or not sys.executable:
+        return  # imported, run with -m, or where exec is no exec
+    here = os.path.abspath(__file__)
+    name = os.path.splitext(os.path.basename(here))[0]
+    orig = list(getattr(sys, "orig_argv", None) or [])  # Python >= 3.10
+    if not orig:
+        try:
+            with open("/proc/self/cmdline", "rb") as f:
+                orig = [os.fsdecode(a) for a in f.read().split(b"\0")[:-1]]
+        except OSError:
+            return
+    at = len(orig) - len(sys.argv)
+    if not name.isidentifier() or at < 1 or orig[at] != sys.argv[0]:
+        return
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(here)!r}); import {name}; sys.exit({name}.main())"
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *orig[1:at], "-c", code, *sys.argv[1:]])
+    except (OSError, ValueError):
+        pass  # go on here, parse tree and all
+
+
 def _limit_malloc_arenas() -> None:
     """glibc gives threads malloc arenas of their own (up to 8 per core); a server with a thread per
     client then keeps many mostly empty ones (about 10 MB for 50 clients).  Two are plenty.  And
@@ -11804,6 +11835,7 @@ def _limit_malloc_arenas() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, 2)  # M_ARENA_MAX; absent outside glibc (AttributeError)
         libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)  # what compiling exp.py freed (no cached bytecode), kept by malloc till now
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
 
@@ -11811,6 +11843,7 @@ def _limit_malloc_arenas() -> None:
 def _cmd_see(args: Any) -> int:
     if not 0 <= args.port <= 65535:
         raise ExpError(f"--port must be between 0 and 65535, got {args.port}")
+    _reexec_as_import()
     _limit_malloc_arenas()
     server = DashboardServer(args.dir, host=args.host, port=args.port, token=args.token, verbose=args.verbose)
     base = server.dashboard.base_dir

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from conftest import EXP_PY, child_env, exp_dirs, posix_only, run_exp, write_batch
+from conftest import EXP_PY, child_env, exp_dirs, linux_only, posix_only, run_exp, write_batch
 
 import exp
 
@@ -367,6 +367,63 @@ def stop(p):
         p.communicate()
         pytest.fail("exp see did not stop on Ctrl-C")
     return p.returncode, out, err
+
+
+def _cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0")[:-1]]
+
+
+@linux_only
+def test_see_started_as_a_script_runs_on_as_an_import_of_it_same_process_same_options(tmp_path):
+    """`python exp.py see` would hold the script's parse tree (~25 MB) for the server's life: it
+    re-executes itself as an import.  The pid, the interpreter's options and the arguments stay."""
+    p = subprocess.Popen([sys.executable, "-X", "utf8", EXP_PY, "see", str(tmp_path), "--port", "0", "--no-browser"],
+                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert "http://" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        url = line.split(": ", 1)[1].strip()
+        assert get(url + "api/health")[0] == 200
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
+        args = _cmdline(p.pid)
+        assert args[:3] == [sys.executable, "-X", "utf8"], args
+        assert args[3] == "-c" and "import exp" in args[4], args
+        assert args[5:] == ["see", str(tmp_path), "--port", "0", "--no-browser"], args
+    finally:
+        rc, out, err = stop(p)
+    assert rc == 0 and "stopped" in out and "Traceback" not in err, (rc, out, err)
+
+
+@linux_only
+@pytest.mark.parametrize("name", ["exp_tool.py", "exp-copy.py"])
+def test_see_from_a_renamed_copy_of_exp_py(tmp_path, name):
+    """A copy under another name re-executes as an import of that name; one whose name is
+    no module name (``exp-copy``) runs on as the script."""
+    tool = tmp_path / "tool"
+    tool.mkdir()
+    (tool / name).write_bytes(open(EXP_PY, "rb").read())
+    (tool / "exp_ui.html").write_bytes(open(os.path.join(os.path.dirname(EXP_PY), "exp_ui.html"), "rb").read())
+    base = tmp_path / "results"
+    p = subprocess.Popen([sys.executable, str(tool / name), "see", str(base), "--port", "0", "--no-browser"],
+                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        line = p.stdout.readline()
+        assert "http://" in line, (line, p.stderr.read() if p.poll() is not None else "")
+        url = line.split(": ", 1)[1].strip()
+        status, body = get(url + "api/experiments")
+        assert status == 200 and body["total"] == 0
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and b"<html" in r.read().lower()
+        args = _cmdline(p.pid)
+        if name == "exp_tool.py":
+            assert args[1] == "-c" and "import exp_tool;" in args[2], args
+        else:
+            assert args[1] == str(tool / name), args
+    finally:
+        rc, out, err = stop(p)
+    assert rc == 0 and "stopped" in out and "Traceback" not in err, (rc, out, err)
 
 
 @pytest.mark.parametrize("at_once", [False, True], ids=["serving", "as-the-url-is-printed"])

@@ -43,7 +43,9 @@ Baselines measured in the same run: /api/health over a keep-alive connection
 and over a new connection per request (the HTTP floor); the same work done
 in this process by exp.Dashboard without HTTP (listing, log tail, metrics,
 state), so the server's share shows; and the idle peak RSS of `python -m exp
-see` with exp's bytecode cached (`python exp.py` compiles the file at start).
+see` with exp's bytecode cached (`python exp.py see` compiles the file at
+start, then runs on as an import of it, which compiles it again unless its
+bytecode is cached: the first compile's peak stays in VmHWM).
 
 Needs about --log-mb MiB + 0.5 GiB of free disk in the temp directory (checked
 first).  The clients run in this process: on a small machine they compete for
@@ -305,7 +307,8 @@ class Client:
 
 def module_server_rss(base, tmp):
     """Idle VmHWM (MB) of `python -m exp see` with exp's bytecode cached, as the installed `exp` command runs:
-    `python exp.py` compiles the whole file at every start, and the compiler's memory counts in the peak."""
+    `python exp.py` compiles the whole file at every start, and the compiler's memory counts in the peak
+    (its parse tree is freed: `exp see` re-executes itself as an import)."""
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONPYCACHEPREFIX=os.path.join(tmp, "pycache"))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-c", "import exp"], env=env, check=True)  # writes the cache
@@ -672,7 +675,8 @@ def main():
     print("4. server memory (VmHWM peak / VmRSS now, MB; CPU s so far) after each phase: "
           + "; ".join(f"{k} {s[0]:.1f}/{s[1]:.1f} ({s[2]:.1f} s)" for k, s in mem))
     print(f"   for reference: `python -m exp see` with exp's bytecode cached (as the installed `exp`) starts at "
-          f"VmHWM {idle_module:.1f} MB; `python exp.py see` at {mem[0][1][0]:.1f} MB (compiles exp.py at start)")
+          f"VmHWM {idle_module:.1f} MB; `python exp.py see` at {mem[0][1][0]:.1f} MB (compiles exp.py at start, and "
+          f"again as the import it runs on as, unless the bytecode is cached)")
     hwm = max(s[0] for _, s in mem)
     res = poll["results"]
     lat = [r[1] for r in res if r[1] is not None]
