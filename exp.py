@@ -1587,8 +1587,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 # file with the union header, atomically.  Writers in several processes (say,
 # DataLoader workers or torchrun ranks) coordinate with flock on the CSV
 # itself: a writer that rewrites the file holds the lock on the old inode while
-# it replaces it, and a writer that then gets the lock sees ``st_nlink == 0``
-# on its descriptor and reopens the path.
+# it replaces it, and the new file is locked before it appears
+# (:func:`write_atomic_locked`); a writer that then gets the old inode's lock
+# sees ``st_nlink == 0`` on its descriptor and reopens the path.
 
 _NEEDS_QUOTE_RE = _LazyRe(r'[,"\r\n]')
 _QUOTE_CHARS_RE = _LazyRe(r'["\r\n]')
@@ -2471,8 +2472,8 @@ def _kernel_log() -> list[tuple[float | None, str]] | None:
     /dev/kmsg, read without blocking (one record per read); else ``dmesg``
     with a short timeout.  Containers often refuse both.
     """
-    import re
     import errno
+    import re
 
     out: list[tuple[float | None, str]] = []
     try:
@@ -5684,8 +5685,8 @@ _DURATION_RE = _LazyRe(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
 
 def parse_duration(value: Any) -> float:
     """``"2h"``, ``"90m"``, ``"30s"``, ``"1h30m"`` or a number of seconds, as seconds (> 0, finite)."""
-    import re
     import math
+    import re
 
     seconds = -1.0
     try:
@@ -8271,8 +8272,8 @@ def lark_value(value: Any, field_type: int) -> Any:
 
     Attachments (type 17) are not handled here: they need an upload first.
     """
-    import re
     import math
+    import re
 
     if field_type == 1 or field_type == 3:  # text, single select
         if isinstance(value, float) and not math.isfinite(value):
@@ -11143,9 +11144,9 @@ def _encode_json(obj: Any) -> bytes:
 
 def _content_security_policy(page: bytes) -> str:
     """The page's CSP: scripts only the page's own inline ones (by hash), nothing from elsewhere."""
-    import re
     import base64
     import hashlib
+    import re
 
     hashes = []
     for m in re.finditer(rb"<script>(.*?)</script>", page, re.S):
