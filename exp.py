@@ -11810,7 +11810,8 @@ def _reexec_as_import() -> None:
         except OSError:
             return
     at = len(orig) - len(sys.argv)
-    if not name.isidentifier() or at < 1 or orig[at] != sys.argv[0]:
+    # A name the interpreter loaded at start (a copy called site.py) would import that module instead.
+    if not name.isidentifier() or name in sys.modules or at < 1 or orig[at] != sys.argv[0]:
         return
     code = f"import sys; sys.path.insert(0, {os.path.dirname(here)!r}); import {name}; sys.exit({name}.main())"
     try:

@@ -397,10 +397,11 @@ def test_see_started_as_a_script_runs_on_as_an_import_of_it_same_process_same_op
 
 
 @linux_only
-@pytest.mark.parametrize("name", ["exp_tool.py", "exp-copy.py"])
+@pytest.mark.parametrize("name", ["exp_tool.py", "exp-copy.py", "site.py"])
 def test_see_from_a_renamed_copy_of_exp_py(tmp_path, name):
     """A copy under another name re-executes as an import of that name; one whose name is
-    no module name (``exp-copy``) runs on as the script."""
+    no module name (``exp-copy``), or names a module the interpreter loads at start (``site``:
+    the import would get that module), runs on as the script."""
     tool = tmp_path / "tool"
     tool.mkdir()
     (tool / name).write_bytes(open(EXP_PY, "rb").read())
