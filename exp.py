@@ -3610,8 +3610,6 @@ def record_orphan_end(work_dir: str, run_id: str, status_code: int, ended: float
     ``ended``, ``started``: when the command ended and started (seconds since
     the epoch); by default now, and the run's ``started_at`` (to the second).
     """
-    from datetime import datetime
-
     d = ExperimentDir(work_dir)
     entry = d.run_entry(run_id)
     if entry is not None and entry.get("ended_at"):
@@ -3620,16 +3618,11 @@ def record_orphan_end(work_dir: str, run_id: str, status_code: int, ended: float
         ended = time.time()  # none given, or not a time this run can have ended at
     duration = 0.0
     started_at = entry.get("started_at") if entry else None
+    t0 = _epoch(started_at if isinstance(started_at, str) else None)  # -inf: none written
     if started is not None and started == started and 0 <= ended - started < 86400 * 365:
         duration = round(ended - started, 3)
-    elif isinstance(started_at, str):
-        try:
-            t0 = datetime.fromisoformat(started_at)
-            if t0.tzinfo is None:
-                t0 = t0.astimezone()
-            duration = round(max(0.0, ended - t0.timestamp()), 3)
-        except ValueError:
-            pass
+    elif t0 > float("-inf"):
+        duration = round(max(0.0, ended - t0), 3)
     code = exit_code_of_status(status_code)
     d.record_end(run_id, exit_code=code, status=FINISHED if code == 0 else ERROR, duration=duration,
                  ended_at=_iso_at(int(ended)))
@@ -7365,13 +7358,11 @@ class Scheduler:
                         job.experiment.dir.record_backend(job.run_id, run.record())
             except ExpError:
                 run = None
+            # Its duration and timeout count from its start, not from now (-inf: no start written).
             t0 = time.time()
-            try:  # its duration and timeout count from its start, not from now
-                from datetime import datetime
-
-                t0 = min(t0, datetime.fromisoformat(str(entry.get("started_at"))).timestamp())
-            except ValueError:
-                pass
+            started = _epoch(str(entry.get("started_at")))
+            if started != float("-inf"):
+                t0 = min(t0, started)
             ticks = getattr(run, "start_ticks", None)  # a local run's, checked by attach
             if run is not None and run.pid is not None and isinstance(ticks, int):
                 at = time_from_ticks(ticks)  # started_at has only the second
@@ -8943,13 +8934,10 @@ class LarkSync:
                                "host": meta.get("hostname"), "start": run.get("started_at")}
         if run.get("duration") is not None:
             row["duration"] = run["duration"]
-        elif run.get("started_at"):
-            from datetime import datetime
-
-            try:
-                row["duration"] = round(time.time() - datetime.fromisoformat(run["started_at"]).timestamp(), 1)
-            except ValueError:
-                pass
+        else:
+            t0 = _epoch(run.get("started_at") if isinstance(run.get("started_at"), str) else None)
+            if t0 > float("-inf"):
+                row["duration"] = round(time.time() - t0, 1)
         params = meta.get("params")
         if isinstance(params, dict):
             row.update({str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))})
@@ -11822,7 +11810,7 @@ def _reexec_as_import() -> None:
         pass  # go on here, parse tree and all
 
 
-def _limit_malloc_arenas() -> None:
+def _tune_malloc() -> None:
     """glibc gives threads malloc arenas of their own (up to 8 per core); a server with a thread per
     client then keeps many mostly empty ones (about 10 MB for 50 clients).  Two are plenty.  And
     glibc raises its mmap threshold as big blocks are freed, after which the buffers of metrics
@@ -11846,7 +11834,7 @@ def _cmd_see(args: Any) -> int:
     if not 0 <= args.port <= 65535:
         raise ExpError(f"--port must be between 0 and 65535, got {args.port}")
     _reexec_as_import()
-    _limit_malloc_arenas()
+    _tune_malloc()
     server = DashboardServer(args.dir, host=args.host, port=args.port, token=args.token, verbose=args.verbose)
     base = server.dashboard.base_dir
     try:
