@@ -6957,9 +6957,6 @@ class Scheduler:
                 "base_experiment_dir is that directory adds its experiments to that scheduler's queue, "
                 "or `exp shutdown` it first")
         self._events = queue_mod.SimpleQueue()
-        self._recover()
-        if self.resume:
-            self._skip_finished()
         on_main = threading.current_thread() is threading.main_thread()
         old_handlers: dict[Any, Any] = {}
         if on_main:
@@ -6984,6 +6981,11 @@ class Scheduler:
         # that follow each end (see _start_and_wait).
         pool = ThreadPoolExecutor(max_workers=2 * self.limit, thread_name_prefix="exp-job")
         try:
+            # Under our handlers: a Ctrl-C once the adopted runs are announced is a
+            # shutdown (it stops them), not a KeyboardInterrupt out of the middle of this.
+            self._recover()
+            if self.resume:
+                self._skip_finished()
             self.write_state()
             try:
                 self._loop(pool)
