@@ -95,7 +95,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     # the user API
-    "Experiment", "RunHandle", "load_experiment", "terminate_runs", "MetricsWriter", "read_metrics",
+    "Experiment", "RunHandle", "load_experiment", "terminate_runs", "MetricsWriter", "METRICS_HEADER_MAX_BYTES", "read_metrics",
     # batches
     "BatchConfig", "SchedulerSettings", "parse_duration", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
     "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
@@ -103,7 +103,7 @@ __all__ = [
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "job_key", "finished_before", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
-    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "remove_unstarted_dirs", "metadata_problem", "upgrade_metadata", "normalize_fields", "normalize_state_item", "STATE_GROUPS", "STATE_ITEM_TYPES",
+    "ExperimentDir", "StateFile", "task_as_recorded", "scan", "covered_by_scan", "LAST_TEXT_MAX_CHARS", "remove_unstarted_dirs", "metadata_problem", "upgrade_metadata", "normalize_fields", "normalize_state_item", "STATE_GROUPS", "STATE_ITEM_TYPES",
     "iso_from_old_timestamp", "check_experiment_path", "base_dir_problem", "find_resume_dir", "Launch", "LocalBackend", "LocalRun",
     "EXIT_UNKNOWN",
     "signal_name", "failure_cause", "end_reason", "oom_killed", "CAUSE_TAIL_BYTES",
@@ -116,9 +116,10 @@ __all__ = [
     # metrics CSV
     "format_metric", "parse_metric", "parse_metrics_csv", "last_metrics_row", "last_metrics_values", "metric_column",
     # listing and the CLI
-    "list_experiments", "filter_experiments", "parse_columns", "metric_value", "default_columns",
-    "build_listing", "group_rows", "sort_groups", "format_listing", "METRIC_MODES", "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS",
-    "LS_LEAD_COLUMNS", "LS_GROUP_LEAD_COLUMNS", "main",
+    "list_experiments", "filter_experiments", "parse_columns", "metric_value", "default_columns", "has_metric",
+    "sort_rows", "build_listing", "group_rows", "sort_groups", "format_listing", "METRIC_MODES",
+    "LS_DEFAULT_METRIC_COLUMNS", "LS_FIELDS", "LS_GROUP_FIELDS", "LS_TEXT_CELL_CHARS", "LS_LEAD_COLUMNS",
+    "LS_GROUP_LEAD_COLUMNS", "main",
     # small helpers
     "PathText", "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
     "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff",
@@ -955,14 +956,50 @@ def require_posix() -> None:
         )
 
 
+#: Objects that hold a descriptor with a lock on it, told right after a fork (in the child).
+_FORK_HOLDERS: Any = None
+
+
+def _hold_across_fork(obj: Any) -> None:
+    """Have ``obj._forked()`` called in every child forked from now on, right after the fork.
+
+    A child that kept an inherited descriptor would keep the parent's flock
+    alive through it: were the parent killed while holding it, every writer
+    of that file (the child first) would wait for ever.  So the child closes
+    it before anything else runs; closing one of two descriptors of an open
+    file leaves the parent's lock as it was.
+    """
+    global _FORK_HOLDERS
+    if _FORK_HOLDERS is None:
+        import weakref
+
+        _FORK_HOLDERS = weakref.WeakSet()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_close_inherited_locks)
+    _FORK_HOLDERS.add(obj)
+
+
+def _close_inherited_locks() -> None:
+    for obj in list(_FORK_HOLDERS or ()):
+        obj._forked()
+
+
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class FileLock:
     """An exclusive ``flock`` on a file or directory, plus a thread lock (flock is per open file).
 
     It stays open between uses until :meth:`close`, saving an open per use.
     Locking a directory creates no file, which matters when every file
-    creation costs a journal write.  After ``fork()`` the child opens its own
-    descriptor: an inherited one shares the parent's lock, so both would
-    believe they hold it.
+    creation costs a journal write.  A forked child closes the descriptor it
+    inherited (:func:`_hold_across_fork`) and opens its own: an inherited one
+    shares the parent's lock, so both would believe they hold it.
     """
 
     def __init__(self, path: str) -> None:
@@ -981,6 +1018,7 @@ class FileLock:
             if self._fd is None:
                 flags = os.O_RDONLY if os.path.isdir(self.path) else os.O_RDWR | os.O_CREAT
                 self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+                _hold_across_fork(self)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._tlock.release()
@@ -993,6 +1031,11 @@ class FileLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._tlock.release()
+
+    def _forked(self) -> None:
+        fd, self._fd = self._fd, None
+        self._tlock, self._pid = threading.Lock(), os.getpid()
+        _close_quietly(fd)
 
     def close(self) -> None:
         if self._pid != os.getpid():
@@ -1624,6 +1667,26 @@ _CSV_READS_NUL = sys.version_info >= (3, 11)
 _NUL_STAND_IN = "\ufdd0"
 
 
+def _whole_lines(lines: Iterable[str]) -> Iterator[str]:
+    """The lines of whole CSV records among ``lines`` (of a file opened with ``newline=""``): a last
+    record that a writer is still writing, or was killed writing, holds no value yet.  It is torn
+    where its last line has no line break, or its quoted cell is still open at the end."""
+    held: list[str] = []
+    in_quotes = False
+    for line in lines:
+        if line[-1:] not in ("\n", "\r"):
+            return
+        if '"' in line and line.count('"') % 2:
+            in_quotes = not in_quotes
+        if in_quotes:
+            held.append(line)
+            continue
+        if held:
+            yield from held
+            held.clear()
+        yield line
+
+
 def _csv_reader(lines: Iterable[str], strict: bool = False) -> Iterator[list[str]]:
     """``csv.reader(lines)`` that reads NUL characters on every Python version.
 
@@ -1681,6 +1744,8 @@ def format_metric(key: str, value: Any) -> str:
     if t is str:
         if "\0" in value:
             raise _nul_error(key)
+        if not value.isascii():
+            _check_utf8(value, f"metric {key!r}: the string")
         return value
     if value is None:
         return ""
@@ -1722,7 +1787,21 @@ def _check_metric_name(key: Any) -> str:
         raise ConfigError(f"metric name {key!r} cannot contain a line break")
     if "\0" in key:
         raise ConfigError(f"metric name {key!r} cannot contain a NUL character")
+    if not key.isascii():
+        _check_utf8(key, f"metric name {key!r}", ConfigError)
     return key
+
+
+def _check_utf8(text: str, what: str, error: type[Exception] | None = None) -> None:
+    """MetricError (or ``error``) when ``text`` cannot be written as UTF-8: it holds a lone surrogate,
+    as text decoded with errors="surrogateescape" (a file name from os.listdir of bytes) can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise (error or MetricError)(
+            f"{what} holds {text[e.start]!r} at position {e.start}, a lone surrogate that UTF-8 cannot "
+            "encode (text decoded with errors='surrogateescape', e.g. a file name): decode it with "
+            "errors='replace', or pass os.fsencode(text).decode('utf-8', 'replace')") from None
 
 
 def _nul_error(key: str) -> MetricError:
@@ -1888,12 +1967,20 @@ class MetricsWriter:
     def _after_fork(self) -> None:
         # A forked child (a DataLoader worker) shares the parent's open file
         # description, and with it the parent's flock: both would "hold" the
-        # lock at once.  The child opens the file anew instead.
+        # lock at once.  The child opens the file anew instead.  It closed the
+        # inherited descriptor right after the fork (_forked); this catches a
+        # fork that ran no at-fork hooks, where the descriptor's number may
+        # have been reused since, so it is dropped, not closed.
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._lock = threading.Lock()
             self._fd = None
             self._header, self._columns = [], set()
+
+    def _forked(self) -> None:
+        fd, self._fd = self._fd, None
+        self._after_fork()
+        _close_quietly(fd)
 
     def write_row(self, row: Mapping[str, Any]) -> None:
         """Write one row: values as :meth:`Experiment.upd_row` takes them, formatted the same way.
@@ -1943,6 +2030,7 @@ class MetricsWriter:
                 os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
                                    0o644)
+                _hold_across_fork(self)
                 self._header, self._columns = [], set()
             fd = self._fd
             if fcntl is not None:
@@ -1979,7 +2067,7 @@ class MetricsWriter:
         tail_start = max(0, size - 65536)
         tail = os.pread(fd, size - tail_start, tail_start)
         last_line = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1:]
-        head_line = os.pread(fd, min(size, 1 << 20), 0).split(b"\n", 1)[0].decode("utf-8", "replace")
+        head_line = _first_line(fd, size).decode("utf-8", "replace")
         # Torn: no final line break; or quotes near the end, where a line break
         # may lie inside a quoted cell (the last line can even look like a
         # whole row: cut after `""x"",\n` inside a cell of many such lines),
@@ -1995,8 +2083,7 @@ class MetricsWriter:
             size = new_size
         if not size:
             return
-        head = os.pread(fd, min(size, 1 << 20), 0).decode("utf-8", "replace")
-        header, _ = parse_metrics_csv(head.split("\n", 1)[0] + "\n")
+        header, _ = parse_metrics_csv(_first_line(fd, size).decode("utf-8", "replace") + "\n")
         self._header, self._columns = header, set(header)
 
     def _rewrite_with(self, row: Mapping[str, str]) -> None:
@@ -2009,6 +2096,13 @@ class MetricsWriter:
         header, records = _csv_records(data)
         header = header or list(self._header)
         header = header + [k for k in row if k not in set(header)]
+        head_bytes = len(",".join(map(_csv_cell, header)).encode("utf-8"))
+        if head_bytes > METRICS_HEADER_MAX_BYTES:
+            # The readers (exp ls, the dashboard) look for the header in the first MiB.
+            raise MetricError(
+                f"this row's new metric names would make the header of {self.path} {head_bytes:,} bytes "
+                f"({len(header):,} columns), over the {METRICS_HEADER_MAX_BYTES:,}-byte limit; the row is not "
+                "saved: log fewer distinct names (per-item values as rows, or a file of their own)")
         width = len(header)
         out = io.StringIO()
         # Cells are quoted as the appends quote them (_csv_cell): csv.writer before
@@ -2029,13 +2123,34 @@ class MetricsWriter:
         self._size = self._end = os.fstat(new_fd).st_size
 
 
-def _remove_dead_temps(path: str) -> None:
-    """Remove the temp files (``<path>.<pid>.<tid>.tmp``, full copies of the CSV) that
-    :func:`write_atomic` left for ``path`` in writers killed mid-rewrite (``kill -9``).
+#: The longest header (the line of metric names) a metrics CSV may have.
+METRICS_HEADER_MAX_BYTES = 1 << 20
 
-    Called with the lock on ``path`` held, so no writer is inside a rewrite of it
-    now; a temp file is removed only if its writer's pid is gone too, so one whose
-    pid lives (reused, or a process on another host sharing the directory) stays.
+
+def _first_line(fd: int, size: int) -> bytes:
+    """The first line of the file open at ``fd`` (``size`` bytes long), without its line break."""
+    pos = 0
+    parts = []
+    while pos < size:
+        chunk = os.pread(fd, min(size - pos, 1 << 20), pos)
+        if not chunk:
+            break
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            parts.append(chunk[:nl])
+            break
+        parts.append(chunk)
+        pos += len(chunk)
+    return b"".join(parts)
+
+
+def _remove_dead_temps(path: str) -> None:
+    """Remove the temp files (``<path>.<pid>.<tid>.tmp``) that :func:`write_atomic` left for
+    ``path`` (a metrics CSV, a metadata.json, the state file) in writers killed mid-write (``kill -9``).
+
+    A temp file is removed only if its writer's pid is gone, so one being
+    written now, or whose pid lives (reused, or a process on another host
+    sharing the directory), stays.
     """
     directory, base = os.path.split(path)
     prefix = base + "."
@@ -2231,7 +2346,7 @@ def metric_column(path: str, key: str) -> list[Any]:
     except OSError:
         return []
     with f:
-        reader = _csv_reader(f)
+        reader = _csv_reader(_whole_lines(f))
         try:
             header = next(reader)
         except (StopIteration, csv.Error):
@@ -2581,14 +2696,15 @@ class ExperimentDir:
 
     ``metadata.json`` is read-modify-written under an ``flock`` on the
     directory, so a run ending in one thread (or process) and another
-    starting lose nothing; it is re-read only when someone else wrote it
-    since this object did.  Every write goes through :func:`write_atomic`.
+    starting lose nothing; it is read afresh for every update (a stat cannot
+    tell that another process replaced it: a freed inode number comes back,
+    and a coarse clock gives the same mtime).  Every write goes through
+    :func:`write_atomic`.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self._lock: FileLock | None = None
-        self._cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         self._fresh = False  # made by this object and no run claimed yet
 
     def __repr__(self) -> str:
@@ -2596,7 +2712,7 @@ class ExperimentDir:
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy in another process (pickled for a spawned worker) takes its own lock and reads afresh.
-        return {"path": self.path, "_lock": None, "_cache": None, "_fresh": False}
+        return {"path": self.path, "_lock": None, "_fresh": False}
 
     # ------------------------------------------------------------------ layout
 
@@ -2676,12 +2792,22 @@ class ExperimentDir:
 
     @staticmethod
     def is_experiment(path: str) -> bool:
-        """Whether ``path`` holds a metadata.json entry (of any kind: a bad one is still shown)."""
+        """Whether ``path`` holds a metadata.json entry (of any kind: a bad one is still shown),
+        or cannot be looked into and is named like an experiment directory (``<name>_<timestamp>``)."""
         try:
             os.lstat(os.path.join(path, METADATA_FILE))
             return True
+        except PermissionError:
+            return bool(_DIR_STAMP_RE.search(os.path.basename(path.rstrip(os.sep))))
         except OSError:
             return False
+
+    @staticmethod
+    def looks_like_experiment(path: str) -> bool:
+        """Whether ``path`` is an experiment directory by its layout: a metadata.json entry and a
+        terminal_logs or metrics folder (a project's own metadata.json beside its results has neither)."""
+        return ExperimentDir.is_experiment(path) and any(
+            os.path.isdir(os.path.join(path, sub)) for sub in (LOGS_DIR, METRICS_DIR))
 
     def timestamp(self, name: str) -> str:
         """The ``<timestamp>`` part of the directory name."""
@@ -2761,6 +2887,8 @@ class ExperimentDir:
         half-written) when the log cannot be made.
         """
         logs = os.path.join(self.path, LOGS_DIR)
+        if not self._fresh:  # a run before this one may have been killed writing the metadata
+            _remove_dead_temps(self.metadata_path)
         # A directory this object just made has no runs; O_EXCL below guards anyway.
         num = 1 if self._fresh else max(self.run_numbers(), default=0) + 1
         self._fresh = False
@@ -2807,6 +2935,9 @@ class ExperimentDir:
         try:
             meta = read_json_file(path, finite=finite)
         except FileNotFoundError:
+            if os.path.islink(path):
+                raise MetadataError(f"{path} is a symbolic link to {os.readlink(path)!r}, which does not exist; "
+                                    "fix or remove the link", path) from None
             raise ConfigError(f"{self.path} is not an experiment directory: it has no {METADATA_FILE}") from None
         except ValueError as e:
             raise MetadataError(f"{path} cannot be read ({e}); fix or move the file", path) from None
@@ -2837,8 +2968,7 @@ class ExperimentDir:
         return self._lock
 
     def _store(self, meta: dict[str, Any], sync: bool = True) -> None:
-        st = write_json_atomic(self.metadata_path, meta, sync=sync)
-        self._cache = ((st.st_ino, st.st_mtime_ns, st.st_size), meta)
+        write_json_atomic(self.metadata_path, meta, sync=sync)
 
     def write_metadata(self, meta: dict[str, Any]) -> None:
         """Replace metadata.json with ``meta`` (under the directory's lock)."""
@@ -2859,23 +2989,22 @@ class ExperimentDir:
             path = self.metadata_path
             bad: str | None = None
             try:
-                st = os.stat(path)
-                cached = self._cache
-                if cached and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
-                    meta = cached[1]
-                else:
-                    meta = self.read_metadata()
-                    problem = metadata_problem(meta)
-                    if problem:  # rewriting it would drop what the wrong field holds (say, the runs)
-                        raise MetadataError(f"{problem}; fix or move the file", path)
-            except FileNotFoundError:
+                meta = self.read_metadata()
+                problem = metadata_problem(meta)
+                if problem:  # rewriting it would drop what the wrong field holds (say, the runs)
+                    raise MetadataError(f"{problem}; fix or move the file", path)
+            except ConfigError:  # none yet (read_metadata's "not an experiment directory")
                 meta = initial() if initial is not None else {}
             except ExpError as e:
                 if initial is None:
                     raise
                 bad = str(e)
                 meta = initial()
-            kept = keep_aside(path) if bad is not None else None
+            try:
+                kept = keep_aside(path) if bad is not None else None
+            except OSError as e:  # a read-only file system, a directory not ours: nothing is written
+                raise MetadataError(f"{path} could not be read ({bad}), nor moved aside to write a new one "
+                                    f"({e.strerror or e}); nothing was written", path) from None
             fn(meta)
             self._store(meta, sync)
         if kept is not None:
@@ -3144,6 +3273,9 @@ class ExperimentDir:
             "cause": text("cause"),
             # Finite numbers as they are (v - v is 0 only for those), the others through json_safe.
             "last_metrics": {k: v if v - v == 0 else json_safe(v) for k, v in last.items() if _is_num(v)},
+            # The others as written: text ("007" stays text; a long one cut) and true/false.
+            "last_text": {k: v[:LAST_TEXT_MAX_CHARS - 1] + "…" if isinstance(v, str) and len(v) > LAST_TEXT_MAX_CHARS
+                          else v for k, v in last.items() if isinstance(v, (str, bool))},
             "dirty": bool(isinstance(git, dict) and git.get("dirty") is True),
         }
 
@@ -3153,6 +3285,10 @@ _METADATA_TEXT = ("name", "command", "status", "description", "hostname", "reaso
                   "current_run_id")
 #: Times: ISO text, or the seconds since the epoch the earlier project's start_time/end_time held.
 _METADATA_TIMES = ("created_at", "started_at", "ended_at", "timestamp")
+
+
+#: A summary's ``last_text`` values are cut to this many characters (the metrics file keeps them whole).
+LAST_TEXT_MAX_CHARS = 200
 
 
 def metadata_problem(meta: Mapping[str, Any]) -> str | None:
@@ -3203,13 +3339,24 @@ def scan(base_dir: str | os.PathLike[str], depth: int = 2) -> list[ExperimentDir
     """Experiment directories under ``base_dir``, and one level deeper (results in subfolders).
 
     A directory counts when it holds a ``metadata.json`` entry, readable or
-    not.  Hidden entries (``.exp_state``) are skipped.  Order: as listed.
+    not, or cannot be looked into and is named like an experiment directory
+    (its summary then says why it is unreadable).  Hidden entries
+    (``.exp_state``) are skipped.  A symlink to a directory (``latest``)
+    counts once: not at all when the scan reaches its target anyway, and
+    two links to one place once.  Order: as listed.
     """
     out: list[ExperimentDir] = []
+    base = os.fspath(base_dir)
+    _scan_into(base, depth, out, (os.path.realpath(base), depth, set()))
+    return out
+
+
+def _scan_into(path: str, depth: int, out: list[ExperimentDir], top: tuple[str, int, set[str]]) -> None:
     try:
-        it = os.scandir(base_dir)
+        it = os.scandir(path)
     except OSError:
-        return out
+        return
+    links = []
     with it:
         for entry in it:
             if entry.name.startswith("."):
@@ -3217,13 +3364,39 @@ def scan(base_dir: str | os.PathLike[str], depth: int = 2) -> list[ExperimentDir
             try:
                 if not entry.is_dir():
                     continue
+                if entry.is_symlink():
+                    links.append(entry.path)
+                    continue
             except OSError:
                 continue
-            if ExperimentDir.is_experiment(entry.path):
-                out.append(ExperimentDir(entry.path))
-            elif depth > 1:
-                out.extend(scan(entry.path, depth - 1))
-    return out
+            _scan_one(entry.path, depth, out, top)
+    # Links after the real directories, by name: which of two links to one place is listed
+    # does not depend on the order the file system lists them in.
+    for link in sorted(links):
+        real = os.path.realpath(link)
+        if not (covered_by_scan(real, top[0], top[1]) or real in top[2]):
+            top[2].add(real)
+            _scan_one(link, depth, out, top)
+
+
+def _scan_one(path: str, depth: int, out: list[ExperimentDir], top: tuple[str, int, set[str]]) -> None:
+    if ExperimentDir.is_experiment(path):
+        out.append(ExperimentDir(path))
+    elif depth > 1:
+        _scan_into(path, depth - 1, out, top)
+
+
+def covered_by_scan(real: str, base_real: str, depth: int = 2) -> bool:
+    """Whether a scan of ``base_real`` (a real path) ``depth`` levels deep reaches the real path
+    ``real`` without a symlink: then a symlink to it is the same experiment seen twice."""
+    rel = os.path.relpath(real, base_real)
+    if rel == os.curdir:
+        return True  # a link back to the base itself
+    parts = rel.split(os.sep)
+    if parts[0] == os.pardir or len(parts) > depth or any(p.startswith(".") for p in parts):
+        return False
+    # Every directory on the way is a real one (islink: one lstat each, at most depth - 1).
+    return not any(os.path.islink(os.path.join(base_real, *parts[:i])) for i in range(1, len(parts)))
 
 
 def remove_unstarted_dirs(base_dir: str, names: Iterable[str], since: float) -> list[str]:
@@ -3362,6 +3535,7 @@ class StateFile:
                     os.close(fd)
                     return None
                 time.sleep(0.01)
+        _remove_dead_temps(self.path)  # of an owner killed while writing the state
         # Commands still waiting were sent to an earlier owner that ended
         # before acting on them: answered, never acted on (a stale `shutdown`
         # would otherwise stop this scheduler before it starts anything).
@@ -4657,7 +4831,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ metrics
 
-    def upd_row(self, **metrics: Any) -> None:
+    def upd_row(self, /, **metrics: Any) -> None:
         """Add values to the row being built; a later value for a key replaces the earlier.
 
         Raises MetricError (a TypeError, naming the key) for a value that cannot go in a CSV,
@@ -4713,7 +4887,12 @@ class Experiment:
         if lark:
             settings = self._lark_settings(lark_config)  # a bad option: ConfigError, before anything is written
         row = self._pending
-        writer._write(row)
+        try:
+            writer._write(row)
+        except MetricError:  # this row can never be written (see MetricsWriter): not kept to fail again
+            self._pending = {}
+            _UNSAVED.pop(self, None)
+            raise
         self._pending = {}
         _UNSAVED.pop(self, None)
         if lark:
@@ -9452,12 +9631,16 @@ def log_cause(tail: str) -> str | None:
 #: Metric modes of ``ls --columns NAME:MODE``; ``best`` is ``min`` for names
 #: that look like a loss, an error or a latency, and ``max`` for anything else.
 METRIC_MODES = ("last", "best", "min", "max")
-_LOWER_IS_BETTER_RE = _LazyRe(r"(?i)loss|err|perplexity|ppl|mse|mae|rmse|wer|cer|latency")
+#: Words anywhere in a name (``val_loss``, ``top1_error``), and abbreviations only as words of their
+#: own (``val_ppl``, ``evalWER``, ``nll2``): as parts of longer words they are other things
+#: (``answer_acc``, ``cancer_auc``, ``apple_score``).
+_LOWER_IS_BETTER_RE = _LazyRe(r"loss|err|perplexity|latency|(?<![a-z])(?:ppl|nll|mse|mae|rmse|wer|cer)(?![a-z])")
+_CAMEL_RE = _LazyRe(r"([a-z])([A-Z])")
 
 
 def lower_is_better(metric: str) -> bool:
     """Whether a smaller value of ``metric`` is better (its name looks like a loss, an error, a latency)."""
-    return bool(_LOWER_IS_BETTER_RE.search(metric))
+    return bool(_LOWER_IS_BETTER_RE.search(_CAMEL_RE.sub(r"\1_\2", metric).lower()))
 
 #: ``ls`` shows at most this many metric columns unless --columns names them.
 LS_DEFAULT_METRIC_COLUMNS = 6
@@ -9469,8 +9652,21 @@ def list_experiments(base_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The :meth:`ExperimentDir.summary` of every experiment under ``base_dir`` (and one level down), newest first.
 
     ``base_dir`` may be one experiment's directory itself: that one is listed.
+    A directory with a metadata.json but not an experiment's folders (a
+    project's own file beside its ``results``) is scanned, and listed itself
+    only when it holds no experiment.  StorageError when ``base_dir`` cannot be read.
     """
-    dirs = [ExperimentDir(base_dir)] if ExperimentDir.is_experiment(os.fspath(base_dir)) else scan(base_dir)
+    base = os.fspath(base_dir)
+    try:
+        os.scandir(base).close()
+    except OSError as e:
+        raise StorageError(f"cannot list {base}: {e.strerror or e}") from None
+    if ExperimentDir.looks_like_experiment(base):
+        dirs = [ExperimentDir(base)]
+    else:
+        dirs = scan(base)
+        if not dirs and ExperimentDir.is_experiment(base):
+            dirs = [ExperimentDir(base)]
     rows = [d.summary() for d in dirs]
     rows.sort(key=lambda r: (_epoch(r["started_at"] or r["created_at"]), *_dir_order(r["work_dir"])), reverse=True)
     return rows
@@ -9583,7 +9779,8 @@ def parse_columns(spec: str, default: str = "last") -> list[tuple[str, str]]:
             continue
         name, _, mode = part.rpartition(":") if ":" in part else (part, "", default)
         if mode not in METRIC_MODES:
-            raise ConfigError(f"--columns {part!r}: the mode after ':' must be one of {', '.join(METRIC_MODES)}")
+            raise ConfigError(f"--columns {part!r}: the mode after ':' must be one of {', '.join(METRIC_MODES)} "
+                              f"(a metric whose name has a ':' takes its mode too: {part}:{default})")
         if not name.strip():
             raise ConfigError(f"--columns {part!r}: name the metric before ':', e.g. loss:{mode}")
         out.append((name, mode))
@@ -9593,19 +9790,28 @@ def parse_columns(spec: str, default: str = "last") -> list[tuple[str, str]]:
 
 
 def metric_value(row: Mapping[str, Any], key: str, mode: str = "last") -> Any:
-    """One metric of a summary row: its last value, or its best/min/max over the current run."""
+    """One metric of a summary row: its last value, or its best/min/max over the current run.
+
+    A metric logged as text or true/false (``last_text``) has its last value
+    as written; ``best`` gives that too (text has no best), ``min``/``max`` None.
+    """
     if mode == "last":
-        return row["last_metrics"].get(key)
+        v = row["last_metrics"].get(key)
+        return (row.get("last_text") or {}).get(key) if v is None else v
     rid = row.get("current_run_id")
     if not rid:
         return None
     values = [v for v in metric_column(ExperimentDir(row["work_dir"]).metrics_path(rid), key)
               if _is_num(v) and v == v]
     if not values:
-        return None
+        return (row.get("last_text") or {}).get(key) if mode == "best" else None
     if mode == "best":
         mode = "min" if lower_is_better(key) else "max"
     return min(values) if mode == "min" else max(values)
+
+
+#: The longest text metric ``exp ls`` shows in a cell (the rest is cut, ending in "…").
+LS_TEXT_CELL_CHARS = 40
 
 
 def _fmt_value(v: Any) -> str:
@@ -9613,6 +9819,8 @@ def _fmt_value(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, str) and len(v) > LS_TEXT_CELL_CHARS:
+        return v[:LS_TEXT_CELL_CHARS - 1] + "…"
     return str(v)
 
 
@@ -9629,12 +9837,20 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def default_columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Every numeric metric seen in the rows' last values, in first-seen order."""
+    """Every metric seen in the rows' last values, in first-seen order: numbers first, then text."""
     seen: dict[str, None] = {}
     for r in rows:
         for k in r["last_metrics"]:
             seen.setdefault(k, None)
+    for r in rows:
+        for k in r.get("last_text") or ():
+            seen.setdefault(k, None)
     return list(seen)
+
+
+def has_metric(rows: Iterable[Mapping[str, Any]], key: str) -> bool:
+    """Whether some row has a last value (a number or text) for metric ``key``."""
+    return any(key in r["last_metrics"] or key in (r.get("last_text") or ()) for r in rows)
 
 
 def _reason_text(row: Mapping[str, Any]) -> str:
@@ -9649,54 +9865,80 @@ LS_LEAD_COLUMNS = ("name", "status", "started", "duration", "runs")
 LS_GROUP_LEAD_COLUMNS = ("name", "n", "status")
 
 
+def _listing_dir(row: Mapping[str, Any], base_dir: str) -> str:
+    """The ``dir`` column of ``exp ls``: the experiment's directory relative to the listed one."""
+    try:
+        return os.path.relpath(row["work_dir"], base_dir)
+    except ValueError:
+        return row["dir"]
+
+
+def sort_rows(rows: list[dict[str, Any]], sort: str | None, desc: bool = False, base_dir: str = ".",
+              mode: str = "last", value: Callable[[dict[str, Any]], Any] | None = None) -> list[dict[str, Any]]:
+    """Summary rows in ``exp ls --sort`` order; rows without the value last whichever the direction.
+
+    ``sort`` is a metric (its ``mode`` value, or what ``value(row)`` gives),
+    else a sweep parameter, else one of :data:`LS_FIELDS`.
+    """
+    if not sort:
+        return list(rows)
+    metric = has_metric(rows, sort)
+    get = value or (lambda r: metric_value(r, sort, mode))
+
+    def key(r: dict[str, Any]) -> tuple[int, Any]:
+        if metric or sort not in LS_FIELDS:
+            v = get(r) if metric else None
+            return _sort_key(v if v is not None else (r.get("params") or {}).get(sort))
+        when = r["started_at"] or r["created_at"]
+        return _sort_key({"started": _epoch(when) if when else None, "dir": _listing_dir(r, base_dir)}.get(sort, r.get(sort)))
+
+    keyed = [(key(r), r) for r in rows]
+    present = [kr for kr in keyed if kr[0][0] != 2]
+    present.sort(key=lambda kr: kr[0], reverse=desc)
+    return [r for _, r in present] + [r for k, r in keyed if k[0] == 2]
+
+
+def _metric_label(key: str, mode: str) -> str:
+    # A metric named like a column of the table (``dir``, ``status``) says which it is.
+    if mode == "last" and key not in (*LS_LEAD_COLUMNS, "dir", "params", "reason"):
+        return key
+    return f"{key} ({mode})"
+
+
 def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], base_dir: str,
-                  sort: str | None = None, desc: bool = False, group: bool = False) -> list[tuple[str, ...]]:
-    """The table of ``exp ls``: a header row, then one row per experiment (or per name with ``group``)."""
-    def rel(r: Mapping[str, Any]) -> str:
-        try:
-            return os.path.relpath(r["work_dir"], base_dir)
-        except ValueError:
-            return r["dir"]
+                  sort: str | None = None, desc: bool = False, group: bool = False,
+                  sort_mode: str = "last") -> list[tuple[str, ...]]:
+    """The table of ``exp ls``: a header row, then one row per experiment (or per name with ``group``).
 
-    values = [{f"{k}:{m}": metric_value(r, k, m) for k, m in columns} for r in rows]
-    labels = [k if m == "last" else f"{k} ({m})" for k, m in columns]
+    ``sort_mode`` is how a ``sort`` metric that is not one of ``columns`` is
+    taken (``last``, or ``best`` under ``--best``).
+    """
+    labels = [_metric_label(k, m) for k, m in columns]
     if not group:
-        items = list(zip(rows, values))
-        if sort:
-            col = next((f"{k}:{m}" for k, m in columns if k == sort), None)
-
-            def key(item: tuple[dict[str, Any], dict[str, Any]]) -> tuple[int, Any]:
-                r, vals = item
-                if col is not None:
-                    return _sort_key(vals[col])
-                if sort in r["last_metrics"] or sort not in LS_FIELDS:
-                    # A metric, else a sweep parameter of that name.
-                    return _sort_key(r["last_metrics"].get(sort, r.get("params", {}).get(sort)))
-                when = r["started_at"] or r["created_at"]
-                field = {"started": _epoch(when) if when else None, "dir": rel(r)}.get(sort, r.get(sort))
-                return _sort_key(field)
-
-            present = [it for it in items if key(it)[0] != 2]
-            missing = [it for it in items if key(it)[0] == 2]
-            items = sorted(present, key=key, reverse=desc) + missing
+        # Each cell read once (``best`` reads the run's metrics file), the sort's too.
+        values = {id(r): [metric_value(r, k, m) for k, m in columns] for r in rows}
+        at = next((i for i, (k, _) in enumerate(columns) if k == sort), None)
+        items = sort_rows(rows, sort, desc, base_dir, sort_mode,
+                          None if at is None else (lambda r: values[id(r)][at]))
         # A params column (sweep values) only when some experiment shown has them.
-        swept = any(r.get("params") for r, _ in items)
+        swept = any(r.get("params") for r in items)
         params_label = ("params",) if swept else ()
         # A reason column (why a run ended, and the cause seen in its log) only when some row has one; last,
         # as it is the longest.
-        reasons = [_reason_text(r) for r, _ in items]
+        reasons = [_reason_text(r) for r in items]
         reason_label = ("reason",) if any(reasons) else ()
         table: list[tuple[str, ...]] = [(*LS_LEAD_COLUMNS, *labels, *params_label,
                                          "dir", *reason_label)]
-        for (r, vals), why in zip(items, reasons):
+        for r, why in zip(items, reasons):
             started = _local_time_text(r["started_at"] or r["created_at"])
             params = (format_params(r.get("params") or {}) or "-",) if swept else ()
-            table.append(((r["name"] or "?") + (" *" if r.get("dirty") else ""), r["status"] or "?", started, format_duration(r["duration"]),
-                          str(r["runs"]), *(_fmt_value(vals[f"{k}:{m}"]) for k, m in columns), *params, rel(r),
-                          *((why or "-",) if reason_label else ())))
+            table.append(((r["name"] or "?") + (" *" if r.get("dirty") else ""), r["status"] or "?", started,
+                          format_duration(r["duration"]), str(r["runs"]),
+                          *map(_fmt_value, values[id(r)]), *params,
+                          _listing_dir(r, base_dir), *((why or "-",) if reason_label else ())))
         return table
 
-    groups = sort_groups(group_rows(rows, columns, values), sort, desc)
+    groups = sort_groups(group_rows(rows, _group_columns(rows, columns, sort, sort_mode)), sort, desc)
     # The sweep point of each group, when some group has one (repeats of different points are apart).
     swept = any(g["params"] for g in groups)
     table = [(*LS_GROUP_LEAD_COLUMNS, *(f"{lbl} (mean ± std)" for lbl in labels), *(("params",) if swept else ()))]
@@ -9711,20 +9953,34 @@ def build_listing(rows: list[dict[str, Any]], columns: list[tuple[str, str]], ba
                 # Over fewer than the group's members (some have no finite value: not logged, NaN,
                 # diverged to inf): say how many, or a diverged repeat would look like a clean mean.
                 cells.append(cell if st["n"] == g["n"] else f"{cell} ({st['n']} of {g['n']})")
-        table.append((g["name"], str(g["n"]), ", ".join(f"{n} {s}" for s, n in g["statuses"].items()), *cells,
+        table.append((g["name"], str(g["n"]), _group_status_text(g), *cells,
                       *((format_params(g["params"]) or "-",) if swept else ())))
     return table
+
+
+def _group_columns(rows: list[dict[str, Any]], columns: list[tuple[str, str]], sort: str | None,
+                   sort_mode: str) -> list[tuple[str, str]]:
+    """The metrics to group by: ``columns``, and the ``sort`` metric when it is not one of them."""
+    if sort and not any(k == sort for k, _ in columns) and has_metric(rows, sort):
+        return [*columns, (sort, sort_mode)]
+    return list(columns)
+
+
+def _group_status_text(group: Mapping[str, Any]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in group["statuses"].items())
 
 
 def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
                values: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The repeats of each experiment together: rows grouped by name and sweep parameters.
 
-    Each group is ``{name, params, n, statuses, metric_stats: {key: {mean,
-    std, n}}}``; ``std`` is the sample standard deviation, None for a single
-    value; values that are not finite numbers are left out.  Experiments of
-    one name with different parameters (the points of a sweep) are different
-    groups: averaging them together would mix what is being compared.
+    Each group is ``{name, params, n, statuses, started_at, duration,
+    metric_stats: {key: {mean, std, n}}}``: ``started_at`` is its latest
+    start, ``duration`` the mean of its members' durations; ``std`` is the
+    sample standard deviation, None for a single value; values that are not
+    finite numbers are left out.  Experiments of one name with different
+    parameters (the points of a sweep) are different groups: averaging them
+    together would mix what is being compared.
     """
     import statistics
 
@@ -9738,6 +9994,10 @@ def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
         key = (r["name"] or "?", dumps(params, sort_keys=True))
         members.setdefault(key, []).append((r, vals))
         point.setdefault(key, params)
+
+    def finite(xs: Iterable[Any]) -> list[Any]:
+        return [x for x in xs if _is_num(x) and x == x and x not in (float("inf"), float("-inf"))]
+
     out = []
     for key, group in members.items():
         name = key[0]
@@ -9746,8 +10006,7 @@ def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
             statuses[r["status"] or "?"] = statuses.get(r["status"] or "?", 0) + 1
         metrics: dict[str, dict[str, Any]] = {}
         for k, m in columns:
-            nums = [vals[f"{k}:{m}"] for _, vals in group]
-            nums = [x for x in nums if _is_num(x) and x == x and x not in (float("inf"), float("-inf"))]
+            nums = finite(vals[f"{k}:{m}"] for _, vals in group)
             mean: float | None = None
             std: float | None = None
             try:
@@ -9758,14 +10017,24 @@ def group_rows(rows: list[dict[str, Any]], columns: list[tuple[str, str]],
             except OverflowError:  # values beyond a float's range (a huge int, sums past 1.8e308)
                 mean = std = None
             metrics[k] = {"mean": mean, "std": std, "n": len(nums)}
+        starts = [r["started_at"] or r["created_at"] for r, _ in group if r["started_at"] or r["created_at"]]
+        durations = finite(r["duration"] for r, _ in group)
         out.append({"name": name, "params": dict(point[key]), "n": len(group), "statuses": statuses,
+                    "started_at": max(starts, key=_epoch) if starts else None,
+                    "duration": statistics.fmean(durations) if durations else None,
                     "metric_stats": metrics})
     return out
 
 
+#: Sort keys of ``exp ls --group --sort`` besides metrics and sweep parameters (a group has no one ``dir``).
+LS_GROUP_FIELDS = ("name", "status", "started", "duration", "runs")
+
+
 def sort_groups(groups: list[dict[str, Any]], sort: str | None, desc: bool = False) -> list[dict[str, Any]]:
-    """:func:`group_rows`' groups in ``exp ls --group --sort`` order: by a metric's mean, a sweep
-    parameter, the name or the count (``runs``); groups without the value last either way."""
+    """:func:`group_rows`' groups in ``exp ls --group --sort`` order: by a metric's mean (of the
+    metrics the groups were made with), a sweep parameter, or one of :data:`LS_GROUP_FIELDS`
+    (``runs`` is the count, ``started`` the latest start, ``duration`` the mean); groups without
+    the value last either way."""
     if not sort:
         return groups
 
@@ -9775,10 +10044,15 @@ def sort_groups(groups: list[dict[str, Any]], sort: str | None, desc: bool = Fal
             return _sort_key(stats["mean"])
         if sort in g["params"]:
             return _sort_key(g["params"][sort])
-        return _sort_key(g["name"] if sort == "name" else g["n"] if sort == "runs" else None)
+        if sort == "started":
+            return _sort_key(_epoch(g["started_at"]) if g.get("started_at") else None)
+        fields = {"name": g["name"], "runs": g["n"], "status": _group_status_text(g), "duration": g.get("duration")}
+        return _sort_key(fields.get(sort))
 
-    have = [g for g in groups if gkey(g)[0] != 2]
-    return sorted(have, key=gkey, reverse=desc) + [g for g in groups if gkey(g)[0] == 2]
+    keyed = [(gkey(g), g) for g in groups]
+    have = [kg for kg in keyed if kg[0][0] != 2]
+    have.sort(key=lambda kg: kg[0], reverse=desc)
+    return [g for _, g in have] + [g for k, g in keyed if k[0] == 2]
 
 
 def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: list[tuple[str, str]] | None = None,
@@ -9938,8 +10212,8 @@ def dashboard_summary(d: ExperimentDir, real: str | None = None, metadata_not_a_
         return d.summary(unreadable=f"{METADATA_FILE} points outside the experiment directory; not read")
     row = d.summary()
     rid = row.get("current_run_id")
-    if rid and row["last_metrics"] and not _stays_inside(real, d.metrics_relpath(rid)):
-        row["last_metrics"] = {}
+    if rid and (row["last_metrics"] or row["last_text"]) and not _stays_inside(real, d.metrics_relpath(rid)):
+        row["last_metrics"], row["last_text"] = {}, {}
     row["params"] = redact_secrets(row["params"])
     return row
 
@@ -10159,25 +10433,28 @@ def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
         return {}
     stats: dict[str, dict[str, Any]] = {}
     with f:
-        reader = _csv_reader(f)
-        header: list[str] = next(reader, [])
-        for rec in reader:
-            if len(rec) != len(header):
-                continue
-            for name, cell in zip(header, rec):
-                v = parse_metric(cell)
-                if not _is_num(v) or v != v or v in (float("inf"), float("-inf")):
+        reader = _csv_reader(_whole_lines(f))
+        try:
+            header: list[str] = next(reader, [])
+            for rec in reader:
+                if len(rec) != len(header):
                     continue
-                s = stats.get(name)
-                if s is None:
-                    stats[name] = {"final": v, "min": v, "max": v, "count": 1}
-                else:
-                    s["final"] = v
-                    s["count"] += 1
-                    if v < s["min"]:
-                        s["min"] = v
-                    if v > s["max"]:
-                        s["max"] = v
+                for name, cell in zip(header, rec):
+                    v = parse_metric(cell)
+                    if not _is_num(v) or v != v or v in (float("inf"), float("-inf")):
+                        continue
+                    s = stats.get(name)
+                    if s is None:
+                        stats[name] = {"final": v, "min": v, "max": v, "count": 1}
+                    else:
+                        s["final"] = v
+                        s["count"] += 1
+                        if v < s["min"]:
+                            s["min"] = v
+                        if v > s["max"]:
+                            s["max"] = v
+        except _csv_module().Error:  # a torn quoted cell at the very end
+            pass
     return stats
 
 
@@ -10405,7 +10682,9 @@ class ExperimentIndex:
                         continue
                     try:
                         link = entry.is_symlink()
-                        if entry.is_dir() and (not link or _within(entry.path, self.root)):
+                        # A link inside the tree (``latest``) is an experiment listed anyway: once.
+                        if entry.is_dir() and (not link or (_within(entry.path, self.root) and not covered_by_scan(
+                                os.path.realpath(entry.path), self.root))):
                             names.append((entry.name, link))
                     except OSError:
                         continue
@@ -12016,12 +12295,16 @@ def _cmd_ls(args: Any) -> int:
                   f"{', ...' if len(hidden) > 8 else ''}); pick columns with --columns", file=sys.stderr)
             names = names[:LS_DEFAULT_METRIC_COLUMNS]
         columns = [(k, default_mode) for k in names]
-    if args.sort and args.sort not in LS_FIELDS and not any(
-            args.sort in r["last_metrics"] or args.sort in (r.get("params") or {}) for r in rows):
-        print(f"exp: warning: no experiment listed has a metric or sweep parameter {args.sort!r}, so the "
-              f"order is unchanged (--sort also takes {', '.join(LS_FIELDS)})", file=sys.stderr)
+    fields = LS_GROUP_FIELDS if args.group else LS_FIELDS
+    if args.sort and args.sort not in fields and not has_metric(rows, args.sort) and not any(
+            args.sort in (r.get("params") or {}) for r in rows):
+        what = ("a group has no single directory" if args.sort in LS_FIELDS
+                else f"no experiment listed has a metric or sweep parameter {args.sort!r}")
+        print(f"exp: warning: {what}, so the order is unchanged (--sort also takes {', '.join(fields)})",
+              file=sys.stderr)
     elif args.desc and not args.sort:
         print("exp: warning: --desc reverses --sort, and no --sort was given", file=sys.stderr)
+    sort_mode = next((m for k, m in columns if k == args.sort), default_mode)
     if args.json:
         if (args.columns or args.best) and not args.group:
             print("exp: warning: --columns and --best choose the table's columns; --json prints each "
@@ -12029,22 +12312,21 @@ def _cmd_ls(args: Any) -> int:
                   file=sys.stderr)
         out: Any = rows
         if args.group:
-            out = sort_groups(group_rows(rows, columns), args.sort, args.desc)
+            out = sort_groups(group_rows(rows, _group_columns(rows, columns, args.sort, sort_mode)),
+                              args.sort, args.desc)
         elif args.sort:
-            table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc)
-            order = {os.path.relpath(r["work_dir"], args.dir): r for r in rows}
-            at = table[0].index("dir")  # not last: a reason column may follow it
-            out = [order[t[at]] for t in table[1:]]
+            out = sort_rows(rows, args.sort, args.desc, args.dir, sort_mode)
         print(_json().dumps(json_safe(out), indent=2, ensure_ascii=False, allow_nan=False))
         return 0
     if rows:
-        table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group)
+        table = build_listing(rows, columns, args.dir, sort=args.sort, desc=args.desc, group=args.group,
+                              sort_mode=sort_mode)
         if args.columns:
             # A typo (--columns los) would otherwise be a column of "-" like a metric not logged yet.
             first = len(LS_GROUP_LEAD_COLUMNS if args.group else LS_LEAD_COLUMNS)
-            # ("-" is also a group's mean of values all NaN or infinite: those are values.)
+            # ("-" is also a group's mean of values all NaN or infinite, or of text: those are values.)
             empty = [k for i, (k, _) in enumerate(columns) if all(t[first + i] == "-" for t in table[1:])
-                     and not any(k in r["last_metrics"] for r in rows)]
+                     and not has_metric(rows, k)]
             if empty:
                 known = default_columns(rows)
                 print(f"exp: warning: no experiment listed has a value for {', '.join(map(repr, empty))} "

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 
 import exp
-from conftest import call_with_timeout, fds_under, tmpfs, linux_only, posix_only, py_cmd, read_meta, wait_for, write_script
+from conftest import (call_with_timeout, child_env, fds_under, tmpfs, linux_only, posix_only, py_cmd, read_meta,
+                      wait_for, write_script)
 
 pytestmark = posix_only
 
@@ -893,21 +895,67 @@ def test_a_value_logged_before_a_cell_of_many_lines_is_found(tmp_path):
                                                   "sample": "line\n" * 20000}
 
 
-@pytest.mark.parametrize("columns, read", [(3, True), (9000, True), (90000, False)])
-def test_last_metrics_row_reads_a_header_of_any_width_up_to_1_mib(tmp_path, columns, read):
-    # 9,000 columns make a header over 64 KiB (read in a second, longer read); 90,000 one over
-    # 1 MiB, which is more than a reader looks at: no last row rather than a wrong one.
+@pytest.mark.parametrize("columns", [3, 9000])
+def test_last_metrics_row_reads_a_header_of_any_width_up_to_1_mib(tmp_path, columns):
+    # 9,000 columns make a header over 64 KiB (read in a second, longer read).
     path = tmp_path / "wide.csv"
     row = {f"metric_{i:05d}": i for i in range(columns)}
     with exp.MetricsWriter(path) as w:
         w.write_row({k: str(v) for k, v in row.items()})
         w.write_row({k: str(v + 1) for k, v in row.items()})
     header = path.read_bytes().split(b"\n", 1)[0]
-    assert (len(header) > 65536) == (columns > 3) and (len(header) < 1 << 20) == read
-    assert exp.last_metrics_row(str(path)) == ({k: v + 1 for k, v in row.items()} if read else {})
+    assert (len(header) > 65536) == (columns > 3) and len(header) < 1 << 20
+    assert exp.last_metrics_row(str(path)) == {k: v + 1 for k, v in row.items()}
     assert exp.last_metrics_row(str(tmp_path / "missing.csv")) == {}
     os.mkfifo(tmp_path / "fifo.csv")
     assert exp.last_metrics_row(str(tmp_path / "fifo.csv")) == {}  # answered at once, not blocked
+
+
+def test_a_header_over_1_mib_is_refused_with_the_row_and_nothing_is_written(tmp_path):
+    # 90,000 names make a header over 1 MiB, more than the readers look at: refused, clearly.
+    path = tmp_path / "wide.csv"
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 1, "loss": 0.5})
+        before = path.read_bytes()
+        with pytest.raises(exp.MetricError, match="over the 1,048,576-byte limit; the row is not saved"):
+            w.write_row({f"metric_{i:05d}": i for i in range(90000)})
+        assert path.read_bytes() == before
+        w.write_row({"step": 2, "loss": 0.4})  # and the file goes on
+    assert exp.read_metrics(str(path)) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]
+    assert [p.name for p in tmp_path.iterdir()] == ["wide.csv"]
+
+
+def test_save_row_of_a_header_over_1_mib_raises_and_does_not_keep_the_row(make_exp, tmp_path):
+    script = write_script(tmp_path, "wide.py", """
+        import exp
+        e = exp.load_experiment()
+        e.upd_row(step=1)
+        e.save_row()
+        e.upd_row(**{f"m{i:06d}": i for i in range(150000)})
+        try:
+            e.save_row()
+        except exp.MetricError as err:
+            print("refused:", err)
+        e.upd_row(step=2)
+        e.save_row()  # the refused values are not pending any more: this row goes through
+    """)
+    e = make_exp("wide", py_cmd(script))
+    assert e.run() == 0
+    assert "the row is not saved" in e.get_log_tail(50)
+    assert e.metrics() == [{"step": 1}, {"step": 2}]
+
+
+def test_a_writer_appends_rows_of_the_full_width_under_a_header_over_1_mib(tmp_path):
+    # A file with a header over 1 MiB (an older exp, another tool): a writer reads all of it, so its
+    # rows have the header's width and read back (it used to read 1 MiB of it and write narrower rows).
+    path = tmp_path / "wide.csv"
+    names = [f"metric_{i:05d}" for i in range(90000)]
+    path.write_text(",".join(names) + "\n" + ",".join("1" for _ in names) + "\n", encoding="utf-8")
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"metric_00000": 2, "metric_00001": 3})  # names near the start: an append
+    rows = exp.read_metrics(str(path))
+    assert len(rows) == 2 and rows[1]["metric_00000"] == 2 and rows[1]["metric_00001"] == 3
+    assert rows[1]["metric_89999"] is None
 
 
 # ---------------------------------------------------------------------------
@@ -970,3 +1018,215 @@ def test_kill_9_at_random_moments_never_leaves_a_file_the_next_writer_cannot_use
             csv_records(path)
     markers = [r["i"] for r in exp.read_metrics(shared) if r["seed"] == -1]
     assert markers == list(range(6))
+
+
+# ---------------------------------------------------------------------------
+# 6. what a review found: a forked worker outliving its killed parent, text that UTF-8 cannot hold,
+#    torn rows in the column readers, keeping a file aside on a read-only disk, temp files of
+#    killed writers, and metadata updates on a file system with a coarse clock
+
+
+FORK_OUTLIVES_PARENT = """
+    import os, sys, time
+    import exp
+
+    e = exp.load_experiment(standalone=True)
+    e.upd_row(step=0, who="parent", blob="")
+    e.save_row()  # the CSV is open in the parent before the fork
+    parent = os.getpid()
+    if os.fork() == 0:  # a DataLoader-like worker
+        while os.getppid() == parent:  # until the test has killed the parent
+            time.sleep(0.01)
+        for i in range(5):
+            e.upd_row(step=i, who="child")
+            e.save_row()
+        open("child-done", "w").close()
+        os._exit(0)
+    print(e.metrics_file(), flush=True)
+    big = "x" * 200_000  # long writes: the parent holds the file's lock most of the time
+    i = 0
+    while True:
+        e.upd_row(step=i, who="parent", blob=big)
+        e.save_row()
+        i += 1
+"""
+
+
+@linux_only
+def test_a_forked_worker_outliving_its_killed_parent_goes_on_writing(tmp_path):
+    # The child inherited the parent's open CSV.  Had it kept that descriptor, the flock the
+    # parent held when SIGKILL came would live on through it, and every writer of the file (the
+    # child first) would wait for ever.
+    script = write_script(tmp_path, "fork_outlives.py", FORK_OUTLIVES_PARENT)
+    for rnd in range(4):
+        cwd = tmp_path / f"round{rnd}"
+        cwd.mkdir()
+        p = subprocess.Popen([sys.executable, str(script)], cwd=cwd, stdout=subprocess.PIPE, text=True,
+                             env=child_env(), start_new_session=True)
+        try:
+            csv_path = p.stdout.readline().strip()
+            wait_for(lambda: os.path.getsize(csv_path) > 1_000_000, timeout=30, what="the parent's rows")
+            p.kill()  # SIGKILL, most likely inside a write
+            p.wait(timeout=30)
+            done = cwd / "child-done"
+            try:
+                wait_for(done.exists, timeout=20, what="the orphaned child's five rows")
+            finally:
+                os.killpg(p.pid, signal.SIGKILL)  # the child, whatever happened
+        finally:
+            if p.poll() is None:
+                p.kill()
+            p.stdout.close()
+        rows = exp.read_metrics(csv_path)
+        assert [r["step"] for r in rows if r["who"] == "child"] == [0, 1, 2, 3, 4]
+
+
+def test_text_that_utf8_cannot_hold_is_refused_at_upd_row_and_nothing_is_left_pending(run_py):
+    r = run_py("""
+        import exp
+        e = exp.load_experiment(standalone=True)
+        e.upd_row(step=1, name="ok")
+        for bad in ({"text": "bad \\udc80 name"}, {"bad\\udcff": 1}):
+            try:
+                e.upd_row(step=2, **bad)
+            except exp.ExpError as err:
+                print(type(err).__name__, err)
+        e.save_row()
+        e.upd_row(step=3, name="after")
+        e.save_row()
+        print(e.metrics())
+    """)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("MetricError metric 'text': the string holds '\\udc80' at position 4, a lone surrogate")
+    assert lines[1].startswith("ConfigError metric name 'bad\\udcff' holds '\\udcff' at position 3, a lone surrogate")
+    # The refused calls added nothing, not even their valid values (step=2).
+    assert lines[2] == "[{'step': 1, 'name': 'ok'}, {'step': 3, 'name': 'after'}]"
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("tail", [b"3,0.12", b'3,"a cell\n4,0.001\n5,0.002\n'],
+                         ids=["no line break", "inside a quoted cell"])
+def test_the_column_readers_skip_a_torn_last_row(tmp_path, tail):
+    # A writer killed in the middle of `3,0.1234\n` (or of a quoted cell holding lines that look
+    # like rows) leaves a row that is no row: `ls --columns loss:min` and the dashboard's stats
+    # must not count it, as read_metrics does not.
+    path = tmp_path / "run_0001.csv"
+    with exp.MetricsWriter(path) as w:
+        w.write_row({"step": 1, "loss": 0.9})
+        w.write_row({"step": 2, "loss": 0.5})
+    with open(path, "ab") as f:
+        f.write(tail)
+    assert [r["loss"] for r in exp.read_metrics(str(path))] == [0.9, 0.5]
+    assert exp.metric_column(str(path), "loss") == [0.9, 0.5]
+    assert exp.metric_column(str(path), "step") == [1, 2]
+    stats = exp.metrics_stats(str(path))
+    assert stats["loss"] == {"final": 0.5, "min": 0.5, "max": 0.9, "count": 2}
+    assert stats["step"]["count"] == 2
+
+
+@linux_only
+def test_an_unreadable_metadata_file_on_a_read_only_disk_is_a_clear_error_and_stays(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with tmpfs(ro, "1m"):
+        d = ro / "x_2025-01-01__00-00-00"
+        (d / "terminal_logs").mkdir(parents=True)
+        (d / "metadata.json").write_bytes(b'{"name": "x", "status": ')  # torn
+        r = subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot remount a tmpfs read-only here: {r.stderr.strip()}")
+        ed = exp.ExperimentDir(str(d))
+        try:
+            with pytest.raises(exp.MetadataError) as err:
+                ed.update_metadata(lambda m: m.update(status="finished"), initial=lambda: {"name": "x"})
+            assert "nor moved aside to write a new one (Read-only file system); nothing was written" in str(err.value)
+            assert (d / "metadata.json").read_bytes() == b'{"name": "x", "status": '
+            assert sorted(os.listdir(d)) == ["metadata.json", "terminal_logs"]
+        finally:
+            ed.close()  # the directory's lock descriptor, or the tmpfs could not be unmounted
+            subprocess.run(["mount", "-o", "remount,rw", str(ro)], capture_output=True)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def test_temp_files_of_killed_metadata_and_state_writers_are_removed(make_exp, tmp_path):
+    # kill -9 in the middle of write_atomic leaves `<file>.<pid>.<thread>.tmp`; the next run of the
+    # experiment (metadata.json) and the next scheduler of the base directory (the state file)
+    # remove those whose writer is gone, and keep one a live process is writing.
+    e = make_exp("temps", "true")
+    assert e.run() == 0
+    dead, live = _dead_pid(), os.getpid()
+    stale = Path(e.work_dir) / f"metadata.json.{dead}.140234.tmp"
+    busy = Path(e.work_dir) / f"metadata.json.{live}.140234.tmp"
+    stale.write_text("{half")
+    busy.write_text("{half")
+    assert e.run() == 0
+    assert not stale.exists() and busy.exists()
+    busy.unlink()
+
+    base = tmp_path / "batch"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[scheduler]\nbase_experiment_dir = "{base}"\n[[experiments]]\nname = "a"\ncommand = "true"\n')
+    state_dir = base / ".exp_state"
+    state_dir.mkdir(parents=True)
+    stale_state = state_dir / f"scheduler_state.json.{dead}.7.tmp"
+    stale_state.write_text("{half")
+    r = subprocess.run([sys.executable, str(Path(exp.__file__)), "run", str(cfg)], capture_output=True,
+                       text=True, timeout=60, env=child_env())
+    assert r.returncode == 0, r.stderr
+    assert not stale_state.exists()
+    assert not [n for n in os.listdir(state_dir) if n.endswith(".tmp")]
+
+
+def test_a_metric_named_self_is_logged(run_py):
+    r = run_py("""
+        import exp
+        e = exp.load_experiment(standalone=True)
+        e.upd_row(self=1, step=2)
+        e.save_row()
+        print(e.metrics())
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[{'self': 1, 'step': 2}]"
+
+
+@linux_only
+def test_metadata_updates_from_two_objects_lose_nothing_on_a_coarse_clock(tmp_path):
+    # ext4 with 128-byte inodes keeps times to the second, and reuses a freed inode number at
+    # once: a cache of metadata.json keyed by (inode, mtime, size) took another writer's file for
+    # its own and wrote over that writer's update.
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs mkfs.ext4 to make a file system with one-second timestamps")
+    image, mnt = tmp_path / "coarse.img", tmp_path / "coarse"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    r = subprocess.run(["mkfs.ext4", "-q", "-I", "128", "-F", str(image)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mkfs.ext4 failed: {r.stderr.strip()}")
+    r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mounting a loop device was refused here: {r.stderr.strip()}")
+    d = mnt / "x_2025-01-01__00-00-00"
+    a, b = exp.ExperimentDir(str(d)), exp.ExperimentDir(str(d))
+    try:
+        d.mkdir()
+        a.write_metadata({"name": "x", "a": 0, "b": 0})
+        for i in range(1, 201):
+            a.update_metadata(lambda m: m.update(a=i))
+            b.update_metadata(lambda m: m.update(b=i))  # same size as the file it replaces
+            b.update_metadata(lambda m: m.update(b=i))
+            a.update_metadata(lambda m: m.update(a=i))
+            meta = a.read_metadata()
+            assert (meta["a"], meta["b"]) == (i, i), f"round {i}: b's update lost"
+    finally:
+        a.close()  # their lock descriptors, or the file system could not be unmounted
+        b.close()
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            pytest.fail(f"could not unmount {mnt}: something still holds a file there open")

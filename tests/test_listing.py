@@ -315,13 +315,14 @@ def test_ls_non_finite_metrics_are_strings_in_json(tmp_path):
     assert_clean(r)
     (row,) = table_dicts(r.stdout)
     assert (row["a"], row["b"], row["c"], row["d"]) == ("nan", "inf", "-inf", "inf")
-    assert "note" not in row  # not a number: not a column
+    assert row["note"] == "y"  # text: shown as written, after the numbers
 
     r = ls(base, "--json")
     assert_clean(r)
     assert "NaN" not in r.stdout and "Infinity" not in r.stdout
     (e,) = strict_json(r.stdout)
     assert e["last_metrics"] == {"step": 2, "a": "nan", "b": "inf", "c": "-inf", "d": "inf"}
+    assert e["last_text"] == {"note": "y"}
     assert exp.ExperimentDir(d).summary()["last_metrics"] == e["last_metrics"]
 
     # Group and best skip what is not a finite number instead of failing.
@@ -331,6 +332,7 @@ def test_ls_non_finite_metrics_are_strings_in_json(tmp_path):
     assert_clean(r)
     (row,) = table_dicts(r.stdout)
     assert row["a (best)"] == "1" and row["step (best)"] == "2"
+    assert row["note (best)"] == "y"  # text has no best: its last value
 
 
 def test_ls_survives_odd_metrics_files(tmp_path):
@@ -1088,11 +1090,12 @@ def test_string_metrics_that_look_like_numbers_round_trip(make_exp, tmp_path, ba
     assert exp.read_metrics(e.metrics_file()) == [row]
 
     (entry,) = ls_json(base_dir)
-    assert entry["last_metrics"] == {"n": 7, "x": 1.5, "neg": -2, "sci": 2.5e-05}  # numbers only
+    assert entry["last_metrics"] == {"n": 7, "x": 1.5, "neg": -2, "sci": 2.5e-05}  # numbers
+    assert entry["last_text"] == {"code": "007", "plus": "+5", "under": "1_000"}  # and text, as written
     r = ls(base_dir)
     assert_clean(r)
     (trow,) = table_dicts(r.stdout)
-    assert "code" not in trow and trow["n"] == "7" and trow["x"] == "1.5"
+    assert (trow["code"], trow["plus"], trow["n"], trow["x"]) == ("007", "+5", "7", "1.5")
     # As the README says: plain decimal notation reads as a number, whatever wrote it.
     assert [exp.parse_metric(t) for t in ("1.10", "0.9500", "2e-05", "-0", "True")] == [1.1, 0.95, 2e-05, 0, True]
     assert [exp.parse_metric(t) for t in ("007", "+5", "1_000", "0x1f", " 1")] == ["007", "+5", "1_000", "0x1f", " 1"]
@@ -1312,3 +1315,224 @@ def test_ls_orders_and_shows_start_times_written_in_other_time_zones_as_the_inst
     assert [row["name"] for row in table_dicts(r.stdout)] == ["first", "second", "nostart"], r.stdout
     r = cli("ls", base, "--sort", "started", "--desc", env=env)
     assert [row["name"] for row in table_dicts(r.stdout)] == ["second", "first", "nostart"], r.stdout
+
+
+# ============================================================================
+# What a new user's review of `exp ls` found
+# ============================================================================
+
+
+def test_ls_a_metric_named_like_a_column_has_its_own_header_and_json_sort_works(tmp_path):
+    # A metric called `dir` (or `status`) used to give the table two `dir` columns, and `--json
+    # --sort` (which found the directory column by its name) a KeyError traceback.
+    base = tmp_path / "results"
+    fake_experiment(base, "x", 1, rows=[{"loss": 0.3, "dir": 2, "status": 7}])
+    fake_experiment(base, "y", 2, rows=[{"loss": 0.1, "dir": 1, "status": 8}])
+    r = ls(base)
+    assert_clean(r)
+    rows = table_dicts(r.stdout)
+    assert list(rows[0]) == ["name", "status", "started", "duration", "runs", "loss", "dir (last)",
+                             "status (last)", "dir"]
+    assert {row["name"]: (row["dir (last)"], row["dir"], row["status"]) for row in rows} == {
+        "x": ("2", f"x_{STAMP.format(1)}", "finished"), "y": ("1", f"y_{STAMP.format(2)}", "finished")}
+    assert [e["name"] for e in ls_json(base, "--sort", "loss")] == ["y", "x"]
+    assert [e["name"] for e in ls_json(base, "--sort", "loss", "--desc")] == ["x", "y"]
+    # A metric named like a field: --sort takes the metric (what the column shows).
+    assert [row["name"] for row in table_dicts(ls(base, "--sort", "dir").stdout)] == ["y", "x"]
+    assert [e["name"] for e in ls_json(base, "--sort", "dir", "--desc")] == ["x", "y"]
+
+
+def test_ls_shows_text_and_true_false_metrics_as_written(tmp_path):
+    base = tmp_path / "results"
+    long_text = "a very long note " * 10
+    fake_experiment(base, "x", 1, rows=[{"loss": 0.5, "code": "007", "phase": "warmup", "ok": False, "note": "-"},
+                                        {"loss": 0.3, "code": "007", "phase": "train", "ok": True,
+                                         "note": long_text}])
+    fake_experiment(base, "y", 2, rows=[{"loss": 0.2, "code": "042", "phase": "eval", "ok": False}])
+    r = ls(base, "--columns", "code,phase,ok,loss")
+    assert_clean(r)
+    assert r.stderr == ""  # no "no experiment listed has a value" for values that are text
+    rows = {row["name"]: row for row in table_dicts(r.stdout)}
+    assert (rows["x"]["code"], rows["x"]["phase"], rows["x"]["ok"], rows["x"]["loss"]) == ("007", "train", "True", "0.3")
+    assert (rows["y"]["code"], rows["y"]["phase"], rows["y"]["ok"]) == ("042", "eval", "False")
+    # Without --columns every metric has a column, numbers first; a long text is cut in the table.
+    r = ls(base)
+    assert_clean(r)
+    rows = {row["name"]: row for row in table_dicts(r.stdout)}
+    assert list(rows["x"])[5:10] == ["loss", "code", "phase", "ok", "note"]
+    assert rows["x"]["note"] == long_text[:exp.LS_TEXT_CELL_CHARS - 1].strip() + "…" or \
+        rows["x"]["note"] == long_text[:exp.LS_TEXT_CELL_CHARS - 1] + "…"
+    assert rows["y"]["note"] == "-"
+    # Sorted as text; --json has them whole under last_text.
+    assert [row["name"] for row in table_dicts(ls(base, "--sort", "phase").stdout)] == ["y", "x"]
+    entries = {e["name"]: e for e in ls_json(base)}
+    assert entries["x"]["last_text"] == {"code": "007", "phase": "train", "ok": True, "note": long_text}
+    assert entries["x"]["last_metrics"] == {"loss": 0.3}
+    # --group has no mean of text: a dash, and no warning either.
+    r = ls(base, "--group", "--columns", "phase,loss")
+    assert_clean(r)
+    assert r.stderr == ""
+    assert {row["name"]: row["phase (mean ± std)"] for row in table_dicts(r.stdout)} == {"x": "-", "y": "-"}
+    # A text longer than LAST_TEXT_MAX_CHARS is cut in the summary too (the CSV keeps it whole).
+    fake_experiment(base, "z", 3, rows=[{"blob": "b" * 5000}])
+    z = next(e for e in ls_json(base) if e["name"] == "z")
+    assert z["last_text"]["blob"] == "b" * (exp.LAST_TEXT_MAX_CHARS - 1) + "…"
+
+
+def test_ls_group_sorts_by_a_metric_not_shown_and_by_every_field(results):
+    def names(*args):
+        r = ls(results, "--group", *args)
+        assert_clean(r)
+        return [row["name"] for row in table_dicts(r.stdout)], r.stderr
+
+    # loss is no column here: the groups are still sorted by its mean (d 0.05, a 0.2, b 0.9; c none).
+    assert names("--columns", "acc", "--sort", "loss") == (["d", "a", "b", "c"], "")
+    assert names("--columns", "acc", "--sort", "loss", "--desc") == (["b", "a", "d", "c"], "")
+    # duration: a group's mean (c 1, b 5, a 15, d 100); started: its latest start.
+    assert names("--sort", "duration") == (["c", "b", "a", "d"], "")
+    assert names("--sort", "started", "--desc") == (["d", "c", "b", "a"], "")
+    assert names("--sort", "runs", "--desc")[0][0] == "a"
+    order, err = names("--sort", "status")
+    assert order[0] == "b" and order[-1] == "a" and err == ""  # "1 error" < "1 finished" < "2 finished"
+    # A group has no one directory: said, not silently ignored.
+    order, err = names("--sort", "dir")
+    assert sorted(order) == ["a", "b", "c", "d"]
+    assert "a group has no single directory, so the order is unchanged" in err
+    out = ls_json(results, "--group", "--columns", "acc", "--sort", "loss")
+    assert [g["name"] for g in out] == ["d", "a", "b", "c"]
+    a = next(g for g in out if g["name"] == "a")
+    assert a["metric_stats"]["loss"]["mean"] == pytest.approx(0.2) and a["duration"] == pytest.approx(15.0)
+    assert a["started_at"] == "2025-01-01T00:00:02+00:00"
+
+
+def test_ls_counts_a_symlinked_experiment_once(tmp_path):
+    base = tmp_path / "results"
+    first = fake_experiment(base, "a", 1, rows=[{"loss": 0.1}])
+    fake_experiment(base, "a", 2, rows=[{"loss": 0.3}])
+    os.symlink(first.name, base / "latest")                       # relative, to one listed anyway
+    os.symlink(first, base / "best")                              # absolute, the same one
+    elsewhere = fake_experiment(tmp_path / "archive", "old", 3, rows=[{"loss": 0.9}])
+    os.symlink(elsewhere, base / "old_link")                       # to one the scan does not reach
+    os.symlink(elsewhere, base / "old_link_2")                     # ... twice
+    os.symlink(base, base / "loop")                               # back to the base itself
+    entries = ls_json(base)
+    assert sorted(e["dir"] for e in entries) == sorted([first.name, f"a_{STAMP.format(2)}", "old_link"])
+    r = ls(base, "--group", "--columns", "loss")
+    assert_clean(r)
+    rows = {row["name"]: row for row in table_dicts(r.stdout)}
+    assert rows["a"]["n"] == "2" and rows["a"]["loss (mean ± std)"] == "0.2 ± 0.14"
+    assert rows["old"]["n"] == "1"
+
+
+def test_ls_of_a_directory_with_a_metadata_json_of_its_own_lists_the_results_under_it(tmp_path):
+    # A project keeps its own metadata.json (a dataset card) beside ./results: `exp ls .` used to
+    # take the project for one experiment and list nothing else.
+    project = tmp_path / "project"
+    fake_experiment(project / "results", "a", 1, rows=[{"loss": 0.5}])
+    fake_experiment(project / "results", "b", 2, rows=[{"loss": 0.4}])
+    (project / "metadata.json").write_text('{"dataset": "cifar10"}')
+    assert sorted(e["name"] for e in ls_json(project)) == ["a", "b"]
+    # One experiment's directory is still listed as itself, and so is a bare folder holding
+    # nothing but a metadata.json (no experiment under it).
+    one = project / "results" / f"a_{STAMP.format(1)}"
+    assert [e["name"] for e in ls_json(one)] == ["a"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metadata.json").write_text('{"name": "bare", "status": "finished"}')
+    assert [e["name"] for e in ls_json(bare)] == ["bare"]
+
+
+def _as_nobody(fn):
+    """``fn()``'s result, computed in a forked child that cannot read what mode 000 closes (as root,
+    it drops to uid/gid 65534 first: root reads anything)."""
+    import pickle
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            out = ("ok", fn())
+        except BaseException as e:  # noqa: BLE001 - sent to the parent
+            out = ("error", repr(e))
+        with os.fdopen(w, "wb") as f:
+            pickle.dump(out, f)
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    assert kind == "ok", value
+    return value
+
+
+@linux_only
+def test_ls_shows_an_experiment_directory_it_may_not_read_and_says_when_the_base_is_unreadable(tmp_path):
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(dir=os.environ.get("TMPDIR", "/tmp")))  # reachable by uid 65534
+    try:
+        os.chmod(top, 0o755)
+        base = top / "results"
+        fake_experiment(base, "a", 1, rows=[{"loss": 0.5}])
+        closed = fake_experiment(base, "b", 2, rows=[{"loss": 0.4}])
+        for p in (top, *top.rglob("*")):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        os.chmod(closed, 0)
+
+        def listing():
+            import contextlib
+            import io as io_mod
+            out, err = io_mod.StringIO(), io_mod.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = exp.main(["ls", str(base), "--json"])
+            return code, out.getvalue(), err.getvalue()
+
+        code, out, err = _as_nobody(listing)
+        assert code == 0, err
+        entries = {e["name"]: e for e in strict_json(out)}
+        assert entries["a"]["status"] == "finished"
+        assert entries["b"]["status"] == "unreadable" and "Permission denied" in entries["b"]["error"]
+        os.chmod(closed, 0o755)
+        os.chmod(base, 0)
+        code, out, err = _as_nobody(listing)
+        assert (code, out) == (1, "") and f"exp: error: cannot list {base}: Permission denied" in err
+    finally:
+        for p in (top, *top.rglob("*")) if os.access(top, os.R_OK) else ():
+            pass
+        subprocess.run(["chmod", "-R", "u+rwx", str(top)], check=False)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name, lower", [
+    ("loss", True), ("val_loss", True), ("valLoss", True), ("top1_err", True), ("train_error_rate", True),
+    ("perplexity", True), ("val_ppl", True), ("valPpl", True), ("nll", True), ("test/mse", True), ("rmse2", True),
+    ("eval_WER", True), ("latency_ms", True),
+    ("acc", False), ("answer_acc", False), ("cancer_auc", False), ("power", False), ("apple_score", False),
+    ("f1", False), ("tower_acc", False)])
+def test_best_direction_matches_abbreviations_only_as_words(name, lower):
+    assert exp.lower_is_better(name) is lower
+
+
+def test_a_dangling_metadata_symlink_says_so(tmp_path):
+    base = tmp_path / "results"
+    d = base / f"x_{STAMP.format(1)}"
+    (d / "terminal_logs").mkdir(parents=True)
+    os.symlink(tmp_path / "gone.json", d / "metadata.json")
+    (e,) = ls_json(base)
+    assert e["status"] == "unreadable"
+    assert "is a symbolic link to" in e["error"] and "which does not exist" in e["error"]
+
+
+def test_a_column_spec_with_a_colon_in_the_metric_name_says_how(results):
+    r = ls(results, "--columns", "val:loss")
+    assert_clean(r, rc=2)
+    assert "(a metric whose name has a ':' takes its mode too: val:loss:last)" in r.stderr
+    r = ls(results, "--columns", "val:loss:last")
+    assert_clean(r)
+    assert "val:loss" in r.stdout.splitlines()[0]
