@@ -99,7 +99,7 @@ __all__ = [
     # batches
     "BatchConfig", "SchedulerSettings", "parse_duration", "ExperimentSpec", "Field", "SCHEDULER_FIELDS", "EXPERIMENT_FIELDS",
     "SCHEDULER_DEFAULTS", "EXPERIMENT_DEFAULTS", "load_config", "parse_config", "config_reference",
-    "sweep_points", "format_params", "param_text", "SWEEP_MAX_POINTS", "BATCH_MAX_EXPERIMENTS",
+    "sweep_points", "format_params", "param_text", "SWEEP_MAX_POINTS", "SWEEP_FORMAT_MAX_WIDTH", "BATCH_MAX_EXPERIMENTS",
     "Scheduler", "Job", "expand_jobs", "plan_next", "GpuPlan", "check_dependencies",
     "detect_gpus", "parse_nvidia_smi", "visible_gpus", "gpu_pool", "check_gpu_requests", "NVIDIA_SMI_QUERY", "next_wakeup", "format_plan", "job_key", "finished_before", "NOT_RETRIED_EXIT_CODES",
     # the store and the backend
@@ -148,11 +148,11 @@ __all__ = [
     "MetricError", "UnavailableError",
     # values and tunables
     "STATUSES", "PENDING", "RUNNING", "FINISHED", "ERROR", "KILLED", "UNREADABLE", "SCHEDULER_INDICATORS",
-    "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "FIELD_ALIASES",
+    "SCHEDULER_RUNNING", "SCHEDULER_AWAITING_SHUTDOWN", "SCHEDULER_STOPPED", "RESUME_SKIP_REASON", "FIELD_ALIASES",
     "DEFAULT_BASE_DIR", "TIMESTAMP_FORMAT", "DEFAULT_KILL_GRACE", "LOG_MARK", "FOLLOW_INTERVAL",
     "PRIORITY_LIMIT", "PRIORITY_EXPECTED", "priority_ok", "name_pattern", "NAME_FILTER_MAX_CHARS",
     "NAME_FILTER_MAX_REPEATS", "NAME_FILTER_NAME_CHARS", "NAME_FILTER_SECONDS",
-    "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "EXIT_SAVE_TIMEOUT",
+    "PID_RECORD_DELAY", "STANDALONE_ENV", "TAIL_MAX_BYTES", "METADATA_MAX_BYTES", "METADATA_MAX_DEPTH", "EXIT_SAVE_TIMEOUT",
     "REPORT_LINE_WIDTH",
     "LAST_VALUES_MAX_ROWS", "LAST_VALUES_MAX_BYTES",
     "STATE_WRITE_INTERVAL", "STATE_WRITE_SHARE", "STATE_WRITE_MAX_INTERVAL", "COMMAND_POLL_INTERVAL",
@@ -1543,6 +1543,23 @@ def _open_regular(path: str, *args: Any, **kwargs: Any) -> Any:
         raise
 
 
+#: metadata.json nested deeper than this is unreadable (exp writes 3 levels; Python <= 3.12 parses ~1000).
+METADATA_MAX_DEPTH = 200
+
+
+def _nested_deeper(value: dict[str, Any], limit: int) -> bool:
+    """Whether ``value`` holds containers more than ``limit`` levels deep (iteratively: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        for x in (v.values() if isinstance(v, dict) else v):
+            if isinstance(x, (dict, list)):
+                stack.append((x, depth + 1))
+    return False
+
+
 def read_json_file(path: str, max_bytes: int | None = None, finite: bool = False) -> Any:
     """Parse a JSON file exp wrote; for anything else a MetadataError that is also a ValueError,
     whose message is the short reason.
@@ -2390,18 +2407,26 @@ def iso_from_old_timestamp(value: Any) -> str | None:
         return None
 
 
-def upgrade_metadata(meta: dict[str, Any], fresh: Mapping[str, Any]) -> dict[str, Any]:
+def upgrade_metadata(meta: dict[str, Any], fresh: Mapping[str, Any], run_ids: Iterable[str] = ()) -> dict[str, Any]:
     """Bring metadata of the earlier project (or an older exp) up to date, in place.
 
     Older field names are read as the current ones, missing fields come from
     ``fresh``, an old ``timestamp`` becomes ``created_at``, and a stored
-    ``lark_config`` (it held secrets) is dropped.
+    ``lark_config`` (it held secrets) is dropped.  Metadata with no ``runs``
+    list (the earlier project kept none) gets one entry per run in
+    ``run_ids`` (the runs whose files the directory holds), the last with
+    the top-level status, exit code and times, which were that run's.
     """
     normalize_fields(meta)
     if not meta.get("created_at"):
         old = iso_from_old_timestamp(meta.get("timestamp"))
         if old:
             meta["created_at"] = old
+    ids = list(run_ids)
+    if not isinstance(meta.get("runs"), list) and ids:
+        meta["runs"] = [{"id": rid} for rid in ids]
+        meta["runs"][-1].update({k: meta.get(k) for k in ("status", "exit_code", "started_at", "ended_at")})
+        meta.setdefault("current_run_id", ids[-1])
     for k, v in fresh.items():
         meta.setdefault(k, v)
     meta.pop("lark_config", None)
@@ -2945,6 +2970,10 @@ class ExperimentDir:
             raise MetadataError(f"{path} cannot be read ({e.strerror or e})", path) from None
         if not isinstance(meta, dict):
             raise MetadataError(f"{path} does not hold a JSON object; fix or move the file", path)
+        if _nested_deeper(meta, METADATA_MAX_DEPTH):
+            # Python <= 3.12 cannot parse much deeper; 3.13 can: the same file reads the same everywhere.
+            raise MetadataError(f"{path} cannot be read (nested too deeply: over {METADATA_MAX_DEPTH} levels); "
+                                "fix or move the file", path)
         return normalize_fields(meta)
 
     def run_entry(self, run_id: str) -> dict[str, Any] | None:
@@ -3164,13 +3193,26 @@ class ExperimentDir:
             pass
         append_line(path, text)
 
-    def tail_log(self, run_id: str, lines: int = 50) -> str:
-        """The last ``lines`` lines of a run's log, read backwards from its end."""
-        return read_tail(self.log_path(run_id), lines).decode("utf-8", "replace")
+    def latest_run(self) -> str | None:
+        """The current run's id (metadata.json's, else the highest-numbered log's), or None before any."""
+        meta, _ = self.try_read_metadata()
+        rid = meta.get("current_run_id") if meta else None
+        if isinstance(rid, str) and _RUN_ID_RE.match(rid):
+            return rid
+        nums = self.run_numbers()
+        return f"run_{max(nums):04d}" if nums else None
 
-    def last_metrics(self, run_id: str) -> dict[str, Any]:
-        """Each metric's last logged value in a run (see :func:`last_metrics_values`)."""
-        return last_metrics_values(self.metrics_path(run_id))
+    def tail_log(self, run_id: str | None = None, lines: int = 50) -> str:
+        """The last ``lines`` lines of a run's log (the current run's by default), read backwards
+        from its end; "" before any run."""
+        rid = run_id or self.latest_run()
+        return read_tail(self.log_path(rid), lines).decode("utf-8", "replace") if rid else ""
+
+    def last_metrics(self, run_id: str | None = None) -> dict[str, Any]:
+        """Each metric's last logged value in a run, the current one by default (see
+        :func:`last_metrics_values`)."""
+        rid = run_id or self.latest_run()
+        return last_metrics_values(self.metrics_path(rid)) if rid else {}
 
     def ended_unrecorded(self, meta: Mapping[str, Any]) -> tuple[str, str | None] | None:
         """For metadata that says ``running``: the (status, reason) to show when the run's process,
@@ -4608,7 +4650,7 @@ class Experiment:
             def update(m: dict[str, Any]) -> None:
                 # Directories of the earlier project lack the newer fields, and
                 # may hold its lark_config (secrets): fill in, and drop that.
-                upgrade_metadata(m, self._initial_metadata())
+                upgrade_metadata(m, self._initial_metadata(), self.dir.runs())
                 m.update(self._static_fields())
                 m.update(created_at=self.created_at, status=PENDING, pid=None)
 
@@ -6135,6 +6177,9 @@ def _point_text(point: Mapping[str, Any]) -> str:
 
 
 _SWEEP_FORMATTER: Any = None
+#: The widest width or precision a sweep placeholder's format may ask for (``{lr:.3e}``, ``{i:04d}``).
+SWEEP_FORMAT_MAX_WIDTH = 1000
+_DIGITS_RE = _LazyRe(r"\d+")
 
 
 def _sweep_formatter() -> Any:
@@ -6147,6 +6192,11 @@ def _sweep_formatter() -> Any:
             def format_field(self, value: Any, format_spec: str) -> Any:
                 if isinstance(value, bool) and not format_spec:
                     return param_text(value)
+                # {lr:999999999} would make a gigabyte of padding (or a MemoryError).
+                widest = max(map(int, _DIGITS_RE.findall(format_spec)), default=0)
+                if widest > SWEEP_FORMAT_MAX_WIDTH:
+                    raise ValueError(f"the format {format_spec!r} asks for {widest} characters; at most "
+                                     f"{SWEEP_FORMAT_MAX_WIDTH} are taken")
                 return super().format_field(value, format_spec)
 
         _SWEEP_FORMATTER = SweepFormatter()
@@ -6466,26 +6516,34 @@ def gpu_pool(settings: SchedulerSettings, detected: list[dict[str, Any]] | None 
     return [g["index"] for g in found] if isinstance(found, list) else []
 
 
-def check_gpu_requests(config: BatchConfig, pool: list[int]) -> None:
+def check_gpu_requests(config: BatchConfig, pool: list[int], joining: bool = False) -> None:
     """ConfigError (exit 2) when an experiment asks for more GPUs than the pool has, or ids outside it.
 
-    With ``backend = "slurm"`` the cluster has the GPUs, not this machine: Slurm checks (at sbatch).
+    ``joining``: ``config`` joins a running scheduler, whose pool it is (its own
+    ``[scheduler]`` does not apply).  With ``backend = "slurm"`` the cluster has
+    the GPUs, not this machine: Slurm checks (at sbatch).
     """
     if config.scheduler.backend == "slurm":
         return
     problems = []
-    if pool:
-        where_pool = f"the pool {pool}"
-    elif config.scheduler.gpus is not None:
-        where_pool = "the pool, empty ([scheduler] gpus = [])"
+    if joining:
+        where_pool = f"the running scheduler's pool {pool}" if pool else "the running scheduler's pool, which is empty"
+        advice = ("a joining file's [scheduler] settings do not apply: change the pool with [scheduler] gpus = "
+                  "[...] in the batch that started the scheduler, or wait for it to end")
     else:
-        where_pool = "an empty pool (no [scheduler] gpus, and nvidia-smi found no GPUs)"
+        advice = "set [scheduler] gpus = [...] to the GPUs exp may use"
+        if pool:
+            where_pool = f"the pool {pool}"
+        elif config.scheduler.gpus is not None:
+            where_pool = "the pool, empty ([scheduler] gpus = [])"
+        else:
+            where_pool = "an empty pool (no [scheduler] gpus, and nvidia-smi found no GPUs)"
     for s in config.experiments:
         if s.gpu_ids:
             outside = [g for g in s.gpu_ids if g not in pool]
             if outside:
                 problems.append(f"experiments[{s.index}] ({s.name}): gpu_ids {outside} are not in {where_pool}; "
-                                "set [scheduler] gpus = [...] to the GPUs exp may use")
+                                + advice)
         elif s.gpus > len(pool):
             problems.append(f"experiments[{s.index}] ({s.name}): gpus = {s.gpus} is more than {where_pool} has")
     if problems:
@@ -6634,8 +6692,9 @@ def check_dependencies(specs: list[ExperimentSpec]) -> list[str]:
     """Problems with ``depends_on``: unknown names and cycles (an experiment waiting for itself)."""
     names: dict[str, set[int]] = {}
     for s in specs:
-        names.setdefault(s.name, set()).add(s.index)
-        names.setdefault(s.template_name, set()).add(s.index)
+        for n in (s.name, s.template_name):
+            if isinstance(n, str):  # a missing or wrong name is reported on its own
+                names.setdefault(n, set()).add(s.index)
     problems = []
     edges: dict[int, set[int]] = {}
     for s in specs:
@@ -6976,7 +7035,7 @@ class Scheduler:
         self._owner_fd: int | None = None
         self._notifiers: dict[tuple[Any, Any], Notifier] = {}
         #: Runs of a dead scheduler's tasks that no task here stands for, and the GPUs they hold.
-        self._orphans: list[tuple[LocalRun | SlurmRun, list[int]]] = []
+        self._orphans: list[tuple[LocalRun | SlurmRun, list[int], dict[str, Any]]] = []
         self._notify_cache: dict[int, tuple[ExperimentSpec, dict[str, Any]]] = {}
         #: What the event lines' paths are relative to (a getcwd per line would cost the main loop).
         try:
@@ -7011,6 +7070,8 @@ class Scheduler:
         is tried again later: the experiments matter more than the state file.
         """
         t0 = time.monotonic()
+        if self._orphans:
+            self._prune_orphans()
         groups: dict[str, list[Job]] = {"pending": list(self.queue), "running": list(self.running.values()),
                                         "finished": [], "errors": []}
         for job in self.done:
@@ -7026,7 +7087,10 @@ class Scheduler:
         }
         parts = []
         for key, jobs in groups.items():
-            parts.append(f'"{key}": [' + ", ".join(self._job_json(j) for j in jobs) + "]")
+            items = [self._job_json(j) for j in jobs]
+            if key == "running":
+                items += [_dumps_strict(dict(item, orphan=True)) for _, _, item in self._orphans]
+            parts.append(f'"{key}": [' + ", ".join(items) + "]")
         parts.append('"summary": ' + _json().dumps(summary))
         text = "{" + ",\n".join(parts) + "}\n"
         self._dirty = False
@@ -7458,14 +7522,20 @@ class Scheduler:
             self.term.event(f"warning: the previous state file cannot be read ({e}){where}; starting afresh")
             return
         summary = prev.get("summary") if prev else None
-        if not prev or not isinstance(summary, dict) or summary.get("status_indicator") == SCHEDULER_STOPPED:
+        if not prev or not isinstance(summary, dict):
             return
+        # A scheduler that ended cleanly leaves nothing to take over but the orphans it kept (runs
+        # of a scheduler that died before it, which no config of its had): adopted if this config
+        # has them, else kept again, so that they never run twice at once.
+        stopped = summary.get("status_indicator") == SCHEDULER_STOPPED
         items: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        for group in ("running", "pending", "finished", "errors"):
+        for group in ("running",) if stopped else ("running", "pending", "finished", "errors"):
             for it in prev.get(group) or []:
-                if isinstance(it, dict):
+                if isinstance(it, dict) and (not stopped or it.get("orphan") is True):
                     items.setdefault(job_key(it.get("name"), it.get("command"), it.get("params"),
                                                    it.get("repeat")), []).append(it)
+        if not items:
+            return
         adopted = 0
         ended_meanwhile: list[Job] = []
         claimed = {str(it.get("work_dir")) for group in items.values() for it in group if it.get("work_dir")}
@@ -7474,7 +7544,8 @@ class Scheduler:
         pairs = self._match(list(self.jobs), items)
         # Tasks a joining `exp run` added, with some not done: from their config files again.
         joined_paths = sorted({it["config"] for group in items.values() for it in group
-                               if isinstance(it.get("config"), str) and it.get("status") in (PENDING, RUNNING)})
+                               if isinstance(it.get("config"), str) and it.get("status") in (PENDING, RUNNING)
+                               and not stopped})
         for path in joined_paths:
             if path == self.config.path:
                 continue
@@ -7575,19 +7646,25 @@ class Scheduler:
                 ended_meanwhile.append(job)
         # Directories made by the dead scheduler for a start it did not live to write down.
         t_since = _epoch(since) - 1  # started_at has the second only
-        if t_since != float("-inf"):
+        if t_since != float("-inf") and not stopped:
             for base in {os.path.abspath(j.spec.base_dir) for j in self.jobs}:
                 for path in remove_unstarted_dirs(base, {j.spec.name for j in self.jobs}, t_since):
                     self.term.event(f"removed {_short_path(path, self._cwd)}: made just before the crash, "
                                     "empty (its experiment had not started)")
         lost = [it for group in items.values() for it in group if it.get("status") in (PENDING, RUNNING)]
         if lost:
+            before = len(self._orphans)
+            held = self._keep_orphans(lost)
+            n_kept = len(self._orphans) - before
             names = ", ".join(f"{it.get('name')} ({it.get('status')})" for it in lost[:10])
-            held = self._hold_gpus_of_orphans(lost)
-            self.term.event(f"warning: {len(lost)} task(s) of the scheduler that died are in no config this one "
-                            f"has: {names}{', ...' if len(lost) > 10 else ''}; run their config again to queue "
-                            "them (a run still going keeps running"
-                            + (f"; GPUs {','.join(map(str, held))} stay taken until it ends)" if held else ")"))
+            whose = "the scheduler before" if stopped else "the scheduler that died"
+            self.term.event(
+                f"warning: {len(lost)} task(s) of {whose} are in no config this one has: {names}"
+                f"{', ...' if len(lost) > 10 else ''}; run their config again to queue what did not run"
+                + (f" ({n_kept} still running: they go on, listed as running here, and a scheduler of their "
+                   "config adopts them rather than start them again"
+                   + (f"; GPUs {','.join(map(str, held))} stay taken until they end)" if held else ")")
+                   if n_kept else ""))
         ended = len(ended_meanwhile)
         for job in ended_meanwhile:  # what the dead scheduler would have done at these ends
             if job.retryable():
@@ -7606,33 +7683,47 @@ class Scheduler:
                             f"{len(self.queue)} to run")
         self._dirty = True
 
-    def _hold_gpus_of_orphans(self, items: list[dict[str, Any]]) -> list[int]:
-        """GPUs of runs still going that no task of this scheduler stands for (their config was
-        edited or is not this one): counted as taken until those runs end.  Returns them."""
+    def _keep_orphans(self, items: list[dict[str, Any]]) -> list[int]:
+        """Runs still going that no task of this scheduler stands for (their config was edited, or is
+        not this one): kept in this scheduler's state file as ``running`` (``"orphan": true``) until
+        they end, so that ``exp status`` shows them and a later scheduler of their config adopts
+        them instead of starting them a second time; their GPUs count as taken.  Returns those GPUs."""
         held: list[int] = []
-        if self.backend.allocates_gpus:
-            return held
         for it in items:
-            gpus = [g for g in it.get("assigned_gpus") or [] if _is_int(g)]
             wd, rid = it.get("work_dir"), it.get("run_id")
-            if it.get("status") != RUNNING or not gpus or not isinstance(wd, str) or not isinstance(rid, str):
+            if it.get("status") != RUNNING or not isinstance(wd, str) or not isinstance(rid, str):
                 continue
             d = ExperimentDir(wd)
             entry = d.run_entry(rid) or {}
             pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
-            if entry.get("ended_at") or not _is_int(pid):
+            record = entry.get("backend")
+            if entry.get("ended_at"):
                 continue
             try:
-                run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
-                                           "host": (d.try_read_metadata()[0] or {}).get("hostname")})
+                if isinstance(record, dict) and record.get("backend") == self.backend.name:
+                    run = self.backend.attach({**record, "log_path": d.log_path(rid)})
+                elif _is_int(pid):
+                    run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
+                                               "host": (d.try_read_metadata()[0] or {}).get("hostname")})
+                else:
+                    continue
             except ExpError:
                 continue
             if run.poll() is None:
-                self._orphans.append((run, gpus))
+                gpus = [] if self.backend.allocates_gpus else [g for g in it.get("assigned_gpus") or [] if _is_int(g)]
+                self._orphans.append((run, gpus, {k: v for k, v in it.items() if k != "orphan"}))
                 for g in gpus:
                     self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
                 held += gpus
         return held
+
+    def _prune_orphans(self) -> None:
+        """Forget the orphan runs that have ended (their supervisors recorded the ends): their GPUs are free."""
+        for orphan in [o for o in self._orphans if o[0].poll() is not None]:
+            self._orphans.remove(orphan)
+            for gpu in orphan[1]:
+                self.gpu_use[gpu] = max(0, self.gpu_use.get(gpu, 0) - 1)
+            self._dirty = True
 
     def _match(self, jobs: list[Job], items: dict[tuple[Any, ...], list[dict[str, Any]]]
                ) -> list[tuple[Job, dict[str, Any]]]:
@@ -7734,7 +7825,7 @@ class Scheduler:
         for job, work_dir in done.items():
             job.work_dir = work_dir
             self._mark_done(job, FINISHED, 0, None)
-            job.reason = "finished before (--resume)"
+            job.reason = RESUME_SKIP_REASON
         self.term.event(f"--resume: {len(done)} experiment(s) already finished here are skipped")
 
     # ---------------------------------------------------------------- commands
@@ -7905,7 +7996,7 @@ class Scheduler:
                                             "run this again once it has exited"}
         config = load_config(path)
         if not self.backend.allocates_gpus:
-            check_gpu_requests(config, self.gpu_pool)
+            check_gpu_requests(config, self.gpu_pool, joining=True)
         new = self._take_jobs(config)
         for w in config.warnings:
             self.term.event(f"warning: {w}")
@@ -7992,10 +8083,7 @@ class Scheduler:
         """Free GPU capacity now; with gpu_free_memory_mb, nvidia-smi is asked again (GPUs used by others)."""
         if not self.gpu_pool:
             return None
-        for orphan in [o for o in self._orphans if o[0].poll() is not None]:  # ended: its GPUs are free
-            self._orphans.remove(orphan)
-            for gpu in orphan[1]:
-                self.gpu_use[gpu] = max(0, self.gpu_use.get(gpu, 0) - 1)
+        self._prune_orphans()
         unusable: list[int] = []
         limit_mb = self.config.scheduler.gpu_free_memory_mb
         wants = any(j.gpu_request()[1] and j.not_before <= now for j in self.queue)
@@ -8051,7 +8139,8 @@ class Scheduler:
 
     def _print_summary(self, interrupted: bool) -> None:
         # Each experiment is counted on one line: one whose end could not be recorded has its own.
-        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1 and not j.error]
+        skipped = [j for j in self.jobs if j.status == FINISHED and j.reason == RESUME_SKIP_REASON]
+        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1 and not j.error and j not in skipped]
         retried = [j for j in self.jobs if j.status == FINISHED and j.attempt > 1 and not j.error]
         failed = [j for j in self.jobs if j.status in (ERROR, KILLED)]
         never = [j for j in self.jobs if j.status == PENDING]
@@ -8059,6 +8148,8 @@ class Scheduler:
         t.plain()
         t.plain(f"summary: {len(self.jobs)} experiment(s) in {format_duration(self._clock() - self._t0)}"
                 + (" (interrupted)" if interrupted else ""))
+        if skipped:
+            t.plain(f"  finished before (--resume), skipped: {len(skipped)}")
         t.plain(f"  succeeded first time:    {len(first)}")
         t.plain(f"  succeeded after retries: {len(retried)}"
                 + (" (" + ", ".join(f"{j.label()} x{j.attempt}" for j in retried) + ")" if retried else ""))
@@ -8073,6 +8164,10 @@ class Scheduler:
             for j in unrecorded:
                 t.plain(f"    {j.label()}: {j.error}  {_short_path(j.work_dir)}")
         t.plain(f"  state: {_short_path(self.state_path)}")
+
+
+#: The reason given to a task that ``exp run --resume`` finds finished already.
+RESUME_SKIP_REASON = "finished before (--resume)"
 
 
 def format_plan(config: BatchConfig, resume: bool = False) -> str:
@@ -9544,13 +9639,16 @@ def notify(text: str, *, webhook: str | None = None, secret: str | None = None) 
 
     The webhook comes from ``webhook`` or ``LARK_WEBHOOK`` (the scheduler sets
     it for its experiments when ``notify`` is configured), the signing secret
-    from ``secret`` or ``LARK_WEBHOOK_SECRET``.  A failure is a warning on
-    stderr and False, never an exception; no webhook at all is a ConfigError.
+    from ``secret`` or ``LARK_WEBHOOK_SECRET``.  A failure, no webhook at all
+    included, is a warning on stderr and False, never an exception: a
+    notification never stops a training (one run outside a batch with
+    ``notify``, say).
     """
     url = webhook or os.environ.get(WEBHOOK_ENV, "").strip()
     if not url:
-        raise ConfigError(f"exp.notify(): no webhook; pass webhook=... or set {WEBHOOK_ENV} "
-                          "(or [scheduler] notify = {{ lark_webhook = ... }})")
+        print(f"exp: warning: notification not sent: no webhook; pass exp.notify(..., webhook=...) or set "
+              f"{WEBHOOK_ENV} (in a batch: [scheduler] notify = {{ lark_webhook = ... }})", file=sys.stderr)
+        return False
     if secret is None:
         secret = os.environ.get(WEBHOOK_SECRET_ENV) or None
     import json
@@ -11815,10 +11913,20 @@ class DashboardServer:
 
 def find_page() -> str:
     """Where exp_ui.html is: next to exp.py (a copy, a checkout), else where ``pip install`` puts it."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), DASHBOARD_PAGE)
+    where = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.join(where, DASHBOARD_PAGE)
     if os.path.isfile(here):
         return here
-    for prefix in (sys.prefix, sys.base_prefix):
+    # Data files go to <prefix>/share/exp, where exp.py went to <prefix>/lib/pythonX.Y/site-packages:
+    # a venv's or the system's prefix, ~/.local for `pip install --user`, any --prefix.
+    prefixes = [os.path.dirname(os.path.dirname(os.path.dirname(where))), sys.prefix, sys.base_prefix]
+    try:
+        import site
+
+        prefixes.append(site.getuserbase())
+    except (ImportError, AttributeError):  # pragma: no cover - an embedded interpreter
+        pass
+    for prefix in prefixes:
         installed = os.path.join(prefix, "share", "exp", DASHBOARD_PAGE)
         if os.path.isfile(installed):
             return installed
@@ -11958,7 +12066,15 @@ def _send(base: str, action: str, **body: Any) -> dict[str, Any]:
     return StateFile(base).send_command(action, **body)
 
 
+def _base_dir_arg(path: str) -> str:
+    """A base directory given on the command line: ConfigError for a file (a missing one may come)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{path} is not a directory; pass the base directory of your experiments")
+    return path
+
+
 def _cmd_control(args: Any) -> int:
+    _base_dir_arg(args.dir)
     body: dict[str, Any] = {"tasks": list(getattr(args, "tasks", None) or [getattr(args, "task", None)])}
     if args.action == "priority":
         body["value"] = args.value
@@ -11993,7 +12109,7 @@ def _or_dash(value: Any) -> str:
 
 
 def _cmd_status(args: Any) -> int:
-    state = StateFile(args.dir)
+    state = StateFile(_base_dir_arg(args.dir))
     data = state.read() or {}
     raw_summary = data.get("summary")
     summary: dict[str, Any] = raw_summary if isinstance(raw_summary, dict) else {}
@@ -12113,7 +12229,8 @@ def _tune_malloc() -> None:
 
 def _cmd_see(args: Any) -> int:
     if not 0 <= args.port <= 65535:
-        raise ExpError(f"--port must be between 0 and 65535, got {args.port}")
+        raise ConfigError(f"--port must be between 0 and 65535, got {args.port}")
+    _base_dir_arg(args.dir)
     _reexec_as_import()
     _tune_malloc()
     server = DashboardServer(args.dir, host=args.host, port=args.port, token=args.token, verbose=args.verbose)

@@ -995,6 +995,38 @@ def test_a_joining_config_with_too_many_gpus_is_refused(tmp_path, start, marks):
     assert s.wait() == 0
 
 
+def test_a_joining_config_asking_for_gpu_ids_outside_the_pool_is_told_whose_pool_it_is(tmp_path, start, marks):
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "holder", "command": marks.hold("holder")}], gpus=[])
+    s = start(cfg)
+    marks.wait_started("holder", sched=s)
+    other = write_config(tmp_path / "o.toml", base, [{"name": "g", "command": "true", "gpu_ids": [0]}], gpus=[0])
+    r = cli("run", other, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "gpu_ids [0] are not in the running scheduler's pool, which is empty; a joining file's [scheduler] " \
+           "settings do not apply" in r.stderr, r.stderr
+    assert s.alive()
+    marks.release("holder")
+    assert s.wait() == 0
+
+
+@pytest.mark.parametrize("args", [["status", "F"], ["shutdown", "F"], ["kill", "x", "--dir", "F"],
+                                  ["see", "F", "--no-browser"]], ids=lambda a: a[0])
+def test_a_file_where_a_base_directory_goes_is_a_usage_error(tmp_path, args):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a directory")
+    r = cli(*[str(f) if a == "F" else a for a in args], cwd=tmp_path, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip() == f"exp: error: {f} is not a directory; pass the base directory of your experiments"
+    assert f.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_see_with_a_port_out_of_range_is_a_usage_error(tmp_path, port):
+    r = cli("see", str(tmp_path), "--port", port, "--no-browser", cwd=tmp_path, timeout=30)
+    assert r.returncode == 2 and f"--port must be between 0 and 65535, got {port}" in r.stderr, r.stderr
+
+
 def test_scheduler_run_in_process_on_an_owned_base_raises(tmp_path, start, marks):
     base, s = holder_scheduler(tmp_path, start, marks)
     wait_task(base, 1, "running")

@@ -1122,7 +1122,7 @@ def test_patterns_compiled_at_first_use_work_and_become_plain_patterns():
             "lazy = exp._INT_RE\n"
             "print(exp.parse_metric('12'), exp.parse_metric('007'), exp.parse_metric('-0.5e3'))\n"
             "print(type(exp._INT_RE).__name__, lazy.match('3') is not None, lazy.match('03') is None)\n"
-            "print(exp._LOWER_IS_BETTER_RE.search('Val_LOSS') is not None)\n"  # an inline (?i) flag
+            "print(exp._SECRET_KEY_RE.search('my_api_token') is not None)\n"  # an inline (?i) flag
             "import copy; copy.deepcopy(exp._LazyRe('x'))")
     r = subprocess.run([sys.executable, "-S", "-c", code, ROOT], capture_output=True, text=True,
                        timeout=60, env=child_env())

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -1119,6 +1120,43 @@ def earlier_project_dir(base_dir):
         "lark_config": {"app_id": "cli_x", "app_secret": "s3cr3t-value"},
     }), encoding="utf-8")
     return d
+
+
+@posix_only
+def test_an_earlier_project_directory_with_a_run_keeps_it_in_runs_when_resumed(base_dir):
+    # The earlier project kept no `runs` list: its run_0001 files were there, but a resume listed
+    # only the new run_0002 (exp ls said 1 run).
+    d = base_dir / "old_2025-01-02__03-04-05"
+    (d / "terminal_logs").mkdir(parents=True)
+    (d / "metrics").mkdir()
+    (d / "terminal_logs" / "run_0001.log").write_text("first run\n")
+    (d / "metrics" / "run_0001.csv").write_text("step,loss\n1,0.5\n")
+    (d / "metadata.json").write_text(json.dumps({
+        "name": "old", "command": "echo again", "status": "error", "return_code": 2,
+        "start_time": "2025-01-02T03:04:05", "completed_at": "2025-01-02T04:00:00",
+        "timestamp": "2025-01-02T03:04:05"}), encoding="utf-8")
+    e = exp.Experiment("old", "echo again", base_dir=base_dir, resume="2025-01-02__03-04-05")
+    assert e.run() == 0
+    m = read_meta(d)
+    assert [r["id"] for r in m["runs"]] == ["run_0001", "run_0002"]
+    first = m["runs"][0]
+    assert (first["status"], first["exit_code"], first["started_at"], first["ended_at"]) == (
+        "error", 2, "2025-01-02T03:04:05", "2025-01-02T04:00:00")
+    assert (m["status"], m["current_run_id"]) == ("finished", "run_0002")
+    assert exp.ExperimentDir(d).summary()["runs"] == 2
+    assert e.runs() == ["run_0001", "run_0002"]
+
+
+def test_tail_log_and_last_metrics_default_to_the_current_run(base_dir):
+    d, _ = exp.ExperimentDir.create(str(base_dir), "t")
+    assert d.tail_log() == "" and d.last_metrics() == {}  # no run yet
+    for rid, text, rows in (("run_0001", "one\n", "a\n1\n"), ("run_0002", "two\nlines\n", "a\n2\n")):
+        Path(d.log_path(rid)).write_text(text)
+        Path(d.metrics_path(rid)).write_text(rows)
+    assert d.tail_log() == "two\nlines\n" and d.last_metrics() == {"a": 2}  # the newest, by its files
+    d.write_metadata({"name": "t", "current_run_id": "run_0001"})
+    assert d.tail_log() == "one\n" and d.tail_log(lines=1) == "one\n" and d.last_metrics() == {"a": 1}
+    assert d.tail_log("run_0002", 1) == "lines\n"
 
 
 @posix_only

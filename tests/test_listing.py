@@ -172,6 +172,10 @@ UNREADABLE_CASES = {
     "utf16": _write_bytes('{"name": "x"}'.encode("utf-16")),
     "deep_list": _write_bytes(b"[" * DEPTH + b"]" * DEPTH),
     "deep_object": _write_bytes(b'{"a":' * DEPTH + b"1" + b"}" * DEPTH),
+    # Deep enough to be refused, shallow enough for every Python to parse (3.13 parses far deeper
+    # than 3.12: the same file must read the same on both).
+    "deep_object_300": _write_bytes(b'{"name": "x", "status": "finished", "a":' + b'{"a":' * 300 + b"1"
+                                    + b"}" * 301),
     "huge_int": _write_bytes(b'{"exit_code": 1' + b"0" * 5000 + b"}"),
     "fifo": _fifo,
     "directory": _directory,

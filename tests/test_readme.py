@@ -171,6 +171,24 @@ def test_a_regular_install_ships_the_page(checkout, tmp_path):
     assert Path(page).read_bytes() == (ROOT / "exp_ui.html").read_bytes()
 
 
+def test_an_install_under_another_prefix_finds_the_page(checkout, tmp_path):
+    # `pip install --user` (or --prefix) puts exp.py in <prefix>/lib/pythonX.Y/site-packages and the
+    # page in <prefix>/share/exp: neither sys.prefix nor sys.base_prefix, and the page was not found.
+    prefix = tmp_path / "pfx"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--prefix", str(prefix), str(checkout)], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (module,) = prefix.rglob("site-packages/exp.py")
+    env = dict(os.environ, PYTHONPATH=str(module.parent))
+    r = subprocess.run([sys.executable, "-c", "import exp; print(exp.__file__); print(exp.find_page())"],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    found_module, page = r.stdout.split()
+    assert found_module == str(module), r.stdout + r.stderr
+    assert page == str(prefix / "share" / "exp" / "exp_ui.html")
+    assert Path(page).read_bytes() == (ROOT / "exp_ui.html").read_bytes()
+
+
 def _version():
     return re.search(r'^__version__ = "(.+)"', (ROOT / "exp.py").read_text(), re.M).group(1)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXP_PY, child_env, pid_gone, read_meta, try_state, wait_for
+from conftest import EXP_PY, child_env, pid_gone, read_meta, run_exp, try_state, wait_for
 from conftest import exp_dirs as dirs_of
 from conftest import write_batch as write_config
 
@@ -407,6 +407,9 @@ def test_resume_skips_what_finished_and_reruns_what_failed(tmp_path, marks, sche
     assert s.wait() == 0, s.output()
     out = s.output()
     assert "--resume: 4 experiment(s) already finished here are skipped" in out, out
+    # The summary counts all 7: the 4 skipped on a line of their own, the 3 that ran again.
+    assert "summary: 7 experiment(s)" in out and "finished before (--resume), skipped: 4" in out, out
+    assert re.search(r"succeeded first time:\s+3\n", out) and re.search(r"failed:\s+0\n", out), out
     assert [len(marks.runs(n)) for n in ("ok", "bad", "rep", "sw0", "sw4")] == [1, 2, 4, 1, 2]
     assert marks.runs("rep")[-1].split()[1] == "3"  # the repeat that failed is the one that ran again
     assert [len(dirs_of(base, n)) for n in ("ok", "bad", "rep", "sw_0", "sw_4")] == [1, 2, 4, 1, 2]
@@ -1139,6 +1142,43 @@ def test_gpus_of_a_run_adopted_from_its_directory_are_not_given_out_again(tmp_pa
     assert (tmp_path / "cvd").read_text().split("\n")[0] == "2 0"
 
 
+def test_a_run_left_by_a_crash_is_adopted_by_its_config_even_after_another_batch_ran_between(
+        tmp_path, marks, sched, kill_groups_later):
+    # Scheduler 1 (c.toml) dies while "long" runs; scheduler 2 runs another config in the same base
+    # directory and ends; then c.toml runs again, as scheduler 2's warning said.  "long" was still
+    # running: it must be adopted, not started a second time beside itself.
+    base = tmp_path / "results"
+    cfg = write_config(tmp_path / "c.toml", base, [{"name": "long", "command": marks.gated("long")},
+                                                   {"name": "short", "command": marks.quick("short")}],
+                       max_concurrent_experiments=2, check_interval=0.2)
+    other = write_config(tmp_path / "other.toml", base, [{"name": "other", "command": marks.quick("other")}])
+    s1 = sched(cfg)
+    wait_for(lambda: marks.runs("short") and [t["name"] for t in (try_state(base) or {}).get("running", [])]
+             == ["long"], 30, what="the state file to say that long runs")
+    s1.crash()
+    s2 = sched(other)
+    assert s2.wait() == 0, s2.output()
+    out = s2.output()
+    assert "1 task(s) of the scheduler that died are in no config this one has: long (running)" in out, out
+    assert "1 still running: they go on, listed as running here, and a scheduler of their config adopts " \
+           "them rather than start them again" in out, out
+    state = json.loads((base / ".exp_state" / "scheduler_state.json").read_text())
+    assert state["summary"]["status_indicator"] == "stopped"
+    assert [(t["name"], t.get("orphan")) for t in state["running"]] == [("long", True)]
+    r = run_exp("status", base)
+    assert "long" in r.stdout, r.stdout
+
+    s3 = sched(cfg)
+    wait_for(lambda: "adopted  long" in s3.output(), 30, what="scheduler 3 to adopt long")
+    marks.open("long")
+    assert s3.wait() == 0, s3.output()
+    assert len(marks.runs("long")) == 1, s3.output()  # never a second copy
+    assert len(dirs_of(base, "long")) == 1
+    assert read_meta(dirs_of(base, "long")[0])["status"] == "finished"
+    state = json.loads((base / ".exp_state" / "scheduler_state.json").read_text())
+    assert not [t for t in state["running"] if t.get("orphan")]
+
+
 def test_a_still_running_run_of_an_edited_task_keeps_its_gpus(tmp_path, marks, sched, kill_groups_later):
     # The config was edited after the crash: the old run is "in no config", but it still holds its
     # GPU, which was given to the new task at once.
@@ -1155,7 +1195,7 @@ def test_a_still_running_run_of_an_edited_task_keeps_its_gpus(tmp_path, marks, s
                        gpus=[0], check_interval=0.2)
     s = sched(cfg)
     wait_for(lambda: "in no config" in s.output(), 30, what="the warning about the old run")
-    assert "GPUs 0 stay taken until it ends" in s.output(), s.output()
+    assert "GPUs 0 stay taken until they end" in s.output(), s.output()
     time.sleep(1.5)  # several plans: the new task must wait for GPU 0
     assert marks.runs("new") == [] and "started" not in s.output(), s.output()
     marks.open("old")

@@ -506,3 +506,23 @@ def test_ls_sort_by_param_with_failed_runs(tmp_path):
     assert header[5:7] == ["params", "dir"]
     assert [(row[0], row[5]) for row in rows] == [
         ("api_0.3", "lr=0.3"), ("api_0.2", "lr=0.2"), ("api_0.1", "lr=0.1"), ("no_params", "-")]
+
+
+@pytest.mark.parametrize("field, template", [("name", "x{lr:99999999999}"), ("command", "echo {lr:999999999}"),
+                                             ("command", "echo {lr:.5000f}")])
+def test_a_placeholder_format_asking_for_a_huge_width_is_a_config_error(tmp_path, field, template):
+    # {lr:999999999} made a gigabyte of padding (2 GB of memory, a 1 GB plan line); a longer number
+    # a MemoryError traceback.
+    values = {"name": "x", "command": "true", field: template}
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[[experiments]]\nname = "{values["name"]}"\ncommand = "{values["command"]}"\n'
+                   "[experiments.sweep]\nlr = [1]\n")
+    r = cli("run", cfg, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout[-500:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and len(r.stderr) < 2000
+    assert f"experiments[0].{field}: cannot fill" in r.stderr and "at most 1000 are taken" in r.stderr
+    # Ordinary formats work.
+    cfg.write_text('[[experiments]]\nname = "x{i:04d}"\ncommand = "echo {lr:.3e} {i:>8}"\n'
+                   "[experiments.sweep]\nlr = [1]\ni = [3]\n")
+    r = cli("run", cfg, "--dry-run", cwd=tmp_path)
+    assert r.returncode == 0 and "x0003" in r.stdout and "echo 1.000e+00        3" in r.stdout, r.stdout

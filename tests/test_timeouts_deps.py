@@ -500,6 +500,25 @@ def test_config_errors_for_dependencies_exit_2_before_anything_runs(rig):
     assert not rig.base.exists() and rig.records(".start") == []
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"nmae": "prep"}, "experiments[0]: missing required key 'name'"),
+    ({"name": 3}, "experiments[0].name: expected a non-empty string, got 3"),
+])
+def test_a_missing_or_wrong_name_beside_depends_on_is_a_config_error_not_a_traceback(rig, bad, message):
+    # check_dependencies took the missing name (None) for one and failed in difflib.
+    rig.write({}, [
+        {**bad, "command": rig.cmd()},
+        {"name": "train", "command": rig.cmd(), "depends_on": ["prep"]},
+    ])
+    for extra in ((), ("--dry-run",)):
+        r = rig.run(*extra)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert r.stderr.startswith("exp: error: ") and message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    with pytest.raises(exp.ConfigError, match=re.escape(message)):
+        exp.load_config(str(rig.config))
+
+
 def test_a_delayed_job_starts_when_its_delay_ends_even_if_the_loop_wakes_late(tmp_path):
     # A wake-up that came late (a loaded machine) found the job already due, so no delay
     # "to end", and it waited for the next check_interval (60 s here).  A clock that jumps
