@@ -122,7 +122,7 @@ __all__ = [
     "LS_GROUP_LEAD_COLUMNS", "main",
     # small helpers
     "PathText", "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
-    "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff",
+    "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff", "redact_diff",
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
@@ -858,6 +858,49 @@ def git_info(cwd: str) -> dict[str, Any] | None:
 _DIFF_CACHE: dict[str, tuple[float, bytes | None]] = {}
 _DIFF_CUT_NOTE = "# exp: cut at {} bytes; the diff is longer\n"
 _DIFF_UNTRACKED = "# exp: untracked files (not in the diff above):\n"
+_DIFF_REDACTED_NOTE = "# exp: {} value(s) named like secrets are shown as ***\n"
+# `name = "value"`, `"name": 'value'`, `name: value`, `NAME=value` in a line of a diff.
+_TEXT_ASSIGN_RE = _LazyRe(r"""(?P<name>[A-Za-z_][\w.-]*)(?P<sep>["']?[ \t]*[:=][ \t]*)"""
+                          r"""(?:(?P<q>["'])(?P<qval>[^"'\n]+)(?P=q)|(?P<val>[^\s"',;}\]#]+))""")
+# A Lark/Feishu bot's webhook: its id is the credential.
+_HOOK_URL_RE = _LazyRe(r"(/open-apis/bot/v2/hook/)[\w-]+")
+#: Files whose unquoted values are values (a config), not code: their ``name: value`` is redacted too.
+_CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".env", ".ini", ".cfg", ".conf", ".properties", ".json")
+
+
+def redact_diff(diff: str) -> tuple[str, int]:
+    """``diff`` (``git diff`` text) with the values of secret-named settings as ``***``, and how many.
+
+    A quoted value of a name :func:`secret_name` calls a secret (``app_secret =
+    "..."`` in a TOML, ``api_key="..."`` in code), an unquoted one in a config
+    file or of an upper-case name (``HF_TOKEN=...``), a URL's password and a
+    Lark bot's webhook id.  Code is otherwise left as it is, so the diff still
+    says what changed.
+    """
+    count = 0
+    config = False
+
+    def assign(m: Any) -> str:
+        nonlocal count
+        name, val = m.group("name"), m.group("qval") or m.group("val")
+        if not secret_name(name) or val == "***" or (m.group("val") and not (config or name.isupper())):
+            return m.group(0)
+        count += 1
+        q = m.group("q") or ""
+        return f"{name}{m.group('sep')}{q}***{q}"
+
+    out = []
+    for line in diff.splitlines(keepends=True):
+        if line.startswith("+++ "):
+            config = line.rstrip().lower().endswith(_CONFIG_SUFFIXES)
+        elif line[:1] in "+- " and not line.startswith("--- "):
+            new = _TEXT_ASSIGN_RE.sub(assign, line)
+            new, n = _HOOK_URL_RE.subn(r"\1***", new)
+            new, k = _URL_PASSWORD_RE.subn(r"\1***", new)
+            count += n + k
+            line = new
+        out.append(line)
+    return "".join(out), count
 
 
 def git_code_diff(cwd: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> bytes | None:
@@ -890,6 +933,11 @@ def git_code_diff(cwd: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> bytes | Non
                 if cut:
                     diff = diff[:max_bytes]
                     diff = diff[:diff.rfind(b"\n") + 1] + _DIFF_CUT_NOTE.format(max_bytes).encode()
+                # Secrets in the changed files (a config's app_secret) never reach the disk.
+                text, hidden = redact_diff(diff.decode("utf-8", "surrogateescape"))
+                diff = text.encode("utf-8", "surrogateescape")
+                if hidden:
+                    diff += _DIFF_REDACTED_NOTE.format(hidden).encode()
                 if names:
                     diff += (_DIFF_UNTRACKED + "".join(f"#   {clean_line(n)}\n" for n in names)).encode("utf-8")
                 out = diff
@@ -906,7 +954,7 @@ def read_code_diff(work_dir: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> dict[
             data = f.read(max_bytes + 64 * 1024)
     except OSError:
         return {"text": None, "truncated": False, "untracked": []}
-    text = data.decode("utf-8", "replace")
+    text = redact_diff(data.decode("utf-8", "replace"))[0]  # one written before exp redacted them
     untracked: list[str] = []
     head, sep, tail = text.partition(_DIFF_UNTRACKED)
     if sep:
@@ -4984,8 +5032,21 @@ class Experiment:
             if outbox is not None:
                 outbox.close()
             outbox = self._outbox = _Outbox(self.dir.lark_outbox_path(rid))
+        queued = _lark_row(row)
+        extra = settings.get("extra_fields") or {}
+        if extra and extra != (self._lark_settings(None).get("extra_fields") or {}):
+            # This call's own extra_fields (save_row(lark_config={"extra_fields": ...})) go with this
+            # row, filled in now; the row's own values still win.
+            subst = {"{name}": self.name, "{run_id}": rid, "{host}": _hostname(), "{work_dir}": self.work_dir}
+            filled = {}
+            for k, v in extra.items():
+                if isinstance(v, str):
+                    for pat, rep in subst.items():
+                        v = v.replace(pat, rep)
+                filled[k] = v
+            queued = {**filled, **queued}
         try:
-            outbox.append([_lark_row(row)])
+            outbox.append([queued])
         except OSError as e:
             self._warn_once(f"lark: row not queued for Lark ({e}); it is in the CSV")
             return
@@ -5000,9 +5061,11 @@ class Experiment:
         except ExpError as e:
             self._warn_once(f"lark: {e}")
             return
-        if sender.sync.settings != settings:
-            self._warn_once("lark: save_row(lark_config=...) changed the settings during the run; one run's rows "
-                            "all go to the table its first save_row(lark=True) named")
+        first = {k: v for k, v in sender.sync.settings.items() if k != "extra_fields"}
+        if first != {k: v for k, v in settings.items() if k != "extra_fields"}:
+            self._warn_once("lark: save_row(lark_config=...) changed settings other than extra_fields during the "
+                            "run; they are not taken: one run's rows all go to the table, in the mode, its first "
+                            "save_row(lark=True) named (a row's own extra_fields are taken)")
         sender.notify()
 
     def _warn_once(self, message: str) -> None:
@@ -5190,7 +5253,7 @@ class Experiment:
         def send() -> None:
             try:
                 _, left = LarkSync(self.dir, settings, warn=self._warn,
-                                   context={"name": self.name, "cwd": self.cwd}).drain([rid], time.time() + wait)
+                                   context=self._lark_context()).drain([rid], time.time() + wait)
             except Exception as e:  # noqa: BLE001 - reported, never raised into the run's end
                 left = lark_pending(self.dir, rid)
                 self._warn(f"lark: {e}")
@@ -5200,6 +5263,13 @@ class Experiment:
 
         _lark_in_background(send, f"exp-lark-after-{rid}", wait)
 
+    def _lark_context(self) -> dict[str, Any]:
+        """What ``{name}``, ``{host}`` and ``{cwd}`` in extra_fields become when this process sends a run's
+        rows for it (the run's own process gave the same): the host the run ran on."""
+        meta, _ = self.dir.try_read_metadata()
+        host = (meta or {}).get("hostname")
+        return {"name": self.name, "host": host if isinstance(host, str) and host else _hostname(), "cwd": self.cwd}
+
     def _lark_summary_end(self, rid: str, status: str) -> None:
         """Summary mode: the run's record gets its final status and duration, from a thread."""
         settings = lark_settings(self._lark)
@@ -5208,7 +5278,7 @@ class Experiment:
 
         def send() -> None:
             try:
-                LarkSync(self.dir, settings, warn=self._warn, context={"name": self.name}).summary_update(rid, status)
+                LarkSync(self.dir, settings, warn=self._warn, context=self._lark_context()).summary_update(rid, status)
             except Exception as e:  # noqa: BLE001 - reported, never raised into the run's end
                 self._warn(f"lark: the summary record of {rid} was not updated: {e}")
 
@@ -8669,8 +8739,12 @@ class LarkClient:
                             retryable=status >= 500 or status == 429)
         return status, hdrs, payload
 
-    def token(self, *, fresh: bool = False) -> str:
-        """The tenant access token, cached per app for the process and renewed before it expires."""
+    def token(self, *, fresh: bool = False, tries: int | None = None) -> str:
+        """The tenant access token, cached per app for the process and renewed before it expires.
+
+        ``tries``: attempts at fetching it (default the client's); a call that needs one fetches it
+        once per its own attempt, so that retries do not nest (6 x 6 requests with the network down).
+        """
         key = (self.base, self.app_id)
         with _LARK_CACHE_LOCK:
             cached = _LARK_TOKENS.get(key)
@@ -8679,7 +8753,7 @@ class LarkClient:
             elif cached and cached[1] - LARK_TOKEN_MARGIN > time.time():
                 return cached[0]
         payload = self._retrying("POST", self.TOKEN_PATH, body={"app_id": self.app_id, "app_secret": self._secret},
-                                 auth=False)
+                                 auth=False, tries=tries)
         tok, expire = payload.get("tenant_access_token"), payload.get("expire")
         if not isinstance(tok, str) or not tok:
             raise LarkError("Lark returned no tenant_access_token; check the domain setting")
@@ -8695,14 +8769,15 @@ class LarkClient:
         data = payload.get("data")
         return data if isinstance(data, dict) else {}
 
-    def _retrying(self, method: str, path: str, *, auth: bool, **kw: Any) -> dict[str, Any]:
+    def _retrying(self, method: str, path: str, *, auth: bool, tries: int | None = None, **kw: Any) -> dict[str, Any]:
         import random
 
         refreshed = False
         attempt = 0
+        limit = tries or self.attempts
         while True:
             try:
-                token = self.token() if auth else None
+                token = self.token(tries=1) if auth else None
                 status, headers, payload = self._http(method, path, token=token, **kw)
                 code = payload.get("code", payload.get("StatusCode"))
                 if code == 0:
@@ -8711,7 +8786,7 @@ class LarkClient:
                 if auth and code in LARK_TOKEN_CODES and not refreshed:
                     # Drop the cached token (a retry with it would fail again), fetch one, retry once.
                     refreshed = True
-                    self.token(fresh=True)
+                    self.token(fresh=True, tries=1)
                     continue
                 if not auth and code in (10014, 99991543, 10003):
                     raise LarkError(f"Lark rejected the app's credentials (code {code}: {msg}); check app_id and "
@@ -8729,7 +8804,7 @@ class LarkClient:
                 if not e.retryable:
                     raise
                 attempt += 1
-                if attempt >= self.attempts:
+                if attempt >= limit:
                     raise
                 # Exponential backoff with full jitter; the rate limiter's own reset time when it gives one.
                 delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
@@ -9232,12 +9307,22 @@ class LarkSync:
             last.update({k: v for k, v in r.items() if v is not None and v != ""})
         fields = self.summary_fields(run_id, last, status)
         if not cursor.get("record_id"):
+            # A create whose answer was lost is replayed with its token and the very body it had (Lark
+            # answers a token with another body 1255006, and the record would never be made); the
+            # fields as they are now then go in as an update.
             if not cursor.get("create_token"):
-                cursor["create_token"] = str(uuid.uuid4())
+                cursor.update(create_token=str(uuid.uuid4()), create_fields=fields)
                 self._save_cursor(run_id, cursor, sync=True)
+            created = cursor.get("create_fields")
+            if not isinstance(created, dict):  # a token an older exp saved alone
+                created = fields
             with self._table_lock():
-                cursor["record_id"] = self.client.create_record(self.app_token, self.table_id, fields,
+                cursor["record_id"] = self.client.create_record(self.app_token, self.table_id, created,
                                                                 cursor["create_token"])
+                cursor.pop("create_fields", None)
+                if fields != created:
+                    self._save_cursor(run_id, cursor)  # the record exists: never created twice
+                    self.client.update_record(self.app_token, self.table_id, cursor["record_id"], fields)
         else:
             with self._table_lock():
                 self.client.update_record(self.app_token, self.table_id, cursor["record_id"], fields)
@@ -9303,6 +9388,7 @@ class _LarkSender:
         self._wake = threading.Event()
         self._idle = threading.Event()
         self._stop = False
+        self._blocked = False  # by an error no retry fixes: nothing to wait for at exit
         self._thread = threading.Thread(target=self._loop, name=f"exp-lark-{run_id}", daemon=True)
         self._thread.start()
 
@@ -9313,6 +9399,7 @@ class _LarkSender:
     def _loop(self) -> None:
         failures = 0
         started = False
+        said_permanent = False
         while True:
             self._wake.wait()
             if not self._stop:
@@ -9330,17 +9417,22 @@ class _LarkSender:
                 self._idle.set()
             except Exception as e:  # noqa: BLE001 - a sender must never take the training down
                 failures += 1
+                # What no retry can fix (credentials refused, no such table): one warning, and no waiting
+                # for it at exit; it is tried again every few minutes, in case it is fixed meanwhile.
                 permanent = not isinstance(e, LarkError) or (not e.retryable and e.code in LARK_PERMANENT_CODES)
-                if failures == 1 or (permanent and failures == 3):
-                    what = e if isinstance(e, LarkError) else f"{type(e).__name__}: {e}"
-                    self._warn(f"lark: {what}; " + (
-                        "syncing waits for this to be fixed, trying again every few minutes; the rows stay in "
-                        f"{self.sync.dir.lark_outbox_path(self.run_id)} (or run: python exp.py lark-sync "
-                        f"{self.sync.dir.path})" if permanent and failures >= 3 else "retrying"))
-                if self._stop and failures >= 3:
-                    self._idle.set()  # exiting: the flush says what is left
+                what = e if isinstance(e, LarkError) else f"{type(e).__name__}: {e}"
+                self._blocked = permanent
+                if permanent and not said_permanent:
+                    said_permanent = True
+                    self._warn(f"lark: {what}; syncing waits for this to be fixed, trying again every few "
+                               f"minutes; the rows stay in {self.sync.dir.lark_outbox_path(self.run_id)} (or run: "
+                               f"python exp.py lark-sync {self.sync.dir.path})")
+                elif failures == 1 and not permanent:
+                    self._warn(f"lark: {what}; retrying")
+                if permanent or (self._stop and failures >= 3):
+                    self._idle.set()  # the flush at exit says what is left
                 self._wake.set()
-                time.sleep(300.0 if permanent and failures >= 3 else min(60.0, 2.0 ** failures))
+                time.sleep(300.0 if permanent else min(60.0, 2.0 ** failures))
 
     def flush(self, timeout: float | None = None) -> int:
         """Wait (at most ``timeout``, default ``flush_timeout``) until the outbox is sent; the rows left."""
@@ -9348,7 +9440,7 @@ class _LarkSender:
         self._wake.set()
         limit = self.flush_timeout if timeout is None else timeout
         deadline = time.time() + limit
-        while time.time() < deadline and self._thread.is_alive():
+        while time.time() < deadline and self._thread.is_alive() and not self._blocked:
             if self._idle.wait(min(0.05, max(0.0, deadline - time.time()))) and not self._wake.is_set():
                 break
         return sum(lark_pending(self.sync.dir, r) for r in self.sync.dir.lark_runs())
@@ -9512,6 +9604,57 @@ def notification_card(title: str, status: str, lines: list[tuple[str, str]], log
             return build("", 40)
 
 
+class _WebhookWindow:
+    """The bot's rate limits (:data:`WEBHOOK_PER_SECOND`, :data:`WEBHOOK_PER_MINUTE`) as a sliding window:
+    :meth:`wait` returns when one more message may go."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self._sent: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                while self._sent and now - self._sent[0] > 60:
+                    self._sent.popleft()
+                recent = sum(1 for t in self._sent if now - t < 1.0)
+                if len(self._sent) < WEBHOOK_PER_MINUTE and recent < WEBHOOK_PER_SECOND:
+                    self._sent.append(now)
+                    return
+                if len(self._sent) >= WEBHOOK_PER_MINUTE:
+                    pause = max(0.01, 60 - (now - self._sent[0]) + 0.01)
+                else:
+                    pause = max(0.01, 1.0 - (now - self._sent[-WEBHOOK_PER_SECOND]) + 0.01)
+            time.sleep(pause)
+
+
+def _post_within_limits(url: str, message: dict[str, Any], secret: str | None, window: _WebhookWindow,
+                        timeout: float = 10.0, unreachable_again: bool = True,
+                        failed: Callable[[LarkError], Any] | None = None) -> None:
+    """:func:`post_webhook` within ``window``, tried again (up to :data:`WEBHOOK_RETRIES` times) when the
+    bot limits it (code 11232) or (``unreachable_again``) cannot be reached; LarkError when it still fails."""
+    for attempt in range(WEBHOOK_RETRIES + 1):
+        window.wait()
+        try:
+            post_webhook(url, message, secret, timeout=timeout)
+            return
+        except LarkError as e:
+            if failed is not None:
+                failed(e)
+            again = e.code == WEBHOOK_RATE_LIMITED or (e.retryable and unreachable_again)
+            if again and attempt < WEBHOOK_RETRIES:
+                time.sleep(1.0 + attempt)  # past the bot's one-second window, longer each time
+                continue
+            raise
+
+
+#: The window of exp.notify() calls in this process.
+_NOTIFY_WINDOW: list[_WebhookWindow] = []
+
+
 class Notifier:
     """Sends bot messages from a queue on its own thread, within the bot's rate limits; never raises.
 
@@ -9520,13 +9663,14 @@ class Notifier:
 
     def __init__(self, webhook: str, secret: str | None = None, *,
                  report: Callable[[str], Any] | None = None, timeout: float = 10.0) -> None:
-        import collections
         import queue
 
         self.webhook, self._secret, self.timeout = webhook, secret, timeout
         self.report = report or (lambda m: print(f"exp: {m}", file=sys.stderr))
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._sent: collections.deque[float] = collections.deque()
+        self._window = _WebhookWindow()
+        self._busy = False  # a message is being sent (taken from the queue, not yet sent or failed)
+        self._last_error: str | None = None
         self.sent = self.failed = 0
         self._thread = threading.Thread(target=self._loop, name="exp-notify", daemon=True)
         self._thread.start()
@@ -9556,48 +9700,34 @@ class Notifier:
             dropped += 1
 
     def close(self, timeout: float = 10.0) -> int:
-        """Send what is queued (at most ``timeout`` seconds), then stop; the messages left unsent."""
+        """Send what is queued (at most ``timeout`` seconds), then stop; the messages left unsent, each
+        said (none is dropped without a word, the one being sent included)."""
         self._queue.put(None)
         self._thread.join(timeout)
-        left = self.drop_queued() if self._thread.is_alive() else 0
+        left = (self.drop_queued() + (1 if self._busy else 0)) if self._thread.is_alive() else 0
         if left:
-            self.report(f"{left} notification(s) not sent: the bot's rate limit did not leave time")
+            why = (f"the webhook still failed ({self._last_error})" if self._last_error
+                   else "the bot's rate limit did not leave time")
+            self.report(f"{left} notification(s) not sent within {timeout:g} s at the batch's end: {why}")
         return left
-
-    def _throttle(self) -> None:
-        # A sliding window per second and per minute, as the bot's limits are stated.
-        while True:
-            now = time.monotonic()
-            while self._sent and now - self._sent[0] > 60:
-                self._sent.popleft()
-            recent = sum(1 for t in self._sent if now - t < 1.0)
-            if len(self._sent) < WEBHOOK_PER_MINUTE and recent < WEBHOOK_PER_SECOND:
-                self._sent.append(now)
-                return
-            if len(self._sent) >= WEBHOOK_PER_MINUTE:
-                time.sleep(max(0.01, 60 - (now - self._sent[0]) + 0.01))
-            else:
-                time.sleep(max(0.01, 1.0 - (now - self._sent[-WEBHOOK_PER_SECOND]) + 0.01))
 
     def _loop(self) -> None:
         while True:
             message = self._queue.get()
             if message is None:
                 return
-            for attempt in range(WEBHOOK_RETRIES + 1):
-                self._throttle()
-                try:
-                    post_webhook(self.webhook, message, self._secret, timeout=self.timeout)
-                    self.sent += 1
-                    break
-                except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
-                    again = isinstance(e, LarkError) and (e.code == WEBHOOK_RATE_LIMITED or e.retryable)
-                    if again and attempt < WEBHOOK_RETRIES:
-                        time.sleep(1.0 + attempt)  # past the bot's one-second window, longer each time
-                        continue
-                    self.failed += 1
-                    self.report(f"notification not sent: {e}")
-                    break
+            self._busy = True
+            try:
+                _post_within_limits(self.webhook, message, self._secret, self._window, self.timeout,
+                                    failed=lambda e: setattr(self, "_last_error", str(e)))
+                self.sent += 1
+                self._last_error = None
+            except Exception as e:  # noqa: BLE001 - the thread must go on for the next message
+                self.failed += 1
+                self._last_error = str(e)
+                self.report(f"notification not sent: {e}")
+            finally:
+                self._busy = False
 
 
 def post_webhook(url: str, message: dict[str, Any], secret: str | None = None, *, timeout: float = 10.0) -> None:
@@ -9642,7 +9772,9 @@ def notify(text: str, *, webhook: str | None = None, secret: str | None = None) 
     from ``secret`` or ``LARK_WEBHOOK_SECRET``.  A failure, no webhook at all
     included, is a warning on stderr and False, never an exception: a
     notification never stops a training (one run outside a batch with
-    ``notify``, say).
+    ``notify``, say).  Calls keep within the bot's rate limits, and one the
+    bot still limits (11232) is tried again up to 3 times; an unreachable
+    webhook is not, so that the script does not wait on it.
     """
     url = webhook or os.environ.get(WEBHOOK_ENV, "").strip()
     if not url:
@@ -9659,8 +9791,12 @@ def notify(text: str, *, webhook: str | None = None, secret: str | None = None) 
         over = len(json.dumps(message, ensure_ascii=False).encode("utf-8")) - limit
         text = text[: max(0, len(text) - max(over // 2, 16))].rstrip() + "…"  # escapes grow, so step again
         message = {"msg_type": "text", "content": {"text": text}}
+    if not _NOTIFY_WINDOW:
+        _NOTIFY_WINDOW.append(_WebhookWindow())
     try:
-        post_webhook(url, message, secret)
+        # A training script waits for this call: a bot that limits it is waited for (it answers), one
+        # that cannot be reached is not tried again.
+        _post_within_limits(url, message, secret, _NOTIFY_WINDOW[0], unreachable_again=False)
         return True
     except LarkError as e:
         print(f"exp: warning: notification not sent: {e}", file=sys.stderr)

@@ -625,3 +625,171 @@ def test_live_rows_reach_a_real_table(make_exp, train):  # pragma: no cover - ne
     assert "lark:" not in e.read_log()
     d = exp.ExperimentDir(e.work_dir)
     assert exp.lark_pending(d, "run_0001") == 0
+
+
+# ============================================================================
+# What a new user's review of the Lark features found
+# ============================================================================
+
+
+@posix_only
+def test_a_secret_in_a_changed_config_is_redacted_in_code_diff(lark, tmp_path):
+    # The README lets app_secret sit in lark_config; a batch file with it, changed in the work
+    # tree, went into code.diff whole, and the dashboard served it.
+    import shutil as sh
+
+    if sh.which("git") is None:
+        pytest.skip("needs git: code.diff is `git diff HEAD`")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    train_py = write_script(repo, "train.py", "print('hi')\n")
+    hook = lark.hook_url("h1")
+    lark.add_webhook("h1", secret="whsec-123456")
+    text = ('[scheduler]\nbase_experiment_dir = "results"\n'
+            'notify = {{ lark_webhook = "{hook}", secret = "{ws}", on = [] }}\n'
+            '[[experiments]]\nname = "t"\ncommand = "{py} train.py"\n'
+            'lark_config = {{ app_id = "{app}", app_secret = "{secret}", url = "{url}" }}\n')
+    cfg = repo / "batch.toml"
+    cfg.write_text(text.format(hook="x", ws="x", py=sys.executable, app=APP_ID, secret="PLACEHOLDER",
+                               url=url_of(lark)))
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "start"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    cfg.write_text(text.format(hook=hook, ws="whsec-123456", py=sys.executable, app=APP_ID, secret=SECRET,
+                               url=url_of(lark)))
+    r = run_exp("run", cfg, cwd=repo, env=child_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+    (d,) = exp_dirs(repo / "results", "t")
+    diff = (d / "code.diff").read_text()
+    assert "app_secret" in diff and 'app_secret = "***"' in diff, diff
+    assert "# exp: 5 value(s) named like secrets are shown as ***" in diff, diff  # 2 removed, 3 added
+    for p in (repo / "results").rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert SECRET.encode() not in data and b"whsec-123456" not in data and b"/hook/h1" not in data, p
+    assert str(train_py)  # the script itself is committed: only the config changed
+    detail = exp.read_code_diff(str(d))
+    assert SECRET not in detail["text"] and 'app_secret = "***"' in detail["text"]
+
+
+def test_redact_diff_hides_secret_values_and_leaves_code_alone():
+    diff = ('--- a/c.yaml\n+++ b/c.yaml\n+token: plainvalue\n+name: keep\n'
+            '--- a/t.py\n+++ b/t.py\n+sort_key = lambda x: x[0]\n+api_key = "sk-123"\n+HF_TOKEN=hf_abc\n'
+            '+url = "https://user:pw@host/x"\n+key: int = 3\n+hook = "https://x/open-apis/bot/v2/hook/ab-12"\n')
+    text, n = exp.redact_diff(diff)
+    assert text.splitlines() == [
+        "--- a/c.yaml", "+++ b/c.yaml", "+token: ***", "+name: keep", "--- a/t.py", "+++ b/t.py",
+        "+sort_key = lambda x: x[0]", '+api_key = "***"', "+HF_TOKEN=***", '+url = "https://user:***@host/x"',
+        "+key: int = 3", '+hook = "https://x/open-apis/bot/v2/hook/***"']
+    assert n == 5
+
+
+@posix_only
+def test_summary_mode_whose_create_answer_was_lost_still_ends_with_the_final_values(lark, make_exp, train):
+    # Lark made the record but every answer of the first create was lost; the retry replays the
+    # token, which needs the very same body (else 1255006), and the record must end up updated.
+    lark.fault("drop_after", path="/records", times=exp.LARK_ATTEMPTS)
+    e = make_exp("sumblip", py_cmd(train, 6, 0.2), lark_config=full_cfg(lark, mode="summary", flush_timeout=5))
+    assert run_fg(e) == 0, e.read_log()
+    wait_for(lambda: [r["fields"].get("status") for r in lark.records(APP, TBL)] == ["finished"], 30,
+             what="the summary record's final status")
+    (rec,) = lark.records(APP, TBL)
+    assert rec["fields"]["step"] == 5
+    assert "1255006" not in e.read_log()
+    r = run_exp("lark-sync", e.work_dir, env=child_env(LARK_APP_SECRET=SECRET))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(lark.records(APP, TBL)) == 1
+
+
+def test_one_call_with_the_network_down_makes_at_most_lark_attempts_requests():
+    # The token fetch retried inside each retry of the call: 6 x 6 = 36 requests, 77 s of waits.
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens: every connection is refused
+    sleeps: list[float] = []
+    c = exp.LarkClient(f"http://127.0.0.1:{port}", APP_ID, SECRET, sleep=sleeps.append)
+    with pytest.raises(exp.LarkError, match="Connection refused"):
+        c.list_fields(APP, TBL)
+    assert c.requests == exp.LARK_ATTEMPTS and len(sleeps) == exp.LARK_ATTEMPTS - 1
+
+
+@posix_only
+def test_a_rows_own_extra_fields_from_save_row_are_sent_with_it(lark, make_exp, tmp_path):
+    lark.add_field(APP, TBL, "phase", 1)
+    lark.add_field(APP, TBL, "val", 2)
+    script = write_script(tmp_path, "phases.py", """
+        import exp
+        e = exp.load_experiment()
+        for i in range(2):
+            e.upd_row(step=i, loss=1.0)
+            e.save_row(lark=True)
+            e.upd_row(step=i, val=0.5)
+            e.save_row(lark=True, lark_config={"extra_fields": {"phase": "eval-{run_id}"}})
+    """)
+    e = make_exp("phases", py_cmd(script), lark_config=full_cfg(lark, extra_fields={"phase": "train"}))
+    assert run_fg(e) == 0, e.read_log()
+    wait_for(lambda: len(lark.records(APP, TBL)) == 4, 30, what="4 records")
+    got = [(r["fields"].get("step"), r["fields"].get("phase")) for r in lark.records(APP, TBL)]
+    assert got == [(0, "train"), (0, "eval-run_0001"), (1, "train"), (1, "eval-run_0001")]
+    assert "changed settings other than extra_fields" not in e.read_log()
+
+
+@posix_only
+def test_rows_sent_for_a_run_after_it_died_fill_host_as_its_own_process_did(lark, make_exp, tmp_path):
+    lark.add_field(APP, TBL, "who", 1)
+    script = write_script(tmp_path, "dies.py", """
+        import os, exp
+        e = exp.load_experiment()
+        for i in range(5):
+            e.upd_row(step=i)
+            e.save_row(lark=True)
+        os._exit(3)  # before its sender sent anything: the process that started it sends the rows
+    """)
+    e = make_exp("dies", py_cmd(script), lark_config=full_cfg(lark, extra_fields={"who": "{name}@{host}"}))
+    assert run_fg(e) == 3
+    wait_for(lambda: len(lark.records(APP, TBL)) == 5, 60, what="the 5 rows")
+    assert {r["fields"].get("who") for r in lark.records(APP, TBL)} == {f"dies@{exp._hostname()}"}
+
+
+@posix_only
+def test_credentials_lark_refuses_are_one_warning_and_no_wait_at_exit(lark, make_exp, train):
+    e = make_exp("badsecret", py_cmd(train, 5, 0.1),
+                 lark_config=full_cfg(lark, app_secret="wrong-secret", flush_timeout=60))
+    t0 = time.monotonic()
+    assert run_fg(e) == 0
+    took = time.monotonic() - t0
+    log = e.read_log()
+    said = [ln for ln in log.splitlines() if "rejected the app's credentials" in ln]
+    assert len(said) == 1 and "syncing waits for this to be fixed" in said[0], log
+    assert "; retrying" not in log
+    assert took < 45, (took, log)  # flush_timeout is 60: it did not wait for what cannot be sent
+    assert lark.records(APP, TBL) == []
+
+
+def test_exp_notify_keeps_within_the_bots_rate_limit(lark, run_py):
+    lark.add_webhook("h1")
+    r = run_py("import exp\nprint([exp.notify(f'm{i}', webhook=%r) for i in range(8)])" % lark.hook_url("h1"),
+               timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str([True] * 8) and "not sent" not in r.stderr, r.stderr
+    assert [b["content"]["text"] for _, b, _ in lark.messages] == [f"m{i}" for i in range(8)]
+
+
+def test_notifications_the_batch_could_not_send_by_its_end_are_named(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    out: list[str] = []
+    n = exp.Notifier(f"http://127.0.0.1:{port}/open-apis/bot/v2/hook/x", report=out.append)
+    for i in range(3):
+        n.send({"msg_type": "text", "content": {"text": f"m{i}"}})
+    left = n.close(timeout=2)
+    assert left >= 1
+    assert any(f"{left} notification(s) not sent within 2 s at the batch's end: the webhook still failed "
+               "(webhook unreachable" in m for m in out), out
