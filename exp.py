@@ -1028,8 +1028,15 @@ def _hold_across_fork(obj: Any) -> None:
 
 
 def _close_inherited_locks() -> None:
-    for obj in list(_FORK_HOLDERS or ()):
-        obj._forked()
+    try:
+        holders = list(_FORK_HOLDERS or ())
+    except RuntimeError:  # forked while another thread changed the set: its state is not to be trusted
+        holders = []
+    for obj in holders:
+        try:
+            obj._forked()
+        except Exception:  # noqa: BLE001 - never fail a fork; the lazy check drops what was missed
+            pass
 
 
 def _close_quietly(fd: int | None) -> None:
@@ -11444,6 +11451,20 @@ class Dashboard:
         # Any metadata.json* at any depth (a copy, one kept aside) is served redacted.
         return os.path.basename(path).startswith(METADATA_FILE)
 
+    @staticmethod
+    def _is_code_diff(path: str) -> bool:
+        # One saved before exp redacted them may hold secrets: served as read_code_diff shows it.
+        return os.path.basename(path).startswith(CODE_DIFF_FILE)
+
+    @staticmethod
+    def _code_diff_bytes(path: str) -> bytes:
+        try:
+            with _open_regular(path, "rb") as f:
+                data = f.read(CODE_DIFF_MAX_BYTES + 64 * 1024)
+        except OSError as e:
+            raise DashboardError(404, f"cannot read it: {e.strerror or e}") from None
+        return redact_diff(data.decode("utf-8", "surrogateescape"))[0].encode("utf-8", "surrogateescape")
+
     def _metadata_text(self, path: str) -> str:
         """A metadata file as served: redacted JSON, or nothing at all when it cannot be parsed (it may hold secrets)."""
         try:
@@ -11467,6 +11488,11 @@ class Dashboard:
         if self._is_metadata(d, path):
             text = self._metadata_text(path)
             return dict(out, type="file", kind="json", text=text, size=len(text.encode()))
+        if self._is_code_diff(path):
+            data = self._code_diff_bytes(path)
+            cut = data[:PREVIEW_MAX_BYTES]
+            return dict(out, type="file", kind="text", text=cut[:_utf8_end(cut)].decode("utf-8", "replace"),
+                        truncated=len(data) > PREVIEW_MAX_BYTES)
         try:
             with _open_regular(path, "rb") as f:
                 data = f.read(PREVIEW_MAX_BYTES + 1)
@@ -11490,6 +11516,8 @@ class Dashboard:
         download = _one(q, "download") in ("1", "true", "yes")
         if self._is_metadata(d, path):
             return path, "application/json; charset=utf-8", download, self._metadata_text(path).encode("utf-8")
+        if self._is_code_diff(path):
+            return path, "text/plain; charset=utf-8", download, self._code_diff_bytes(path)
         ctype = _IMAGE_TYPES.get(os.path.splitext(path)[1].lower())
         try:
             f = _open_regular(path, "rb")

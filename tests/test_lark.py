@@ -671,6 +671,18 @@ def test_a_secret_in_a_changed_config_is_redacted_in_code_diff(lark, tmp_path):
     detail = exp.read_code_diff(str(d))
     assert SECRET not in detail["text"] and 'app_secret = "***"' in detail["text"]
 
+    # A code.diff saved by an older exp, secret and all: the dashboard serves it redacted too.
+    (d / "code.diff").write_text(f'+++ b/batch.toml\n+lark_config = {{ app_secret = "{SECRET}" }}\n')
+    dash = exp.Dashboard(str(repo / "results"))
+    (item,) = json.loads(dash.get_json("/api/experiments", {}))["items"]
+    for path, q in (("/api/file", {"id": [item["id"]], "path": ["code.diff"]}),
+                    ("/api/changes", {"id": [item["id"]]})):
+        served = dash.get_json(path, q)
+        served = served if isinstance(served, bytes) else str(served).encode()
+        assert SECRET.encode() not in served and b'app_secret = \\"***\\"' in served, (path, served[:500])
+    _, _, _, raw = dash.raw_file({"id": [item["id"]], "path": ["code.diff"]})
+    assert raw == b'+++ b/batch.toml\n+lark_config = { app_secret = "***" }\n'
+
 
 def test_redact_diff_hides_secret_values_and_leaves_code_alone():
     diff = ('--- a/c.yaml\n+++ b/c.yaml\n+token: plainvalue\n+name: keep\n'
