@@ -122,7 +122,7 @@ __all__ = [
     "LS_GROUP_LEAD_COLUMNS", "main",
     # small helpers
     "PathText", "format_duration", "run_id_str", "parse_gpu_ids", "redact_env", "add_conda_no_capture", "now_iso",
-    "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff", "redact_diff",
+    "clean_line", "json_safe", "git_info", "git_code_diff", "read_code_diff", "code_diff_text", "redact_diff",
     # the dashboard (exp see)
     "DashboardServer", "Dashboard", "DashboardError", "ExperimentIndex", "query_experiments", "read_log_chunk",
     "read_log_tail", "read_metrics_chunk", "metrics_stats", "lower_is_better", "file_kind", "resolve_inside",
@@ -947,20 +947,27 @@ def git_code_diff(cwd: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> bytes | Non
     return out
 
 
+def code_diff_text(path: str, max_bytes: int = CODE_DIFF_MAX_BYTES, errors: str = "replace") -> tuple[str, bool]:
+    """A code.diff file's text as it may be shown, values named like secrets as ``***`` (one saved before
+    exp redacted them holds them), and whether the file is longer than was read; OSError if unreadable."""
+    limit = max_bytes + 64 * 1024  # the notes after the diff
+    with _open_regular(path, "rb") as f:
+        data = f.read(limit)
+    return redact_diff(data.decode("utf-8", errors))[0], len(data) >= limit
+
+
 def read_code_diff(work_dir: str, max_bytes: int = CODE_DIFF_MAX_BYTES) -> dict[str, Any]:
     """An experiment's :data:`CODE_DIFF_FILE` as ``{text, truncated, untracked}`` (text None: there is none)."""
     try:
-        with _open_regular(os.path.join(work_dir, CODE_DIFF_FILE), "rb") as f:
-            data = f.read(max_bytes + 64 * 1024)
+        text, longer = code_diff_text(os.path.join(work_dir, CODE_DIFF_FILE), max_bytes)
     except OSError:
         return {"text": None, "truncated": False, "untracked": []}
-    text = redact_diff(data.decode("utf-8", "replace"))[0]  # one written before exp redacted them
     untracked: list[str] = []
     head, sep, tail = text.partition(_DIFF_UNTRACKED)
     if sep:
         untracked = [ln[4:] for ln in tail.splitlines() if ln.startswith("#   ")]
         text = head
-    truncated = "# exp: cut at " in text[-200:] or len(data) > max_bytes + 64 * 1024 - 1
+    truncated = "# exp: cut at " in text[-200:] or longer
     return {"text": text, "truncated": truncated, "untracked": untracked}
 
 
@@ -2155,7 +2162,8 @@ class MetricsWriter:
             size = new_size
         if not size:
             return
-        header, _ = parse_metrics_csv(_first_line(fd, size).decode("utf-8", "replace") + "\n")
+        # The cut left the header alone: a file whose header is torn is cut to nothing.
+        header, _ = parse_metrics_csv(head_line + "\n")
         self._header, self._columns = header, set(header)
 
     def _rewrite_with(self, row: Mapping[str, str]) -> None:
@@ -2295,7 +2303,7 @@ def _last_metrics(path: str, fill: bool) -> dict[str, Any]:
         head = os.pread(fd, 65536, 0)
         end = head.find(b"\n")
         if end < 0 and len(head) == 65536:  # a header of many columns: up to 1 MiB
-            head = os.pread(fd, 1 << 20, 0)
+            head = os.pread(fd, METRICS_HEADER_MAX_BYTES, 0)
             end = head.find(b"\n")
         if end < 0:
             return {}
@@ -3248,10 +3256,12 @@ class ExperimentDir:
             pass
         append_line(path, text)
 
-    def latest_run(self) -> str | None:
-        """The current run's id (metadata.json's, else the highest-numbered log's), or None before any."""
-        meta, _ = self.try_read_metadata()
-        rid = meta.get("current_run_id") if meta else None
+    def latest_run(self, meta: Mapping[str, Any] | None = None) -> str | None:
+        """The current run's id (metadata.json's, or ``meta``'s when given; else the highest-numbered
+        run's files'), or None before any."""
+        if meta is None:
+            meta = self.try_read_metadata()[0] or {}
+        rid = meta.get("current_run_id")
         if isinstance(rid, str) and _RUN_ID_RE.match(rid):
             return rid
         nums = self.run_numbers()
@@ -5025,11 +5035,13 @@ class Experiment:
 
     def _lark_settings(self, lark_config: Any) -> dict[str, Any]:
         key = None if lark_config is None else repr(lark_config)
-        cached = getattr(self, "_lark_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        settings = lark_settings(self._lark, lark_config)
-        self._lark_cache = (key, settings)
+        # A few kinds of call (save_row(lark=True) with and without its own lark_config) take turns.
+        cache = self.__dict__.setdefault("_lark_cache", {})
+        settings = cache.get(key)
+        if settings is None:
+            if len(cache) >= 8:
+                cache.clear()
+            settings = cache[key] = lark_settings(self._lark, lark_config)
         return settings
 
     def _lark_queue(self, rid: str, row: Mapping[str, str], settings: Mapping[str, Any]) -> None:
@@ -5044,14 +5056,7 @@ class Experiment:
         if extra and extra != (self._lark_settings(None).get("extra_fields") or {}):
             # This call's own extra_fields (save_row(lark_config={"extra_fields": ...})) go with this
             # row, filled in now; the row's own values still win.
-            subst = {"{name}": self.name, "{run_id}": rid, "{host}": _hostname(), "{work_dir}": self.work_dir}
-            filled = {}
-            for k, v in extra.items():
-                if isinstance(v, str):
-                    for pat, rep in subst.items():
-                        v = v.replace(pat, rep)
-                filled[k] = v
-            queued = {**filled, **queued}
+            queued = {**_fill_extra_fields(extra, self.name, rid, _hostname(), self.work_dir), **queued}
         try:
             outbox.append([queued])
         except OSError as e:
@@ -7670,19 +7675,11 @@ class Scheduler:
                 self._mark_done(job, entry.get("status"), entry.get("exit_code"), entry.get("reason"), entry)
                 ended_meanwhile.append(job)
                 continue
-            pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
             run: Any = None
-            meta = job.experiment.dir.try_read_metadata()[0] or {}
-            log = job.experiment.dir.log_path(job.run_id)
-            record = entry.get("backend")
             try:
-                if isinstance(record, dict) and record.get("backend") == self.backend.name:
-                    run = self.backend.attach({**record, "log_path": log})  # a cluster job, by its id
-                elif _is_int(pid):
-                    run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
-                                               "host": meta.get("hostname")})
-                else:  # submitted, but the scheduler died before it wrote the job down
-                    run = self.backend.find(f"{job.work_dir}:{job.run_id}", log)
+                run = self._attach_recorded(job.experiment.dir, job.run_id, entry, it)
+                if run is None:  # submitted, but the scheduler died before it wrote the job down
+                    run = self.backend.find(f"{job.work_dir}:{job.run_id}", job.experiment.dir.log_path(job.run_id))
                     if run is not None:
                         job.experiment.dir.record_backend(job.run_id, run.record())
             except ExpError:
@@ -7772,27 +7769,34 @@ class Scheduler:
                 continue
             d = ExperimentDir(wd)
             entry = d.run_entry(rid) or {}
-            pid = entry.get("pid") if _is_int(entry.get("pid")) else it.get("pid")
-            record = entry.get("backend")
             if entry.get("ended_at"):
                 continue
             try:
-                if isinstance(record, dict) and record.get("backend") == self.backend.name:
-                    run = self.backend.attach({**record, "log_path": d.log_path(rid)})
-                elif _is_int(pid):
-                    run = self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
-                                               "host": (d.try_read_metadata()[0] or {}).get("hostname")})
-                else:
-                    continue
+                run = self._attach_recorded(d, rid, entry, it)
             except ExpError:
                 continue
-            if run.poll() is None:
+            if run is not None and run.poll() is None:
                 gpus = [] if self.backend.allocates_gpus else [g for g in it.get("assigned_gpus") or [] if _is_int(g)]
                 self._orphans.append((run, gpus, {k: v for k, v in it.items() if k != "orphan"}))
                 for g in gpus:
                     self.gpu_use[g] = self.gpu_use.get(g, 0) + 1
                 held += gpus
         return held
+
+    def _attach_recorded(self, d: ExperimentDir, rid: str, entry: Mapping[str, Any],
+                         item: Mapping[str, Any]) -> LocalRun | SlurmRun | None:
+        """The run ``rid`` of ``d`` by what was written down of it (``entry``, its record in
+        metadata.json; ``item``, its task in an old state file): a cluster job by its id, a local
+        one by its pid and start time; None when neither was written.  ExpError when it cannot be
+        attached (a reused pid, another host's)."""
+        record = entry.get("backend")
+        if isinstance(record, dict) and record.get("backend") == self.backend.name:
+            return self.backend.attach({**record, "log_path": d.log_path(rid)})
+        pid = entry.get("pid") if _is_int(entry.get("pid")) else item.get("pid")
+        if not _is_int(pid):
+            return None
+        return self.backend.attach({"pid": pid, "start_ticks": entry.get("start_ticks"),
+                                    "host": (d.try_read_metadata()[0] or {}).get("hostname")})
 
     def _prune_orphans(self) -> None:
         """Forget the orphan runs that have ended (their supervisors recorded the ends): their GPUs are free."""
@@ -8217,7 +8221,8 @@ class Scheduler:
     def _print_summary(self, interrupted: bool) -> None:
         # Each experiment is counted on one line: one whose end could not be recorded has its own.
         skipped = [j for j in self.jobs if j.status == FINISHED and j.reason == RESUME_SKIP_REASON]
-        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1 and not j.error and j not in skipped]
+        first = [j for j in self.jobs if j.status == FINISHED and j.attempt == 1 and not j.error
+                 and j.reason != RESUME_SKIP_REASON]
         retried = [j for j in self.jobs if j.status == FINISHED and j.attempt > 1 and not j.error]
         failed = [j for j in self.jobs if j.status in (ERROR, KILLED)]
         never = [j for j in self.jobs if j.status == PENDING]
@@ -8672,6 +8677,18 @@ def lark_value(value: Any, field_type: int) -> Any:
     raise ValueError(f"exp cannot write fields of type {field_type}")
 
 
+def _fill_extra_fields(extra: Mapping[str, Any], name: str, run_id: str, host: str, work_dir: str) -> dict[str, Any]:
+    """``extra_fields`` with ``{name}``, ``{run_id}``, ``{host}`` and ``{work_dir}`` in its texts filled in."""
+    subst = {"{name}": name, "{run_id}": run_id, "{host}": host, "{work_dir}": work_dir}
+    out = {}
+    for k, v in extra.items():
+        if isinstance(v, str):
+            for pat, text in subst.items():
+                v = v.replace(pat, text)
+        out[k] = v
+    return out
+
+
 def _lark_row(text_or_row: Any) -> dict[str, Any]:
     """A row as the outbox keeps it: CSV texts become numbers and booleans again."""
     return {k: parse_metric(v) if isinstance(v, str) else v for k, v in text_or_row.items()}
@@ -9097,15 +9114,8 @@ class LarkSync:
     def record_fields(self, row: Mapping[str, Any], run_id: str) -> dict[str, Any]:
         """A row as a record's fields: names the table knows, values its field types take."""
         out: dict[str, Any] = {}
-        extra = self.settings.get("extra_fields") or {}
-        subst = {"{name}": str(self.context.get("name", "")), "{run_id}": run_id,
-                 "{host}": str(self.context.get("host", "")), "{work_dir}": self.dir.path}
-        cells: list[tuple[str, Any]] = []
-        for k, v in extra.items():
-            if isinstance(v, str):
-                for pat, rep in subst.items():
-                    v = v.replace(pat, rep)
-            cells.append((k, v))
+        cells = list(_fill_extra_fields(self.settings.get("extra_fields") or {}, str(self.context.get("name", "")),
+                                        run_id, str(self.context.get("host", "")), self.dir.path).items())
         cells.extend(row.items())
         for key, value in cells:
             name = key.strip()  # the server strips field names
@@ -10077,6 +10087,15 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     return (1, str(value))
 
 
+def _sorted_missing_last(items: Iterable[Any], key: Callable[[Any], tuple[Any, ...]], desc: bool = False) -> list[Any]:
+    """``items`` ordered by ``key`` (a :func:`_sort_key` tuple, more may follow), ``desc`` reversing it;
+    those whose value is missing (rank 2) last whichever the direction, in the order given."""
+    keyed = [(key(x), x) for x in items]
+    present = [kx for kx in keyed if kx[0][0] != 2]
+    present.sort(key=lambda kx: kx[0], reverse=desc)
+    return [x for _, x in present] + [x for k, x in keyed if k[0] == 2]
+
+
 def default_columns(rows: list[dict[str, Any]]) -> list[str]:
     """Every metric seen in the rows' last values, in first-seen order: numbers first, then text."""
     seen: dict[str, None] = {}
@@ -10133,10 +10152,7 @@ def sort_rows(rows: list[dict[str, Any]], sort: str | None, desc: bool = False, 
         when = r["started_at"] or r["created_at"]
         return _sort_key({"started": _epoch(when) if when else None, "dir": _listing_dir(r, base_dir)}.get(sort, r.get(sort)))
 
-    keyed = [(key(r), r) for r in rows]
-    present = [kr for kr in keyed if kr[0][0] != 2]
-    present.sort(key=lambda kr: kr[0], reverse=desc)
-    return [r for _, r in present] + [r for k, r in keyed if k[0] == 2]
+    return _sorted_missing_last(rows, key, desc)
 
 
 def _metric_label(key: str, mode: str) -> str:
@@ -10290,10 +10306,7 @@ def sort_groups(groups: list[dict[str, Any]], sort: str | None, desc: bool = Fal
         fields = {"name": g["name"], "runs": g["n"], "status": _group_status_text(g), "duration": g.get("duration")}
         return _sort_key(fields.get(sort))
 
-    keyed = [(gkey(g), g) for g in groups]
-    have = [kg for kg in keyed if kg[0][0] != 2]
-    have.sort(key=lambda kg: kg[0], reverse=desc)
-    return [g for _, g in have] + [g for k, g in keyed if k[0] == 2]
+    return _sorted_missing_last(groups, gkey, desc)
 
 
 def format_listing(rows: list[dict[str, Any]], base_dir: str = ".", columns: list[tuple[str, str]] | None = None,
@@ -10632,7 +10645,7 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
         return empty
     with f:
         st = os.fstat(f.fileno())
-        head = f.readline(1 << 20)
+        head = f.readline(METRICS_HEADER_MAX_BYTES)
         if not head.endswith(b"\n"):
             return dict(empty, size=st.st_size, reset=False)
         fid = f"{st.st_ino:x}-{zlib.crc32(head):08x}"
@@ -11155,11 +11168,7 @@ def query_experiments(entries: list[_IndexEntry] | IndexSnapshot, query: Mapping
         if missing_created:
             ordered = [e for e in kept if e.created] + missing_created
     else:
-        present = [(_sort_key(value(e)), e) for e in kept]
-        missing = [e for k, e in present if k[0] == 2]
-        present = [(k, e) for k, e in present if k[0] != 2]
-        present.sort(key=lambda p: (p[0], p[1].id), reverse=desc)
-        ordered = [e for _, e in present] + missing
+        ordered = _sorted_missing_last(kept, lambda e: (*_sort_key(value(e)), e.id), desc)
     return {
         "total": len(ordered), "offset": offset, "limit": limit,
         "items": [e.row for e in ordered[offset:offset + limit]],
@@ -11259,21 +11268,18 @@ class Dashboard:
 
     def _run(self, d: ExperimentDir, run_id: str | None) -> str:
         """A run of ``d`` named by ``run_id`` (default: its current run); 404 when it has no such run."""
-        runs = d.runs()
         meta = self._meta(d)
         if run_id:
             listed = meta.get("runs")
-            known = set(runs) | {r.get("id") for r in (listed if isinstance(listed, list) else [])
-                                 if isinstance(r, dict)}
+            known = set(d.runs()) | {r.get("id") for r in (listed if isinstance(listed, list) else [])
+                                     if isinstance(r, dict)}
             if not _RUN_ID_RE.match(run_id) or run_id not in known:
                 raise _not_found()
             return run_id
-        rid = meta.get("current_run_id")
-        if isinstance(rid, str) and _RUN_ID_RE.match(rid):
-            return rid
-        if not runs:
+        rid = d.latest_run(meta)
+        if rid is None:
             raise _not_found("this experiment has no run yet")
-        return runs[-1]
+        return rid
 
     @staticmethod
     def _meta(d: ExperimentDir) -> dict[str, Any]:
@@ -11459,11 +11465,10 @@ class Dashboard:
     @staticmethod
     def _code_diff_bytes(path: str) -> bytes:
         try:
-            with _open_regular(path, "rb") as f:
-                data = f.read(CODE_DIFF_MAX_BYTES + 64 * 1024)
+            text, _ = code_diff_text(path, errors="surrogateescape")
         except OSError as e:
             raise DashboardError(404, f"cannot read it: {e.strerror or e}") from None
-        return redact_diff(data.decode("utf-8", "surrogateescape"))[0].encode("utf-8", "surrogateescape")
+        return text.encode("utf-8", "surrogateescape")
 
     def _metadata_text(self, path: str) -> str:
         """A metadata file as served: redacted JSON, or nothing at all when it cannot be parsed (it may hold secrets)."""

@@ -1364,8 +1364,8 @@ def test_ls_shows_text_and_true_false_metrics_as_written(tmp_path):
     assert_clean(r)
     rows = {row["name"]: row for row in table_dicts(r.stdout)}
     assert list(rows["x"])[5:10] == ["loss", "code", "phase", "ok", "note"]
-    assert rows["x"]["note"] == long_text[:exp.LS_TEXT_CELL_CHARS - 1].strip() + "…" or \
-        rows["x"]["note"] == long_text[:exp.LS_TEXT_CELL_CHARS - 1] + "…"
+    assert rows["x"]["note"] == "a very long note a very long note a ver…" == long_text[:39] + "…"
+    assert exp.LS_TEXT_CELL_CHARS == 40
     assert rows["y"]["note"] == "-"
     # Sorted as text; --json has them whole under last_text.
     assert [row["name"] for row in table_dicts(ls(base, "--sort", "phase").stdout)] == ["y", "x"]
