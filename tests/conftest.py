@@ -365,6 +365,20 @@ def try_state(base) -> dict | None:
         return None
 
 
+def write_exp(base, rel: str, meta: dict, logs: dict | None = None, metrics: dict | None = None) -> pathlib.Path:
+    """A hand-written experiment directory ``base/rel``: metadata.json, and each run's log and metrics
+    CSV given (``{"run_0001": text}``), as another tool, an older exp or the earlier project left it."""
+    d = pathlib.Path(base) / rel
+    (d / "terminal_logs").mkdir(parents=True)
+    (d / "metrics").mkdir()
+    (d / "metadata.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    for run, text in (logs or {}).items():
+        (d / "terminal_logs" / f"{run}.log").write_bytes(text if isinstance(text, bytes) else text.encode())
+    for run, text in (metrics or {}).items():
+        (d / "metrics" / f"{run}.csv").write_text(text, encoding="utf-8")
+    return d
+
+
 def exp_dirs(base, name) -> list[pathlib.Path]:
     """Experiment directories of ``name`` under ``base`` (sorted)."""
     pat = re.compile(re.escape(name) + r"_\d{4}-\d\d-\d\d__\d\d-\d\d-\d\d(_\d+)?\Z")

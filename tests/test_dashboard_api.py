@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 
 import exp  # noqa: E402
 from conftest import (EXP_PY, ROOT, call_with_timeout, child_env, pid_gone, posix_only, read_meta, run_exp,  # noqa: E402
-                      stop_process, wait_for, write_batch)
+                      stop_process, wait_for, write_batch, write_exp)
 from http_helpers import Resp, request, serving  # noqa: E402
 from test_gpus import FakeSmi, gpu_rows, path_without_nvidia_smi  # noqa: E402
 
@@ -77,19 +77,6 @@ def ids_of(listing: dict) -> list[str]:
 # ============================================================================
 # Building directories
 # ============================================================================
-
-
-def write_exp(base: Path, rel: str, meta: dict, logs: dict | None = None, metrics: dict | None = None) -> Path:
-    """A hand-written experiment directory ``base/rel`` with metadata.json, logs and metrics CSVs."""
-    d = base / rel
-    (d / "terminal_logs").mkdir(parents=True)
-    (d / "metrics").mkdir()
-    (d / "metadata.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    for run, text in (logs or {}).items():
-        (d / "terminal_logs" / f"{run}.log").write_bytes(text if isinstance(text, bytes) else text.encode())
-    for run, text in (metrics or {}).items():
-        (d / "metrics" / f"{run}.csv").write_text(text, encoding="utf-8")
-    return d
 
 
 def meta(name: str, created: str, status: str = "finished", runs=("run_0001",), **kw) -> dict:
@@ -156,17 +143,12 @@ def catalog(tmp_path_factory):
         "delta", "2020-04-01T00:00:00+00:00", tags=["small"], params={"lr": 0.001, "opt": "sgd"}, duration=10.0),
         metrics={"run_0001": "step,acc\n1,0.95\n"})
     # The earlier project's format: "timestamp", "return_code", "completed_at", no runs list, lark_config.
-    old = base / "old_2019-01-02__03-04-05"
-    (old / "terminal_logs").mkdir(parents=True)
-    (old / "metrics").mkdir()
-    (old / "terminal_logs" / "run_0001.log").write_text("old log line\n")
-    (old / "metrics" / "run_0001.csv").write_text("epoch,loss\n1,0.45\n")
-    (old / "metadata.json").write_text(json.dumps({
+    write_exp(base, "old_2019-01-02__03-04-05", {
         "name": "old", "command": "echo old", "tags": ["legacy"], "timestamp": "2019-01-02T03:04:05+00:00",
         "status": "error", "return_code": 2, "completed_at": "2019-01-02T04:00:00+00:00", "pid": None,
         "gpu_ids": [], "current_run_id": "run_0001", "cwd": None, "description": "from the earlier project",
         "lark_config": {"app_id": "cli_x", "app_secret": "SUPERSECRET"},
-    }))
+    }, logs={"run_0001": "old log line\n"}, metrics={"run_0001": "epoch,loss\n1,0.45\n"})
     # Two real runs of "train" in a git work tree: the first clean, the second with an uncommitted change.
     repo = root / "repo"
     (repo / "src").mkdir(parents=True)

@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 
 from conftest import (EXP_PY, call_with_timeout, child_env, pid_gone, posix_only, read_meta,  # noqa: E402
                       stop_process, wait_for, write_batch)
+from conftest import write_exp as write_exp_dir  # noqa: E402
 from http_helpers import Resp, request, serving  # noqa: E402
 
 
@@ -73,13 +74,7 @@ def assert_json_error(r: Resp, *statuses: int) -> dict:
 
 
 def write_exp(base: Path, rel: str, meta: dict, log: str = "log line\n", csv: str = "step,loss\n1,0.5\n") -> Path:
-    d = base / rel
-    (d / "terminal_logs").mkdir(parents=True)
-    (d / "metrics").mkdir()
-    (d / "metadata.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    (d / "terminal_logs" / "run_0001.log").write_text(log)
-    (d / "metrics" / "run_0001.csv").write_text(csv)
-    return d
+    return write_exp_dir(base, rel, meta, logs={"run_0001": log}, metrics={"run_0001": csv})
 
 
 def new_meta(name: str, created: str, **kw) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (EXP_PY, ROOT, tmpfs, call_with_timeout, child_env, fds_under, linux_only, pid_gone, posix_only,
-                      py_cmd, read_meta, wait_for, write_script)
+                      py_cmd, read_meta, wait_for, write_exp, write_script)
 
 import exp
 
@@ -1126,15 +1126,10 @@ def earlier_project_dir(base_dir):
 def test_an_earlier_project_directory_with_a_run_keeps_it_in_runs_when_resumed(base_dir):
     # The earlier project kept no `runs` list: its run_0001 files were there, but a resume listed
     # only the new run_0002 (exp ls said 1 run).
-    d = base_dir / "old_2025-01-02__03-04-05"
-    (d / "terminal_logs").mkdir(parents=True)
-    (d / "metrics").mkdir()
-    (d / "terminal_logs" / "run_0001.log").write_text("first run\n")
-    (d / "metrics" / "run_0001.csv").write_text("step,loss\n1,0.5\n")
-    (d / "metadata.json").write_text(json.dumps({
+    d = write_exp(base_dir, "old_2025-01-02__03-04-05", {
         "name": "old", "command": "echo again", "status": "error", "return_code": 2,
         "start_time": "2025-01-02T03:04:05", "completed_at": "2025-01-02T04:00:00",
-        "timestamp": "2025-01-02T03:04:05"}), encoding="utf-8")
+        "timestamp": "2025-01-02T03:04:05"}, logs={"run_0001": "first run\n"}, metrics={"run_0001": "step,loss\n1,0.5\n"})
     e = exp.Experiment("old", "echo again", base_dir=base_dir, resume="2025-01-02__03-04-05")
     assert e.run() == 0
     m = read_meta(d)
