@@ -7161,7 +7161,7 @@ class Scheduler:
         summary = {
             "total": len(self.jobs), "pending": len(groups["pending"]), "running": len(groups["running"]),
             "finished": len(groups["finished"]), "errors": len(groups["errors"]),
-            "status_indicator": self._status_indicator, "pid": os.getpid(),
+            "status_indicator": self._status_indicator, "shutting_down": self._draining, "pid": os.getpid(),
             "host": _hostname(), "config_path": self.config.path,
             "max_concurrent_experiments": self.limit, "gpus": self.gpu_pool,
             "gpu_use": {str(g): n for g, n in self.gpu_use.items()},
@@ -10680,11 +10680,18 @@ def read_metrics_chunk(path: str, offset: int = 0, file_id: str = "",
 
 
 def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
-    """Per numeric column of a metrics CSV: final, min, max and count (one streamed pass)."""
+    """Per numeric column of a metrics CSV: final, min, max and count (one streamed pass).
+
+    ``final`` is the last value logged, NaN and infinities included (a run
+    that diverged ends in ``nan``, as ``exp ls`` shows it); ``min``, ``max``
+    and ``count`` are of the finite values only (None and 0 when there is none).
+    """
     try:
         f = _open_regular(path, encoding="utf-8", errors="replace", newline="")
     except OSError:
         return {}
+    from math import isfinite
+
     stats: dict[str, dict[str, Any]] = {}
     with f:
         reader = _csv_reader(_whole_lines(f))
@@ -10695,18 +10702,19 @@ def metrics_stats(path: str) -> dict[str, dict[str, Any]]:
                     continue
                 for name, cell in zip(header, rec):
                     v = parse_metric(cell)
-                    if not _is_num(v) or v != v or v in (float("inf"), float("-inf")):
+                    if not _is_num(v):
                         continue
                     s = stats.get(name)
                     if s is None:
-                        stats[name] = {"final": v, "min": v, "max": v, "count": 1}
-                    else:
-                        s["final"] = v
-                        s["count"] += 1
-                        if v < s["min"]:
-                            s["min"] = v
-                        if v > s["max"]:
-                            s["max"] = v
+                        s = stats[name] = {"final": v, "min": None, "max": None, "count": 0}
+                    s["final"] = v
+                    if not isfinite(v):
+                        continue
+                    s["count"] += 1
+                    if s["min"] is None or v < s["min"]:
+                        s["min"] = v
+                    if s["max"] is None or v > s["max"]:
+                        s["max"] = v
         except _csv_module().Error:  # a torn quoted cell at the very end
             pass
     return stats
@@ -11384,7 +11392,7 @@ class Dashboard:
         out["counts"]["total"] = sum(out["counts"].values())
         if state:
             summary: dict[str, Any] = state["summary"] if isinstance(state.get("summary"), dict) else {}
-            keep = ("status_indicator", "pid", "host", "config_path", "started_at", "updated_at",
+            keep = ("status_indicator", "shutting_down", "pid", "host", "config_path", "started_at", "updated_at",
                     "max_concurrent_experiments", "gpus", "gpu_use")
             out["scheduler"] = json_safe(redact_secrets({k: summary.get(k) for k in keep}))
         return out
@@ -11587,7 +11595,8 @@ class Dashboard:
             for k in sorted(set(ma) | set(mb)):
                 va, vb = ma.get(k), mb.get(k)
                 delta = vb - va if _is_num(va) and _is_num(vb) else None
-                out["metrics"].append({"name": k, "before": va, "after": vb, "delta": json_safe(delta)})
+                out["metrics"].append({"name": k, "before": va, "after": vb, "delta": json_safe(delta),
+                                       "lower_is_better": lower_is_better(k)})
 
         def git(m: Mapping[str, Any]) -> dict[str, Any] | None:
             g = m.get("git")
@@ -11606,12 +11615,22 @@ class Dashboard:
             raise DashboardError(400, "ids: give the experiments to compare, comma-separated")
         if len(ids) > COMPARE_MAX:
             raise DashboardError(400, f"at most {COMPARE_MAX} experiments can be compared at once")
+        # skip_missing=1 (the page's Compare): experiments not found are listed in
+        # "missing" and the others compared; without it one unknown id is a 404.
+        skip_missing = _one(q, "skip_missing") in ("1", "true")
         exps: list[dict[str, Any]] = []
         metrics: dict[str, dict[str, Any]] = {}
         params: list[dict[str, Any]] = []
         names: dict[str, None] = {}
+        missing: list[dict[str, str]] = []
         for exp_id in ids:
-            d = self.experiment(exp_id)
+            try:
+                d = self.experiment(exp_id)
+            except DashboardError as e:
+                if not skip_missing or e.status != 404:
+                    raise
+                missing.append({"id": exp_id, "error": str(e)})
+                continue
             row = dashboard_summary(d)
             p = row["params"]
             exps.append({"id": self._exp_id(d), "name": row["name"], "status": row["status"], "tags": row["tags"],
@@ -11628,7 +11647,7 @@ class Dashboard:
         differing = [k for k in keys if len({_json().dumps(p.get(k), sort_keys=True, default=str) for p in params}) > 1]
         return json_safe({"experiments": exps, "param_keys": keys, "differing_params": differing,
                           "metrics": metrics, "metric_names": list(names),
-                          "lower_is_better": {m: lower_is_better(m) for m in names}})
+                          "lower_is_better": {m: lower_is_better(m) for m in names}, "missing": missing})
 
     def _detected_gpus(self) -> list[dict[str, Any]] | None:
         with self._gpu_lock:  # nvidia-smi takes a while: once every few seconds, whoever asks
@@ -12293,6 +12312,7 @@ def _cmd_status(args: Any) -> int:
                 tasks.append(dict(item, elapsed=_elapsed(item)))
     sched = {"alive": alive, "pid": summary.get("pid"), "host": summary.get("host"),
              "status_indicator": summary.get("status_indicator") if alive else SCHEDULER_STOPPED,
+             "shutting_down": alive and summary.get("shutting_down") is True,
              "started_at": summary.get("started_at"), "updated_at": summary.get("updated_at"),
              "config_path": summary.get("config_path"), "gpus": summary.get("gpus"),
              "counts": {k: summary.get(k) for k in ("total", "pending", "running", "finished", "errors")}}
@@ -12304,7 +12324,8 @@ def _cmd_status(args: Any) -> int:
         print(f"no scheduler has run for {state.base_dir}")
         return 0
     who = f"pid {_or_dash(sched['pid'])} on {_or_dash(sched['host'])}"
-    print(f"scheduler: {who}, {'alive' if alive else 'not running'} ({sched['status_indicator']}); "
+    shutting = "; shutting down: nothing more starts" if sched["shutting_down"] else ""
+    print(f"scheduler: {who}, {'alive' if alive else 'not running'} ({sched['status_indicator']}{shutting}); "
           f"started {sched['started_at'] or '-'}")
     # Cluster jobs (Slurm) get a column of their own: job id, node and the cluster's state.
     jobs = any(isinstance(t.get("job"), dict) for t in tasks)

@@ -534,10 +534,17 @@ def test_shutdown_lets_running_tasks_finish_and_starts_nothing(tmp_path, start, 
     ], max_concurrent_experiments=2)
     s = start(cfg)
     marks.wait_started("a", "b", sched=s)
+    assert try_state(base)["summary"]["shutting_down"] is False
     out = ok(cli("shutdown", base, cwd=tmp_path))
     assert out.strip() == "shutting down: 2 running (finishing), 1 pending will not start"
     time.sleep(0.3)
     assert s.alive() and task(base, 1)[0] == "running"
+    # The shutdown under way shows: in the state file, `exp status` and the dashboard's /api/state.
+    assert try_state(base)["summary"]["shutting_down"] is True
+    status = ok(cli("status", base, cwd=tmp_path))
+    assert "shutting down: nothing more starts" in status.splitlines()[0], status
+    assert json.loads(ok(cli("status", base, "--json", cwd=tmp_path)))["scheduler"]["shutting_down"] is True
+    assert exp.Dashboard(base).api_state({})["scheduler"]["shutting_down"] is True
     marks.release("a")
     wait_task(base, 1, "finished")
     assert s.alive()  # b still runs

@@ -527,6 +527,32 @@ def test_compare(catalog):
     assert {"loss", "acc"} <= set(cmp["metric_names"])
     same = get(c.port, "/api/compare", {"ids": f"{c.alpha},{c.delta}"})
     assert "opt" not in same["differing_params"] and "lr" in same["differing_params"]
+    # One unknown id: a 404, or (the page's Compare) listed as missing beside the others.
+    gone = "nope_2020-01-01__00-00-00"
+    get(c.port, "/api/compare", {"ids": f"{c.a},{gone}"}, status=404)
+    part = get(c.port, "/api/compare", {"ids": f"{c.a},{gone}", "skip_missing": "1"})
+    assert [e["id"] for e in part["experiments"]] == [c.a]
+    assert part["missing"] == [{"id": gone, "error": "not found"}] and cmp["missing"] == []
+    assert part["metrics"]["loss"][c.a] == loss[c.a]
+
+
+def test_compare_final_is_the_last_value_logged_even_nan(tmp_path):
+    """A run that diverged ends in nan: Compare's "final" says so (as `exp ls` does); min, max, best and
+    count are of the finite values."""
+    base = tmp_path / "results"
+    write_exp(base, "div_2020-01-01__00-00-00", meta("div", "2020-01-01T00:00:00+00:00"),
+              metrics={"run_0001": "step,loss,acc,all_nan\n0,1.0,0.1,nan\n1,0.5,0.2,nan\n2,inf,0.3,nan\n"
+                                    "3,nan,0.4,nan\n"})
+    d = exp.Dashboard(base)
+    cmp = d.api_compare({"ids": ["div_2020-01-01__00-00-00"]})
+    s = cmp["metrics"]
+    assert s["loss"]["div_2020-01-01__00-00-00"] == {"final": "nan", "min": 0.5, "max": 1.0, "count": 2, "best": 0.5}
+    assert s["acc"]["div_2020-01-01__00-00-00"]["final"] == 0.4
+    assert s["all_nan"]["div_2020-01-01__00-00-00"] == {"final": "nan", "min": None, "max": None, "count": 0,
+                                                        "best": None}
+    row = exp.ExperimentDir(base / "div_2020-01-01__00-00-00").summary()
+    assert row["last_metrics"]["loss"] == "nan"  # what `exp ls --json` says of the same run
+    json.dumps(cmp, allow_nan=False)  # strict JSON
 
 
 # ============================================================================

@@ -303,7 +303,11 @@ def test_retry_priority_and_shutdown_are_confirmed_and_reach_the_scheduler(brows
     assert live["sched"].poll() is None
     browser.find_element(By.ID, "shutdown-btn").click()
     confirm()
-    # A plain shutdown lets the running ones finish; they run for ever, so stop them from the page too.
+    # A plain shutdown lets the running ones finish, and the badge says it is under way.
+    until(lambda: browser.find_element(By.ID, "scheduler-badge").text == "scheduler: shutting down", timeout=15,
+          what="the badge to say the shutdown is under way")
+    assert live["sched"].poll() is None
+    # They run for ever, so stop them from the page too.
     for name in ("long", "victim"):
         if row_named(browser, "running", name) is not None:
             click_action(browser, "running", name, "kill")

@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 import zlib
 from urllib.parse import parse_qs, urlsplit
 
@@ -85,6 +86,14 @@ elif mode == "logdemo":
     print("the needle-xyz is here")
     for i in range(120, 240):
         print(f"filler {i}")
+elif mode == "kv":                      # one row: name=number, name=True/False, or s:name=text
+    for kv in sys.argv[2:]:
+        k, v = kv.split("=", 1)
+        if k.startswith("s:"):
+            e.upd_row(**{k[2:]: v})
+        else:
+            e.upd_row(**{k: {"True": True, "False": False}[v] if v in ("True", "False") else float(v)})
+    e.save_row()
 elif mode == "lines":
     for i in range(int(sys.argv[2])):
         print(f"line {i}")
@@ -167,7 +176,7 @@ def data(tmp_path_factory):
 
     srv = exp.DashboardServer(base, port=0).start()
     try:
-        yield {"base": base, "url": srv.url, "ids": ids, "head": head,
+        yield {"base": base, "url": srv.url, "ids": ids, "head": head, "run": run,
                "work": {k: base / v for k, v in ids.items() if isinstance(v, str)}}  # experiment directories
     finally:
         srv.close()
@@ -1159,3 +1168,171 @@ def test_a_failed_query_leaves_no_stale_results_behind(browser, data):
     assert browser.find_element(By.ID, "query-error").text == ""
     assert browser.find_element(By.ID, "query-total").text == "1"
     assert js_errors(browser, allow=("400",)) == []
+
+
+# ------------------------------------------------------------------- views that follow the experiments
+
+
+GONE = "nosuch_2020-01-01__00-00-00"  # an id no experiment has (a mistyped or an old link)
+
+
+def chip(driver, root: str, exp_id: str):
+    for c in driver.find_elements(By.CSS_SELECTOR, f"{root} .src-chip"):
+        if c.get_attribute("data-id") == exp_id:
+            return c
+    return None
+
+
+def test_charts_go_on_beside_an_experiment_that_is_not_found_or_deleted(browser, data):
+    """One unknown id on the charts, or one deleted while charted, is marked on its chip; the others draw on."""
+    a = os.path.basename(data["run"]("beside", "live", 20))
+    b = os.path.basename(data["run"]("beside", "live", 20))
+    open_page(browser, data["url"], f"#view=metrics&m={a},{b},{GONE}")
+    drawn(browser, "loss", 40, series=2)
+    until(lambda: "not found" in chip(browser, "#view-metrics", GONE).text, what="the unknown id marked")
+    assert "src-error" in chip(browser, "#view-metrics", GONE).get_attribute("class").split()
+    assert "src-error" not in chip(browser, "#view-metrics", a).get_attribute("class").split()
+    # b deleted while on the charts: a's new rows still come in, and b's chip says it is gone.
+    shutil.rmtree(data["base"] / b)
+    append(data["base"] / a / "metrics" / "run_0001.csv", "20,0.5\n21,0.25\n")
+    drawn(browser, "loss", 42, series=2)  # b's curve stays as it was drawn
+    until(lambda: "not found" in chip(browser, "#view-metrics", b).text, timeout=30, what="the deleted one marked")
+    assert js_errors(browser, allow=("404",)) == []
+
+
+def test_compare_names_an_unknown_experiment_and_its_table_follows_the_runs(browser, data):
+    a = os.path.basename(data["run"]("cmpfollow", "live", 10))
+    open_page(browser, data["url"], f"#view=compare&ids={a},{GONE}")
+    note = browser.find_element(By.ID, "compare-note")
+    until(lambda: "not found: " + GONE in note.text, what="the note naming the unknown id")
+    assert note.text.startswith("1 experiments"), note.text
+    table = browser.find_element(By.ID, "compare-table")
+    assert [x.get_attribute("title") for x in table.find_elements(By.CSS_SELECTOR, "thead th a")] == [a]
+
+    def final_loss():
+        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr[data-metric]"):
+            if tr.get_attribute("data-metric") == "loss" and " final" in tr.find_element(By.TAG_NAME, "th").text:
+                return tr.find_element(By.TAG_NAME, "td").text
+        return None
+
+    assert until(final_loss, what="the final loss") == "0.61941"  # row 9: 9/17 + 0.09
+    drawn(browser, "loss", 10, root="#compare-charts")
+    until(lambda: "not found" in chip(browser, "#compare-charts", GONE).text, what="the unknown id's chip")
+    # The run goes on: the table follows without a reload, as the chart does.
+    append(data["base"] / a / "metrics" / "run_0001.csv", "10,5.0\n")
+    until(lambda: final_loss() == "5", timeout=20, what="the new final value in the table")
+    drawn(browser, "loss", 11, root="#compare-charts")
+    assert js_errors(browser, allow=("404",)) == []
+
+
+def test_the_query_table_follows_new_experiments_and_their_status(browser, data):
+    open_page(browser, data["url"], "#view=query")
+    first = os.path.basename(data["run"]("qfollow", "kv", "loss=1"))
+    assert run_query(browser, "^qfollow$") == [first]
+    # A new one, and a change of status, show up without pressing Search.
+    second = os.path.basename(data["run"]("qfollow", "kv", "loss=2"))
+    until(lambda: sorted(r.get_attribute("data-id") for r in query_rows(browser)) == sorted([first, second]),
+          timeout=30, what="the new experiment in the table")
+    meta_path = data["base"] / first / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["status"] = "killed"
+    meta_path.write_text(json.dumps(meta))
+
+    def status_of(exp_id):
+        for r in query_rows(browser):
+            if r.get_attribute("data-id") == exp_id:
+                return r.find_elements(By.TAG_NAME, "td")[2].text
+        return None
+
+    until(lambda: status_of(first) == "killed", timeout=30, what="the new status in the table")
+    assert browser.find_element(By.ID, "query-total").text == "2"
+    assert js_errors(browser) == []
+
+
+def test_a_param_filter_with_not_equal_after_a_comma(browser, data):
+    open_page(browser, data["url"], "#view=query")
+    ids = data["ids"]["curves"]  # lr 0.1, 0.01, 0.001, all bs 32
+    run_query(browser, "^curve$")
+    param = browser.find_element(By.ID, "q-param")
+    for text in ("bs=32, lr!=0.1", "lr!=0.1, bs=32"):
+        param.clear()
+        param.send_keys(text)
+        browser.find_element(By.ID, "q-submit").click()
+        until(lambda: sorted(r.get_attribute("data-id") for r in query_rows(browser)) == sorted(ids[1:]),
+              timeout=15, what=f"the rows of {text}")
+        assert browser.find_element(By.ID, "query-error").text == ""
+    param.clear()
+    browser.find_element(By.ID, "q-submit").click()
+    assert js_errors(browser) == []
+
+
+def test_a_log_panel_of_a_deleted_experiment_says_so(browser, data):
+    gone = os.path.basename(data["run"]("logsgone", "lines", 5))
+    open_page(browser, data["url"], f"#view=logs&logs={gone}")
+    until(lambda: "line 4" in log_lines(browser, gone), what="the log")
+    status = panel(browser, gone).find_element(By.CSS_SELECTOR, ".log-info span")
+    assert "finished" in status.text, status.text
+    shutil.rmtree(data["base"] / gone)
+    until(lambda: status.text == "experiment not found", timeout=30, what="the panel to say it is gone")
+    assert js_errors(browser, allow=("404",)) == []
+
+
+def test_what_changed_colours_deltas_by_the_rule_ls_uses(browser, data):
+    """answer_acc is no "wer", cerebras_score no "cer", and val_nll is lower-is-better (as `ls --best` has it)."""
+    data["run"]("qa", "kv", "answer_acc=0.5", "val_nll=2", "cerebras_score=1", "train_loss=3")
+    second = os.path.basename(data["run"]("qa", "kv", "answer_acc=0.9", "val_nll=1", "cerebras_score=2",
+                                          "train_loss=4"))
+
+    def listed():
+        with urllib.request.urlopen(data["url"] + "api/experiments?name=%5Eqa%24", timeout=10) as r:
+            return json.load(r)["total"] == 2
+    wait_for(listed, timeout=15, what="the dashboard's index to list both")  # "previous" is looked up there
+    open_page(browser, data["url"], f"#view=exp&id={second}")
+    box = browser.find_element(By.ID, "exp-changes")
+
+    def deltas():
+        out = {}
+        for tr in box.find_elements(By.CSS_SELECTOR, "table tbody tr"):
+            tds = tr.find_elements(By.TAG_NAME, "td")
+            if len(tds) == 4:
+                out[tds[0].text] = tds[3].get_attribute("class").split()
+        return out if len(out) >= 4 else None
+
+    got = until(deltas, what="the metric deltas")
+    assert "delta-better" in got["answer_acc"] and "delta-better" in got["val_nll"], got
+    assert "delta-better" in got["cerebras_score"] and "delta-worse" in got["train_loss"], got
+    assert js_errors(browser) == []
+
+
+def test_a_time_column_is_offered_once_on_the_x_axis(browser, data):
+    tid = os.path.basename(data["run"]("timecol", "kv", "time=100", "loss=1"))
+    open_page(browser, data["url"], f"#view=metrics&m={tid}")
+    drawn(browser, "loss", 1)
+    sel = until(lambda: visible(browser, "#view-metrics select.x-pick"), what="the x axis choice")[0]
+    values = [o.get_attribute("value") for o in sel.find_elements(By.TAG_NAME, "option")]
+    assert values.count("time") == 1 and len(values) == len(set(values)), values
+    assert js_errors(browser) == []
+
+
+def test_text_and_true_false_metrics_are_shown_in_query_and_on_the_experiment_page(browser, data):
+    tid = os.path.basename(data["run"]("texty", "kv", "loss=0.5", "s:phase=007", "done=True"))
+    open_page(browser, data["url"], "#view=query")
+    assert run_query(browser, "^texty$") == [tid]
+    heads = [th.text.replace(" ▲", "").replace(" ▼", "")
+             for th in browser.find_elements(By.CSS_SELECTOR, "#query-results thead th")]
+    cells = [td.text for td in query_rows(browser)[0].find_elements(By.TAG_NAME, "td")]
+    row = dict(zip(heads, cells))
+    assert row.get("loss") == "0.5" and row.get("phase") == "007" and row.get("done") == "True", row
+    open_page(browser, data["url"], f"#view=exp&id={tid}")
+    info = browser.find_element(By.ID, "exp-info")
+
+    def last():
+        rows = {}
+        for tr in info.find_elements(By.CSS_SELECTOR, "table tbody tr"):
+            tds = tr.find_elements(By.TAG_NAME, "td")
+            if len(tds) == 2:
+                rows[tds[0].text] = tds[1].text
+        return rows if "phase" in rows else None
+
+    assert until(last, what="the metrics table") == {"loss": "0.5", "phase": "007", "done": "True"}
+    assert js_errors(browser) == []
