@@ -141,7 +141,8 @@ __all__ = [
     "WEBHOOK_SECRET_ENV", "LARK_DIR", "LARK_OUTBOX_EXT", "LARK_CURSOR_EXT", "LARK_CELL_CODES", "LARK_PERMANENT_CODES",
     # the Slurm backend
     "SlurmBackend", "SlurmRun", "slurm_script", "slurm_stats", "make_backend", "SLURM_OPTIONS", "SLURM_POLL_MIN",
-    "SLURM_POLL_MAX", "SLURM_ENDED", "SLURM_OUTCOMES", "SLURM_TAG_PREFIX", "SLURM_DIR", "SLURM_SCRIPT_EXT",
+    "SLURM_POLL_MAX", "SLURM_ENDED", "SLURM_OUTCOMES", "SLURM_TAG_PREFIX", "SLURM_GONE", "SBATCH_TIMEOUT",
+    "SLURM_DIR", "SLURM_SCRIPT_EXT",
     # errors
     "ExpError", "ConfigError", "NoExperimentContext", "UnsupportedPlatformError", "StorageError", "MetadataError",
     "SchedulerBusyError",
@@ -4051,6 +4052,14 @@ class LocalBackend:
         """Stop many runs under one grace period (see :func:`stop_groups`); return groups left alive."""
         return stop_groups([r.pgid for r in runs], grace, idle)
 
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """What a cluster backend calls when a job's state changes: a local run has none to tell."""
+        return lambda: None
+
+    def release(self, runs: Iterable[Any]) -> None:
+        """Stop waiting for runs that go on without exp (see :meth:`SlurmBackend.release`): a local
+        run's wait ends with the process, which the kernel always ends after a SIGKILL."""
+
 
 # ---------------------------------------------------------------- Slurm
 #
@@ -4067,9 +4076,11 @@ SLURM_OPTIONS = {"partition": "--partition", "account": "--account", "qos": "--q
                  "extra": None}
 #: Seconds between polls of Slurm: the first, and the longest after backing off.
 SLURM_POLL_MIN, SLURM_POLL_MAX = 0.5, 5.0
+#: exp's own state for a job Slurm no longer knows (purged, no accounting) whose log says nothing of its end.
+SLURM_GONE = "GONE"
 #: Job states after which a job does not run again.
 SLURM_ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                         "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"})
+                         "PREEMPTED", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED", SLURM_GONE})
 #: A job that ended in one of these states: exp's status and reason (None: the exit code says).
 SLURM_OUTCOMES: dict[str, tuple[str, str | None]] = {
     "COMPLETED": (FINISHED, None), "FAILED": (ERROR, None),
@@ -4078,7 +4089,10 @@ SLURM_OUTCOMES: dict[str, tuple[str, str | None]] = {
     "PREEMPTED": (ERROR, "preempted (Slurm)"), "BOOT_FAIL": (ERROR, "node boot failure (Slurm)"),
     "DEADLINE": (ERROR, "deadline passed (Slurm)"), "SPECIAL_EXIT": (ERROR, "special exit (Slurm)"),
     "REVOKED": (ERROR, "revoked (Slurm)"),
+    SLURM_GONE: (ERROR, "ended unseen: Slurm no longer knows the job, and its log has no exit status"),
 }
+#: Seconds sbatch may take to answer; after that the job is looked for by its comment.
+SBATCH_TIMEOUT = 60.0
 #: Marks a job exp submitted: ``--comment exp:<work_dir>:<run_id>`` finds it again after a crash.
 SLURM_TAG_PREFIX = "exp:"
 
@@ -4095,12 +4109,19 @@ def slurm_script(launch: Launch, options: Mapping[str, Any], gpus: int = 0, time
     The command's environment is the one sbatch exports (the run's own,
     given to sbatch), so the script itself holds no variables (no secrets).
     """
+    import re
     import shlex
 
-    lines = ["#!/bin/sh", f"#SBATCH --job-name={_slurm_safe(launch.name or 'exp')}",
-             f"#SBATCH --comment={_slurm_safe(SLURM_TAG_PREFIX + (launch.tag or ''))}",
-             f"#SBATCH --output={launch.log_path}", "#SBATCH --open-mode=append",
-             f"#SBATCH --chdir={launch.cwd}"]
+    lines = ["#!/bin/sh"]
+    # Values in double quotes, which sbatch's directive parser takes (a name or a path with a
+    # space is an "invalid directive" unquoted).  One holding a double quote has no #SBATCH line:
+    # SlurmBackend.start gives these as arguments too, and those win.
+    for opt, val in (("--job-name", _slurm_safe(launch.name or "exp")),
+                     ("--comment", _slurm_safe(SLURM_TAG_PREFIX + (launch.tag or ""))),
+                     ("--output", _slurm_safe(launch.log_path or "")), ("--open-mode", "append"),
+                     ("--chdir", _slurm_safe(launch.cwd or ""))):
+        if val and '"' not in val:
+            lines.append(f'#SBATCH {opt}="{val}"' if re.search(r"\s", val) else f"#SBATCH {opt}={val}")
     if gpus:
         lines.append(f"#SBATCH --gres=gpu:{int(gpus)}")
     if timeout and not options.get("time"):
@@ -4112,8 +4133,12 @@ def slurm_script(launch: Launch, options: Mapping[str, Any], gpus: int = 0, time
     for extra in options.get("extra") or []:
         lines.append(f"#SBATCH {extra}")
     mark = f"{LOG_MARK} {EXIT_STATUS_TEXT}"
+    # A command killed by signal N (status 128+N) ends the job by the same signal, as the local
+    # supervisor does: Slurm then reports the signal (ExitCode=0:N), not "exit code 137".
     lines += ["", f"sh -c {shlex.quote(launch.command)} </dev/null", "code=$?",
-              f'echo "{mark} $code"', 'exit "$code"', ""]
+              f'echo "{mark} $code"',
+              'if [ "$code" -gt 128 ] && [ "$code" -lt 160 ]; then kill -$((code - 128)) $$; fi',
+              'exit "$code"', ""]
     return "\n".join(lines)
 
 
@@ -4129,14 +4154,21 @@ def _slurm_cmd(args: list[str], *, timeout: float = 30.0, env: Mapping[bytes, by
     import subprocess
 
     _SLURM_POLLER.commands += 1
+    # In a session of its own: a Ctrl-C at the terminal goes to exp, which decides, and not to an
+    # sbatch half-way through a submission the controller may accept anyway.
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 class _SlurmJob:
-    __slots__ = ("state", "node", "exit_code", "seen", "submitted", "started")
+    __slots__ = ("state", "node", "exit_code", "seen", "submitted", "started", "log_path", "adopted", "released")
 
-    def __init__(self) -> None:
+    def __init__(self, log_path: str | None = None, adopted: bool = False) -> None:
+        self.log_path = log_path  # where the script writes its exit status (Slurm forgets jobs)
+        #: Submitted by an earlier exp: its submission and start times are Slurm's (squeue's), not
+        #: the moments this process saw them, so its time in the queue is not counted as run time.
+        self.adopted = adopted
+        self.released = False  # no longer waited for (exp exits while it goes on)
         self.submitted = time.monotonic()
         self.started: float | None = None  # when first seen running (or ended)
         self.state: str | None = None
@@ -4155,10 +4187,18 @@ class _SlurmPoller:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._interval = SLURM_POLL_MIN
+        self._listeners: list[Callable[[], None]] = []
 
-    def watch(self, job_id: str) -> _SlurmJob:
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from the poller's thread) after a poll that saw a job's state or node
+        change; returns the function that stops that."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def watch(self, job_id: str, log_path: str | None = None, adopted: bool = False) -> _SlurmJob:
         with self._cond:
-            job = self.jobs.setdefault(job_id, _SlurmJob())
+            job = self.jobs.setdefault(job_id, _SlurmJob(log_path, adopted))
+            job.log_path = job.log_path or log_path
             self._interval = SLURM_POLL_MIN
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="exp-slurm-poll", daemon=True)
@@ -4178,10 +4218,18 @@ class _SlurmPoller:
             job = self.jobs[job_id]
             while job.state not in SLURM_ENDED:
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if (left is not None and left <= 0) or job.released:
                     return False
                 self._cond.wait(left)
             return True
+
+    def release(self, job_ids: Iterable[str]) -> None:
+        """Stop waiting for these jobs: whoever waits for one gets "not ended" at once."""
+        with self._cond:
+            for jid in job_ids:
+                if jid in self.jobs:
+                    self.jobs[jid].released = True
+            self._cond.notify_all()
 
     def _loop(self) -> None:
         last = 0.0
@@ -4197,6 +4245,12 @@ class _SlurmPoller:
                     return
             last = time.monotonic()
             changed = self._poll(live)
+            if changed:
+                for callback in list(self._listeners):
+                    try:
+                        callback()
+                    except Exception:  # noqa: BLE001 - a listener's error must not stop the polling
+                        pass
             with self._cond:
                 self._interval = SLURM_POLL_MIN if changed else min(SLURM_POLL_MAX, self._interval * 1.5)
                 self._cond.notify_all()
@@ -4207,26 +4261,33 @@ class _SlurmPoller:
 
         self.polls += 1
         try:
-            r = _slurm_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%N|%r"])
-            ok, out = r.returncode == 0, r.stdout
+            r = _slurm_cmd(["squeue", "-h", "-t", "all", "-j", ",".join(ids), "-o", "%i|%T|%N|%r|%V|%S"])
+            # When it knows none of the ids (all purged after MinJobAge), squeue fails with
+            # "Invalid job id specified": an answer, not a controller that is down.
+            ok, out = r.returncode == 0 or _slurm_unknown_job(r.stderr), r.stdout
         except (OSError, subprocess.SubprocessError):
             ok, out = False, ""
-        listed: dict[str, tuple[str, str]] = {}
+        listed: dict[str, list[str]] = {}
         for line in out.splitlines():
-            parts = line.split("|")
+            parts = [p.strip() for p in line.split("|")]
             if len(parts) >= 3:
-                listed[parts[0].strip()] = (parts[1].strip().split()[0] if parts[1].strip() else "", parts[2].strip())
+                listed[parts[0]] = [parts[1].split()[0] if parts[1] else "", *parts[2:], "", ""]
         changed = False
         for jid in ids:
             job = self.jobs[jid]
             if jid in listed:
-                state, node = listed[jid]
+                state, node, _reason, submit_time, start_time = listed[jid][:5]
                 job.seen = True
-                if node and node not in ("(null)", "n/a"):
-                    job.node = node
+                if node and node not in ("(null)", "n/a") and node != job.node:
+                    job.node, changed = node, True
                 state = state.rstrip("+")
                 if state not in ("PENDING", "CONFIGURING", "REQUEUED", "SUSPENDED", "") and job.started is None:
                     job.started = time.monotonic()
+                    if job.adopted:  # when it was submitted and started, as Slurm says (to the second)
+                        sub, sta = _slurm_epoch(submit_time), _slurm_epoch(start_time)
+                        if sub is not None and sta is not None and sub <= sta <= time.time() + 1:
+                            job.started = time.monotonic() - max(0.0, time.time() - sta)
+                            job.submitted = job.started - (sta - sub)
                 if state in SLURM_ENDED:
                     self._ended(jid, job, state)
                     changed = True
@@ -4239,13 +4300,16 @@ class _SlurmPoller:
         return changed
 
     def _ended(self, jid: str, job: _SlurmJob, state: str | None) -> bool:
-        """Fill in a job's end (state and exit code) from scontrol, else sacct; False if unknown yet."""
+        """Fill in a job's end (state and exit code) from scontrol, else sacct, else the exit status its
+        script wrote in the log (a job neither knows any more); False if unknown yet."""
         import re
         import subprocess
 
         code = None
+        unknown = False  # scontrol says there is no such job (any more)
         try:
             r = _slurm_cmd(["scontrol", "-o", "show", "job", jid])
+            unknown = r.returncode != 0 and _slurm_unknown_job(r.stderr)
             if r.returncode == 0:
                 m = re.search(r"\bJobState=(\S+)", r.stdout)
                 e = re.search(r"\bExitCode=(\d+):(\d+)", r.stdout)
@@ -4267,6 +4331,14 @@ class _SlurmPoller:
                     job.node = node or job.node
         except (OSError, subprocess.SubprocessError):
             pass
+        if state is None and unknown:
+            # Purged, and no accounting to ask: its script's last line says how it ended; with no
+            # such line (killed before it, or it never ran) how is not known, only that it did.
+            status = read_exit_status(job.log_path) if job.log_path else None
+            if status is not None:
+                state, code = ("COMPLETED" if status == 0 else "FAILED"), exit_code_of_status(status)
+            else:
+                state = SLURM_GONE
         if state is None or state.rstrip("+") not in SLURM_ENDED:
             return False
         state = state.rstrip("+")
@@ -4276,6 +4348,19 @@ class _SlurmPoller:
             if job.started is None:
                 job.started = time.monotonic()
         return True
+
+
+def _slurm_epoch(text: str) -> float | None:
+    """Seconds since the epoch of a Slurm time (``2026-12-03T19:50:01``, local time); None for N/A."""
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+def _slurm_unknown_job(stderr: str | None) -> bool:
+    """Whether a Slurm command's error says the job id is not (or no longer) known to the controller."""
+    return "invalid job id" in (stderr or "").lower()
 
 
 _SLURM_POLLER = _SlurmPoller()
@@ -4288,10 +4373,10 @@ class SlurmRun:
     proc = None
     pid = None
 
-    def __init__(self, job_id: str, log_path: str | None = None) -> None:
+    def __init__(self, job_id: str, log_path: str | None = None, adopted: bool = False) -> None:
         self.job_id = job_id
         self.log_path = log_path
-        self._job = _SLURM_POLLER.watch(job_id)
+        self._job = _SLURM_POLLER.watch(job_id, log_path, adopted)
 
     @property
     def state(self) -> str | None:
@@ -4385,12 +4470,24 @@ class SlurmBackend:
                 f"--comment={_slurm_safe(SLURM_TAG_PREFIX + (launch.tag or ''))}", f"--output={launch.log_path}",
                 "--open-mode=append", f"--chdir={launch.cwd}", launch.script_path]
         try:
-            r = _slurm_cmd(args, env=env, cwd=launch.cwd, timeout=60)
+            r = _slurm_cmd(args, env=env, cwd=launch.cwd, timeout=SBATCH_TIMEOUT)
         except FileNotFoundError:
             raise ExpError("sbatch not found: this machine has no Slurm client. Run exp on a login node of "
                            'the cluster, or use [scheduler] backend = "local"') from None
         except subprocess.TimeoutExpired:
-            raise ExpError("sbatch did not answer within 60 s; is the Slurm controller up? (squeue says)") from None
+            r = None
+        if r is None or r.returncode < 0:
+            # sbatch cut short (no answer in 60 s, or a signal): the controller may have taken the
+            # job all the same, and a job nobody watches must not run on: look for it by its tag.
+            found = self.find(launch.tag or "", launch.log_path) if launch.tag else None
+            if found is not None:
+                if launch.on_submit is not None:
+                    launch.on_submit(found.record())
+                _SLURM_POLLER.kick()
+                return found
+            if r is None:
+                raise ExpError(f"sbatch did not answer within {SBATCH_TIMEOUT:g} s and Slurm lists no such job; "
+                               "is the Slurm controller up? (squeue says)")
         if r.returncode != 0:
             msg = " ".join((r.stderr or r.stdout).split())[:500] or f"exit status {r.returncode}"
             raise ExpError(f"Slurm refused the job ({msg}); see {launch.script_path}")
@@ -4408,7 +4505,8 @@ class SlurmBackend:
         job_id = record.get("job_id")
         if not isinstance(job_id, str) or not job_id:
             raise ExpError(f"cannot attach to a Slurm run without a job id: {dict(record)!r}")
-        return SlurmRun(job_id, record.get("log_path") if isinstance(record.get("log_path"), str) else None)
+        return SlurmRun(job_id, record.get("log_path") if isinstance(record.get("log_path"), str) else None,
+                        adopted=True)
 
     def find(self, tag: str, log_path: str | None = None) -> SlurmRun | None:
         """A job submitted for ``tag`` (``<work_dir>:<run_id>``) whose id was never written down (a crash)."""
@@ -4422,7 +4520,7 @@ class SlurmBackend:
         for line in r.stdout.splitlines():
             jid, _, comment = line.partition("|")
             if comment.strip() == want:
-                return SlurmRun(jid.strip(), log_path)
+                return SlurmRun(jid.strip(), log_path, adopted=True)
         return None
 
     def stop(self, runs: Iterable[Any], grace: float, idle: Callable[[float], bool] | None = None) -> list[int]:
@@ -4445,13 +4543,26 @@ class SlurmBackend:
                 return []
             if idle is None:
                 pending[0].exited_within(min(0.5, max(0.0, deadline - time.monotonic())))
-            elif idle(0.1) and not killed:  # a second Ctrl-C: now
-                killed = True
+            elif idle(0.1):
+                if killed:  # a third: stop waiting for ends Slurm does not report
+                    break
+                killed = True  # a second Ctrl-C: now
                 try:
                     _slurm_cmd(["scancel", "--signal=KILL", *[r.job_id for r in pending]])
                 except (OSError, subprocess.SubprocessError):
                     pass
         return [int(r.job_id) for r in runs if r.poll() is None and r.job_id.isdigit()]
+
+
+    def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from another thread) when Slurm reports a watched job's state or node
+        changed (PENDING to RUNNING, its node known); returns the function that stops that."""
+        return _SLURM_POLLER.on_change(callback)
+
+    def release(self, runs: Iterable[Any]) -> None:
+        """Stop waiting for these jobs (exp exits while Slurm has not said they ended): their
+        ``wait()`` raises TimeoutExpired at once, so nothing records an end that did not happen."""
+        _SLURM_POLLER.release(r.job_id for r in runs if isinstance(r, SlurmRun))
 
 
 def slurm_stats() -> dict[str, int]:
@@ -6677,6 +6788,8 @@ class Job:
         self.priority = spec.priority
         #: The config file of a job a joining `exp run` added (None: the scheduler's own).
         self.config_path: str | None = None
+        #: A cluster job's record (state, node) as last written to the state file and metadata.json.
+        self.backend_seen: dict[str, Any] | None = None
         #: Whether the deadline has taken the attempt's wait in a cluster's queue into account.
         self.queue_counted = False
 
@@ -7305,6 +7418,8 @@ class Scheduler:
         # A thread per running experiment, and as many to spare for the fsyncs
         # that follow each end (see _start_and_wait).
         pool = ThreadPoolExecutor(max_workers=2 * self.limit, thread_name_prefix="exp-job")
+        # A cluster job's state and node, as they change, go to the state file and metadata.json.
+        unsubscribe = self.backend.on_change(lambda: self._events.put(("backend", None, None)))
         try:
             # Under our handlers: a Ctrl-C once the adopted runs are announced is a
             # shutdown (it stops them), not a KeyboardInterrupt out of the middle of this.
@@ -7323,6 +7438,7 @@ class Scheduler:
             self._print_summary(interrupted)
             self._notify_done(interrupted)
         finally:
+            unsubscribe()
             pool.shutdown(wait=False)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
@@ -7449,10 +7565,29 @@ class Scheduler:
     def _dispatch(self, ev: tuple[str, Job, Any]) -> None:
         if ev[0] == "started":
             self._started(ev[1], ev[2])
+        elif ev[0] == "backend":
+            self._backend_changed()
         elif ev[0] == "warning":
             self.term.event(f"warning: {ev[2]}")
         else:
             self._handle(ev)
+
+    def _backend_changed(self) -> None:
+        """Cluster jobs whose state or node changed: their tasks in the state file, and metadata.json's record."""
+        for job in self.running.values():
+            if job.handle is None or job.handle.pid is not None:  # a local run: nothing to tell
+                continue
+            record = job.handle.run.record()
+            if record == job.backend_seen:
+                continue
+            job.backend_seen = record
+            self._touch(job)
+            self._dirty = True
+            if job.experiment is not None and job.run_id:
+                try:
+                    job.experiment.dir.record_backend(job.run_id, record)
+                except (OSError, ExpError) as e:
+                    self.term.event(f"warning: {job.label()}: {e}")
 
     def _started(self, job: Job, handle: RunHandle) -> None:
         assert job.experiment is not None
@@ -8197,6 +8332,8 @@ class Scheduler:
             self.term.event(f"interrupted: stopping {len(self.running)} running experiment(s) "
                             f"(SIGKILL after {format_duration(grace)}; Ctrl-C again to kill now)")
 
+        asked = [0]  # Ctrl-C / SIGTERM since the first
+
         def pump(timeout: float) -> bool:
             """Handle ends while the groups go; True (kill now) on a second Ctrl-C or SIGTERM."""
             try:
@@ -8204,8 +8341,10 @@ class Scheduler:
             except queue_mod.Empty:
                 return False
             except KeyboardInterrupt:  # a second Ctrl-C with no handler installed
+                asked[0] += 1
                 return True
             if ev[0] == "signal":
+                asked[0] += 1
                 return True
             self._dispatch(ev)
             return False
@@ -8216,7 +8355,15 @@ class Scheduler:
         handles = [job.handle for job in self.running.values() if job.handle is not None]
         terminate_runs(handles, grace, pump)
         while self.running:  # the groups are gone; their ends are being recorded
-            pump(0.05)
+            if asked[0] >= 2 or pump(0.05):
+                # Asked a third time (a cluster that does not say a job ended): stop waiting.
+                # The state file keeps them running, and `exp run` of this config adopts them.
+                self.term.event(f"warning: not waiting any longer for the end of {len(self.running)} "
+                                f"experiment(s) ({', '.join(j.label() for j in self.running.values())}); "
+                                "the state file keeps them as running, and `exp run` of this config again "
+                                "adopts them")
+                self.backend.release([j.handle.run for j in self.running.values() if j.handle is not None])
+                break
 
     def _print_summary(self, interrupted: bool) -> None:
         # Each experiment is counted on one line: one whose end could not be recorded has its own.

@@ -5,6 +5,7 @@ before the tests, so there they run.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -132,6 +133,10 @@ def test_the_batch_script_says_everything_sbatch_needs(tmp_path):
         assert want in lines, want
     assert "sh -c 'python train.py --lr 0.1 '\"'\"'a b'\"'\"'' </dev/null" in lines
     assert 'echo "[exp] exit status $code"' in lines
+    # A path with a space is quoted (sbatch refuses the whole script over one bad directive).
+    assert '#SBATCH --chdir="/work dir"' in lines
+    # A command killed by a signal ends the job by that signal (after its exit status line).
+    assert any(ln.startswith('if [ "$code" -gt 128 ]') and "kill -$((code - 128)) $$" in ln for ln in lines)
     # An explicit time wins over the timeout; a line break cannot add an #SBATCH line.
     launch.name = "evil\n#SBATCH --uid=0"
     text = exp.slurm_script(launch, {"time": "2:00:00"}, timeout=60)
@@ -368,3 +373,185 @@ def test_a_timeout_counts_the_run_not_the_wait_in_the_queue(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     m = meta(exp_dirs(base, "patient")[0])
     assert m["status"] == "finished"
+
+
+@needs_slurm
+def test_names_and_directories_with_spaces_and_a_command_killed_by_a_signal(tmp_path):
+    base = tmp_path / "My Results"
+    cfg = write_batch(tmp_path / "b.toml", base, [
+        {"name": "lr 0.1", "command": "echo spaced"},
+        {"name": "sigkilled", "command": "kill -9 $$"},
+    ], backend="slurm", max_concurrent_experiments=2)
+    r = run_exp("run", cfg, cwd=tmp_path, env=child_env(), timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr  # sigkilled failed
+    assert "Invalid directive" not in r.stdout + r.stderr
+    m = meta(exp_dirs(base, "lr 0.1")[0])
+    assert m["status"] == "finished", m
+    assert "spaced" in (exp_dirs(base, "lr 0.1")[0] / "terminal_logs" / "run_0001.log").read_text()
+    k = meta(exp_dirs(base, "sigkilled")[0])
+    assert k["status"] == "error" and k["exit_code"] == -9, k
+    assert k["runs"][0]["reason"].startswith("signal SIGKILL"), k["runs"][0]
+
+
+def _adopt_a_job_slurm_forgot(tmp_path, command, strip_status=False):
+    """A scheduler killed while its job ran; the job ended, and Slurm forgot it (MinJobAge) before
+    the scheduler was started again: its record names a job id Slurm does not know."""
+    gate = tmp_path / "go"
+    base, cfg = batch(tmp_path, [{"name": "quick", "command": f"while [ ! -e {gate} ]; do sleep 0.2; done; {command}"}])
+    proc = start_scheduler(cfg, tmp_path)
+    try:
+        job = running_job(base, "quick")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        stop_process(proc)
+    gate.touch()
+    wait_for(lambda: job_state(job) in ("COMPLETED", "FAILED"), 60, what="the job to end")
+    work = exp_dirs(base, "quick")[0]
+    m = meta(work)
+    assert m["status"] == "running"
+    unknown = "999999"
+    m["job_id"] = unknown
+    m["runs"][0]["backend"]["job_id"] = unknown
+    (work / "metadata.json").write_text(json.dumps(m))
+    assert subprocess.run(["scontrol", "show", "job", unknown], capture_output=True, timeout=30).returncode != 0
+    log = work / "terminal_logs" / "run_0001.log"
+    assert "[exp] exit status" in log.read_text()
+    if strip_status:  # as if the job had been killed before its script could write that line
+        log.write_text("".join(ln for ln in log.read_text().splitlines(True) if "exit status" not in ln))
+    r = run_exp("run", cfg, cwd=tmp_path, env=child_env(), timeout=60)
+    return r, meta(work)
+
+
+@needs_slurm
+def test_a_job_slurm_has_forgotten_ends_as_its_log_says(tmp_path):
+    r, m = _adopt_a_job_slurm_forgot(tmp_path, "echo done; exit 3")
+    assert "adopted  quick (job 999999" in r.stdout, r.stdout
+    assert r.returncode == 1, r.stdout + r.stderr  # it failed (exit 3): not a hang, not a success
+    assert m["status"] == "error" and m["exit_code"] == 3, m
+
+
+@needs_slurm
+def test_a_job_slurm_has_forgotten_without_an_exit_status_is_an_error_not_a_hang(tmp_path):
+    r, m = _adopt_a_job_slurm_forgot(tmp_path, "true", strip_status=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert m["status"] == "error" and "ended unseen" in m["runs"][0]["reason"], m["runs"]
+
+
+@needs_slurm
+def test_the_state_file_and_metadata_follow_a_job_from_pending_to_running(tmp_path):
+    gate = tmp_path / "go"
+    base, cfg = batch(tmp_path, [{"name": "block", "command": f"while [ ! -e {gate} ]; do sleep 0.2; done",
+                                  "repeats": 2},
+                                 {"name": "waits", "command": "sleep 30"}], max_concurrent_experiments=3)
+    proc = start_scheduler(cfg, tmp_path)
+    try:
+        def task_job():
+            st = try_state(base)
+            item = next((t for t in (st or {}).get("running", []) if t["name"] == "waits"), None)
+            return item and item.get("job")
+        # Two CPUs held by the blockers: the third job waits in Slurm's queue, and says so.
+        wait_for(lambda: (task_job() or {}).get("state") == "PENDING", 30, what="waits shown PENDING")
+        gate.touch()
+        wait_for(lambda: (task_job() or {}).get("state") == "RUNNING" and task_job().get("node"), 30,
+                 what="the state file to show waits RUNNING on its node")
+        status = subprocess.run([sys.executable, EXP_PY, "status", str(base)], capture_output=True, text=True,
+                                env=child_env(), timeout=30).stdout
+        line = next(ln for ln in status.splitlines() if " waits " in ln)
+        assert "RUNNING" in line and task_job()["node"] in line, status
+        rec = meta(exp_dirs(base, "waits")[0])["runs"][0]["backend"]
+        assert rec["state"] == "RUNNING" and rec["node"] == task_job()["node"], rec
+    finally:
+        subprocess.run([sys.executable, EXP_PY, "shutdown", str(base), "--now"], env=child_env(),
+                       capture_output=True, timeout=60)
+        stop_process(proc)
+
+
+@needs_slurm
+def test_sbatch_runs_in_a_session_of_its_own_and_a_submission_cut_short_is_found(tmp_path, monkeypatch):
+    """Ctrl-C at the terminal must not kill sbatch half-way; and an sbatch that does not answer in time
+    may still have submitted the job: exp finds it by its comment instead of leaving it unwatched."""
+    real = shutil.which("sbatch")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    sessions = tmp_path / "sessions"
+    (bindir / "sbatch").write_text(
+        "#!/bin/sh\n"
+        f"ps -o sid= -p $$ >> {sessions}\n"
+        f'{real} "$@"\n'
+        "sleep 30\n")  # submitted, but no answer in time
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(exp, "SBATCH_TIMEOUT", 3.0)
+    base, cfg = batch(tmp_path, [{"name": "once", "command": "echo ran"}])
+    code = exp.Scheduler(exp.load_config(str(cfg)), out=io.StringIO()).run()
+    assert code == 0
+    m = meta(exp_dirs(base, "once")[0])
+    assert m["status"] == "finished", m
+    assert squeue_comments().count(f"exp:{exp_dirs(base, 'once')[0]}:run_0001") == 1  # submitted once
+    sids = {int(x) for x in sessions.read_text().split()}
+    assert os.getsid(0) not in sids, sids
+
+
+@needs_slurm
+def test_after_a_restart_a_timeout_still_counts_the_run_not_the_wait_in_the_queue(tmp_path):
+    """A job adopted while it waits in Slurm's queue: the wait before and after the restart is not run time."""
+    gate = tmp_path / "go"
+    base, cfg = batch(tmp_path, [{"name": "block", "command": f"while [ ! -e {gate} ]; do sleep 0.2; done",
+                                  "repeats": 2},
+                                 {"name": "patient", "command": "sleep 3", "timeout": "5s"}],
+                      max_concurrent_experiments=3)
+    proc = start_scheduler(cfg, tmp_path)
+    try:
+        def submitted():
+            try:
+                return exp_dirs(base, "patient") and "job_id" in meta(exp_dirs(base, "patient")[0])
+            except (OSError, ValueError):  # not written yet
+                return False
+        wait_for(submitted, 30, what="patient to be submitted (it waits: the blockers hold both CPUs)")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        stop_process(proc)
+    time.sleep(6)  # longer than its timeout, still in the queue
+    proc = start_scheduler(cfg, tmp_path)
+    try:
+        wait_for(lambda: "adopted  patient" in (tmp_path / "sched.out").read_text(), 30,
+                 what="the restarted scheduler to adopt patient")
+        time.sleep(1)
+        gate.touch()
+        assert proc.wait(timeout=90) == 0, (tmp_path / "sched.out").read_text()
+    finally:
+        stop_process(proc)
+    m = meta(exp_dirs(base, "patient")[0])
+    assert m["status"] == "finished", m["runs"]
+
+
+def test_a_third_ctrl_c_stops_waiting_for_jobs_whose_end_slurm_never_reports(tmp_path):
+    """A Slurm that takes the job and cancels nothing (fake sbatch, squeue and scancel on PATH): Ctrl-C,
+    Ctrl-C again (scancel KILL), then a third stops the waiting; the state file keeps the task running."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    scripts = {"sbatch": "echo 4242", "squeue": 'echo "4242|RUNNING|node1|None|2026-01-01T00:00:00|2026-01-01T00:00:01"',
+               "scancel": "exit 0", "scontrol": "exit 1", "sacct": "exit 1"}
+    for name, body in scripts.items():
+        (bindir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bindir / name).chmod(0o755)
+    base, cfg = batch(tmp_path, [{"name": "stuck", "command": "sleep 300"}], kill_timeout=1)
+    out = tmp_path / "sched.out"
+    proc = subprocess.Popen([sys.executable, EXP_PY, "run", str(cfg)], cwd=tmp_path,
+                            env=child_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}"),
+                            stdout=open(out, "ab"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "started" in out.read_text(), 30, what="the job to be submitted")
+        for i in range(3):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+        assert proc.wait(timeout=30) == 130, out.read_text()
+    finally:
+        stop_process(proc)
+    text = out.read_text()
+    assert "not waiting any longer for the end of 1 experiment(s) (stuck)" in text, text
+    assert "Traceback" not in text
+    state = try_state(base)
+    assert [t["name"] for t in state["running"]] == ["stuck"] and state["summary"]["status_indicator"] == "stopped"
