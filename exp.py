@@ -2923,8 +2923,9 @@ class ExperimentDir:
         """The batch script a run was submitted with (Slurm backend)."""
         return os.path.join(self.path, SLURM_DIR, run_id + SLURM_SCRIPT_EXT)
 
-    def record_backend(self, run_id: str, record: Mapping[str, Any]) -> None:
-        """A run's record from a backend that is not local (a Slurm job id, its node and state), fsynced."""
+    def record_backend(self, run_id: str, record: Mapping[str, Any], *, sync: bool = True) -> None:
+        """A run's record from a backend that is not local (a Slurm job id, its node and state), fsynced
+        unless ``sync=False`` (a later state or node, which a crash may lose: the job id stays)."""
         def update(m: dict[str, Any]) -> None:
             for r in m.get("runs") or []:
                 if isinstance(r, dict) and r.get("id") == run_id:
@@ -2932,7 +2933,7 @@ class ExperimentDir:
             if m.get("current_run_id") == run_id and record.get("job_id"):
                 m["job_id"] = record.get("job_id")
 
-        self.update_metadata(update)
+        self.update_metadata(update, sync=sync)
 
     def lark_outbox_path(self, run_id: str) -> str:
         """A run's rows waiting for (or already given to) Lark, one JSON object a line."""
@@ -7585,7 +7586,9 @@ class Scheduler:
             self._dirty = True
             if job.experiment is not None and job.run_id:
                 try:
-                    job.experiment.dir.record_backend(job.run_id, record)
+                    # Not fsynced: the main loop goes on at once, and a crash loses only a state
+                    # or node that the next poll gives again (the job id was fsynced at submission).
+                    job.experiment.dir.record_backend(job.run_id, record, sync=False)
                 except (OSError, ExpError) as e:
                     self.term.event(f"warning: {job.label()}: {e}")
 

@@ -1176,6 +1176,16 @@ def test_a_failed_query_leaves_no_stale_results_behind(browser, data):
 GONE = "nosuch_2020-01-01__00-00-00"  # an id no experiment has (a mistyped or an old link)
 
 
+def table_rows(root, width: int) -> dict:
+    """The body rows of the tables under ``root`` that have ``width`` cells, by their first cell's text."""
+    rows = {}
+    for tr in root.find_elements(By.CSS_SELECTOR, "table tbody tr"):
+        tds = tr.find_elements(By.TAG_NAME, "td")
+        if len(tds) == width:
+            rows[tds[0].text] = tds
+    return rows
+
+
 def chip(driver, root: str, exp_id: str):
     for c in driver.find_elements(By.CSS_SELECTOR, f"{root} .src-chip"):
         if c.get_attribute("data-id") == exp_id:
@@ -1291,12 +1301,8 @@ def test_what_changed_colours_deltas_by_the_rule_ls_uses(browser, data):
     box = browser.find_element(By.ID, "exp-changes")
 
     def deltas():
-        out = {}
-        for tr in box.find_elements(By.CSS_SELECTOR, "table tbody tr"):
-            tds = tr.find_elements(By.TAG_NAME, "td")
-            if len(tds) == 4:
-                out[tds[0].text] = tds[3].get_attribute("class").split()
-        return out if len(out) >= 4 else None
+        rows = table_rows(box, 4)
+        return {k: tds[3].get_attribute("class").split() for k, tds in rows.items()} if len(rows) >= 4 else None
 
     got = until(deltas, what="the metric deltas")
     assert "delta-better" in got["answer_acc"] and "delta-better" in got["val_nll"], got
@@ -1327,11 +1333,7 @@ def test_text_and_true_false_metrics_are_shown_in_query_and_on_the_experiment_pa
     info = browser.find_element(By.ID, "exp-info")
 
     def last():
-        rows = {}
-        for tr in info.find_elements(By.CSS_SELECTOR, "table tbody tr"):
-            tds = tr.find_elements(By.TAG_NAME, "td")
-            if len(tds) == 2:
-                rows[tds[0].text] = tds[1].text
+        rows = {k: tds[1].text for k, tds in table_rows(info, 2).items()}
         return rows if "phase" in rows else None
 
     assert until(last, what="the metrics table") == {"loss": "0.5", "phase": "007", "done": "True"}

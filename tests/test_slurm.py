@@ -499,7 +499,7 @@ def test_after_a_restart_a_timeout_still_counts_the_run_not_the_wait_in_the_queu
     gate = tmp_path / "go"
     base, cfg = batch(tmp_path, [{"name": "block", "command": f"while [ ! -e {gate} ]; do sleep 0.2; done",
                                   "repeats": 2},
-                                 {"name": "patient", "command": "sleep 3", "timeout": "5s"}],
+                                 {"name": "patient", "command": "sleep 1", "timeout": "8s"}],
                       max_concurrent_experiments=3)
     proc = start_scheduler(cfg, tmp_path)
     try:
@@ -513,7 +513,9 @@ def test_after_a_restart_a_timeout_still_counts_the_run_not_the_wait_in_the_queu
         proc.wait(timeout=10)
     finally:
         stop_process(proc)
-    time.sleep(6)  # longer than its timeout, still in the queue
+    # Longer than its timeout, still in the queue.  (Its end can be seen up to a poll interval late,
+    # 5 s at most, hence a timeout well above its 1 s of running.)
+    time.sleep(9)
     proc = start_scheduler(cfg, tmp_path)
     try:
         wait_for(lambda: "adopted  patient" in (tmp_path / "sched.out").read_text(), 30,
