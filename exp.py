@@ -4394,7 +4394,7 @@ class SlurmRun:
         # Slurm did not say (sacct absent, the job long gone): the script's own line in the log.
         status = read_exit_status(self.log_path) if self.log_path else None
         if status is not None:
-            return -(status - 128) if 128 < status < 160 else status
+            return exit_code_of_status(status)
         return 0 if job.state == "COMPLETED" else EXIT_UNKNOWN
 
     def poll(self) -> int | None:
@@ -4553,7 +4553,6 @@ class SlurmBackend:
                 except (OSError, subprocess.SubprocessError):
                     pass
         return [int(r.job_id) for r in runs if r.poll() is None and r.job_id.isdigit()]
-
 
     def on_change(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from another thread) when Slurm reports a watched job's state or node
